@@ -1,0 +1,1 @@
+"""Model importers. Each turns a file format into a kiln `Graph`."""

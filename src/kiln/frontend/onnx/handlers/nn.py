@@ -1,0 +1,5 @@
+"""ONNX handlers: nn."""
+
+from __future__ import annotations
+
+from kiln.frontend.onnx.handlers import onnx_op  # noqa: F401

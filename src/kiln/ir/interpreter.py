@@ -1,0 +1,254 @@
+"""The CPU reference executor: runs a graph node by node through the op table's torch references.
+
+This is the semantics every faster path is checked against. It also checks, node by node, that what the
+reference produced matches what shape/dtype inference promised, so the two parts of each op entry keep each
+other honest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.ir import symbolic as sym
+from kiln.ir.convert import from_numpy, to_numpy
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node, OptionalType, SequenceType, TensorType, Value, ValueType
+from kiln.ir.ops import get_op
+from kiln.ir.ops.base import RefCtx
+from kiln.utils.errors import ExecutionError, InputError, KilnError
+
+Feeds = Mapping[str, Any] | Sequence[Any]
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{DType.from_torch(x.dtype) if x.dtype in _TORCH_OK else x.dtype}{list(x.shape)}"
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype}{list(x.shape)}"
+    if isinstance(x, list):
+        return f"seq[{len(x)}]"
+    return type(x).__name__
+
+
+_TORCH_OK = {dt.torch for dt in DType if dt is not DType.STRING and not dt.is_narrow}
+
+
+class Scope:
+    """Values computed so far; subgraphs see their enclosing scopes."""
+
+    def __init__(self, parent: Scope | None = None) -> None:
+        self.vals: dict[Value, Any] = {}
+        self.parent = parent
+
+    def get(self, v: Value) -> Any:
+        s: Scope | None = self
+        while s is not None:
+            if v in s.vals:
+                return s.vals[v]
+            s = s.parent
+        if v.data is not None:
+            return v.data
+        raise KeyError(v.name)
+
+
+def _reads(node: Node) -> set[Value]:
+    """Every value a node reads, including outer values read inside its subgraphs."""
+    out = {v for v in node.inputs if v is not None}
+    for g in node.subgraphs():
+        for inner in g.nodes:
+            out |= _reads(inner)
+        out |= set(g.outputs)
+    return out
+
+
+class Interpreter:
+    """Runs `graph` on CPU. `run` takes numpy arrays or torch tensors and gives back the same kind."""
+
+    def __init__(self, graph: Graph, *, check: bool = True) -> None:
+        self.graph = graph
+        self.check = check
+        self._last_use: dict[int, dict[Value, int]] = {}
+
+    # --- public ---------------------------------------------------------------------------------------
+
+    def run(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Any:
+        """Feeds by name (dict) or by position (list); returns a dict by name (or a list, for a list)."""
+        as_list = not isinstance(feeds, Mapping)
+        named = self._name_feeds(feeds)
+        torch_out = bool(named) and all(isinstance(x, torch.Tensor) for x in named.values())
+        scope = Scope()
+        bindings: dict[str, int] = {}
+        for v in self.graph.inputs:
+            scope.vals[v] = bind_input(v, named[v.name], bindings)
+        wanted = self._select_outputs(outputs)
+        results = self._execute(self.graph, scope, bindings)
+        by_value = dict(zip(self.graph.outputs, results))
+        out = {v.name: self._export(by_value[v], v.type, torch_out) for v in wanted}
+        return list(out.values()) if as_list else out
+
+    def run_graph(self, graph: Graph, inputs: list[Any], parent: Scope, bindings: dict[str, int]) -> list[Any]:
+        scope = Scope(parent)
+        for v, x in zip(graph.inputs, inputs):
+            scope.vals[v] = x
+        return self._execute(graph, scope, dict(bindings))
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _name_feeds(self, feeds: Feeds) -> dict[str, Any]:
+        names = [v.name for v in self.graph.inputs]
+        if isinstance(feeds, Mapping):
+            unknown = [k for k in feeds if k not in names]
+            if unknown:
+                raise InputError(
+                    f"unknown input '{unknown[0]}'; the model's inputs are: {', '.join(names) or 'none'}"
+                )
+            missing = [n for n in names if n not in feeds]
+            if missing:
+                raise InputError(f"missing input '{missing[0]}' (the model needs: {', '.join(names)})")
+            return dict(feeds)
+        feeds = list(feeds)
+        if len(feeds) != len(names):
+            raise InputError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(feeds)}")
+        return dict(zip(names, feeds))
+
+    def _select_outputs(self, outputs: Sequence[str] | None) -> list[Value]:
+        if outputs is None:
+            return list(self.graph.outputs)
+        by_name = {v.name: v for v in self.graph.outputs}
+        missing = [o for o in outputs if o not in by_name]
+        if missing:
+            raise InputError(f"unknown output '{missing[0]}'; the model's outputs are: {', '.join(by_name)}")
+        return [by_name[o] for o in outputs]
+
+    def _export(self, x: Any, t: ValueType, as_torch: bool) -> Any:
+        if isinstance(t, SequenceType):
+            return [self._export(e, t.elem, as_torch) for e in x]
+        if isinstance(t, OptionalType):
+            return None if x is None else self._export(x, t.elem, as_torch)
+        if as_torch or not isinstance(x, torch.Tensor):
+            return x
+        return to_numpy(x, t.dtype if isinstance(t, TensorType) else None)
+
+    def _last_uses(self, graph: Graph) -> dict[Value, int]:
+        key = id(graph)
+        if key not in self._last_use:
+            last: dict[Value, int] = {}
+            for i, n in enumerate(graph.nodes):
+                for v in _reads(n):
+                    last[v] = i
+            for v in graph.outputs:
+                last[v] = len(graph.nodes)
+            self._last_use[key] = last
+        return self._last_use[key]
+
+    def _execute(self, graph: Graph, scope: Scope, bindings: dict[str, int]) -> list[Any]:
+        last = self._last_uses(graph)
+        for i, node in enumerate(graph.nodes):
+            args = [None if v is None else scope.get(v) for v in node.inputs]
+            ctx = RefCtx(node, lambda g, xs: self.run_graph(g, xs, scope, bindings))
+            try:
+                results = list(get_op(node.op).ref(ctx, args))
+            except KilnError:
+                raise
+            except Exception as e:
+                shapes = ", ".join(_describe(a) for a in args)
+                raise ExecutionError(
+                    f"node '{node.name}' ({node.op}) failed on inputs ({shapes}): {type(e).__name__}: {e}"
+                ) from e
+            if len(results) < len(node.outputs):
+                raise ExecutionError(
+                    f"node '{node.name}' ({node.op}): reference gave {len(results)} outputs, "
+                    f"{len(node.outputs)} expected"
+                )
+            for v, r in zip(node.outputs, results):
+                if self.check:
+                    check_result(node, v, r, bindings)
+                scope.vals[v] = r
+            for v in list(scope.vals):
+                if last.get(v, -1) <= i and v not in graph.outputs:
+                    del scope.vals[v]
+        return [scope.get(v) for v in graph.outputs]
+
+
+def bind_input(v: Value, x: Any, bindings: dict[str, int]) -> Any:
+    """Check a fed value against its graph input and convert it to kiln storage; binds symbolic dims."""
+    t = v.type
+    if isinstance(t, SequenceType):
+        if not isinstance(x, (list, tuple)):
+            raise InputError(f"input '{v.name}' is a sequence ({t}); pass a list, got {type(x).__name__}")
+        return [bind_input(Value(f"{v.name}[{i}]", t.elem), e, {}) for i, e in enumerate(x)]
+    if isinstance(t, OptionalType):
+        return None if x is None else bind_input(Value(v.name, t.elem), x, bindings)
+    assert isinstance(t, TensorType)
+    if isinstance(x, torch.Tensor):
+        got = DType.from_torch(x.dtype) if x.dtype in _TORCH_OK else None
+        if got is not t.dtype and not (t.dtype.is_narrow and x.dtype == t.dtype.torch):
+            raise InputError(
+                f"input '{v.name}' expects {t.dtype}, got torch {x.dtype}",
+                hint=f"convert it first, e.g. x.to({t.dtype.torch})" if t.dtype is not DType.STRING else None,
+            )
+        data: Any = x.detach().cpu()
+    else:
+        arr = np.asarray(x)
+        got = DType.from_numpy(arr.dtype) if arr.dtype.kind not in "V" else None
+        if got is not t.dtype:
+            raise InputError(
+                f"input '{v.name}' expects {t.dtype}, got numpy {arr.dtype}",
+                hint=f"convert it first, e.g. x.astype(np.{t.dtype.numpy})" if t.dtype is not DType.STRING else None,
+            )
+        data, _ = from_numpy(arr, t.dtype)
+    check_shape(v.name, t.shape, tuple(data.shape), bindings, what="input")
+    return data
+
+
+def check_shape(name: str, want: tuple | None, got: tuple, bindings: dict[str, int], *, what: str) -> None:
+    if want is None:
+        return
+    if len(want) != len(got):
+        raise InputError(f"{what} '{name}' expects rank {len(want)} {_fmt(want)}, got shape {list(got)}")
+    for i, (w, g) in enumerate(zip(want, got)):
+        if isinstance(w, int):
+            if w != g:
+                raise InputError(f"{what} '{name}' expects shape {_fmt(want)}, got {list(got)} (dim {i})")
+        elif w in bindings:
+            if bindings[w] != g:
+                raise InputError(
+                    f"{what} '{name}' dim {i} is '{w}' = {bindings[w]} elsewhere, got {g} (shape {list(got)})"
+                )
+        elif sym.symbols(w) == {w}:
+            bindings[w] = g
+
+
+def _fmt(shape: tuple) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def check_result(node: Node, v: Value, r: Any, bindings: dict[str, int]) -> None:
+    """The reference's output must match the inferred type: dtype exactly, static dims exactly."""
+    t = v.type
+    if isinstance(t, OptionalType):
+        if r is None:
+            return
+        t = t.elem
+    if isinstance(t, SequenceType):
+        if not isinstance(r, list):
+            raise ExecutionError(f"node '{node.name}' ({node.op}): output '{v.name}' should be a sequence")
+        return
+    assert isinstance(t, TensorType)
+    if t.dtype is DType.STRING:
+        ok = isinstance(r, np.ndarray) and r.dtype == object
+    else:
+        ok = isinstance(r, torch.Tensor) and r.dtype == t.dtype.torch
+    if not ok:
+        raise ExecutionError(
+            f"node '{node.name}' ({node.op}): output '{v.name}' should be {t.dtype}, the reference gave "
+            f"{_describe(r)} (an op table bug)"
+        )
+    try:
+        check_shape(v.name, t.shape, tuple(r.shape), bindings, what="output")
+    except InputError as e:
+        raise ExecutionError(f"node '{node.name}' ({node.op}): {e.message} (inferred vs computed)") from None

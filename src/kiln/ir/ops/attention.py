@@ -1,0 +1,3 @@
+"""Op table entries: attention."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: cast."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: control."""
+
+from __future__ import annotations

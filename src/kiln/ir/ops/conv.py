@@ -1,0 +1,3 @@
+"""Op table entries: conv."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: image."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: linalg."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: loss."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: norm."""
+
+from __future__ import annotations

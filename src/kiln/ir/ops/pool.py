@@ -1,0 +1,3 @@
+"""Op table entries: pool."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: quant."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: random."""
+
+from __future__ import annotations

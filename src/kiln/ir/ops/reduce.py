@@ -1,0 +1,3 @@
+"""Op table entries: reduce."""
+
+from __future__ import annotations

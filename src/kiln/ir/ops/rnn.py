@@ -1,0 +1,3 @@
+"""Op table entries: rnn."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: sequence."""
+
+from __future__ import annotations

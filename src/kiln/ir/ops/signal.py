@@ -1,0 +1,3 @@
+"""Op table entries: signal."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op table entries: string."""
+
+from __future__ import annotations

@@ -1,0 +1,46 @@
+"""Shared pytest setup: the conformance pass count, printed at the end of every run that includes it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(ROOT, "src") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+
+CONFORMANCE_GOAL = 1800
+_outcomes: dict[str, dict[str, int]] = {}
+
+
+def _is_conformance(item_id: str) -> bool:
+    return "conformance/test_onnx_backend.py" in item_id.replace(os.sep, "/")
+
+
+def pytest_runtest_logreport(report: Any) -> None:
+    if not _is_conformance(report.nodeid):
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.outcome == "skipped" else "xpassed"
+        else:
+            outcome = report.outcome
+        _outcomes.setdefault(report.nodeid, {})[outcome] = 1
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    if not _outcomes:
+        return
+    counts: dict[str, int] = {}
+    for per in _outcomes.values():
+        for k in per:
+            counts[k] = counts.get(k, 0) + 1
+    ran = sum(v for k, v in counts.items() if k != "skipped")
+    passed = counts.get("passed", 0)
+    line = (f"ONNX backend conformance (CPU): {passed} passed of {ran} run, {counts.get('xfailed', 0)} expected "
+            f"failures, {counts.get('failed', 0)} failed, {counts.get('xpassed', 0)} unexpectedly passed "
+            f"(goal: >= {CONFORMANCE_GOAL} passed)")
+    terminalreporter.write_sep("=", line)
