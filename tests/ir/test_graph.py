@@ -22,7 +22,7 @@ def _graph() -> tuple[Graph, Value, Value]:
 
 
 def test_add_infers_types_and_links_producers() -> None:
-    g, x, z = _graph()
+    g, _, z = _graph()
     assert z.type == TensorType(DType.FLOAT32, ("N", 3))
     assert z.producer is g.nodes[1] and g.nodes[1].inputs[0] is g.nodes[0].outputs[0]
     assert g.op_counts() == {"Add": 1, "Relu": 1}
@@ -44,7 +44,7 @@ def test_broadcast_mismatch_names_the_node() -> None:
     g = Graph()
     a = g.add_input("a", TensorType(DType.FLOAT32, (2, 3)))
     b = g.add_input("b", TensorType(DType.FLOAT32, (4, 3)))
-    with pytest.raises(ShapeError, match="node 'bad' \\(Add\\).*broadcast"):
+    with pytest.raises(ShapeError, match=r"node 'bad' \(Add\).*broadcast"):
         g.add("Add", [a, b], name="bad")
 
 
@@ -65,14 +65,14 @@ def test_names_stay_unique() -> None:
 
 
 def test_verify_catches_use_before_definition() -> None:
-    g, x, z = _graph()
+    g, _, _ = _graph()
     g.nodes.reverse()
     with pytest.raises(GraphError, match="before it is defined"):
         verify(g)
 
 
 def test_verify_catches_an_output_never_computed() -> None:
-    g, x, z = _graph()
+    g, _, _ = _graph()
     g.outputs.append(Value.tensor("ghost", DType.FLOAT32, (1,)))
     with pytest.raises(GraphError, match="ghost"):
         verify(g)

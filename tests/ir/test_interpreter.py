@@ -45,7 +45,8 @@ def test_select_outputs() -> None:
     [
         ({"x": np.ones((1, 3), np.float32), "z": np.ones((1, 3), np.float32)}, "unknown input 'z'"),
         ({"x": np.ones((1, 3), np.float32)}, "missing input 'y'"),
-        ({"x": np.ones((1, 3), np.float64), "y": np.ones((1, 3), np.float32)}, "'x' expects float32, got numpy float64"),
+        ({"x": np.ones((1, 3), np.float64), "y": np.ones((1, 3), np.float32)},
+         "'x' expects float32, got numpy float64"),
         ({"x": np.ones((1, 4), np.float32), "y": np.ones((1, 4), np.float32)}, r"'x' expects shape \[N,3\]"),
         ({"x": np.ones((3,), np.float32), "y": np.ones((3,), np.float32)}, "expects rank 2"),
         ({"x": np.ones((2, 3), np.float32), "y": np.ones((5, 3), np.float32)}, "'N' = 2 elsewhere, got 5"),

@@ -19,12 +19,12 @@ def from_numpy(a: Any, dtype: DType | None = None) -> tuple[torch.Tensor | np.nd
     if dt is DType.STRING:
         return a.astype(object), dt
     if dt.is_narrow:
-        return torch.from_numpy(np.ascontiguousarray(a.astype(dt.torch_numpy))), dt
+        return torch.from_numpy(np.ascontiguousarray(a.astype(dt.torch_numpy)).reshape(a.shape)), dt
     if a.dtype != dt.numpy:
         a = a.astype(dt.numpy)
     if dt in (DType.BFLOAT16, DType.FLOAT8_E4M3FN, DType.FLOAT8_E4M3FNUZ, DType.FLOAT8_E5M2, DType.FLOAT8_E5M2FNUZ):
         np_view, t_view = _VIEW_BITS[dt.bits]
-        raw = torch.from_numpy(np.ascontiguousarray(a).view(np_view).copy())
+        raw = torch.from_numpy(np.ascontiguousarray(a).view(np_view).reshape(a.shape).copy())
         return raw.view(t_view).view(dt.torch), dt
     return torch.from_numpy(np.array(a, copy=True, order="C")), dt
 
@@ -41,7 +41,7 @@ def to_numpy(x: Any, dtype: DType | None = None) -> np.ndarray:
         return t.numpy().astype(dt.numpy)
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
                    torch.float8_e5m2fnuz):
-        np_view, t_view = _VIEW_BITS[t.element_size() * 8]
+        _, t_view = _VIEW_BITS[t.element_size() * 8]
         out = t.view(t_view).numpy().view(DType.from_torch(t.dtype).numpy)
     else:
         out = t.numpy()

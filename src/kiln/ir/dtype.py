@@ -15,6 +15,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
+TorchDType = torch.dtype  # the class below has a `torch` property, which shadows the module in its body
+
 
 class DType(enum.Enum):
     FLOAT32 = "float32"
@@ -87,7 +89,7 @@ class DType(enum.Enum):
     # --- conversions ----------------------------------------------------------------------------------
 
     @property
-    def torch(self) -> torch.dtype:
+    def torch(self) -> TorchDType:
         """The torch dtype values of this type are stored in."""
         if self is DType.STRING:
             raise TypeError("strings have no torch dtype (they are kept as numpy object arrays)")
@@ -103,7 +105,7 @@ class DType(enum.Enum):
         return np.dtype(str(self.torch).replace("torch.", ""))
 
     @staticmethod
-    def from_torch(dt: torch.dtype) -> DType:
+    def from_torch(dt: TorchDType) -> DType:
         try:
             return _FROM_TORCH[dt]
         except KeyError:

@@ -7,9 +7,9 @@ the op table (`kiln.ir.ops`); `Graph.add` checks them and infers the output type
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,8 +60,8 @@ class OptionalType:
         return f"optional<{self.elem}>"
 
 
-ValueType = Union[TensorType, SequenceType, OptionalType]
-Constant = Union[torch.Tensor, np.ndarray]
+ValueType = TensorType | SequenceType | OptionalType
+Constant = torch.Tensor | np.ndarray
 """A constant payload: a torch tensor, or a numpy object array for strings."""
 
 
@@ -143,16 +143,19 @@ class _Namer:
 
     def __init__(self) -> None:
         self.used: set[str] = set()
+        self.reserved: set[str] = set()
         self.counter = itertools.count()
 
-    def fresh(self, hint: str) -> str:
+    def fresh(self, hint: str, *, claim: bool = False) -> str:
+        """`hint` if free, else a numbered variant. Reserved names go only to a caller that claims them."""
         hint = hint or "v"
-        if hint not in self.used:
+        if hint not in self.used and (claim or hint not in self.reserved):
             self.used.add(hint)
+            self.reserved.discard(hint)
             return hint
         while True:
             name = f"{hint}_{next(self.counter)}"
-            if name not in self.used:
+            if name not in self.used and name not in self.reserved:
                 self.used.add(name)
                 return name
 
@@ -180,13 +183,15 @@ class Graph:
         """A new symbolic dim, for sizes only known at run time (NonZero's count, a data-dependent Reshape)."""
         return self._namer.fresh(f"_{hint}")
 
-    def reserve(self, name: str) -> None:
-        self._namer.used.add(name)
+    def reserve(self, names: Iterable[str]) -> None:
+        """Keep names for values of this (root) graph that are created later: the model's inputs and outputs
+        keep their names even when a subgraph imported earlier uses the same ones."""
+        self._namer.reserved.update(n for n in names if n not in self._namer.used)
 
     # --- building -------------------------------------------------------------------------------------
 
     def add_input(self, name: str, type: ValueType) -> Value:
-        v = Value(self.fresh_name(name), type)
+        v = Value(self._namer.fresh(name, claim=self.parent is None), type)
         self.inputs.append(v)
         return v
 
@@ -196,7 +201,7 @@ class Graph:
             t = TensorType(DType.STRING, tuple(data.shape))
         else:
             t = TensorType(dtype or DType.from_torch(data.dtype), tuple(data.shape))
-        v = Value(self.fresh_name(name), t, data)
+        v = Value(self._namer.fresh(name, claim=self.parent is None), t, data)
         self.initializers[v.name] = v
         return v
 
@@ -220,7 +225,7 @@ class Graph:
         names = [f"{node.name}_out{i}" for i in range(outputs)] if isinstance(outputs, int) else list(outputs)
         types = infer_node(node, self, len(names))
         for out_name, t in zip(names, types):
-            v = Value(self.fresh_name(out_name), t)
+            v = Value(self._namer.fresh(out_name, claim=self.parent is None), t)
             v.producer = node
             node.outputs.append(v)
         self.nodes.append(node)

@@ -194,7 +194,10 @@ def bind_input(v: Value, x: Any, bindings: dict[str, int]) -> Any:
         data: Any = x.detach().cpu()
     else:
         arr = np.asarray(x)
-        got = DType.from_numpy(arr.dtype) if arr.dtype.kind not in "V" else None
+        try:  # ml_dtypes (bfloat16, float8, int4, ...) have kind "V" like structured arrays; ask DType
+            got = DType.from_numpy(arr.dtype)
+        except TypeError:
+            got = None
         if got is not t.dtype:
             raise InputError(
                 f"input '{v.name}' expects {t.dtype}, got numpy {arr.dtype}",

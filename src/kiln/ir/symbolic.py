@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from typing import Any, Union
+from typing import Any
 
-Dim = Union[int, str]
+Dim = int | str
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FUNCS = {"floor", "ceiling", "Mod", "Max", "Min", "Abs"}

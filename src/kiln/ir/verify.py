@@ -37,10 +37,10 @@ def _verify(g: Graph, outer: set[Value], types: bool) -> None:
         if n.op not in OPS:
             raise GraphError(f"node '{n.name}': unknown op '{n.op}'")
         opdef = OPS[n.op]
-        for i, v in enumerate(n.inputs):
-            if v is not None and v not in defined:
+        for i, inp in enumerate(n.inputs):
+            if inp is not None and inp not in defined:
                 raise GraphError(
-                    f"node '{n.name}' ({n.op}) reads '{v.name}' (input {i}) before it is defined, or from "
+                    f"node '{n.name}' ({n.op}) reads '{inp.name}' (input {i}) before it is defined, or from "
                     f"outside its graph"
                 )
         opdef.check_attrs(n.attrs, n.name)

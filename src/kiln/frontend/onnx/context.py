@@ -11,7 +11,7 @@ import torch
 
 from kiln.ir.convert import from_numpy
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Graph, Value, ValueType
+from kiln.ir.graph import Constant, Graph, Value, ValueType
 from kiln.ir.ops.base import const_value
 from kiln.utils.errors import UnsupportedError
 
@@ -89,6 +89,7 @@ class NodeCtx:
 
     def const(self, data: Any, dtype: DType | None = None, hint: str = "const") -> Value:
         """A new initializer. `data` may be a torch tensor, a numpy array, a list or a Python number."""
+        t: Constant
         if isinstance(data, torch.Tensor):
             t = data
             if dtype is not None and not dtype.is_narrow and data.dtype != dtype.torch:

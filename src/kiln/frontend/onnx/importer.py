@@ -134,6 +134,7 @@ class Importer:
         self._check_opsets()
         g = Graph(self.model.graph.name or "main")
         g.opset = self.opsets.get("")
+        g.reserve([vi.name for vi in self.model.graph.input] + [vi.name for vi in self.model.graph.output])
         for p in self.model.metadata_props:
             g.metadata[p.key] = p.value
         if self.model.producer_name:
@@ -212,19 +213,19 @@ class Importer:
             self._import_node(node, g, scope, opsets)
         for vi in gp.output:
             try:
-                v = scope.lookup(vi.name)
+                out = scope.lookup(vi.name)
             except KeyError:
                 self._report(GraphError(
                     f"graph output '{vi.name}' is not computed by any node",
                     hint="the file may be truncated or the model malformed",
                 ))
                 continue
-            if v is None:
+            if out is None:
                 continue
-            if v.name != vi.name or v in g.outputs:
+            if out.name != vi.name or out in g.outputs:
                 # Graph outputs keep their ONNX names even when they alias another value.
-                v = g.add("Identity", [v], name=g.fresh_name(f"{vi.name}_identity"), outputs=[vi.name])[0]
-            g.outputs.append(v)
+                out = g.add("Identity", [out], name=g.fresh_name(f"{vi.name}_identity"), outputs=[vi.name])[0]
+            g.outputs.append(out)
 
     def _add_initializer(self, g: Graph, scope: Scope, name: str, read: Any) -> None:
         try:
@@ -380,21 +381,22 @@ class Importer:
     def _schema_function(
         self, node: onnx.NodeProto, inputs: list[Value | None], version: int, domain: str
     ) -> onnx.FunctionProto | None:
-        """The function body ONNX defines for an op (plain or context-dependent), if any."""
+        """The function body ONNX defines for an op (plain or context-dependent), if any. A body carries its own
+        opset imports, so one written for a newer opset still expands correctly."""
         try:
-            schema = onnx.defs.get_schema(node.op_type, version, domain)
+            schema: Any = onnx.defs.get_schema(node.op_type, version, domain)  # function APIs lack type stubs
         except onnx.defs.SchemaError:
             return None
-        plain = [v for v in schema.function_opset_versions if v <= version]
-        if plain:
-            return onnx.FunctionProto.FromString(schema.get_function_with_opset_version(max(plain)))
-        ctx_versions = [v for v in schema.context_dependent_function_opset_versions if v <= version]
-        if ctx_versions:
+        plain = _pick_version(schema.function_opset_versions, version)
+        if plain is not None:
+            return onnx.FunctionProto.FromString(schema.get_function_with_opset_version(plain))
+        ctx_version = _pick_version(schema.context_dependent_function_opset_versions, version)
+        if ctx_version is not None:
             types = [type_to_onnx(v.type).SerializeToString() if v is not None else onnx.TypeProto().SerializeToString()
                      for v in inputs]
             try:
                 raw = schema.get_context_dependent_function_with_opset_version(
-                    max(ctx_versions), node.SerializeToString(), types)
+                    ctx_version, node.SerializeToString(), types)
             except Exception:
                 return None
             return onnx.FunctionProto.FromString(raw) if raw else None
@@ -452,6 +454,15 @@ class Importer:
 
 class _Skip(Exception):
     pass
+
+
+def _pick_version(versions: Sequence[int], opset: int) -> int | None:
+    """The newest body written for an opset <= the model's, else the oldest there is."""
+    vs = sorted(versions)
+    if not vs:
+        return None
+    older = [v for v in vs if v <= opset]
+    return older[-1] if older else vs[0]
 
 
 def sanitize_hint(name: str) -> str:

@@ -139,7 +139,7 @@ def sparse_to_dense(sp: onnx.SparseTensorProto, base_dir: str | None) -> tuple[C
     dims = list(sp.dims)
     dense = np.zeros(int(np.prod(dims)), dtype=dtype.torch_numpy if dtype is not DType.STRING else object)
     vals = np.asarray(values if isinstance(values, np.ndarray) else values.numpy())
-    ind = np.asarray(idx.numpy()).astype(np.int64)
+    ind = np.asarray(idx.numpy() if not isinstance(idx, np.ndarray) else idx).astype(np.int64)
     if ind.ndim == 2:  # [NNZ, rank] coordinates
         ind = np.ravel_multi_index(tuple(ind.T), dims)
     dense[ind.reshape(-1)] = vals.reshape(-1)

@@ -20,7 +20,7 @@ from kiln.ir.ops.base import (
 from kiln.utils.errors import UnsupportedError
 
 # Registration order does not matter; each module adds its ops to OPS.
-from kiln.ir.ops import (  # noqa: E402, F401  isort: skip
+from kiln.ir.ops import (  # noqa: F401  isort: skip
     elementwise,
     cast,
     tensor,

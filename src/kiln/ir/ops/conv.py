@@ -17,6 +17,7 @@ from kiln.ir import symbolic as sym
 from kiln.ir.dtype import DType
 from kiln.ir.graph import TensorType
 from kiln.ir.ops.base import REQUIRED, Attr, AttrKind, InferCtx, RefCtx, register
+from kiln.ir.ops.tensor import shape_values
 from kiln.utils.errors import ExecutionError, UnsupportedError
 
 AUTO_PAD = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
@@ -29,9 +30,9 @@ _TORCH_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpo
 def window_attrs(*, kernel_required: bool = False, ceil_mode: bool = False) -> dict[str, Attr]:
     """The attributes every sliding-window op (conv, pool) shares."""
     attrs = {
-        "auto_pad": Attr(AttrKind.STRING, "NOTSET", AUTO_PAD, "NOTSET uses `pads`; SAME_* pad to ceil(in/stride)"),
+        "auto_pad": Attr(AttrKind.STRING, "NOTSET", AUTO_PAD, "NOTSET: pads; SAME_*: out = ceil(in/stride)"),
         "dilations": Attr(AttrKind.INTS, None, doc="default 1 per spatial axis"),
-        "kernel_shape": Attr(AttrKind.INTS, REQUIRED if kernel_required else None, doc="default: the weight's dims"),
+        "kernel_shape": Attr(AttrKind.INTS, REQUIRED if kernel_required else None, doc="default: W's"),
         "pads": Attr(AttrKind.INTS, None, doc="[begins..., ends...], default 0"),
         "strides": Attr(AttrKind.INTS, None, doc="default 1 per spatial axis"),
     }
@@ -69,7 +70,7 @@ class Window:
         return sym.add(sym.mul(sym.sub(self.kernel[i], 1), self.dilations[i]), 1)
 
     def out_dim(self, i: int, size: sym.Dim) -> sym.Dim | None:
-        """Output size along spatial axis i, or None when it cannot be expressed (the caller makes a fresh dim)."""
+        """Output size along spatial axis i; None when not expressible (the caller makes a fresh dim)."""
         s, dk = self.strides[i], self.span(i)
         if self.auto_pad in _SAME:
             return sym.ceildiv(size, s)
@@ -146,10 +147,6 @@ def pad_nd(x: torch.Tensor, pads: Sequence[tuple[int, int]], value: float = 0.0)
 # --- shared inference ---------------------------------------------------------------------------------
 
 
-def _fail(ctx: InferCtx) -> Any:
-    return ctx.error
-
-
 def _spatial_rank(ctx: InferCtx, *inputs: int) -> int | None:
     for i in inputs:
         if ctx.has(i) and ctx.rank(i) is not None:
@@ -207,7 +204,17 @@ def _float_only(ctx: InferCtx, dt: DType) -> None:
 def _conv_infer(ctx: InferCtx) -> list[TensorType]:
     dt = _same_dtype(ctx, 0, 1, 2)
     _float_only(ctx, dt)
-    return [TensorType(dt, _conv_shape(ctx))]
+    shape = _conv_shape(ctx)
+    _check_bias(ctx, 2, shape[1] if shape is not None else None)
+    return [TensorType(dt, shape)]
+
+
+def _check_bias(ctx: InferCtx, i: int, channels: sym.Dim | None) -> None:
+    b = ctx.shape(i) if ctx.has(i) else None
+    if b is None:
+        return
+    if len(b) != 1 or (isinstance(b[0], int) and isinstance(channels, int) and b[0] != channels):
+        raise ctx.error(f"the bias must have shape [{channels}] (one per output channel), got {list(b)}")
 
 
 def _conv_shape(ctx: InferCtx, w_index: int = 1) -> tuple[sym.Dim, ...] | None:
@@ -217,10 +224,10 @@ def _conv_shape(ctx: InferCtx, w_index: int = 1) -> tuple[sym.Dim, ...] | None:
     x, w = ctx.shape(0), ctx.shape(w_index)
     if x is not None and w is not None and len(x) != len(w):
         raise ctx.error(f"input has rank {len(x)} but the weight has rank {len(w)}")
-    win = Window(ctx.attrs, n, _kernel(ctx, w_index, n), _fail(ctx))
-    if w is not None and ctx.attrs.get("kernel_shape") is not None and tuple(w[2:]) != tuple(win.kernel):
-        if all(isinstance(d, int) for d in w[2:]):
-            raise ctx.error(f"kernel_shape {win.kernel} does not match the weight's dims {list(w[2:])}")
+    win = Window(ctx.attrs, n, _kernel(ctx, w_index, n), ctx.error)
+    wk = tuple(w[2:]) if w is not None and ctx.attrs.get("kernel_shape") is not None else None
+    if wk is not None and all(isinstance(d, int) for d in wk) and wk != tuple(win.kernel):
+        raise ctx.error(f"kernel_shape {win.kernel} does not match the weight's dims {list(wk)}")
     m = _dim(w, 0, ctx, "m")
     _check_group(ctx, x[1] if x else None, w[1] if w else None, m, ctx.attrs["group"])
     sizes = list(x[2:]) if x is not None else [ctx.fresh("in") for _ in range(n)]
@@ -233,15 +240,15 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def conv_nd(x: torch.Tensor, w: torch.Tensor, strides: Sequence[int], dilations: Sequence[int],
-            groups: int, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Cross-correlation of x (N, C, *S) with w (M, C/groups, *K); any number of spatial axes."""
+            groups: int, pads: Sequence[tuple[int, int]], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-correlation of x (N, C, *S) with w (M, C/groups, *K), plus bias (M); any number of axes."""
     n = x.dim() - 2
     if n <= 3:
         symmetric = all(b == e for b, e in pads)
         if not symmetric:
             x = pad_nd(x, pads)
         padding = [b for b, _ in pads] if symmetric else 0
-        return _TORCH_CONV[n](x, w, None, list(strides), padding, list(dilations), groups)
+        return _TORCH_CONV[n](x, w, bias, list(strides), padding, list(dilations), groups)
     # More than 3 spatial axes: sum, over the first kernel axis, (n-1)-D convolutions of strided slices.
     x = pad_nd(x, pads)
     k0, s0, d0 = w.shape[2], strides[0], dilations[0]
@@ -255,7 +262,7 @@ def conv_nd(x: torch.Tensor, w: torch.Tensor, strides: Sequence[int], dilations:
         y = y.reshape(x.shape[0], out0, *y.shape[1:]).movedim(1, 2)
         total = y if total is None else total + y
     assert total is not None
-    return total
+    return total if bias is None else total + bias.reshape(1, -1, *([1] * n))
 
 
 def _conv_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
@@ -263,10 +270,8 @@ def _conv_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     win = Window(c.attrs, x.dim() - 2, list(w.shape[2:]), _ref_fail(c))
     cd = compute_dtype(x)
     pads = win.runtime_pads(list(x.shape[2:]))
-    y = conv_nd(x.to(cd), w.to(cd), win.strides, win.dilations, c.attrs["group"], pads)
-    if b is not None:
-        y = y + b.to(cd).reshape(1, -1, *([1] * (y.dim() - 2)))
-    return [y.to(x.dtype)]
+    bias = None if b is None else b.to(cd)
+    return [conv_nd(x.to(cd), w.to(cd), win.strides, win.dilations, c.attrs["group"], pads, bias).to(x.dtype)]
 
 
 def _ref_fail(c: RefCtx) -> Any:
@@ -292,7 +297,8 @@ def _convt_attrs() -> dict[str, Attr]:
     }
 
 
-def _convt_geometry(attrs: dict[str, Any], n: int, kernel: Sequence[sym.Dim], fail: Any) -> tuple[Window, list[int]]:
+def _convt_geometry(attrs: dict[str, Any], n: int, kernel: Sequence[sym.Dim], fail: Any
+                    ) -> tuple[Window, list[int]]:
     win = Window(attrs, n, kernel, fail)
     op = _per_axis(attrs.get("output_padding"), n, 0, "output_padding", fail)
     return win, op
@@ -319,11 +325,11 @@ def _convt_infer(ctx: InferCtx) -> list[TensorType]:
         raise UnsupportedError(f"ConvTranspose with {n} spatial axes is not supported (1 to 3)",
                                op=ctx.node.op, node=ctx.node.name)
     x, w = ctx.shape(0), ctx.shape(1)
-    win, op = _convt_geometry(ctx.attrs, n, _kernel(ctx, 1, n), _fail(ctx))
+    win, op = _convt_geometry(ctx.attrs, n, _kernel(ctx, 1, n), ctx.error)
     group = ctx.attrs["group"]
     _check_group(ctx, x[1] if x else None, w[0] if w else None, None, 1)
     m = sym.mul(w[1], group) if w is not None else ctx.fresh("m")
-    fixed = _explicit_out_shape(ctx.attrs, n, _fail(ctx))
+    fixed = _explicit_out_shape(ctx.attrs, n, ctx.error)
     spatial: list[sym.Dim] = []
     for i in range(n):
         size = x[i + 2] if x is not None else ctx.fresh("in")
@@ -337,11 +343,8 @@ def _convt_infer(ctx: InferCtx) -> list[TensorType]:
             pb, pe = (0, 0) if win.auto_pad == "VALID" else (win.pads[i], win.pads[i + n])
             full = sym.add(sym.mul(sym.sub(size, 1), win.strides[i]), win.span(i))
             spatial.append(sym.sub(sym.add(full, op[i]), pb + pe))
+    _check_bias(ctx, 2, m)
     return [TensorType(dt, (_dim(x, 0, ctx, "n"), m, *spatial))]
-
-
-def _half_toward_zero(t: int) -> int:
-    return int(t / 2)
 
 
 def _convt_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
@@ -359,8 +362,8 @@ def _convt_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
         if fixed is not None or win.auto_pad in _SAME:
             out = fixed[i] if fixed is not None else size * s
             total = natural - out
-            half = _half_toward_zero(total)
-            pb = half if win.auto_pad == "SAME_UPPER" else total - half
+            # An output larger than the natural size (negative total) keeps the start and grows at the end.
+            pb = max(0, total // 2 if win.auto_pad == "SAME_UPPER" else total - total // 2)
         else:
             pb, pe = (0, 0) if win.auto_pad == "VALID" else (win.pads[i], win.pads[i + n])
             out = natural - pb - pe
@@ -375,8 +378,8 @@ register(
     "ConvTranspose", inputs=["X", "W", "B?"], outputs=["Y"], attrs=_convt_attrs(), infer=_convt_infer,
     ref=_convt_ref,
     doc="Transposed convolution (1 to 3 spatial axes). With `output_shape` (or SAME_* auto_pad) the total "
-        "padding is derived from the output size and split per auto_pad: SAME_UPPER puts the odd element at the "
-        "end, otherwise at the beginning.",
+        "padding is derived from the output size and split per auto_pad: SAME_UPPER puts the odd element at "
+        "the end, otherwise at the beginning; an output larger than the natural size extends at the end.",
 )
 
 
@@ -414,8 +417,8 @@ def _check_zero_point(ctx: InferCtx, i: int, what: str, per_channel: sym.Dim | N
         return
     numel = sym.prod(s)
     if numel != 1 and (per_channel is None or numel != per_channel or len(s) != 1):
-        raise ctx.error(f"{what} must be a scalar{' or have one value per output channel' if per_channel else ''},"
-                        f" got shape {list(s)}")
+        extra = " or have one value per output channel" if per_channel else ""
+        raise ctx.error(f"{what} must be a scalar{extra}, got shape {list(s)}")
 
 
 def _conv_integer_infer(ctx: InferCtx) -> list[TensorType]:
@@ -458,7 +461,9 @@ def _qlinear_conv_infer(ctx: InferCtx) -> list[TensorType]:
     _check_zero_point(ctx, 4, "w_scale", m)
     _check_zero_point(ctx, 6, "y_scale")
     _check_zero_point(ctx, 7, "y_zero_point")
-    return [TensorType(ctx.dtype(7), _conv_shape(ctx, w_index=3))]
+    shape = _conv_shape(ctx, w_index=3)
+    _check_bias(ctx, 8, shape[1] if shape is not None else None)
+    return [TensorType(ctx.dtype(7), shape)]
 
 
 def _qlinear_conv_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
@@ -468,8 +473,8 @@ def _qlinear_conv_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     if b is not None:
         acc = acc + b.to(torch.float64).reshape(1, -1, *([1] * (acc.dim() - 2)))
     # The requantization multiplier is formed in float32, as ONNX runtimes do.
-    mult = xs_.to(torch.float32).reshape(-1) * ws.to(torch.float32).reshape(-1) / ys.to(torch.float32).reshape(-1)
-    mult = mult.to(torch.float64)
+    f32 = [t.to(torch.float32).reshape(-1) for t in (xs_, ws, ys)]
+    mult = (f32[0] * f32[1] / f32[2]).to(torch.float64)
     mult = mult.reshape(()) if mult.numel() == 1 else mult.reshape(1, -1, *([1] * (acc.dim() - 2)))
     info = torch.iinfo(yz.dtype)
     y = torch.round(acc * mult) + yz.to(torch.float64).reshape(())
@@ -496,7 +501,7 @@ def _deform_infer(ctx: InferCtx) -> list[TensorType]:
     if n is None:
         return [TensorType(dt, None)]
     x, w, off = ctx.shape(0), ctx.shape(1), ctx.shape(2)
-    win = Window(ctx.attrs, n, _kernel(ctx, 1, n), _fail(ctx))
+    win = Window(ctx.attrs, n, _kernel(ctx, 1, n), ctx.error)
     m = _dim(w, 0, ctx, "m")
     _check_group(ctx, x[1] if x else None, w[1] if w else None, m, ctx.attrs["group"])
     g = ctx.attrs["offset_group"]
@@ -505,7 +510,8 @@ def _deform_infer(ctx: InferCtx) -> list[TensorType]:
     if off is not None and all(isinstance(k, int) for k in win.kernel) and isinstance(off[1], int):
         want = g * sym.prod(win.kernel) * n
         if off[1] != want:
-            raise ctx.error(f"offset has {off[1]} channels, offset_group x prod(kernel) x {n} = {want} expected")
+            raise ctx.error(f"offset has {off[1]} channels, offset_group*prod(kernel)*{n} = {want} expected")
+    _check_bias(ctx, 3, m)
     if x is not None:
         spatial = spatial_out(ctx, win, list(x[2:]))
     elif off is not None:
@@ -620,7 +626,8 @@ def _causal_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
 
 
 register(
-    "CausalConvWithState", inputs=["input", "weight", "bias?", "past_state?"], outputs=["output", "present_state"],
+    "CausalConvWithState", inputs=["input", "weight", "bias?", "past_state?"],
+    outputs=["output", "present_state"],
     attrs={"activation": Attr(AttrKind.STRING, "none", ("none", "silu", "swish"))},
     infer=_causal_infer, ref=_causal_ref,
     doc="Causal depthwise 1-D convolution over (B, C, L) with a carried (B, C, k-1) state of past inputs.",
@@ -637,7 +644,7 @@ def _col2im_infer(ctx: InferCtx) -> list[TensorType]:
     for i in (1, 2):
         if ctx.dtype(i) != DType.INT64:
             raise ctx.error(f"input {i} must be int64, got {ctx.dtype(i)}")
-    image, block = ctx.const_ints(1), ctx.const_ints(2)
+    image, block = shape_values(ctx.value(1)), ctx.const_ints(2)
     n = len(image) if image is not None else len(block) if block is not None else None
     if n is None:
         s = ctx.shape(1)
@@ -650,7 +657,7 @@ def _col2im_infer(ctx: InferCtx) -> list[TensorType]:
     spatial = list(image) if image is not None else [ctx.fresh("img") for _ in range(n)]
     ch: sym.Dim = ctx.fresh("c")
     if x is not None and block is not None:
-        kk = sym.prod(block)
+        kk = int(sym.prod(block))
         if isinstance(x[1], int) and x[1] % kk:
             raise ctx.error(f"input dim 1 ({x[1]}) is not divisible by prod(block_shape) = {kk}")
         ch = sym.floordiv(x[1], kk)
@@ -698,5 +705,5 @@ register(
     "Col2Im", inputs=["input", "image_shape", "block_shape"], outputs=["output"],
     attrs={k: window_attrs()[k] for k in ("dilations", "pads", "strides")},
     infer=_col2im_infer, ref=_col2im_ref,
-    doc="Rearranges (N, C*prod(block), L) column blocks into an (N, C, *image_shape) image, summing overlaps.",
+    doc="Rearranges (N, C*prod(block), L) column blocks into an (N, C, *image_shape) image (overlaps add).",
 )

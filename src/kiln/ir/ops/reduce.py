@@ -1,10 +1,10 @@
 """Op table entries: reductions (ReduceSum, ReduceMean, ReduceMax, ..., ReduceLogSumExp).
 
-Semantics follow the newest ONNX versions: `axes` is an optional int64 input (absent or empty means every axis,
-unless `noop_with_empty_axes` is set, in which case nothing is reduced). The composite reductions (L1, L2,
-SumSquare, LogSum, LogSumExp) are defined as ONNX defines them, by their function bodies: an elementwise step, a
-sum, an elementwise step. So with `noop_with_empty_axes` they still apply their elementwise steps (ReduceL2 of
-nothing is |x|, ReduceSumSquare of nothing is x*x), exactly as the function body computes.
+Semantics follow the newest ONNX versions: `axes` is an optional int64 input (absent or empty means every
+axis, unless `noop_with_empty_axes` is set, in which case nothing is reduced). The composite reductions (L1,
+L2, SumSquare, LogSum, LogSumExp) are defined as ONNX defines them, by their function bodies: an elementwise
+step, a sum, an elementwise step. So with `noop_with_empty_axes` they still apply their elementwise steps
+(ReduceL2 of nothing is |x|, ReduceSumSquare of nothing is x*x), exactly as the function body computes.
 
 Reducing over an empty set gives the reduction's identity: 0 for sums, 1 for ReduceProd, -inf (or the dtype's
 minimum) for ReduceMax, +inf (or maximum) for ReduceMin, -inf for ReduceLogSum and ReduceLogSumExp, NaN for
@@ -40,7 +40,8 @@ def int_compute(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def check_dtype(ctx: InferCtx, i: int, *, floats: bool = True, ints: bool = True, bool_: bool = False) -> DType:
+def check_dtype(ctx: InferCtx, i: int, *, floats: bool = True, ints: bool = True,
+                bool_: bool = False) -> DType:
     """The dtype of input i, raising a ShapeError naming the op when the op does not accept it."""
     dt = ctx.dtype(i)
     ok = (floats and dt.is_float) or (ints and dt.is_int) or (bool_ and dt is DType.BOOL)
@@ -52,7 +53,8 @@ def check_dtype(ctx: InferCtx, i: int, *, floats: bool = True, ints: bool = True
 # --- shape inference ----------------------------------------------------------------------------------
 
 
-def reduced_shape(ctx: InferCtx, shape: Shape | None, axes_input: int, keep: bool, noop: bool) -> Shape | None:
+def reduced_shape(ctx: InferCtx, shape: Shape | None, axes_input: int, keep: bool,
+                  noop: bool) -> Shape | None:
     """The output shape of a reduction whose axes come from input `axes_input` (which may be absent)."""
     axes: list[int] | None = []
     if ctx.has(axes_input):
@@ -159,7 +161,8 @@ def _identity_fill(kind: str, w: torch.Tensor, like: torch.Tensor) -> float | in
     return info.min if lo else info.max
 
 
-def _apply(spec: Reduction, w: torch.Tensor, dims: tuple[int, ...], keep: bool, like: torch.Tensor) -> torch.Tensor:
+def _apply(spec: Reduction, w: torch.Tensor, dims: tuple[int, ...], keep: bool,
+           like: torch.Tensor) -> torch.Tensor:
     count = 1
     for d in dims:
         count *= w.shape[d]

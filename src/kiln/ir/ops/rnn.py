@@ -37,7 +37,7 @@ ActImpl = Callable[[Tensor, float, float], Tensor]
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 DEFAULT_ACTIVATIONS = {"RNN": ("Tanh",), "GRU": ("Sigmoid", "Tanh"), "LSTM": ("Sigmoid", "Tanh", "Tanh")}
 
-# name (lower case) -> (fn(x, alpha, beta), default alpha, default beta); None: the function takes no such value.
+# lower-case name -> (fn(x, alpha, beta), default alpha, default beta); None: the function takes none
 _ACTIVATIONS: dict[str, tuple[ActImpl, float | None, float | None]] = {
     "relu": (lambda x, a, b: torch.relu(x), None, None),
     "tanh": (lambda x, a, b: torch.tanh(x), None, None),
@@ -82,8 +82,8 @@ def resolve_activations(op: str, attrs: dict[str, Any], num_dirs: int) -> list[l
         beta = (betas.pop(0) if betas else db) if db is not None else 0.0
         acts.append(Activation(name, alpha, beta))
     if alphas or betas:
-        raise ValueError(f"activation_alpha/activation_beta have {len(alphas)}/{len(betas)} values more than the "
-                         f"activations ({', '.join(names)}) take")
+        raise ValueError(f"activation_alpha/activation_beta have {len(alphas)}/{len(betas)} values more than "
+                         f"the activations ({', '.join(names)}) take")
     return [acts[d * per_dir:(d + 1) * per_dir] for d in range(num_dirs)]
 
 
@@ -178,7 +178,8 @@ def _rnn_step(R: Tensor, Rb: Tensor, acts: list[Activation], clip: float | None)
     return step
 
 
-def _gru_step(R: Tensor, Rb: Tensor, acts: list[Activation], clip: float | None, linear_before_reset: bool) -> Step:
+def _gru_step(R: Tensor, Rb: Tensor, acts: list[Activation], clip: float | None,
+              linear_before_reset: bool) -> Step:
     f, g = acts
     hidden = R.shape[1]
     R_zr, R_h = R[: 2 * hidden], R[2 * hidden:]
@@ -222,7 +223,7 @@ def _time_index(steps: int, lens: Tensor, reverse: bool) -> Tensor:
 
 
 def _scan(step: Step, xw: Tensor, h: Tensor, c: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Run `step` over the time axis of xw [seq, batch, gates*hidden]; returns Y [seq, batch, hidden], h, c."""
+    """Run `step` over the time axis of xw [seq, batch, gates*hidden]; gives Y [seq, batch, hidden], h, c."""
     ys = []
     for t in range(xw.shape[0]):
         h_new, c_new = step(xw[t], h, c)
@@ -313,14 +314,14 @@ register(
 )
 register(
     "GRU", inputs=["X", "W", "R", "B?", "sequence_lens?", "initial_h?"], outputs=["Y?", "Y_h?"],
-    attrs={**_COMMON, "linear_before_reset": Attr(AttrKind.INT, 0, doc="nonzero: apply R_h before the reset gate")},
+    attrs={**_COMMON, "linear_before_reset": Attr(AttrKind.INT, 0, doc="nonzero: R_h before the reset gate")},
     infer=_infer("GRU"), ref=_ref("GRU"),
     doc="Gated recurrent unit (gates z, r, h).",
 )
 register(
     "LSTM", inputs=["X", "W", "R", "B?", "sequence_lens?", "initial_h?", "initial_c?", "P?"],
     outputs=["Y?", "Y_h?", "Y_c?"],
-    attrs={**_COMMON, "input_forget": Attr(AttrKind.INT, 0, choices=(0, 1), doc="1: forget gate = 1 - input gate")},
+    attrs={**_COMMON, "input_forget": Attr(AttrKind.INT, 0, choices=(0, 1), doc="1: forget = 1 - input")},
     infer=_infer("LSTM"), ref=_ref("LSTM"),
     doc="Long short-term memory (gates i, o, f, c; peepholes i, o, f).",
 )

@@ -44,8 +44,8 @@ def _constant_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
 
 register(
     "Constant", inputs=[], outputs=["output"], infer=_constant_infer, ref=_constant_ref,
-    attrs={"value": Attr(AttrKind.TENSOR), "dtype": Attr(AttrKind.DTYPE, None,
-                                                         doc="set for narrow types stored widened (int4, ...)")},
+    attrs={"value": Attr(AttrKind.TENSOR),
+           "dtype": Attr(AttrKind.DTYPE, None, doc="set for narrow types stored widened (int4, ...)")},
     doc="A constant tensor (the ONNX value_* attribute forms are all normalized to `value`).",
 )
 
@@ -58,13 +58,18 @@ _SAME_WIDTH = {**_UNSIGNED, **{f: torch.int8 for f in _FLOAT8}}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """t as a same-width integer where torch's CPU indexing kernels lack its dtype (ops that only move data)."""
+    """t as a same-width integer where torch's CPU kernels lack its dtype (for ops that only move data)."""
     v = _SAME_WIDTH.get(t.dtype)
     return t if v is None else t.view(v)
 
 
 def _unbits(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.view(dtype)
+
+
+def _take(x: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
+    """index_select for every dtype."""
+    return _unbits(_bits(x).index_select(axis, idx), x.dtype)
 
 
 def _order_key(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +84,10 @@ def _order_key(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _arith(t: torch.Tensor, ordered: bool = False) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+Back = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _arith(t: torch.Tensor, ordered: bool = False) -> tuple[torch.Tensor, Back]:
     """t in a dtype torch can add/multiply (or, with `ordered`, take max/min of), and the way back."""
     dt = t.dtype
     if dt in _UNSIGNED:
@@ -87,8 +95,8 @@ def _arith(t: torch.Tensor, ordered: bool = False) -> tuple[torch.Tensor, Callab
             flip = torch.iinfo(_UNSIGNED[dt]).min
             return _order_key(t), lambda r: (r ^ flip).view(dt)
         return t.view(_UNSIGNED[dt]), lambda r: r.view(dt)  # two's complement wraps like unsigned
-    if dt == torch.bool:
-        return t.to(torch.uint8), lambda r: r != 0
+    if dt == torch.bool:  # add is or, mul is and; int32 so that many trues cannot wrap to zero
+        return t.to(torch.int32), lambda r: r != 0
     if dt in _FLOAT8:
         return t.float(), lambda r: r.to(dt)
     return t, lambda r: r
@@ -120,7 +128,7 @@ def _with_strings(ref: RefFn, ins: Sequence[int] | None = (0,), outs: Sequence[i
     return run
 
 
-def _ints(t: Any) -> list[int]:
+def _ints(t: Any) -> list[Any]:
     return [int(v) for v in t.reshape(-1).tolist()]
 
 
@@ -165,7 +173,7 @@ _MAX_DEPTH = 64
 def shape_values(v: Value | None) -> Dims | None:
     """The elements of a 0-D or 1-D integer tensor as dims, when inference can tell: constants, and shape
     arithmetic on Shape/Size outputs (Gather, Slice, Concat, Squeeze/Unsqueeze/Reshape/Flatten, Cast,
-    Identity, Add/Sub/Mul/Div). None when unknown."""
+    Identity, Add/Sub/Mul/Div, ConstantOfShape, Where on Equal). None when unknown."""
     return _values(v, 0)
 
 
@@ -176,7 +184,7 @@ def _values(v: Value | None, depth: int) -> Dims | None:
         return None
     c = const_value(v)
     if isinstance(c, torch.Tensor):
-        return _ints(c) if c.dim() <= 1 and c.numel() <= _MAX_VALUES else None
+        return list(_ints(c)) if c.dim() <= 1 and c.numel() <= _MAX_VALUES else None
     p = v.producer
     rule = _VALUE_RULES.get(p.op) if p is not None else None
     if p is None or rule is None:
@@ -185,6 +193,11 @@ def _values(v: Value | None, depth: int) -> Dims | None:
         return rule(p, depth + 1)
     except (ValueError, IndexError, TypeError, ZeroDivisionError):
         return None
+
+
+def _is_vector(v: Value, scalar: bool = False) -> bool:
+    t = v.type
+    return isinstance(t, TensorType) and (t.rank == 1 or (scalar and t.rank == 0))
 
 
 def _v_shape(p: Node, depth: int) -> Dims | None:
@@ -221,7 +234,7 @@ def _v_concat(p: Node, depth: int) -> Dims | None:
 
 def _v_gather(p: Node, depth: int) -> Dims | None:
     data, idx = p.inputs[0], p.inputs[1]
-    if data is None or data.type.rank != 1 or p.attrs.get("axis", 0) not in (0, -1):
+    if data is None or not _is_vector(data) or p.attrs.get("axis", 0) not in (0, -1):
         return None
     vals, where = _values(data, depth), _values(idx, depth)
     if vals is None or where is None or not all(isinstance(i, int) for i in where):
@@ -265,17 +278,65 @@ def _dim_arith(op: str, x: sym.Dim, y: sym.Dim) -> sym.Dim:
 
 
 def _v_reshaped(p: Node, depth: int) -> Dims | None:
-    out = p.outputs[0]
-    if out.type.rank is None or out.type.rank > 1:
+    if not _is_vector(p.outputs[0], scalar=True):
         return None
     return _v_same(p, depth)
+
+
+def _v_constant_of_shape(p: Node, depth: int) -> Dims | None:
+    n, value = _values(p.inputs[0], depth), p.attrs.get("value")
+    if n is None or len(n) != 1 or not isinstance(n[0], int) or n[0] > _MAX_VALUES:
+        return None
+    if value is None:
+        return [0] * n[0]
+    return [int(value.reshape(-1)[0])] * n[0] if isinstance(value, torch.Tensor) else None
+
+
+def _v_where(p: Node, depth: int) -> Dims | None:
+    """Where(Equal(shape, -1), 1, shape): how exporters spell "keep these dims" for Expand."""
+    cond, a, b = _bools(p.inputs[0], depth), _values(p.inputs[1], depth), _values(p.inputs[2], depth)
+    if cond is None or a is None or b is None:
+        return None
+    n = max(len(cond), len(a), len(b))
+    if any(len(v) not in (1, n) for v in (cond, a, b)):
+        return None
+    pick = [(cond * n if len(cond) == 1 else cond)[i] for i in range(n)]
+    a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+    return [x if c else y for c, x, y in zip(pick, a, b)]
+
+
+def _bools(v: Value | None, depth: int) -> list[bool] | None:
+    """Elements of a small bool tensor: a constant, or Equal of two known dim lists when decidable."""
+    if v is None or not isinstance(v.type, TensorType) or v.type.dtype is not DType.BOOL:
+        return None
+    c = const_value(v)
+    if isinstance(c, torch.Tensor):
+        small = c.dim() <= 1 and c.numel() <= _MAX_VALUES
+        return [bool(x) for x in c.reshape(-1).tolist()] if small else None
+    p = v.producer
+    if p is None or p.op != "Equal":
+        return None
+    a, b = _values(p.inputs[0], depth + 1), _values(p.inputs[1], depth + 1)
+    if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
+        return None
+    n = max(len(a), len(b))
+    eq = [_dims_equal(x, y) for x, y in zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b)]
+    return None if any(e is None for e in eq) else [bool(e) for e in eq]
+
+
+def _dims_equal(a: sym.Dim, b: sym.Dim) -> bool | None:
+    """Decide a == b where symbols are positive integers (so seq == -1 is false); None when unknown."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    z = sym._to_sym(sym.sub(a, b))
+    return None if z.is_zero is None else bool(z.is_zero)
 
 
 _VALUE_RULES: dict[str, Callable[[Node, int], Dims | None]] = {
     "Shape": _v_shape, "Size": _v_size, "Identity": _v_same, "Cast": _v_same, "Concat": _v_concat,
     "Gather": _v_gather, "Slice": _v_slice, "Add": _v_arith, "Sub": _v_arith, "Mul": _v_arith,
     "Div": _v_arith, "Squeeze": _v_reshaped, "Unsqueeze": _v_reshaped, "Reshape": _v_reshaped,
-    "Flatten": _v_reshaped,
+    "Flatten": _v_reshaped, "ConstantOfShape": _v_constant_of_shape, "Where": _v_where,
 }
 
 
@@ -415,13 +476,23 @@ def _flatten_infer(ctx: InferCtx) -> list[TensorType]:
     x = ctx.tensor(0)
     if x.shape is None:
         return [_t(x.dtype, (ctx.fresh(), ctx.fresh()))]
-    a = ctx.axis(ctx.attrs["axis"], len(x.shape), extra=1)
+    try:
+        a = _flatten_axis(ctx.attrs["axis"], len(x.shape))
+    except ValueError as e:
+        raise ctx.error(str(e)) from None
     return [_t(x.dtype, (sym.prod(x.shape[:a]), sym.prod(x.shape[a:])))]
+
+
+def _flatten_axis(axis: int, rank: int) -> int:
+    """Flatten's axis lies in [-rank, rank]; a negative one counts from the back."""
+    if not -rank <= axis <= rank:
+        raise ValueError(f"axis {axis} is out of range for rank {rank}")
+    return axis + rank if axis < 0 else axis
 
 
 def _flatten_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     x = xs[0]
-    a = _norm_axis(c.attrs["axis"], x.dim() + 1)
+    a = _flatten_axis(c.attrs["axis"], x.dim())
     return [x.reshape(math.prod(x.shape[:a]), math.prod(x.shape[a:]))]
 
 
@@ -619,12 +690,16 @@ def _split_infer(ctx: InferCtx) -> list[TensorType]:
         sizes = _split_sizes(ctx, d, n)
     except ValueError as e:
         raise ctx.error(str(e)) from None
-    return [_t(x.dtype, x.shape[:a] + (s,) + x.shape[a + 1:]) for s in sizes]
+    return [_t(x.dtype, (*x.shape[:a], s, *x.shape[a + 1:])) for s in sizes]
 
 
 def _split_sizes(ctx: InferCtx, d: sym.Dim, n: int) -> list[sym.Dim]:
     if not ctx.has(1):
-        return _even_split(d, _split_count(ctx.attrs, n))
+        parts = _split_count(ctx.attrs, n)
+        try:
+            return _even_split(d, parts)
+        except ValueError:  # fails when run; may be an untaken If branch, so not an error here
+            return [ctx.fresh() for _ in range(n)]
     sizes = shape_values(ctx.value(1))
     if sizes is None:
         return [ctx.fresh() for _ in range(n)]
@@ -661,4 +736,1020 @@ register(
     ref=_with_strings(_split_ref, outs=None),
     attrs={"axis": Attr(_A.INT, 0), "num_outputs": Attr(_A.INT, None)},
     doc="Split along `axis` by the sizes in `split`, or into equal parts (the last one smaller).",
+)
+
+
+# --- Slice --------------------------------------------------------------------------------------------
+
+_BIG = 2**31 - 1
+"""Slice bounds at least this large mean "to the end": symbolic dims are assumed smaller."""
+
+
+def _sign(d: sym.Dim) -> int | None:
+    if isinstance(d, int):
+        return -1 if d < 0 else 1
+    e = sym._to_sym(d)
+    return 1 if e.is_nonnegative else -1 if e.is_negative else None
+
+
+def _slice_len(d: sym.Dim, s: sym.Dim, e: sym.Dim, st: int) -> sym.Dim | None:
+    """Elements in d[s:e:st] with ONNX's clamping; None when it depends on unknown signs."""
+    if isinstance(d, int) and isinstance(s, int) and isinstance(e, int):
+        return len(range(*slice(s, e, st).indices(d)))
+    ss, es = _sign(s), _sign(e)
+    if ss is None or es is None:
+        return None
+    if st > 0:
+        b = _clamp_bound(d, s, ss, 0, d, low_end=True)
+        f = _clamp_bound(d, e, es, 0, d, low_end=False)
+        return _smax(0, sym.ceildiv(sym.sub(f, b), st))
+    last = sym.sub(d, 1)
+    b = _clamp_bound(d, s, ss, -1, last, low_end=False)
+    f = _clamp_bound(d, e, es, -1, last, low_end=True)
+    return _smax(0, sym.ceildiv(sym.sub(b, f), -st))
+
+
+def _clamp_bound(d: sym.Dim, v: sym.Dim, sign: int, lo: sym.Dim, hi: sym.Dim, *, low_end: bool) -> sym.Dim:
+    if isinstance(v, int) and v >= _BIG:
+        return hi
+    if isinstance(v, int) and v <= -_BIG:
+        return lo
+    if sign < 0:
+        return _smax(lo, sym.add(d, v))
+    return _smin(v, hi)
+
+
+def _slice_infer(ctx: InferCtx) -> list[TensorType]:
+    for i, what in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps")):
+        _int_input(ctx, i, what)
+    x = ctx.tensor(0)
+    if x.shape is None:
+        return [_t(x.dtype, None)]
+    r = len(x.shape)
+    starts, ends = shape_values(ctx.value(1)), shape_values(ctx.value(2))
+    steps = shape_values(ctx.value(4)) if ctx.has(4) else None
+    n = len(starts) if starts is not None else _vector_len(ctx, 1)
+    axes = ctx.const_ints(3) if ctx.has(3) else (list(range(n)) if n is not None else None)
+    if axes is None:
+        return [_t(x.dtype, ctx.fresh_shape(r))]
+    axes = _static_axes(ctx, axes, r)
+    for name, vals in (("starts", starts), ("ends", ends), ("steps", steps)):
+        if vals is not None and len(vals) != len(axes):
+            raise ctx.error(f"{name} has {len(vals)} entries for {len(axes)} axes")
+    out = list(x.shape)
+    for j, a in enumerate(axes):
+        st = steps[j] if steps is not None else (1 if not ctx.has(4) else None)
+        if st == 0:
+            raise ctx.error("slice step cannot be 0")
+        n_a = None
+        if starts is not None and ends is not None and isinstance(st, int):
+            n_a = _slice_len(x.shape[a], starts[j], ends[j], st)
+        out[a] = n_a if n_a is not None else ctx.fresh()
+    return [_t(x.dtype, out)]
+
+
+def _slice_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, starts, ends = xs[0], _ints(xs[1]), _ints(xs[2])
+    axes = _ints(xs[3]) if len(xs) > 3 and xs[3] is not None else list(range(len(starts)))
+    steps = _ints(xs[4]) if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise ValueError("starts, ends, axes and steps differ in length")
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        a = _norm_axis(a, x.dim(), "axes value")
+        if st == 0:
+            raise ValueError("slice step cannot be 0")
+        b, f, st = slice(s, e, st).indices(x.shape[a])
+        if st > 0:
+            x = x[(slice(None),) * a + (slice(b, f, st),)]
+        else:
+            x = _take(x, a, torch.arange(b, f, st, dtype=torch.int64))
+    return [x]
+
+
+register(
+    "Slice", inputs=["data", "starts", "ends", "axes?", "steps?"], outputs=["output"], infer=_slice_infer,
+    ref=_with_strings(_slice_ref), doc="numpy-style slicing; out-of-range starts/ends are clamped.",
+)
+
+
+# --- Gather family ------------------------------------------------------------------------------------
+
+
+def _gather_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "indices")
+    x, idx = ctx.tensor(0), ctx.tensor(1)
+    if x.shape is None or idx.shape is None:
+        return [_t(x.dtype, None)]
+    a = ctx.axis(ctx.attrs["axis"], len(x.shape))
+    return [_t(x.dtype, x.shape[:a] + idx.shape + x.shape[a + 1:])]
+
+
+def _gather_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, idx = xs
+    a = _norm_axis(c.attrs["axis"], x.dim())
+    i = _wrap_index(idx, x.shape[a])
+    out = _take(x, a, i.reshape(-1))
+    return [out.reshape(x.shape[:a] + i.shape + x.shape[a + 1:])]
+
+
+register(
+    "Gather", inputs=["data", "indices"], outputs=["output"], infer=_gather_infer,
+    ref=_with_strings(_gather_ref), attrs={"axis": Attr(_A.INT, 0)},
+    doc="Take slices along `axis` at `indices` (negative indices count from the back).",
+)
+
+
+def _gather_elements_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "indices")
+    x, idx = ctx.tensor(0), ctx.tensor(1)
+    if x.rank is not None and idx.rank is not None and x.rank != idx.rank:
+        raise ctx.error(f"data has rank {x.rank} but indices rank {idx.rank}")
+    _axis(ctx, x.rank if x.rank is not None else idx.rank)
+    return [_t(x.dtype, idx.shape)]
+
+
+def _gather_elements_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, idx = xs
+    a = _norm_axis(c.attrs["axis"], x.dim())
+    return [_unbits(torch.gather(_bits(x), a, _wrap_index(idx, x.shape[a])), x.dtype)]
+
+
+register(
+    "GatherElements", inputs=["data", "indices"], outputs=["output"], infer=_gather_elements_infer,
+    ref=_with_strings(_gather_elements_ref), attrs={"axis": Attr(_A.INT, 0)},
+    doc="out[i][j][k] = data[indices[i][j][k]][j][k] (for axis 0), like torch.gather.",
+)
+
+
+def _gathernd_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "indices")
+    x, idx = ctx.tensor(0), ctx.tensor(1)
+    b = ctx.attrs["batch_dims"]
+    if x.shape is None or idx.shape is None or not idx.shape or not isinstance(idx.shape[-1], int):
+        return [_t(x.dtype, None)]
+    k = idx.shape[-1]
+    if not 0 <= b < len(idx.shape) or b > len(x.shape):
+        raise ctx.error(f"batch_dims={b} does not fit data rank {len(x.shape)}, indices rank {len(idx.shape)}"
+                        )
+    if b + k > len(x.shape):
+        raise ctx.error(f"indices address {k} dims after {b} batch dims, data has rank {len(x.shape)}")
+    return [_t(x.dtype, idx.shape[:-1] + x.shape[b + k:])]
+
+
+def _nd_linear(idx: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """[..., k] multi-indices into dims (negative ones wrapped) as linear offsets [...]."""
+    idx = idx.to(torch.int64)
+    if not dims:
+        return torch.zeros(idx.shape[:-1], dtype=torch.int64)
+    size = torch.tensor(list(dims), dtype=torch.int64)
+    idx = torch.where(idx < 0, idx + size, idx)
+    if idx.numel() and (bool((idx < 0).any()) or bool((idx >= size).any())):
+        raise IndexError(f"an index is out of range for dims {list(dims)}")
+    strides = [math.prod(dims[j + 1:]) for j in range(len(dims))]
+    return (idx * torch.tensor(strides, dtype=torch.int64)).sum(-1)
+
+
+def _gathernd_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, idx = xs
+    b, k = c.attrs["batch_dims"], idx.shape[-1]
+    batch, dims, rest = x.shape[:b], list(x.shape[b:b + k]), x.shape[b + k:]
+    nb = math.prod(batch)
+    lin = _nd_linear(idx, dims).reshape(nb, -1) if nb else torch.zeros(0, 0, dtype=torch.int64)
+    flat = _bits(x).reshape(nb, math.prod(dims), *rest)
+    out = flat[torch.arange(nb)[:, None], lin]
+    return [_unbits(out.reshape(idx.shape[:-1] + rest), x.dtype)]
+
+
+register(
+    "GatherND", inputs=["data", "indices"], outputs=["output"], infer=_gathernd_infer,
+    ref=_with_strings(_gathernd_ref), attrs={"batch_dims": Attr(_A.INT, 0)},
+    doc="Gather slices of `data` addressed by the last dim of `indices`, after `batch_dims` shared dims.",
+)
+
+
+# --- Scatter family -----------------------------------------------------------------------------------
+
+_REDUCTIONS = ("none", "add", "mul", "max", "min")
+_TORCH_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _scatter_check(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "indices")
+    x, upd = ctx.tensor(0), ctx.tensor(2)
+    if upd.dtype != x.dtype:
+        raise ctx.error(f"updates are {upd.dtype} but data is {x.dtype}")
+    if x.dtype is DType.STRING and ctx.attrs["reduction"] in ("add", "mul"):
+        raise ctx.error(f"reduction '{ctx.attrs['reduction']}' is not defined for strings")
+    return [x]
+
+
+def _scatter_elements_infer(ctx: InferCtx) -> list[TensorType]:
+    out = _scatter_check(ctx)
+    idx, upd = ctx.tensor(1), ctx.tensor(2)
+    if idx.shape is not None and upd.shape is not None and len(idx.shape) != len(upd.shape):
+        raise ctx.error(f"indices {idx} and updates {upd} differ in rank")
+    _axis(ctx, ctx.rank(0))
+    return out
+
+
+def _scatter(x: torch.Tensor, axis: int, idx: torch.Tensor, upd: torch.Tensor, reduction: str) -> Any:
+    """torch.scatter(_reduce) along axis for every dtype (ONNX reductions include the existing value)."""
+    if reduction == "none":
+        return _unbits(_bits(x).scatter(axis, idx, _bits(upd)), x.dtype)
+    ordered = reduction in ("max", "min")
+    xa, back = _arith(x, ordered)
+    ua, _ = _arith(upd, ordered)
+    return back(xa.scatter_reduce(axis, idx, ua, _TORCH_REDUCE[reduction], include_self=True))
+
+
+def _scatter_elements_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, idx, upd = xs
+    a = _norm_axis(c.attrs["axis"], x.dim())
+    return [_scatter(x, a, _wrap_index(idx, x.shape[a]), upd, c.attrs["reduction"])]
+
+
+register(
+    "ScatterElements", inputs=["data", "indices", "updates"], outputs=["output"],
+    infer=_scatter_elements_infer, ref=_with_strings(_scatter_elements_ref, ins=(0, 2)),
+    attrs={"axis": Attr(_A.INT, 0), "reduction": Attr(_A.STRING, "none", choices=_REDUCTIONS)},
+    doc="Write (or reduce) `updates` into a copy of `data` at `indices` along `axis`.",
+)
+
+
+def _scatternd_infer(ctx: InferCtx) -> list[TensorType]:
+    out = _scatter_check(ctx)
+    x, idx, upd = ctx.shape(0), ctx.shape(1), ctx.shape(2)
+    if x is not None and idx is not None and upd is not None and idx and isinstance(idx[-1], int):
+        want = len(idx) - 1 + len(x) - idx[-1]
+        if idx[-1] > len(x) or len(upd) != want:
+            raise ctx.error(f"updates have rank {len(upd)}, expected {want} for data rank {len(x)}, "
+                            f"indices {list(idx)}")
+    return out
+
+
+def _scatternd_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, idx, upd = xs
+    k = idx.shape[-1]
+    dims, rest = list(x.shape[:k]), tuple(x.shape[k:])
+    lin = _nd_linear(idx, dims).reshape(-1)
+    flat = x.reshape(math.prod(dims), *rest)
+    src = upd.reshape(lin.numel(), *rest)
+    index = lin.reshape((-1,) + (1,) * len(rest)).expand(src.shape)
+    return [_scatter(flat, 0, index, src, c.attrs["reduction"]).reshape(x.shape)]
+
+
+register(
+    "ScatterND", inputs=["data", "indices", "updates"], outputs=["output"], infer=_scatternd_infer,
+    ref=_with_strings(_scatternd_ref, ins=(0, 2)),
+    attrs={"reduction": Attr(_A.STRING, "none", choices=_REDUCTIONS)},
+    doc="Write (or reduce) slices of `updates` into a copy of `data` at the multi-indices in `indices`.",
+)
+
+
+def _tensor_scatter_infer(ctx: InferCtx) -> list[TensorType]:
+    past, upd = ctx.tensor(0), ctx.tensor(1)
+    if upd.dtype != past.dtype:
+        raise ctx.error(f"update is {upd.dtype} but past_cache is {past.dtype}")
+    if ctx.has(2) and ctx.dtype(2) != I64:
+        raise ctx.error(f"write_indices must be int64, got {ctx.dtype(2)}")
+    if past.rank is not None:
+        if ctx.axis(ctx.attrs["axis"], past.rank) == 0:
+            raise ctx.error("axis cannot be 0 (the batch axis)")
+        if upd.rank is not None and upd.rank != past.rank:
+            raise ctx.error(f"update has rank {upd.rank}, past_cache rank {past.rank}")
+    return [past]
+
+
+def _tensor_scatter_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    past, upd = xs[0], xs[1]
+    r = past.dim()
+    a = _norm_axis(c.attrs["axis"], r)
+    n, s = past.shape[a], upd.shape[a]
+    w = torch.zeros(past.shape[0], dtype=torch.int64)
+    if len(xs) > 2 and xs[2] is not None:
+        w = xs[2].to(torch.int64)
+    pos = w[:, None] + torch.arange(s)[None, :]
+    if c.attrs["mode"] == "circular":
+        pos = pos % n
+    elif pos.numel() and (int(pos.max()) >= n or int(pos.min()) < 0):
+        raise IndexError(f"write_indices + update length exceed the cache length {n}")
+    index = pos.reshape((past.shape[0],) + (1,) * (a - 1) + (s,) + (1,) * (r - a - 1)).expand(upd.shape)
+    return [_unbits(_bits(past).scatter(a, index, _bits(upd)), past.dtype)]
+
+
+register(
+    "TensorScatter", inputs=["past_cache", "update", "write_indices?"], outputs=["present_cache"],
+    infer=_tensor_scatter_infer, ref=_with_strings(_tensor_scatter_ref, ins=(0, 1)),
+    attrs={"mode": Attr(_A.STRING, "linear", choices=("linear", "circular")), "axis": Attr(_A.INT, -2)},
+    doc="KV-cache update: write `update` into a copy of `past_cache` along `axis` at per-batch offsets.",
+)
+
+
+# --- Expand, Tile, Pad, CenterCropPad -----------------------------------------------------------------
+
+
+def _expand_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "shape")
+    x = ctx.tensor(0)
+    dims = shape_values(ctx.value(1))
+    if dims is not None:
+        if x.shape is None:
+            return [_t(x.dtype, None)]
+        return [_t(x.dtype, broadcast_shapes(ctx, x.shape, tuple(dims)))]
+    n = _vector_len(ctx, 1)
+    if x.shape is None or n is None:
+        return [_t(x.dtype, None)]
+    r = max(len(x.shape), n)
+    lead = (None,) * (r - len(x.shape)) + tuple(x.shape)
+    return [_t(x.dtype, [d if isinstance(d, int) and d != 1 else ctx.fresh() for d in lead])]
+
+
+def _expand_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x = xs[0]
+    out = torch.broadcast_shapes(tuple(x.shape), tuple(_ints(xs[1])))
+    return [x.expand(out).contiguous()]
+
+
+register(
+    "Expand", inputs=["input", "shape"], outputs=["output"], infer=_expand_infer,
+    ref=_with_strings(_expand_ref), doc="Broadcast the input against `shape` (numpy rules, both directions).",
+)
+
+
+def _tile_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "repeats")
+    x = ctx.tensor(0)
+    reps = shape_values(ctx.value(1))
+    if x.shape is None:
+        return [_t(x.dtype, None)]
+    if reps is None:
+        return [_t(x.dtype, ctx.fresh_shape(len(x.shape)))]
+    if len(reps) != len(x.shape):
+        raise ctx.error(f"repeats has {len(reps)} entries for rank {len(x.shape)}")
+    if any(isinstance(r, int) and r < 0 for r in reps):
+        raise ctx.error(f"repeats {reps} has a negative entry")
+    return [_t(x.dtype, [sym.mul(d, r) for d, r in zip(x.shape, reps)])]
+
+
+def _tile_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, reps = xs[0], _ints(xs[1])
+    if len(reps) != x.dim() or min(reps, default=0) < 0:
+        raise ValueError(f"repeats {reps} do not fit rank {x.dim()}")
+    return [x.repeat(*reps) if reps else x.clone()]
+
+
+register(
+    "Tile", inputs=["input", "repeats"], outputs=["output"], infer=_tile_infer, ref=_with_strings(_tile_ref),
+    doc="Repeat the input `repeats[i]` times along each axis i.",
+)
+
+_PAD_MODES = ("constant", "reflect", "edge", "wrap")
+
+
+def _pad_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "pads")
+    _int_input(ctx, 3, "axes")
+    x = ctx.tensor(0)
+    if ctx.has(2) and ctx.dtype(2) != x.dtype:
+        raise ctx.error(f"constant_value is {ctx.dtype(2)} but data is {x.dtype}")
+    if x.shape is None:
+        return [_t(x.dtype, None)]
+    r = len(x.shape)
+    axes = ctx.const_ints(3) if ctx.has(3) else list(range(r))
+    if axes is None:
+        return [_t(x.dtype, ctx.fresh_shape(r))]
+    axes = _static_axes(ctx, axes, r)
+    pads = shape_values(ctx.value(1))
+    out = list(x.shape)
+    if pads is not None and len(pads) != 2 * len(axes):
+        raise ctx.error(f"pads has {len(pads)} entries for {len(axes)} axes (needs 2 per axis)")
+    for j, a in enumerate(axes):
+        if pads is None:
+            out[a] = ctx.fresh()
+            continue
+        d = out[a] = sym.add(sym.add(x.shape[a], pads[j]), pads[j + len(axes)])
+        if isinstance(d, int) and d < 0:
+            raise ctx.error(f"pads {pads} crop axis {a} below zero")
+    return [_t(x.dtype, out)]
+
+
+def _pad_axis(x: torch.Tensor, a: int, before: int, after: int, mode: str, fill: torch.Tensor) -> Any:
+    d = x.shape[a]
+    if before < 0 or after < 0:  # negative pads remove elements
+        lo, hi = max(-before, 0), d - max(-after, 0)
+        if hi < lo:
+            raise ValueError(f"pads ({before}, {after}) remove more than the {d} elements of axis {a}")
+        x, d, before, after = x.narrow(a, lo, hi - lo), hi - lo, max(before, 0), max(after, 0)
+    if before == 0 and after == 0:
+        return x
+    if mode == "constant":
+        shape = list(x.shape)
+        parts = []
+        for n, part in ((before, None), (0, x), (after, None)):
+            shape[a] = n
+            parts.append(part if part is not None else fill.expand(shape))
+        return torch.cat(parts, a)
+    if d == 0:
+        raise ValueError(f"cannot {mode}-pad the empty axis {a}")
+    i = torch.arange(-before, d + after)
+    if mode == "edge":
+        i = i.clamp(0, d - 1)
+    elif mode == "wrap":
+        i = i % d
+    else:
+        period = 2 * (d - 1)
+        i = i % period if period else torch.zeros_like(i)
+        i = torch.where(i >= d, period - i, i)
+    return _take(x, a, i)
+
+
+def _pad_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, pads = xs[0], _ints(xs[1])
+    value = xs[2] if len(xs) > 2 else None
+    axes = _ints(xs[3]) if len(xs) > 3 and xs[3] is not None else list(range(x.dim()))
+    axes = [_norm_axis(a, x.dim(), "axes value") for a in axes]
+    if len(pads) != 2 * len(axes):
+        raise ValueError(f"pads has {len(pads)} entries for {len(axes)} axes")
+    fill = torch.zeros((), dtype=x.dtype)
+    if value is not None and value.numel():
+        fill = value.reshape(-1)[0].to(x.dtype)
+    for j, a in enumerate(axes):
+        x = _pad_axis(x, a, pads[j], pads[j + len(axes)], c.attrs["mode"], fill)
+    return [x.contiguous()]
+
+
+register(
+    "Pad", inputs=["data", "pads", "constant_value?", "axes?"], outputs=["output"], infer=_pad_infer,
+    ref=_with_strings(_pad_ref, ins=(0, 2)), attrs={"mode": Attr(_A.STRING, "constant", choices=_PAD_MODES)},
+    doc="Pad (or, with negative pads, crop) `axes`: pads = [begin_0, ..., end_0, ...].",
+)
+
+
+def _center_crop_pad_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 1, "shape")
+    x = ctx.tensor(0)
+    if x.shape is None:
+        return [_t(x.dtype, None)]
+    r = len(x.shape)
+    axes = _static_axes(ctx, ctx.attrs["axes"] or range(r), r)
+    sizes = shape_values(ctx.value(1))
+    if sizes is not None and len(sizes) != len(axes):
+        raise ctx.error(f"shape has {len(sizes)} entries for {len(axes)} axes")
+    out = list(x.shape)
+    for j, a in enumerate(axes):
+        out[a] = sizes[j] if sizes is not None else ctx.fresh()
+    return [_t(x.dtype, out)]
+
+
+def _center_crop_pad_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, sizes = xs[0], _ints(xs[1])
+    axes = [_norm_axis(a, x.dim(), "axes value") for a in (c.attrs["axes"] or range(x.dim()))]
+    if len(sizes) != len(axes):
+        raise ValueError(f"shape has {len(sizes)} entries for {len(axes)} axes")
+    zero = torch.zeros((), dtype=x.dtype)
+    for a, s in zip(axes, sizes):
+        d = x.shape[a]
+        if s < d:
+            x = x.narrow(a, (d - s) // 2, s)
+        elif s > d:
+            x = _pad_axis(x, a, (s - d) // 2, s - d - (s - d) // 2, "constant", zero)
+    return [x.contiguous()]
+
+
+register(
+    "CenterCropPad", inputs=["input_data", "shape"], outputs=["output_data"], infer=_center_crop_pad_infer,
+    ref=_with_strings(_center_crop_pad_ref), attrs={"axes": Attr(_A.INTS, None)},
+    doc="Center-crop or zero-pad `axes` (default all) to `shape`.",
+)
+
+
+# --- creation: ConstantOfShape, Range, EyeLike, OneHot ------------------------------------------------
+
+
+def _cos_dtype(ctx_attrs: dict[str, Any]) -> DType:
+    v = ctx_attrs["value"]
+    if ctx_attrs["dtype"] is not None:
+        return ctx_attrs["dtype"]
+    if v is None:
+        return DType.FLOAT32
+    return DType.STRING if isinstance(v, np.ndarray) else DType.from_torch(v.dtype)
+
+
+def _cos_infer(ctx: InferCtx) -> list[TensorType]:
+    _int_input(ctx, 0, "input")
+    v = ctx.attrs["value"]
+    if v is not None and (v.size if isinstance(v, np.ndarray) else v.numel()) != 1:
+        raise ctx.error(f"value must hold exactly one element, got shape {list(v.shape)}")
+    dims = shape_values(ctx.value(0))
+    if dims is None:
+        return [_t(_cos_dtype(ctx.attrs), ctx.fresh_shape(_vector_len(ctx, 0)))]
+    if any(isinstance(d, int) and d < 0 for d in dims):
+        raise ctx.error(f"shape {dims} has a negative dim")
+    return [_t(_cos_dtype(ctx.attrs), dims)]
+
+
+def _cos_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    shape, v = _ints(xs[0]), c.attrs["value"]
+    if v is None:
+        return [torch.zeros(shape, dtype=torch.float32)]
+    if isinstance(v, np.ndarray):
+        return [np.full(shape, v.reshape(-1)[0], dtype=object)]
+    return [v.reshape(()).expand(shape).contiguous()]
+
+
+register(
+    "ConstantOfShape", inputs=["input"], outputs=["output"], infer=_cos_infer, ref=_cos_ref,
+    attrs={"value": Attr(_A.TENSOR, None, doc="one element; default float32 0"),
+           "dtype": Attr(_A.DTYPE, None, doc="set for narrow types stored widened (int4, ...)")},
+    doc="A tensor of the given shape filled with `value`.",
+)
+
+_STASH = {1: torch.float32, 11: torch.float64}
+
+
+def _range_len(start: Any, limit: Any, delta: Any) -> int:
+    if delta == 0:
+        raise ValueError("Range delta cannot be 0")
+    if isinstance(start, int) and isinstance(limit, int) and isinstance(delta, int):
+        return max(0, -((start - limit) // delta))
+    return max(0, math.ceil((float(limit) - float(start)) / float(delta)))
+
+
+def _range_infer(ctx: InferCtx) -> list[TensorType]:
+    dt = ctx.dtype(0)
+    if ctx.dtype(1) != dt or ctx.dtype(2) != dt:
+        raise ctx.error(f"start, limit and delta differ in dtype: {dt}, {ctx.dtype(1)}, {ctx.dtype(2)}")
+    consts = [ctx.const(i) for i in range(3)]
+    if all(isinstance(c, torch.Tensor) and c.numel() == 1 for c in consts):
+        vals = [c.reshape(-1)[0].item() for c in consts]
+        try:
+            return [_t(dt, (_range_len(*vals),))]
+        except ValueError as e:
+            raise ctx.error(str(e)) from None
+    if dt.is_int:
+        s, lim, d = (shape_values(ctx.value(i)) for i in range(3))
+        if s and lim and d and len(s) == len(lim) == len(d) == 1 and isinstance(d[0], int) and d[0]:
+            span = sym.sub(lim[0], s[0]) if d[0] > 0 else sym.sub(s[0], lim[0])
+            return [_t(dt, (_smax(0, sym.ceildiv(span, abs(d[0]))),))]
+    return [_t(dt, (ctx.fresh("range"),))]
+
+
+def _range_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    start, limit, delta = (x.reshape(-1)[0] for x in xs)
+    dt = start.dtype
+    if not dt.is_floating_point:
+        return [torch.arange(int(start), int(limit), int(delta), dtype=dt)]
+    cdt = dt if dt in (torch.float32, torch.float64) else _STASH[c.attrs["stash_type"]]
+    s, d = start.to(cdt), delta.to(cdt)
+    n = _range_len(s.item(), limit.to(cdt).item(), d.item())
+    return [(s + torch.arange(n, dtype=cdt) * d).to(dt)]
+
+
+register(
+    "Range", inputs=["start", "limit", "delta"], outputs=["output"], infer=_range_infer, ref=_range_ref,
+    attrs={"stash_type": Attr(_A.INT, 1, choices=(1, 11),
+                              doc="ONNX dtype (1 float, 11 double) float16/bfloat16 ranges are computed in")},
+    doc="[start, start+delta, ...) up to `limit` (exclusive); max(ceil((limit-start)/delta), 0) elements.",
+)
+
+
+def _eyelike_infer(ctx: InferCtx) -> list[TensorType]:
+    x = ctx.tensor(0)
+    if x.rank is not None and x.rank != 2:
+        raise ctx.error(f"input must be 2-D, got rank {x.rank}")
+    dt = ctx.attrs["dtype"] or x.dtype
+    if dt is DType.STRING or dt.is_narrow:
+        raise ctx.error(f"EyeLike cannot produce {dt}")
+    return [_t(dt, x.shape if x.shape is not None else ctx.fresh_shape(2))]
+
+
+def _eyelike_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    n, m = xs[0].shape
+    eye = (torch.arange(m)[None, :] - torch.arange(n)[:, None]) == c.attrs["k"]
+    return [eye.to(c.out_dtype(0).torch)]
+
+
+register(
+    "EyeLike", inputs=["input"], outputs=["output"], infer=_eyelike_infer, ref=_eyelike_ref,
+    attrs={"dtype": Attr(_A.DTYPE, None), "k": Attr(_A.INT, 0)},
+    doc="Ones on the k-th diagonal of a 2-D tensor shaped like the input (dtype: `dtype` or the input's).",
+)
+
+
+def _onehot_depth(ctx: InferCtx) -> sym.Dim | None:
+    c = ctx.const(1)
+    if isinstance(c, torch.Tensor) and c.numel() == 1:
+        return int(c.reshape(-1)[0].item())
+    vals = shape_values(ctx.value(1))
+    return vals[0] if vals is not None and len(vals) == 1 else None
+
+
+def _onehot_infer(ctx: InferCtx) -> list[TensorType]:
+    idx, values = ctx.tensor(0), ctx.tensor(2)
+    for i, what in ((0, "indices"), (1, "depth")):
+        if ctx.dtype(i) is DType.STRING or ctx.dtype(i) is DType.BOOL or ctx.dtype(i).is_complex:
+            raise ctx.error(f"{what} must be numeric, got {ctx.dtype(i)}")
+    vs = values.shape
+    if vs is not None and (len(vs) != 1 or (isinstance(vs[0], int) and vs[0] != 2)):
+        raise ctx.error(f"values must be [off_value, on_value], got shape {list(vs)}")
+    if idx.shape is None:
+        return [_t(values.dtype, None)]
+    a = ctx.axis(ctx.attrs["axis"], len(idx.shape), extra=1)
+    depth = _onehot_depth(ctx)
+    if isinstance(depth, int) and depth < 1:
+        raise ctx.error(f"depth must be positive, got {depth}")
+    shape = list(idx.shape)
+    shape.insert(a, depth if depth is not None else ctx.fresh("depth"))
+    return [_t(values.dtype, shape)]
+
+
+def _onehot_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    idx, depth_t, values = xs
+    depth = int(depth_t.reshape(-1)[0].item())
+    a = _norm_axis(c.attrs["axis"], idx.dim() + 1)
+    i = idx.to(torch.int64)
+    i = torch.where(i < 0, i + depth, i)
+    hot = (i.unsqueeze(-1) == torch.arange(depth)).movedim(-1, a)  # out-of-range indices match nothing
+    off, on = values.reshape(-1)[0], values.reshape(-1)[1]
+    return [torch.where(hot, on, off)]
+
+
+register(
+    "OneHot", inputs=["indices", "depth", "values"], outputs=["output"], infer=_onehot_infer,
+    ref=_with_strings(_onehot_ref, ins=(2,)), attrs={"axis": Attr(_A.INT, -1)},
+    doc="values[1] where indices (negative ones count from depth) hit, values[0] elsewhere; new axis `axis`.",
+)
+
+
+# --- data-dependent selection: NonZero, Compress, Unique, TopK ----------------------------------------
+
+
+def _nonzero_infer(ctx: InferCtx) -> list[TensorType]:
+    r = ctx.rank(0)
+    return [_t(I64, (r if r is not None else ctx.fresh("rank"), ctx.fresh("nonzero")))]
+
+
+def _nonzero_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x = xs[0]
+    return [torch.nonzero(x != 0).T.contiguous().reshape(x.dim(), -1)]
+
+
+register(
+    "NonZero", inputs=["X"], outputs=["Y"], infer=_nonzero_infer, ref=_with_strings(_nonzero_ref, outs=()),
+    doc="Indices of the non-zero elements, [rank, count], in row-major order.",
+)
+
+
+def _compress_infer(ctx: InferCtx) -> list[TensorType]:
+    x = ctx.tensor(0)
+    if ctx.dtype(1) is not DType.BOOL:
+        raise ctx.error(f"condition must be bool, got {ctx.dtype(1)}")
+    if ctx.rank(1) is not None and ctx.rank(1) != 1:
+        raise ctx.error(f"condition must be 1-D, got rank {ctx.rank(1)}")
+    cond = ctx.const(1)
+    n = int(cond.sum()) if isinstance(cond, torch.Tensor) else ctx.fresh("compress")
+    if ctx.attrs["axis"] is None:
+        return [_t(x.dtype, (n,))]
+    if x.shape is None:
+        return [_t(x.dtype, None)]
+    a = ctx.axis(ctx.attrs["axis"], len(x.shape))
+    return [_t(x.dtype, (*x.shape[:a], n, *x.shape[a + 1:]))]
+
+
+def _compress_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, cond = xs
+    if c.attrs["axis"] is None:
+        x, a = x.reshape(-1), 0
+    else:
+        a = _norm_axis(c.attrs["axis"], x.dim())
+    keep = torch.nonzero(cond.reshape(-1)).reshape(-1)
+    if keep.numel() and int(keep[-1]) >= x.shape[a]:
+        raise IndexError(f"condition selects index {int(keep[-1])} of an axis of {x.shape[a]}")
+    return [_take(x, a, keep)]
+
+
+register(
+    "Compress", inputs=["input", "condition"], outputs=["output"], infer=_compress_infer,
+    ref=_with_strings(_compress_ref), attrs={"axis": Attr(_A.INT, None)},
+    doc="Keep the slices along `axis` (default: of the flattened input) where `condition` is true.",
+)
+
+
+def _unique_infer(ctx: InferCtx) -> list[TensorType]:
+    x = ctx.tensor(0)
+    u = ctx.fresh("unique")
+    axis = ctx.attrs["axis"]
+    if axis is None:
+        y: Shape | None = (u,)
+        inverse: Shape | None = (sym.prod(x.shape),) if x.shape is not None else (ctx.fresh(),)
+    elif x.shape is None:
+        y, inverse = None, (ctx.fresh(),)
+    else:
+        a = ctx.axis(axis, len(x.shape))
+        y, inverse = (*x.shape[:a], u, *x.shape[a + 1:]), (x.shape[a],)
+    return [_t(x.dtype, y), _t(I64, (u,)), _t(I64, inverse), _t(I64, (u,))]
+
+
+def _unique_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, axis = xs[0], c.attrs["axis"]
+    flat, a = (x.reshape(-1), 0) if axis is None else (x, _norm_axis(axis, x.dim()))
+    key = _order_key(flat)
+    if key.is_complex():  # torch has no complex unique: compare (real, imag) pairs, which orders like numpy
+        key, axis = torch.view_as_real(key), a
+    if axis is None:
+        _, inverse, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True)
+    else:
+        _, inverse, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True, dim=a)
+    n, u = flat.shape[a], counts.numel()
+    first = torch.full((u,), n, dtype=torch.int64).scatter_reduce(0, inverse, torch.arange(n), "amin")
+    if not c.attrs["sorted"]:  # order of first occurrence
+        order = torch.argsort(first)
+        rank = torch.empty(u, dtype=torch.int64)
+        rank[order] = torch.arange(u)
+        first, counts, inverse = first[order], counts[order], rank[inverse]
+    return [_take(flat, a, first), first, inverse, counts]
+
+
+register(
+    "Unique", inputs=["X"], outputs=["Y", "indices?", "inverse_indices?", "counts?"], infer=_unique_infer,
+    ref=_with_strings(_unique_ref),
+    attrs={"axis": Attr(_A.INT, None), "sorted": Attr(_A.INT, 1, choices=(0, 1))},
+    doc="Unique elements (or slices along `axis`), sorted or in order of first occurrence, with the index of "
+        "each one's first occurrence, the inverse mapping and the counts.",
+)
+
+
+def _topk_infer(ctx: InferCtx) -> list[TensorType]:
+    x = ctx.tensor(0)
+    if ctx.dtype(1) != I64:
+        raise ctx.error(f"K must be int64, got {ctx.dtype(1)}")
+    if x.shape is None:
+        return [_t(x.dtype, None), _t(I64, None)]
+    a = ctx.axis(ctx.attrs["axis"], len(x.shape))
+    k = shape_values(ctx.value(1))
+    kk = k[0] if k is not None and len(k) == 1 else ctx.fresh("k")
+    d = x.shape[a]
+    if isinstance(kk, int) and (kk < 0 or (isinstance(d, int) and kk > d)):
+        raise ctx.error(f"K={kk} is out of range for a dim of {x.shape[a]}")
+    shape = (*x.shape[:a], kk, *x.shape[a + 1:])
+    return [_t(x.dtype, shape), _t(I64, shape)]
+
+
+def _topk_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, k = xs[0], int(xs[1].reshape(-1)[0])
+    a = _norm_axis(c.attrs["axis"], x.dim())
+    if not 0 <= k <= x.shape[a]:
+        raise ValueError(f"K={k} is out of range for a dim of {x.shape[a]}")
+    # A stable sort puts equal values in index order, as ONNX asks, in both directions.
+    order = torch.sort(_order_key(x), dim=a, descending=bool(c.attrs["largest"]), stable=True).indices
+    idx = order.narrow(a, 0, k).contiguous()
+    return [_unbits(torch.gather(_bits(x), a, idx), x.dtype), idx]
+
+
+register(
+    "TopK", inputs=["X", "K"], outputs=["Values", "Indices"], infer=_topk_infer, ref=_topk_ref,
+    attrs={"axis": Attr(_A.INT, -1), "largest": Attr(_A.INT, 1, choices=(0, 1)),
+           "sorted": Attr(_A.INT, 1, choices=(0, 1), doc="kiln always returns them sorted")},
+    doc="The K largest (or smallest) elements along `axis` and their indices; of equal values the lower "
+        "index comes first.",
+)
+
+
+# --- ArgMax, ArgMin, CumSum, CumProd ------------------------------------------------------------------
+
+
+def _arg_infer(ctx: InferCtx) -> list[TensorType]:
+    x = ctx.tensor(0)
+    if x.dtype is DType.STRING or x.dtype.is_complex:
+        raise ctx.error(f"cannot order {x.dtype} values")
+    if x.shape is None:
+        return [_t(I64, None)]
+    a = ctx.axis(ctx.attrs["axis"], len(x.shape))
+    keep = (1,) if ctx.attrs["keepdims"] else ()
+    return [_t(I64, x.shape[:a] + keep + x.shape[a + 1:])]
+
+
+def _arg_ref(largest: bool) -> RefFn:
+    def ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+        x = xs[0]
+        a = _norm_axis(c.attrs["axis"], x.dim())
+        key = _order_key(x)
+        last = bool(c.attrs["select_last_index"])
+        if last:
+            key = key.flip(a)
+        fn = torch.argmax if largest else torch.argmin
+        r = fn(key, dim=a, keepdim=bool(c.attrs["keepdims"]))  # torch picks the first of equal values
+        return [x.shape[a] - 1 - r if last else r]
+
+    return ref
+
+
+for _name, _largest in (("ArgMax", True), ("ArgMin", False)):
+    register(
+        _name, inputs=["data"], outputs=["reduced"], infer=_arg_infer, ref=_arg_ref(_largest),
+        attrs={"axis": Attr(_A.INT, 0), "keepdims": Attr(_A.INT, 1, choices=(0, 1)),
+               "select_last_index": Attr(_A.INT, 0, choices=(0, 1))},
+        doc=f"Index (int64) of the {'largest' if _largest else 'smallest'} element along `axis`; "
+            "the first one of equal values unless select_last_index.",
+    )
+
+
+def _cum_infer(ctx: InferCtx) -> list[TensorType]:
+    x = ctx.tensor(0)
+    if x.dtype is DType.STRING or x.dtype is DType.BOOL:
+        raise ctx.error(f"cannot accumulate {x.dtype} values")
+    if ctx.dtype(1) not in (DType.INT32, I64):
+        raise ctx.error(f"axis must be int32 or int64, got {ctx.dtype(1)}")
+    r = ctx.rank(1)
+    if r is not None and r > 1:
+        raise ctx.error(f"axis must be a scalar, got rank {r}")
+    return [x]
+
+
+def _cum_ref(op: str) -> RefFn:
+    def ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+        x, axis = xs
+        if axis.numel() != 1:
+            raise ValueError(f"axis must hold one value, got {axis.numel()}")
+        a = _norm_axis(int(axis.reshape(-1)[0]), x.dim())
+        y, back = _arith(x)
+        if c.attrs["reverse"]:
+            y = y.flip(a)
+        if c.attrs["exclusive"] and y.shape[a]:
+            ident = (torch.zeros_like if op == "sum" else torch.ones_like)(y.narrow(a, 0, 1))
+            y = torch.cat([ident, y.narrow(a, 0, y.shape[a] - 1)], a)
+        y = (torch.cumsum if op == "sum" else torch.cumprod)(y, a, dtype=y.dtype)
+        if c.attrs["reverse"]:
+            y = y.flip(a)
+        return [back(y)]
+
+    return ref
+
+
+for _name, _op in (("CumSum", "sum"), ("CumProd", "prod")):
+    register(
+        _name, inputs=["x", "axis"], outputs=["y"], infer=_cum_infer, ref=_cum_ref(_op),
+        attrs={"exclusive": Attr(_A.INT, 0, choices=(0, 1)), "reverse": Attr(_A.INT, 0, choices=(0, 1))},
+        doc=f"Cumulative {_op} along the scalar input `axis`; exclusive shifts by one, reverse runs back.",
+    )
+
+
+# --- layout: ReverseSequence, Trilu, DepthToSpace, SpaceToDepth ---------------------------------------
+
+
+def _revseq_infer(ctx: InferCtx) -> list[TensorType]:
+    b, t = ctx.attrs["batch_axis"], ctx.attrs["time_axis"]
+    if {b, t} != {0, 1}:
+        raise ctx.error(f"batch_axis and time_axis must be 0 and 1 (in either order), got {b} and {t}")
+    if ctx.dtype(1) != I64:
+        raise ctx.error(f"sequence_lens must be int64, got {ctx.dtype(1)}")
+    r = ctx.rank(0)
+    if r is not None and r < 2:
+        raise ctx.error(f"input must have rank >= 2, got {r}")
+    return [ctx.tensor(0)]
+
+
+def _revseq_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, lens = xs
+    ta = c.attrs["time_axis"]
+    steps = x.shape[ta]
+    t = torch.arange(steps)[None, :]
+    n = lens.to(torch.int64).reshape(-1, 1)
+    if n.numel() and (int(n.min()) < 0 or int(n.max()) > steps):
+        raise ValueError(f"sequence_lens must be in [0, {steps}]")
+    src = torch.where(t < n, n - 1 - t, t)  # [batch, time]
+    if ta == 0:
+        src = src.T
+    index = src.reshape(tuple(src.shape) + (1,) * (x.dim() - 2)).expand(x.shape)
+    return [_unbits(torch.gather(_bits(x), ta, index), x.dtype)]
+
+
+register(
+    "ReverseSequence", inputs=["input", "sequence_lens"], outputs=["Y"], infer=_revseq_infer,
+    ref=_with_strings(_revseq_ref), attrs={"batch_axis": Attr(_A.INT, 1), "time_axis": Attr(_A.INT, 0)},
+    doc="Reverse the first sequence_lens[b] steps of each batch entry b along the time axis.",
+)
+
+
+def _trilu_infer(ctx: InferCtx) -> list[TensorType]:
+    r = ctx.rank(0)
+    if r is not None and r < 2:
+        raise ctx.error(f"input must have rank >= 2, got {r}")
+    if ctx.has(1) and ctx.dtype(1) != I64:
+        raise ctx.error(f"k must be int64, got {ctx.dtype(1)}")
+    return [ctx.tensor(0)]
+
+
+def _trilu_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x = xs[0]
+    k = int(xs[1].reshape(-1)[0]) if len(xs) > 1 and xs[1] is not None else 0
+    n, m = x.shape[-2:]
+    diag = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    keep = diag >= k if c.attrs["upper"] else diag <= k
+    return [torch.where(keep, x, torch.zeros((), dtype=x.dtype))]
+
+
+register(
+    "Trilu", inputs=["input", "k?"], outputs=["output"], infer=_trilu_infer, ref=_with_strings(_trilu_ref),
+    attrs={"upper": Attr(_A.INT, 1, choices=(0, 1))},
+    doc="Keep the upper (or lower) triangle of the last two dims from diagonal k; zero the rest.",
+)
+
+
+def _block_infer(to_space: bool) -> Callable[[InferCtx], list[TensorType]]:
+    def infer(ctx: InferCtx) -> list[TensorType]:
+        x = ctx.tensor(0)
+        b = ctx.attrs["blocksize"]
+        if b < 1:
+            raise ctx.error(f"blocksize must be positive, got {b}")
+        if x.shape is None:
+            return [_t(x.dtype, ctx.fresh_shape(4))]
+        if len(x.shape) != 4:
+            raise ctx.error(f"input must be 4-D [N, C, H, W], got rank {len(x.shape)}")
+        n, ch, h, w = x.shape
+        if to_space:
+            _divisible(ctx, ch, b * b, "channels")
+            return [_t(x.dtype, (n, sym.floordiv(ch, b * b), sym.mul(h, b), sym.mul(w, b)))]
+        _divisible(ctx, h, b, "height")
+        _divisible(ctx, w, b, "width")
+        return [_t(x.dtype, (n, sym.mul(ch, b * b), sym.floordiv(h, b), sym.floordiv(w, b)))]
+
+    return infer
+
+
+def _divisible(ctx: InferCtx, d: sym.Dim, by: int, what: str) -> None:
+    if isinstance(d, int) and d % by:
+        raise ctx.error(f"{what} ({d}) must be divisible by {by}")
+
+
+def _d2s_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, b = xs[0], c.attrs["blocksize"]
+    n, ch, h, w = x.shape
+    if ch % (b * b):
+        raise ValueError(f"channels ({ch}) must be divisible by {b * b}")
+    oc = ch // (b * b)
+    if c.attrs["mode"] == "DCR":
+        y = x.reshape(n, b, b, oc, h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, oc, b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return [y.reshape(n, oc, h * b, w * b)]
+
+
+def _s2d_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x, b = xs[0], c.attrs["blocksize"]
+    n, ch, h, w = x.shape
+    if h % b or w % b:
+        raise ValueError(f"height and width ({h}, {w}) must be divisible by {b}")
+    y = x.reshape(n, ch, h // b, b, w // b, b)
+    y = y.permute(0, 3, 5, 1, 2, 4) if c.attrs["mode"] == "DCR" else y.permute(0, 1, 3, 5, 2, 4)
+    return [y.reshape(n, ch * b * b, h // b, w // b)]
+
+
+_BLOCK_ATTRS = {"blocksize": Attr(_A.INT), "mode": Attr(_A.STRING, "DCR", choices=("DCR", "CRD"))}
+register(
+    "DepthToSpace", inputs=["input"], outputs=["output"], infer=_block_infer(True),
+    ref=_with_strings(_d2s_ref), attrs=_BLOCK_ATTRS,
+    doc="Move channel blocks into blocksize x blocksize spatial blocks (DCR or CRD order).",
+)
+register(
+    "SpaceToDepth", inputs=["input"], outputs=["output"], infer=_block_infer(False),
+    ref=_with_strings(_s2d_ref), attrs=_BLOCK_ATTRS,
+    doc="Move blocksize x blocksize spatial blocks into channels (DCR or CRD order).",
+)
+
+
+# --- Dropout ------------------------------------------------------------------------------------------
+
+
+def _dropout_infer(ctx: InferCtx) -> list[TensorType]:
+    x = ctx.tensor(0)
+    if ctx.has(1) and not ctx.dtype(1).is_float:
+        raise ctx.error(f"ratio must be a float, got {ctx.dtype(1)}")
+    if ctx.has(2) and ctx.dtype(2) is not DType.BOOL:
+        raise ctx.error(f"training_mode must be bool, got {ctx.dtype(2)}")
+    return [x, _t(DType.BOOL, x.shape)]
+
+
+def _dropout_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    x = xs[0]
+    ratio = float(xs[1].reshape(-1)[0]) if len(xs) > 1 and xs[1] is not None else 0.5
+    training = bool(xs[2].reshape(-1)[0]) if len(xs) > 2 and xs[2] is not None else False
+    if not training or ratio == 0:
+        return [x, torch.ones(x.shape, dtype=torch.bool)]
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    seed = c.attrs["seed"]
+    if seed is None:
+        u = torch.rand(x.shape, dtype=torch.float64)
+    else:  # a seeded mask is reproducible: numpy's MT19937 stream for that seed
+        u = torch.from_numpy(np.random.RandomState(seed % 2**32).uniform(0.0, 1.0, tuple(x.shape)))
+    mask = u >= ratio
+    return [((x * mask) * (1.0 / (1.0 - ratio))).to(x.dtype), mask]
+
+
+register(
+    "Dropout", inputs=["data", "ratio?", "training_mode?"], outputs=["output", "mask?"], infer=_dropout_infer,
+    ref=_dropout_ref, attrs={"seed": Attr(_A.INT, None)},
+    doc="Inference (training_mode false or absent, or ratio 0): the input and an all-true mask. Training: "
+        "zero elements with probability `ratio`, scale the rest by 1/(1-ratio).",
 )
