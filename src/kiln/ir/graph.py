@@ -68,12 +68,17 @@ Constant = torch.Tensor | np.ndarray
 class Value:
     """A typed edge: produced by at most one node (or a graph input / initializer), read by any number."""
 
-    __slots__ = ("data", "name", "producer", "type")
+    __slots__ = ("data", "folded", "name", "producer", "type")
 
     def __init__(self, name: str, type: ValueType, data: Constant | None = None) -> None:
         self.name = name
         self.type = type
         self.data = data
+        """The payload of an initializer (a graph constant)."""
+        self.folded: Constant | None = None
+        """A small value precomputed at graph-building time because every input of its producer was constant.
+        Inference reads it (a Reshape whose shape is computed from constants still gets a static shape); it is
+        a cache, not part of the graph: the producer node stays until a pass folds it."""
         self.producer: Node | None = None
 
     @staticmethod
@@ -216,7 +221,7 @@ class Graph:
     ) -> list[Value]:
         """Append a node of `op`: checks its attributes, infers its output types and returns its outputs."""
         from kiln.ir.ops import get_op
-        from kiln.ir.ops.base import infer_node
+        from kiln.ir.ops.base import fold_small_constants, infer_node
 
         opdef = get_op(op)
         node = Node(op, list(inputs), [], opdef.check_attrs(attrs or {}, name or op), name or self.fresh_name(op))
@@ -229,6 +234,7 @@ class Graph:
             v.producer = node
             node.outputs.append(v)
         self.nodes.append(node)
+        fold_small_constants(node)
         return node.outputs
 
     # --- queries --------------------------------------------------------------------------------------

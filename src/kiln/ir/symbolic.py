@@ -55,9 +55,7 @@ def _to_sym(d: Dim) -> Any:
 
 
 def _from_sym(e: Any) -> Dim:
-    import sympy
 
-    e = sympy.simplify(e) if not e.is_Atom else e
     if e.is_Integer:
         return int(e)
     if e.is_number:

@@ -267,14 +267,48 @@ class InferCtx:
 
 
 def const_value(v: Value | None) -> Any:
+    """The value of `v` when it is known while building the graph: an initializer, a Constant, or a small
+    value folded from constant inputs (see `fold_small_constants`). None otherwise."""
     if v is None:
         return None
     if v.data is not None:
         return v.data
+    if v.folded is not None:
+        return v.folded
     p = v.producer
     if p is not None and p.op == "Constant":
         return p.attrs.get("value")
     return None
+
+
+FOLD_MAX_ELEMENTS = 1 << 16
+"""Inputs and outputs larger than this are not precomputed: folding here serves inference (shape tensors,
+pads, scales), not weight preprocessing, which is the constant-folding pass's job."""
+_RANDOM = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial",
+                     "Bernoulli", "Dropout"})
+
+
+def fold_small_constants(node: Node) -> None:
+    """Precompute the outputs of a node whose inputs are all small constants (Value.folded)."""
+    if node.op in _RANDOM or node.op == "Constant" or node.subgraphs():
+        return
+    args: list[Any] = []
+    for v in node.inputs:
+        c = const_value(v)
+        if v is not None and c is None:
+            return
+        if isinstance(c, torch.Tensor) and c.numel() > FOLD_MAX_ELEMENTS:
+            return
+        args.append(c)
+    try:
+        results = list(OPS[node.op].ref(RefCtx(node), args))
+    except Exception:  # folding only helps inference; a real failure surfaces when the graph runs
+        return
+    for v, r in zip(node.outputs, results):
+        t = v.type
+        if (isinstance(t, TensorType) and t.dtype is not DType.STRING and isinstance(r, torch.Tensor)
+                and r.dtype == t.dtype.torch and r.numel() <= FOLD_MAX_ELEMENTS):
+            v.folded = r
 
 
 def infer_node(node: Node, graph: Graph, n_outputs: int) -> list[ValueType]:
