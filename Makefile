@@ -28,6 +28,8 @@ demo: setup-demo
 
 ## Every CPU test, the ONNX conformance suite and the real-model e2e tests included (this is what CI runs).
 test: setup-test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 lint: setup-test
