@@ -10,8 +10,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from kiln import __version__
 from kiln.utils.errors import KilnError
+from kiln.utils.version import __version__
 
 EXIT_ERROR = 2  # a KilnError (bad input, unsupported model, failed check); 1 is left for "ran, but did not pass"
 

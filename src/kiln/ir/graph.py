@@ -188,6 +188,10 @@ class Graph:
         """A new symbolic dim, for sizes only known at run time (NonZero's count, a data-dependent Reshape)."""
         return self._namer.fresh(f"_{hint}")
 
+    def use_name(self, name: str) -> None:
+        """Mark a name as taken (when rebuilding a graph whose names are already unique)."""
+        self._namer.used.add(name)
+
     def reserve(self, names: Iterable[str]) -> None:
         """Keep names for values of this (root) graph that are created later: the model's inputs and outputs
         keep their names even when a subgraph imported earlier uses the same ones."""

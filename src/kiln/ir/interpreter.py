@@ -7,7 +7,7 @@ other honest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,8 @@ from kiln.ir.ops.base import RefCtx
 from kiln.utils.errors import ExecutionError, InputError, KilnError
 
 Feeds = Mapping[str, Any] | Sequence[Any]
+Observer = Callable[[Node, list[Any], list[Any]], None]
+"""Called after every node runs (subgraph nodes included) with its inputs and outputs."""
 
 
 def _describe(x: Any) -> str:
@@ -55,12 +57,12 @@ class Scope:
         raise KeyError(v.name)
 
 
-def _reads(node: Node) -> set[Value]:
+def reads(node: Node) -> set[Value]:
     """Every value a node reads, including outer values read inside its subgraphs."""
     out = {v for v in node.inputs if v is not None}
     for g in node.subgraphs():
         for inner in g.nodes:
-            out |= _reads(inner)
+            out |= reads(inner)
         out |= set(g.outputs)
     return out
 
@@ -68,9 +70,12 @@ def _reads(node: Node) -> set[Value]:
 class Interpreter:
     """Runs `graph` on CPU. `run` takes numpy arrays or torch tensors and gives back the same kind."""
 
-    def __init__(self, graph: Graph, *, check: bool = True) -> None:
+    def __init__(self, graph: Graph, *, check: bool = True, device: str | torch.device = "cpu",
+                 observer: Observer | None = None) -> None:
         self.graph = graph
         self.check = check
+        self.device = torch.device(device)
+        self.observer = observer
         self._last_use: dict[int, dict[Value, int]] = {}
 
     # --- public ---------------------------------------------------------------------------------------
@@ -78,16 +83,16 @@ class Interpreter:
     def run(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Any:
         """Feeds by name (dict) or by position (list); returns a dict by name (or a list, for a list)."""
         as_list = not isinstance(feeds, Mapping)
-        named = self._name_feeds(feeds)
+        named = name_feeds(self.graph, feeds)
         torch_out = bool(named) and all(isinstance(x, torch.Tensor) for x in named.values())
         scope = Scope()
         bindings: dict[str, int] = {}
         for v in self.graph.inputs:
-            scope.vals[v] = bind_input(v, named[v.name], bindings)
-        wanted = self._select_outputs(outputs)
+            scope.vals[v] = bind_input(v, named[v.name], bindings, self.device)
+        wanted = select_outputs(self.graph, outputs)
         results = self._execute(self.graph, scope, bindings)
         by_value = dict(zip(self.graph.outputs, results))
-        out = {v.name: self._export(by_value[v], v.type, torch_out) for v in wanted}
+        out = {v.name: export_value(by_value[v], v.type, torch_out) for v in wanted}
         return list(out.values()) if as_list else out
 
     def run_graph(self, graph: Graph, inputs: list[Any], parent: Scope, bindings: dict[str, int]) -> list[Any]:
@@ -98,51 +103,10 @@ class Interpreter:
 
     # --- internals ------------------------------------------------------------------------------------
 
-    def _name_feeds(self, feeds: Feeds) -> dict[str, Any]:
-        names = [v.name for v in self.graph.inputs]
-        if isinstance(feeds, Mapping):
-            unknown = [k for k in feeds if k not in names]
-            if unknown:
-                raise InputError(
-                    f"unknown input '{unknown[0]}'; the model's inputs are: {', '.join(names) or 'none'}"
-                )
-            missing = [n for n in names if n not in feeds]
-            if missing:
-                raise InputError(f"missing input '{missing[0]}' (the model needs: {', '.join(names)})")
-            return dict(feeds)
-        feeds = list(feeds)
-        if len(feeds) != len(names):
-            raise InputError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(feeds)}")
-        return dict(zip(names, feeds))
-
-    def _select_outputs(self, outputs: Sequence[str] | None) -> list[Value]:
-        if outputs is None:
-            return list(self.graph.outputs)
-        by_name = {v.name: v for v in self.graph.outputs}
-        missing = [o for o in outputs if o not in by_name]
-        if missing:
-            raise InputError(f"unknown output '{missing[0]}'; the model's outputs are: {', '.join(by_name)}")
-        return [by_name[o] for o in outputs]
-
-    def _export(self, x: Any, t: ValueType, as_torch: bool) -> Any:
-        if isinstance(t, SequenceType):
-            return [self._export(e, t.elem, as_torch) for e in x]
-        if isinstance(t, OptionalType):
-            return None if x is None else self._export(x, t.elem, as_torch)
-        if as_torch or not isinstance(x, torch.Tensor):
-            return x
-        return to_numpy(x, t.dtype if isinstance(t, TensorType) else None)
-
     def _last_uses(self, graph: Graph) -> dict[Value, int]:
         key = id(graph)
         if key not in self._last_use:
-            last: dict[Value, int] = {}
-            for i, n in enumerate(graph.nodes):
-                for v in _reads(n):
-                    last[v] = i
-            for v in graph.outputs:
-                last[v] = len(graph.nodes)
-            self._last_use[key] = last
+            self._last_use[key] = last_uses(graph)
         return self._last_use[key]
 
     def _execute(self, graph: Graph, scope: Scope, bindings: dict[str, int]) -> list[Any]:
@@ -168,21 +132,72 @@ class Interpreter:
                 if self.check:
                     check_result(node, v, r, bindings)
                 scope.vals[v] = r
+            if self.observer is not None:
+                self.observer(node, args, results)
             for v in list(scope.vals):
                 if last.get(v, -1) <= i and v not in graph.outputs:
                     del scope.vals[v]
         return [scope.get(v) for v in graph.outputs]
 
 
-def bind_input(v: Value, x: Any, bindings: dict[str, int]) -> Any:
+def name_feeds(graph: Graph, feeds: Feeds) -> dict[str, Any]:
+    """Feeds as a dict by input name, checked: no unknown name, none missing, the right count."""
+    names = [v.name for v in graph.inputs]
+    if isinstance(feeds, Mapping):
+        unknown = [k for k in feeds if k not in names]
+        if unknown:
+            raise InputError(f"unknown input '{unknown[0]}'; the model's inputs are: {', '.join(names) or 'none'}")
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise InputError(f"missing input '{missing[0]}' (the model needs: {', '.join(names)})")
+        return dict(feeds)
+    feeds = list(feeds)
+    if len(feeds) != len(names):
+        raise InputError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(feeds)}")
+    return dict(zip(names, feeds))
+
+
+def select_outputs(graph: Graph, outputs: Sequence[str] | None) -> list[Value]:
+    if outputs is None:
+        return list(graph.outputs)
+    by_name = {v.name: v for v in graph.outputs}
+    missing = [o for o in outputs if o not in by_name]
+    if missing:
+        raise InputError(f"unknown output '{missing[0]}'; the model's outputs are: {', '.join(by_name)}")
+    return [by_name[o] for o in outputs]
+
+
+def export_value(x: Any, t: ValueType, as_torch: bool) -> Any:
+    """A computed value as the caller wants it: torch tensors as they are, or numpy arrays of the kiln dtype."""
+    if isinstance(t, SequenceType):
+        return [export_value(e, t.elem, as_torch) for e in x]
+    if isinstance(t, OptionalType):
+        return None if x is None else export_value(x, t.elem, as_torch)
+    if as_torch or not isinstance(x, torch.Tensor):
+        return x
+    return to_numpy(x, t.dtype if isinstance(t, TensorType) else None)
+
+
+def last_uses(graph: Graph) -> dict[Value, int]:
+    """For each value read in `graph`, the index of the last node reading it (graph outputs: len(nodes))."""
+    last: dict[Value, int] = {}
+    for i, n in enumerate(graph.nodes):
+        for v in reads(n):
+            last[v] = i
+    for v in graph.outputs:
+        last[v] = len(graph.nodes)
+    return last
+
+
+def bind_input(v: Value, x: Any, bindings: dict[str, int], device: torch.device | None = None) -> Any:
     """Check a fed value against its graph input and convert it to kiln storage; binds symbolic dims."""
     t = v.type
     if isinstance(t, SequenceType):
         if not isinstance(x, (list, tuple)):
             raise InputError(f"input '{v.name}' is a sequence ({t}); pass a list, got {type(x).__name__}")
-        return [bind_input(Value(f"{v.name}[{i}]", t.elem), e, {}) for i, e in enumerate(x)]
+        return [bind_input(Value(f"{v.name}[{i}]", t.elem), e, {}, device) for i, e in enumerate(x)]
     if isinstance(t, OptionalType):
-        return None if x is None else bind_input(Value(v.name, t.elem), x, bindings)
+        return None if x is None else bind_input(Value(v.name, t.elem), x, bindings, device)
     assert isinstance(t, TensorType)
     if isinstance(x, torch.Tensor):
         got = DType.from_torch(x.dtype) if x.dtype in _TORCH_OK else None
@@ -191,7 +206,7 @@ def bind_input(v: Value, x: Any, bindings: dict[str, int]) -> Any:
                 f"input '{v.name}' expects {t.dtype}, got torch {x.dtype}",
                 hint=f"convert it first, e.g. x.to({t.dtype.torch})" if t.dtype is not DType.STRING else None,
             )
-        data: Any = x.detach().cpu()
+        data: Any = x.detach().to(device or "cpu")
     else:
         arr = np.asarray(x)
         try:  # ml_dtypes (bfloat16, float8, int4, ...) have kind "V" like structured arrays; ask DType
@@ -204,6 +219,8 @@ def bind_input(v: Value, x: Any, bindings: dict[str, int]) -> Any:
                 hint=f"convert it first, e.g. x.astype(np.{t.dtype.numpy})" if t.dtype is not DType.STRING else None,
             )
         data, _ = from_numpy(arr, t.dtype)
+        if device is not None and device.type != "cpu" and isinstance(data, torch.Tensor):
+            data = data.to(device)
     check_shape(v.name, t.shape, tuple(data.shape), bindings, what="input")
     return data
 

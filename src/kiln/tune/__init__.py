@@ -1,1 +1,1 @@
-"""kiln.tune"""
+"""Timing tactics on the device and the timing cache."""

@@ -1,0 +1,55 @@
+"""Runs graph passes in order, verifies the IR after each, reports what each changed, and dumps the graph
+after every pass when KILN_DUMP_GRAPHS=DIR is set."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kiln.ir.graph import Graph
+from kiln.ir.printer import format_graph
+from kiln.ir.verify import verify
+from kiln.utils.env import env
+
+
+@dataclass
+class PassResult:
+    changed: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    """What the pass did, e.g. {"folded": 53}."""
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.counts.items() if v) or "no change"
+
+
+Pass = Callable[[Graph], PassResult]
+
+
+@dataclass
+class PassRecord:
+    name: str
+    result: PassResult
+    seconds: float
+
+
+def run_passes(graph: Graph, passes: Sequence[tuple[str, Pass]]) -> list[PassRecord]:
+    dump = env().dump_graphs
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        _write(dump, 0, "imported", graph)
+    records = []
+    for i, (name, fn) in enumerate(passes, start=1):
+        t0 = time.perf_counter()
+        result = fn(graph)
+        verify(graph)
+        records.append(PassRecord(name, result, time.perf_counter() - t0))
+        if dump:
+            _write(dump, i, name, graph)
+    return records
+
+
+def _write(folder: str, i: int, name: str, graph: Graph) -> None:
+    with open(os.path.join(folder, f"{i:02d}_{name}.txt"), "w") as f:
+        f.write(format_graph(graph, max_initializers=1000) + "\n")

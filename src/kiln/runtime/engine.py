@@ -1,0 +1,241 @@
+"""Engines and execution contexts.
+
+An `Engine` holds a plan and its weights, on one device, once. `create_context()` gives an `ExecutionContext`
+with its own activation arena; several contexts may share one engine (one context per thread).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kiln.ir.graph import Graph, TensorType, Value
+from kiln.ir.interpreter import (
+    Feeds,
+    Interpreter,
+    Scope,
+    bind_input,
+    export_value,
+    last_uses,
+    name_feeds,
+    select_outputs,
+)
+from kiln.kernels import registry
+from kiln.kernels.base import Kernel
+from kiln.runtime import engine_file
+from kiln.runtime.device import DeviceInfo, describe
+from kiln.runtime.plan import Plan
+from kiln.utils.errors import EngineFileError, ExecutionError, KilnError
+from kiln.utils.version import __version__
+
+ARENA_ALIGN = 256
+
+
+def versions() -> dict[str, str | None]:
+    """Library versions recorded in engines (and in timing-cache keys)."""
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"kiln": __version__, "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda}
+
+
+def _all_graphs(g: Graph) -> list[Graph]:
+    out = [g]
+    for n in g.nodes:
+        for sub in n.subgraphs():
+            out.extend(_all_graphs(sub))
+    return out
+
+
+class Engine:
+    """A built model for one device: plan + weights (held once) + metadata."""
+
+    def __init__(self, plan: Plan, metadata: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        self.plan = plan
+        self.metadata = metadata
+        self.device = torch.device(device)
+        for g in _all_graphs(plan.graph):
+            for v in g.initializers.values():
+                if isinstance(v.data, torch.Tensor) and v.data.device != self.device:
+                    v.data = v.data.to(self.device)
+        self._last_use = last_uses(plan.graph)
+
+    @property
+    def graph(self) -> Graph:
+        return self.plan.graph
+
+    @property
+    def inputs(self) -> list[Value]:
+        return list(self.plan.graph.inputs)
+
+    @property
+    def outputs(self) -> list[Value]:
+        return list(self.plan.graph.outputs)
+
+    @property
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo.from_json(self.metadata["device"])
+
+    def create_context(self) -> ExecutionContext:
+        return ExecutionContext(self)
+
+    def header(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {**self.metadata, "plan": self.plan.to_json(weights)}
+
+    def save(self, path: str | os.PathLike[str]) -> int:
+        """Write the engine file; returns its size in bytes."""
+        weights: dict[str, torch.Tensor] = {}
+        header = self.header(weights)
+        return engine_file.write(path, header, weights)
+
+    def to_bytes(self) -> bytes:
+        weights: dict[str, torch.Tensor] = {}
+        header = self.header(weights)
+        return engine_file.dumps(header, weights)
+
+
+def check_device(meta: Mapping[str, Any], device: torch.device, where: str) -> None:
+    """Raise EngineFileError when the engine was built for another device."""
+    built = DeviceInfo.from_json(meta["device"])
+    here = describe(device)
+    if not built.compatible(here):
+        raise EngineFileError(
+            f"'{where}' was built on {built.short()}, this is {here.short()}",
+            hint="rebuild it here, or load it with retune=True (kiln: --retune) to re-tune its stored graph",
+        )
+
+
+def engine_from_blob(blob: engine_file.EngineBlob, device: str | torch.device, where: str,
+                     *, check: bool = True) -> Engine:
+    header = dict(blob.header)
+    if "plan" not in header or "device" not in header:
+        raise EngineFileError(f"'{where}' has no plan or device record", hint="rebuild the engine")
+    dev = torch.device(device)
+    if check:
+        check_device(header, dev, where)
+    plan = Plan.from_json(header.pop("plan"), blob.weights)
+    return Engine(plan, header, dev)
+
+
+def load_engine(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Engine:
+    """Load an engine file for `device`; every problem is an EngineFileError saying what to do."""
+    p = os.fspath(path)
+    return engine_from_blob(engine_file.read(p), device, p)
+
+
+class ExecutionContext:
+    """Runs an engine. Owns an activation arena; not meant to be used by two threads at once."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.device = engine.device
+        self._kernels: dict[int, list[Kernel]] = {}
+        self._arena: torch.Tensor | None = None
+        self._scope = Scope()
+        self._bindings: dict[str, int] = {}
+        self._interp = Interpreter(engine.graph, check=False)
+        self.last_profile: int | None = None
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.engine.plan.memory.arena_bytes
+
+    def run(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Any:
+        """Run once. Numpy arrays in give numpy arrays out; torch tensors give torch tensors (on the device of
+        the inputs). Feeds by name (dict) or by position (list, answered with a list)."""
+        graph = self.engine.graph
+        as_list = not isinstance(feeds, Mapping)
+        named = name_feeds(graph, feeds)
+        torch_in = bool(named) and all(isinstance(x, torch.Tensor) for x in named.values())
+        out_device = next((x.device for x in named.values() if isinstance(x, torch.Tensor)), None)
+        bindings: dict[str, int] = {}
+        env: dict[Value, Any] = {}
+        for v in graph.inputs:
+            env[v] = bind_input(v, named[v.name], bindings, self.device)
+        shapes = {v.name: tuple(env[v].shape) for v in graph.inputs if isinstance(env[v], torch.Tensor)}
+        profile = self.engine.plan.select_profile(shapes)
+        self.last_profile = profile
+        wanted = select_outputs(graph, outputs)
+        results = self.execute(profile, env, bindings)
+        out = {}
+        for v in wanted:
+            x = results[v]
+            if torch_in and isinstance(x, torch.Tensor) and out_device is not None:
+                x = x.to(out_device)
+            out[v.name] = export_value(x, v.type, torch_in)
+        return list(out.values()) if as_list else out
+
+    # --- execution ----------------------------------------------------------------------------------
+
+    def kernels(self, profile: int) -> list[Kernel]:
+        if profile not in self._kernels:
+            plan = self.engine.plan
+            built = []
+            for node, choice in zip(plan.graph.nodes, plan.choices[profile]):
+                tactic = registry.get(choice.tactic)
+                built.append(tactic.build(node, dict(choice.config), self.device, self._run_subgraph))
+            self._kernels[profile] = built
+        return self._kernels[profile]
+
+    def _run_subgraph(self, g: Graph, xs: list[Any]) -> list[Any]:
+        return self._interp.run_graph(g, xs, self._scope, self._bindings)
+
+    def arena(self) -> torch.Tensor:
+        if self._arena is None:
+            self._arena = torch.empty(max(self.arena_bytes, 1), dtype=torch.uint8, device=self.device)
+        return self._arena
+
+    def execute(self, profile: int, env: dict[Value, Any], bindings: dict[str, int],
+                hook: Any = None) -> dict[Value, Any]:
+        """Run every step; `env` holds the graph inputs. Returns the graph outputs by value. `hook(i, node,
+        outputs)` is called after each step (used by profiling and per-layer comparison)."""
+        plan = self.engine.plan
+        graph = plan.graph
+        kernels = self.kernels(profile)
+        slots = plan.memory.slots
+        arena = self.arena() if slots else None
+        last = self.engine._last_use
+        outputs = set(graph.outputs)
+        self._scope.vals = env
+        self._bindings = bindings
+        for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
+            args = [None if v is None else (v.data if v.data is not None else env[v]) for v in node.inputs]
+            try:
+                results = kernel(args)
+            except KilnError:
+                raise
+            except Exception as e:
+                raise ExecutionError(
+                    f"node '{node.name}' ({node.op}, tactic {plan.choices[profile][i].tactic}) failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            for v, r in zip(node.outputs, results):
+                env[v] = self._place(v, r, slots.get(v.name), arena, keep=v in outputs)
+            if hook is not None:
+                hook(i, node, [env[v] for v in node.outputs])
+            for inp in node.inputs:
+                if inp is not None and inp in env and last.get(inp, -1) <= i and inp not in outputs \
+                        and inp not in graph.inputs:
+                    del env[inp]
+        return {v: (v.data if v.data is not None else env[v]) for v in graph.outputs}
+
+    def _place(self, v: Value, r: Any, slot: Any, arena: torch.Tensor | None, keep: bool) -> Any:
+        """Put a result in its arena slot; never let a value that outlives the arena's reuse alias it."""
+        if not isinstance(r, torch.Tensor) or arena is None:
+            return r
+        in_arena = r.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
+        if slot is not None and not keep and isinstance(v.type, TensorType) and r.device == arena.device:
+            nbytes = r.numel() * r.element_size()
+            if nbytes <= slot.nbytes:
+                view = arena[slot.offset:slot.offset + nbytes].view(r.dtype).view(r.shape)
+                if view.data_ptr() != r.data_ptr() or not r.is_contiguous():
+                    view.copy_(r)
+                return view
+        return r.clone() if in_arena else r

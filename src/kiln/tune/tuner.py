@@ -1,0 +1,239 @@
+"""Choosing a tactic for every node: time the applicable candidates at the profile's opt shapes, keep the
+fastest whose outputs match the reference, remember the choice in the timing cache.
+
+Candidates are timed on real intermediate values: the graph first runs once through the reference executor
+on sample inputs of the opt shapes, and each node is tuned as the run reaches it (its inputs are at hand and
+its reference outputs are the yardstick). Candidates that raise or disagree with the reference are dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node, TensorType
+from kiln.ir.interpreter import Interpreter
+from kiln.kernels import registry
+from kiln.kernels.base import Kernel, Tactic
+from kiln.runtime.device import describe
+from kiln.runtime.engine import versions
+from kiln.runtime.plan import Choice, Profile
+from kiln.tune.cache import TimingCache, cache_key
+from kiln.tune.timer import median_time
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TuneReport:
+    nodes: int = 0
+    single: int = 0
+    """Nodes with only one applicable tactic (nothing to choose)."""
+    cache_hits: int = 0
+    timed_nodes: int = 0
+    candidates_timed: int = 0
+    rejected: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nodes": self.nodes, "single": self.single, "cache_hits": self.cache_hits,
+                "timed_nodes": self.timed_nodes, "candidates_timed": self.candidates_timed,
+                "rejected": self.rejected[:50], "warnings": self.warnings}
+
+
+@dataclass
+class TuneSettings:
+    device: torch.device
+    opt_level: int = 3
+    deterministic: bool = False
+    time_budget_s: float | None = None
+    has_cache: bool = False
+
+
+def sample_inputs(graph: Graph, profile: Profile, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Inputs of the profile's opt shapes: normal floats, ones for integers (valid indices and masks), False."""
+    gen = torch.Generator().manual_seed(seed)
+    feeds: dict[str, Any] = {}
+    for v in graph.inputs:
+        t = v.type
+        if not isinstance(t, TensorType):
+            raise ValueError(f"input '{v.name}' is a {t}: no sample can be made")
+        r = profile.shapes.get(v.name)
+        dims = r.opt if r is not None else tuple(t.shape or ())
+        if any(not isinstance(d, int) for d in dims):
+            raise ValueError(f"input '{v.name}' has no opt shape")
+        shape = [int(d) for d in dims]
+        if t.dtype.is_float and not t.dtype.is_narrow:
+            x = torch.randn(shape, generator=gen).to(t.dtype.torch)
+        elif t.dtype is DType.BOOL:
+            x = torch.zeros(shape, dtype=torch.bool)
+        elif t.dtype is DType.STRING:
+            feeds[v.name] = np.full(shape, "", dtype=object)
+            continue
+        else:
+            x = torch.ones(shape, dtype=t.dtype.torch)
+        feeds[v.name] = x.to(device)
+    return feeds
+
+
+def _describe_arg(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return [str(a.dtype).replace("torch.", ""), list(a.shape)]
+    if a is None:
+        return None
+    return type(a).__name__
+
+
+def _attr_sig(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return {"tensor": [str(v.dtype), list(v.shape), v.flatten()[:16].tolist() if v.numel() else []]}
+    if isinstance(v, np.ndarray):
+        return {"strings": list(v.shape)}
+    if isinstance(v, Graph):
+        return {"graph": v.name}
+    if isinstance(v, tuple):
+        return [_attr_sig(x) for x in v]
+    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+def signature(node: Node, args: list[Any], device: torch.device) -> dict[str, Any]:
+    info = describe(device)
+    return {
+        "op": node.op,
+        "attrs": {k: _attr_sig(v) for k, v in sorted(node.attrs.items())},
+        "inputs": [[_describe_arg(a), v is not None and v.data is not None] for a, v in zip(args, node.inputs)],
+        "device": [info.kind, info.name, info.arch],
+        "versions": {k: v for k, v in versions().items()},
+    }
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.is_floating_point or a.dtype.is_complex:
+            fa, fb = a.double(), b.double()
+            scale = float(fb.abs().max()) if fb.numel() else 0.0
+            return bool(torch.allclose(fa, fb, rtol=1e-3, atol=1e-5 + 1e-4 * scale, equal_nan=True))
+        return bool(torch.equal(a, b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and bool((a == b).all())
+    return a is None and b is None
+
+
+def _call(kernel: Kernel, args: list[Any]) -> Callable[[], Any]:
+    return lambda: kernel(list(args))
+
+
+def _configs(tactic: Tactic, opt_level: int) -> list[dict[str, Any]]:
+    cfgs = tactic.configs()
+    return cfgs if opt_level >= 4 else cfgs[:1]
+
+
+class _ProfileTuner:
+    def __init__(self, graph: Graph, settings: TuneSettings, cache: TimingCache, report: TuneReport,
+                 deadline: float | None, progress: Progress | None) -> None:
+        self.graph = graph
+        self.s = settings
+        self.cache = cache
+        self.report = report
+        self.deadline = deadline
+        self.progress = progress
+        self.index = {id(n): i for i, n in enumerate(graph.nodes)}
+        self.cands = [registry.candidates(n, settings.device) for n in graph.nodes]
+        self.choices: list[Choice | None] = [None] * len(graph.nodes)
+        self.done = 0
+
+    def first(self, i: int) -> Choice:
+        t = self.cands[i][0]
+        return Choice(t.name, t.configs()[0])
+
+    def needs_tuning(self, i: int) -> bool:
+        return len(self.cands[i]) > 1 and self.s.opt_level > 0 and not (self.s.deterministic and not self.s.has_cache)
+
+    def run(self, profile: Profile) -> list[Choice]:
+        todo = [i for i in range(len(self.graph.nodes)) if self.needs_tuning(i)]
+        self.report.single += sum(len(c) == 1 for c in self.cands)
+        if todo:
+            try:
+                feeds = sample_inputs(self.graph, profile, self.s.device)
+                Interpreter(self.graph, check=False, device=self.s.device, observer=self.observe).run(feeds)
+            except Exception as e:
+                self.report.warnings.append(
+                    f"the sample run for tuning stopped ({type(e).__name__}: {e}); untuned nodes take their "
+                    f"first tactic")
+        out = []
+        for i in range(len(self.graph.nodes)):
+            out.append(self.choices[i] or self.first(i))
+        return out
+
+    def observe(self, node: Node, args: list[Any], results: list[Any]) -> None:
+        i = self.index.get(id(node))
+        if i is None or self.choices[i] is not None or not self.needs_tuning(i):
+            return
+        self.choices[i] = self.choose(i, node, args, results)
+        self.done += 1
+        if self.progress is not None:
+            self.progress("tune", self.done, len(self.graph.nodes))
+
+    def choose(self, i: int, node: Node, args: list[Any], results: list[Any]) -> Choice:
+        key = cache_key(signature(node, args, self.s.device))
+        entry = self.cache.get(key)
+        names = {t.name for t in self.cands[i]}
+        if entry is not None and entry.get("tactic") in names:
+            self.report.cache_hits += 1
+            return Choice(entry["tactic"], entry.get("config", {}))
+        if self.s.deterministic or (self.deadline is not None and time.perf_counter() > self.deadline):
+            return self.first(i)
+        limit = {1: 2, 2: 3}.get(self.s.opt_level, len(self.cands[i]))
+        timings: dict[str, float | str] = {}
+        best: tuple[float, int, Choice] | None = None
+        for rank, tactic in enumerate(self.cands[i][:limit]):
+            for cfg in _configs(tactic, self.s.opt_level):
+                label = tactic.name + (f"{cfg}" if cfg else "")
+                try:
+                    kernel = tactic.build(node, cfg, self.s.device)
+                    got = kernel(list(args))
+                    if not all(_close(g, r) for g, r in zip(got, results)) or len(got) < len(results):
+                        timings[label] = "mismatch"
+                        self.report.rejected.append(f"{node.name}: {label} (outputs differ from the reference)")
+                        continue
+                    t = median_time(_call(kernel, args), self.s.device)
+                except Exception as e:
+                    timings[label] = f"failed: {type(e).__name__}"
+                    self.report.rejected.append(f"{node.name}: {label} ({type(e).__name__}: {e})")
+                    continue
+                self.report.candidates_timed += 1
+                timings[label] = round(t * 1e6, 3)
+                cand = (t, rank, Choice(tactic.name, cfg))
+                if best is None or cand[:2] < best[:2]:
+                    best = cand
+        self.report.timed_nodes += 1
+        if best is None:
+            return Choice("reference", {})
+        choice = best[2]
+        self.cache.put(key, {"op": node.op, "tactic": choice.tactic, "config": dict(choice.config),
+                             "time_us": round(best[0] * 1e6, 3), "candidates": timings})
+        return choice
+
+
+def tune(graph: Graph, profiles: list[Profile], settings: TuneSettings, cache: TimingCache,
+         progress: Progress | None = None) -> tuple[list[list[Choice]], TuneReport]:
+    """Choices for every node under every profile."""
+    report = TuneReport(nodes=len(graph.nodes))
+    t0 = time.perf_counter()
+    deadline = None if settings.time_budget_s is None else t0 + settings.time_budget_s
+    choices = [_ProfileTuner(graph, settings, cache, report, deadline, progress).run(p) for p in profiles]
+    report.seconds = time.perf_counter() - t0
+    if settings.deterministic and not settings.has_cache:
+        report.warnings.append("deterministic build without a timing cache: tactics chosen by rank, not timed")
+    return choices, report
