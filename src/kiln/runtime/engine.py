@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -130,6 +131,19 @@ def load_engine(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     return engine_from_blob(engine_file.read(p), device, p)
 
 
+@dataclass
+class Call:
+    """One run in progress: the bound inputs, symbol values, chosen profile and how to answer."""
+
+    env: dict[Value, Any]
+    bindings: dict[str, int]
+    profile: int
+    wanted: list[Value]
+    as_list: bool
+    torch_in: bool
+    out_device: torch.device | None
+
+
 class ExecutionContext:
     """Runs an engine. Owns an activation arena; not meant to be used by two threads at once."""
 
@@ -150,8 +164,13 @@ class ExecutionContext:
     def run(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Any:
         """Run once. Numpy arrays in give numpy arrays out; torch tensors give torch tensors (on the device of
         the inputs). Feeds by name (dict) or by position (list, answered with a list)."""
+        call = self.prepare(feeds, outputs)
+        results = self.execute(call.profile, call.env, call.bindings)
+        return self.finish(call, results)
+
+    def prepare(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Call:
+        """Check and place the inputs on the device, and pick the profile (the first phase of `run`)."""
         graph = self.engine.graph
-        as_list = not isinstance(feeds, Mapping)
         named = name_feeds(graph, feeds)
         torch_in = bool(named) and all(isinstance(x, torch.Tensor) for x in named.values())
         out_device = next((x.device for x in named.values() if isinstance(x, torch.Tensor)), None)
@@ -162,15 +181,18 @@ class ExecutionContext:
         shapes = {v.name: tuple(env[v].shape) for v in graph.inputs if isinstance(env[v], torch.Tensor)}
         profile = self.engine.plan.select_profile(shapes)
         self.last_profile = profile
-        wanted = select_outputs(graph, outputs)
-        results = self.execute(profile, env, bindings)
+        return Call(env, bindings, profile, select_outputs(graph, outputs), not isinstance(feeds, Mapping),
+                    torch_in, out_device)
+
+    def finish(self, call: Call, results: Mapping[Value, Any]) -> Any:
+        """Hand the outputs back in the caller's kind (the last phase of `run`)."""
         out = {}
-        for v in wanted:
+        for v in call.wanted:
             x = results[v]
-            if torch_in and isinstance(x, torch.Tensor) and out_device is not None:
-                x = x.to(out_device)
-            out[v.name] = export_value(x, v.type, torch_in)
-        return list(out.values()) if as_list else out
+            if call.torch_in and isinstance(x, torch.Tensor) and call.out_device is not None:
+                x = x.to(call.out_device)
+            out[v.name] = export_value(x, v.type, call.torch_in)
+        return list(out.values()) if call.as_list else out
 
     # --- execution ----------------------------------------------------------------------------------
 
