@@ -11,6 +11,8 @@
     graph = kiln.import_onnx("model.onnx")          # kiln's IR; raises a KilnError naming any problem
     report = kiln.check("model.onnx")               # every unsupported / suspicious node, in one pass
     outputs = kiln.run_reference(graph, {"x": x})   # the CPU reference executor
+
+    import kiln.ort as onnxruntime                  # onnxruntime's API on kiln: engines built for the shapes fed
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ def __getattr__(name: str) -> Any:
         from kiln.build.config import BuilderConfig
 
         return BuilderConfig
+    if name == "ort":  # kiln.ort: onnxruntime's API on kiln engines
+        import kiln.ort
+
+        return kiln.ort
     if name in {"Profile", "ShapeRange"}:
         from kiln.runtime import plan
 

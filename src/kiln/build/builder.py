@@ -1,0 +1,186 @@
+"""The builder: the one place that uses everything. Model -> import -> passes -> profiles -> tuning ->
+memory plan -> Engine."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import torch
+
+from kiln.build.config import BuilderConfig, ConfigError
+from kiln.build.memory import plan_memory
+from kiln.frontend.onnx import import_model
+from kiln.ir import symbolic as sym
+from kiln.ir.graph import Graph, TensorType
+from kiln.passes.pipeline import optimize
+from kiln.runtime import engine_file
+from kiln.runtime.device import describe
+from kiln.runtime.engine import Engine, engine_from_blob, versions
+from kiln.runtime.plan import Plan, Profile, ShapeRange
+from kiln.tune.cache import TimingCache
+from kiln.tune.tuner import TuneSettings, tune
+from kiln.utils.errors import KilnError
+
+Progress = Callable[[str, int, int], None]
+Model = str | os.PathLike[str] | bytes | onnx.ModelProto | Graph
+
+
+class MemoryLimitError(KilnError):
+    """The planned activation memory exceeds the configured limit."""
+
+
+def _fmt(shape: Any) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def resolve_profiles(graph: Graph, profiles: list[Profile]) -> list[Profile]:
+    """Check the given profiles against the graph's inputs; a static model needs none."""
+    tensor_inputs = [v for v in graph.inputs if isinstance(v.type, TensorType)]
+    dynamic = [v for v in tensor_inputs if v.type.shape is None or not v.type.is_static]  # type: ignore[union-attr]
+    if not profiles:
+        if dynamic:
+            v = dynamic[0]
+            raise ConfigError(
+                f"input '{v.name}' has dynamic shape {v.type}: give its shapes",
+                hint=f"kiln build --shapes {v.name}:{_fmt(_example(v.type))} (or --min/--opt/--max-shapes); "
+                     f"in Python, profiles=[{{'{v.name}': (min, opt, max)}}]",
+            )
+        return [Profile({})]
+    names = {v.name: v for v in tensor_inputs}
+    out = []
+    for k, p in enumerate(profiles):
+        for name in p.shapes:
+            if name not in names:
+                raise ConfigError(f"profile {k} names input '{name}'; the model's inputs are: {', '.join(names)}")
+        shapes = dict(p.shapes)
+        for v in dynamic:
+            if v.name not in shapes:
+                raise ConfigError(f"profile {k} gives no shapes for dynamic input '{v.name}' {v.type}")
+        for name, r in shapes.items():
+            _check_range(k, names[name], r)
+        _check_symbols(k, [names[n] for n in shapes], shapes)
+        out.append(Profile(shapes))
+    return out
+
+
+def _example(t: Any) -> list[int]:
+    return [d if isinstance(d, int) else 1 for d in (t.shape or [1])]
+
+
+def _check_range(k: int, v: Any, r: ShapeRange) -> None:
+    shape = v.type.shape
+    if shape is None:
+        return
+    if len(shape) != len(r.min):
+        raise ConfigError(f"profile {k}: input '{v.name}' has rank {len(shape)} ({v.type}), the profile gives "
+                          f"rank {len(r.min)} ({r})")
+    for i, d in enumerate(shape):
+        if isinstance(d, int) and not (r.min[i] == r.opt[i] == r.max[i] == d):
+            raise ConfigError(f"profile {k}: input '{v.name}' dim {i} is fixed at {d}, the profile gives {r}")
+
+
+def _check_symbols(k: int, values: list[Any], shapes: dict[str, ShapeRange]) -> None:
+    for which in ("min", "opt", "max"):
+        seen: dict[str, tuple[int, str]] = {}
+        for v in values:
+            if v.type.shape is None:
+                continue
+            for d, n in zip(v.type.shape, getattr(shapes[v.name], which)):
+                if isinstance(d, str) and sym.symbols(d) == {d}:
+                    if d in seen and seen[d][0] != n:
+                        raise ConfigError(f"profile {k}: dim '{d}' is {seen[d][0]} in input '{seen[d][1]}' but "
+                                          f"{n} in input '{v.name}' ({which} shapes)")
+                    seen[d] = (n, v.name)
+
+
+def build(model: Model, config: BuilderConfig | None = None, *, progress: Progress | None = None) -> Engine:
+    """Build an engine for `config.device` from an ONNX model (path, bytes, ModelProto) or a kiln Graph."""
+    config = config or BuilderConfig()
+    t_start = time.perf_counter()
+    say = progress or (lambda stage, i, n: None)
+    say("import", 0, 1)
+    graph = model if isinstance(model, Graph) else import_model(model)
+    nodes_in = len(graph.nodes)
+    say("passes", 0, 1)
+    records = optimize(graph)
+    return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model))
+
+
+def _source(model: Model) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return os.path.basename(os.fspath(model))
+    return "<model>"
+
+
+def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[Any], say: Progress,
+            t_start: float, source: str) -> Engine:
+    profiles = resolve_profiles(graph, list(config.profiles))  # type: ignore[arg-type]
+    cache = TimingCache(config.timing_cache)
+    device = config.torch_device
+    settings = TuneSettings(device, config.opt_level, config.deterministic, config.time_budget_s,
+                            has_cache=config.timing_cache is not None)
+    with _tf32(config):
+        choices, report = tune(graph, profiles, settings, cache, progress=say)
+    memory = plan_memory(graph, profiles)
+    if config.memory_limit_bytes is not None and memory.arena_bytes > config.memory_limit_bytes:
+        raise MemoryLimitError(
+            f"the activation arena needs {memory.arena_bytes:,} bytes, over the limit of "
+            f"{config.memory_limit_bytes:,}", hint="raise the limit, or build with smaller max shapes")
+    if config.timing_cache is not None:
+        cache.save()
+    stats: dict[str, Any] = {
+        "nodes_imported": nodes_in,
+        "nodes_optimized": len(graph.nodes),
+        "passes": [{"name": r.name, "counts": r.result.counts} for r in records],
+        "tuning": report.to_json(),
+    }
+    meta: dict[str, Any] = {
+        "versions": versions(),
+        "device": describe(device).to_json(),
+        "config": config.to_json(),
+        "model": {"source": source, "name": graph.name, "opset": graph.opset, "metadata": dict(graph.metadata)},
+        "format_version": engine_file.FORMAT_VERSION,
+    }
+    if not config.deterministic:
+        stats["tuning"]["seconds"] = round(report.seconds, 3)
+        stats["build_seconds"] = round(time.perf_counter() - t_start, 3)
+        meta["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    say("done", 1, 1)
+    return Engine(Plan(graph, profiles, choices, memory, stats), meta, device)
+
+
+class _tf32:
+    """TF32 for fp32 matmuls/convolutions on the GPU while tuning, as the engine will run them."""
+
+    def __init__(self, config: BuilderConfig) -> None:
+        self.on = config.tf32 and config.torch_device.type == "cuda"
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.prev
+
+
+def retune(blob: engine_file.EngineBlob, device: str | torch.device, where: str,
+           timing_cache: str | None = None) -> Engine:
+    """Re-tune an engine file's stored graph for `device` (an engine built elsewhere)."""
+    old = engine_from_blob(blob, "cpu", where, check=False)
+    cfg = dict(old.metadata.get("config", {}))
+    config = BuilderConfig(
+        precision=cfg.get("precision", "fp32"), tf32=cfg.get("tf32", True), device=str(torch.device(device)),
+        profiles=old.plan.profiles, timing_cache=timing_cache, opt_level=cfg.get("opt_level", 3),
+        time_budget_s=cfg.get("time_budget_s"), memory_limit_bytes=cfg.get("memory_limit_bytes"),
+        deterministic=cfg.get("deterministic", False),
+    )
+    say: Progress = lambda stage, i, n: None  # noqa: E731
+    return _finish(old.plan.graph, config, int(old.plan.stats.get("nodes_imported", len(old.plan.graph.nodes))),
+                   [], say, time.perf_counter(), source=str(old.metadata.get("model", {}).get("source", where)))

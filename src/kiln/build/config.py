@@ -1,0 +1,109 @@
+"""The builder's configuration: a validated dataclass (the CLI's flags map onto it one to one)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kiln.runtime.plan import Profile, ShapeRange
+from kiln.utils.errors import KilnError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class ConfigError(KilnError):
+    """A BuilderConfig value is out of range or inconsistent."""
+
+
+def _shape(name: str, s: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in s)
+    except (TypeError, ValueError):
+        raise ConfigError(f"shape for input '{name}' must be a sequence of ints, got {s!r}") from None
+
+
+def as_profile(p: Profile | Mapping[str, Any]) -> Profile:
+    """A Profile, from a Profile or {input: shape | (min, opt, max) | {"min":..,"opt":..,"max":..}}."""
+    if isinstance(p, Profile):
+        return p
+    shapes: dict[str, ShapeRange] = {}
+    for name, r in p.items():
+        try:
+            if isinstance(r, ShapeRange):
+                shapes[name] = r
+            elif isinstance(r, Mapping):
+                shapes[name] = ShapeRange(_shape(name, r["min"]), _shape(name, r["opt"]), _shape(name, r["max"]))
+            elif len(r) == 3 and all(isinstance(x, (list, tuple)) for x in r):
+                shapes[name] = ShapeRange(_shape(name, r[0]), _shape(name, r[1]), _shape(name, r[2]))
+            else:
+                shapes[name] = ShapeRange.fixed(_shape(name, r))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"profile for input '{name}': {e}") from None
+    return Profile(shapes)
+
+
+@dataclass
+class BuilderConfig:
+    """How to build an engine.
+
+    precision: "fp32" (GPU: TF32 matmuls unless tf32=False), "fp16" or "bf16" (GPU only for now).
+    device: "cpu" or "cuda[:N]".
+    profiles: shape ranges for dynamic inputs, one dict (or Profile) per optimization profile:
+        {"input": (min_shape, opt_shape, max_shape)} or {"input": fixed_shape}.
+    timing_cache: a file; timings found there are reused, new ones are added.
+    opt_level: 0 = first applicable tactic, no timing; 1-2 = time the best-ranked tactics; 3 (default) = time
+        every applicable tactic with its default configuration; 4-5 = also search every tactic's full space.
+    time_budget_s: stop timing after this long (remaining nodes take their first tactic).
+    memory_limit_bytes: refuse plans whose activation arena is larger.
+    deterministic: same model + same timing cache -> byte-identical engine file (no timestamps or timings
+        recorded; choices not in the cache are made without timing).
+    """
+
+    precision: str = "fp32"
+    tf32: bool = True
+    device: str = "cpu"
+    profiles: Sequence[Profile | Mapping[str, Any]] = field(default_factory=list)
+    timing_cache: str | os.PathLike[str] | None = None
+    opt_level: int = 3
+    time_budget_s: float | None = None
+    memory_limit_bytes: int | None = None
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got '{self.device}'") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got '{self.device}'")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device '{self.device}' was asked for, but no CUDA GPU is available",
+                              hint="build with device='cpu', or on a machine with an NVIDIA GPU")
+        if self.precision != "fp32" and dev.type == "cpu":
+            raise ConfigError(f"precision {self.precision} needs a GPU; kiln's CPU tactics compute in fp32",
+                              hint="use precision='fp32' on CPU")
+        if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
+            raise ConfigError(f"opt_level must be an integer from 0 to 5, got {self.opt_level!r}")
+        if self.time_budget_s is not None and self.time_budget_s < 0:
+            raise ConfigError(f"time_budget_s must be >= 0, got {self.time_budget_s}")
+        if self.memory_limit_bytes is not None and self.memory_limit_bytes <= 0:
+            raise ConfigError(f"memory_limit_bytes must be > 0, got {self.memory_limit_bytes}")
+        self.profiles = [as_profile(p) for p in self.profiles]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision, "tf32": self.tf32, "device": self.device, "opt_level": self.opt_level,
+            "time_budget_s": self.time_budget_s, "memory_limit_bytes": self.memory_limit_bytes,
+            "deterministic": self.deterministic,
+            "profiles": [p.to_json() for p in self.profiles],  # type: ignore[union-attr]
+        }

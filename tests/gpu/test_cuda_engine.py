@@ -1,0 +1,61 @@
+"""The GPU tier (`make gpu-test`): engines built for and run on a CUDA device."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import kiln
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _cnn() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
+    ]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+                          [init("w1", 16, 3, 3, 3), init("b1", 16), init("w2", 32, 16, 3, 3), init("b2", 32),
+                           init("w3", 10, 32), init("b3", 10)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_cuda_engine_matches_the_cpu_reference(tmp_path) -> None:
+    cfg = kiln.BuilderConfig(device="cuda", profiles=[{"x": ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))}],
+                             tf32=False, timing_cache=str(tmp_path / "t.cache"))
+    engine = kiln.build(_cnn(), cfg)
+    assert engine.device_info.kind == "cuda" and engine.device_info.arch.startswith("sm_")
+    engine.save(tmp_path / "m.kiln")
+    ctx = kiln.load(tmp_path / "m.kiln", device="cuda").create_context()
+    x = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    ours = ctx.run({"x": x})["y"]
+    ref = kiln.run_reference(_cnn(), {"x": x})["y"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    # torch CUDA tensors in -> CUDA tensors out, no host round trip for the caller
+    out = ctx.run({"x": torch.from_numpy(x).cuda()})["y"]
+    assert out.is_cuda
+    np.testing.assert_allclose(out.cpu().numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_engine_refuses_to_load_on_the_gpu(tmp_path) -> None:
+    kiln.build(_cnn(), kiln.BuilderConfig(profiles=[{"x": (1, 3, 32, 32)}])).save(tmp_path / "cpu.kiln")
+    with pytest.raises(kiln.EngineFileError, match="retune=True"):
+        kiln.load(tmp_path / "cpu.kiln", device="cuda")
+    engine = kiln.load(tmp_path / "cpu.kiln", device="cuda", retune=True)
+    assert engine.device_info.kind == "cuda"
