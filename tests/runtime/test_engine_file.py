@@ -77,7 +77,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_truncated(engine_path: Path, keep: float) -> None:
     data = engine_path.read_bytes()
     engine_path.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(EngineFileError, match="truncated|corrupted"):
+    with pytest.raises(EngineFileError, match=r"truncated|corrupted"):
         kiln.load(engine_path)
 
 
