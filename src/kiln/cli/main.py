@@ -6,6 +6,7 @@ User mistakes and unsupported models print one or two lines and exit non-zero; `
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -17,13 +18,13 @@ EXIT_ERROR = 2  # a KilnError (bad input, unsupported model, failed check); 1 is
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kiln.cli import check, demo
+    from kiln.cli import bench, build, check, compare, demo, inspect, run
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: ONNX in, a fast inference engine out.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in (check, demo):
+    for mod in (build, run, bench, inspect, compare, check, demo):
         mod.add_parser(sub)
     return p
 
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kiln inspect ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

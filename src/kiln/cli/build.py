@@ -1,0 +1,215 @@
+"""`kiln build MODEL.onnx -o MODEL.kiln`: import, optimize, tune on this device, write the engine file.
+
+Shows progress while it works, then a summary: layers before / after optimization, precision mix, tactics,
+tuning, memory plan and engine size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, TextIO
+
+from kiln.cli.shapes import add_shape_args, profiles_from_args
+from kiln.utils.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import Engine
+
+STAGES = {"import": "importing the model", "passes": "optimizing the graph", "tune": "tuning"}
+PHASES = {"passes": "optimize"}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "build", help="build an engine file from an ONNX model (import, optimize, tune on this device)",
+        description="Import MODEL, optimize it, time the tactics of every layer on this device and write the engine. "
+                    "Dynamic inputs need shapes: --shapes NAME:1x3x224x224 (min = opt = max) or "
+                    "--min-shapes/--opt-shapes/--max-shapes; --profile starts another optimization profile.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  kiln build resnet.onnx -o resnet.kiln --shapes input:8x3x224x224\n"
+               "  kiln build bert.onnx --min-shapes ids:1x16 --opt-shapes ids:8x128 --max-shapes ids:32x512 \\\n"
+               "      --profile --shapes ids:1x16 --timing-cache bert.cache")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("-o", "--output", default=None, help="the engine file to write (default: MODEL with .kiln)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="compute in float16 where it is safe (GPU)")
+    prec.add_argument("--bf16", action="store_true", help="compute in bfloat16 where it is safe (GPU)")
+    p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
+    add_shape_args(p, profiles=True)
+    p.add_argument("--timing-cache", default=None, metavar="FILE",
+                   help="reuse the timings found in FILE and add the new ones")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="N",
+                   help="0 = no timing, 1-2 = time the best-ranked tactics, 3 = time every tactic (default), "
+                        "4-5 = also search every tactic's configurations")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="stop timing after this long (untimed layers take their first tactic)")
+    p.add_argument("--memory-limit", default=None, metavar="BYTES",
+                   help="refuse plans whose activation arena is larger (e.g. 512M, 2G)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="byte-identical engines for the same model and timing cache (no timings recorded)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.build.builder import build
+    from kiln.cli.common import is_engine_file, pick_device, require_file
+
+    require_file(args.model, "model file")
+    if is_engine_file(args.model):
+        raise KilnError(f"'{args.model}' is already a kiln engine file; build takes an ONNX model",
+                        hint="run it with `kiln run`, or look inside with `kiln inspect`")
+    out = args.output or os.path.splitext(args.model)[0] + ".kiln"
+    _check_writable(out)
+    config = _config(args, pick_device(args.device))
+    print(f"kiln build: {args.model} -> {out} ({config.device}, {config.precision})")
+    progress = Progress(sys.stdout)
+    engine = build(args.model, config, progress=progress)
+    progress.finish()
+    t0 = time.perf_counter()
+    print("  serializing ...", flush=True)
+    size = engine.save(out)
+    progress.times["serialize"] = time.perf_counter() - t0
+    print_summary(engine, out, size, progress.times)
+    return 0
+
+
+def _config(args: argparse.Namespace, device: str) -> Any:
+    from kiln.build.config import BuilderConfig
+
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    return BuilderConfig(
+        precision=precision, tf32=not args.no_tf32, device=device, profiles=profiles_from_args(args),
+        timing_cache=args.timing_cache, opt_level=args.opt_level, time_budget_s=args.budget,
+        memory_limit_bytes=parse_bytes(args.memory_limit), deterministic=args.deterministic,
+    )
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise KilnError(f"cannot write '{path}': folder '{folder}' does not exist")
+    if os.path.isdir(path):
+        raise KilnError(f"cannot write '{path}': it is a folder")
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """'512M' -> 536870912; plain numbers are bytes; K/M/G/T are powers of 1024."""
+    if text is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise KilnError(f"bad --memory-limit '{text}': expected bytes, e.g. 1048576, 512M or 2G") from None
+    return int(value * scale)
+
+
+class Progress:
+    """The builder's progress callback: one line per stage, tuning as n/N (in place on a terminal)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.stage: str | None = None
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.last_shown = -1
+
+    def __call__(self, stage: str, i: int, n: int) -> None:
+        if stage != self.stage:
+            self._close_stage()
+            self.stage, self.start = stage, time.perf_counter()
+            if stage in STAGES and stage != "tune":
+                print(f"  {STAGES[stage]} ...", file=self.out, flush=True)
+        if stage == "tune":
+            self._tune(i, n)
+
+    def _tune(self, i: int, n: int) -> None:
+        step = max(1, n // 10)
+        if i == 0:
+            end_line = "\n" if self.tty and self.last_shown > 0 else ""
+            print(f"{end_line}  tuning {n} layers ...", file=self.out, flush=True)
+        elif self.tty:
+            print(f"\r  tuning {i}/{n} layers", end="", file=self.out, flush=True)
+        elif i == n or i // step != self.last_shown // step:
+            print(f"  tuning {i}/{n} layers", file=self.out, flush=True)
+        self.last_shown = i
+
+    def _close_stage(self) -> None:
+        if self.stage is None:
+            return
+        self.times[self.stage] = self.times.get(self.stage, 0.0) + time.perf_counter() - self.start
+        if self.stage == "tune" and self.tty:
+            print(file=self.out)
+
+    def finish(self) -> None:
+        self._close_stage()
+        self.stage = None
+
+
+def print_summary(engine: Engine, path: str, size: int, times: dict[str, float]) -> None:
+    plan = engine.plan
+    stats = plan.stats
+    tuning = stats.get("tuning", {})
+    print("summary")
+    print(f"  layers      {stats.get('nodes_imported', '?')} imported -> {stats.get('nodes_optimized', '?')} "
+          f"after optimization{_passes(stats.get('passes', []))}")
+    precisions = [precision_of(n) for n in plan.graph.nodes]
+    print(f"  precision   {mix(precisions)}")
+    wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(engine.metadata.get("config", {}).get("precision", ""))
+    if wanted and wanted not in precisions:
+        print(f"  warning: {wanted} was asked for, but no layer computes in {wanted}: this engine is "
+              f"{mix(precisions)}")
+    for k, per in enumerate(plan.choices):
+        print(f"  tactics     {mix(c.tactic for c in per)}" + (f"  (profile {k})" if len(plan.choices) > 1 else ""))
+    for k, prof in enumerate(plan.profiles):
+        shapes = ", ".join(f"{name} {r}" for name, r in sorted(prof.shapes.items())) or "static shapes"
+        print(f"  profile {k}   {shapes}")
+    print(f"  tuning      {_tuning(tuning)}")
+    for w in tuning.get("warnings", []):
+        print(f"  warning: {w}")
+    mem = plan.memory
+    print(f"  memory      activation arena {human_bytes(mem.arena_bytes)} (naive {human_bytes(mem.naive_bytes)})")
+    phases = ", ".join(f"{PHASES.get(k, k)} {v:.2f} s" for k, v in times.items() if k != "done")
+    print(f"  time        {phases}")
+    print(f"  engine      {path}, {human_bytes(size)}, for {engine.device_info.short()}")
+
+
+def _passes(passes: list[dict[str, Any]]) -> str:
+    done = [f"{p['name']} {sum(p.get('counts', {}).values())}" for p in passes if p.get("counts")]
+    return f" ({', '.join(done)})" if done else ""
+
+
+def _tuning(t: dict[str, Any]) -> str:
+    secs = f"{t['seconds']:.2f} s: " if "seconds" in t else ""
+    return (f"{secs}{t.get('timed_nodes', 0)} layers timed ({t.get('candidates_timed', 0)} candidates), "
+            f"{t.get('cache_hits', 0)} cache hits, {t.get('single', 0)} with one tactic, "
+            f"{len(t.get('rejected', []))} candidates rejected")
+
+
+def precision_of(node: Any) -> str:
+    """A step's precision: the dtype of its first tensor output."""
+    for v in node.outputs:
+        if v.is_tensor:
+            return str(v.dtype)
+    return "other"
+
+
+def mix(items: Any) -> str:
+    counts = Counter(items)
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common()) or "none"
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:,} B"
