@@ -59,3 +59,17 @@ def test_cpu_engine_refuses_to_load_on_the_gpu(tmp_path) -> None:
         kiln.load(tmp_path / "cpu.kiln", device="cuda")
     engine = kiln.load(tmp_path / "cpu.kiln", device="cuda", retune=True)
     assert engine.device_info.kind == "cuda"
+
+
+def test_half_precision_is_refused_not_silently_fp32() -> None:
+    with pytest.raises(kiln.KilnError, match="not implemented yet"):
+        kiln.BuilderConfig(device="cuda", precision="fp16")
+
+
+def test_no_tf32_engine_runs_without_tf32(tmp_path) -> None:
+    cfg = kiln.BuilderConfig(device="cuda", profiles=[{"x": (4, 3, 32, 32)}], tf32=False)
+    ctx = kiln.build(_cnn(), cfg).create_context()
+    torch.backends.cudnn.allow_tf32 = True  # the process default must not leak into a tf32=False engine
+    x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(ctx.run({"x": x})["y"], kiln.run_reference(_cnn(), {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ from kiln.ir.graph import Graph, TensorType
 from kiln.passes.pipeline import optimize
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
-from kiln.runtime.engine import Engine, engine_from_blob, versions
+from kiln.runtime.engine import Engine, engine_from_blob, tf32_mode, versions
 from kiln.runtime.plan import Plan, Profile, ShapeRange
 from kiln.tune.cache import TimingCache
 from kiln.tune.tuner import TuneSettings, tune
@@ -124,7 +124,7 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     device = config.torch_device
     settings = TuneSettings(device, config.opt_level, config.deterministic, config.time_budget_s,
                             has_cache=config.timing_cache is not None)
-    with _tf32(config):
+    with tf32_mode(config.tf32, device):
         choices, report = tune(graph, profiles, settings, cache, progress=say)
     memory = plan_memory(graph, profiles)
     if config.memory_limit_bytes is not None and memory.arena_bytes > config.memory_limit_bytes:
@@ -152,22 +152,6 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
         meta["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     say("done", 1, 1)
     return Engine(Plan(graph, profiles, choices, memory, stats), meta, device)
-
-
-class _tf32:
-    """TF32 for fp32 matmuls/convolutions on the GPU while tuning, as the engine will run them."""
-
-    def __init__(self, config: BuilderConfig) -> None:
-        self.on = config.tf32 and config.torch_device.type == "cuda"
-
-    def __enter__(self) -> None:
-        if self.on:
-            self.prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.on:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.prev
 
 
 def retune(blob: engine_file.EngineBlob, device: str | torch.device, where: str,

@@ -88,6 +88,10 @@ class BuilderConfig:
         if self.precision != "fp32" and dev.type == "cpu":
             raise ConfigError(f"precision {self.precision} needs a GPU; kiln's CPU tactics compute in fp32",
                               hint="use precision='fp32' on CPU")
+        if self.precision != "fp32":
+            # Never build fp32 when fp16/bf16 was asked for (TensorRT 11's silent fallback is what users hurt from).
+            raise ConfigError(f"precision {self.precision} is not implemented yet: this kiln builds fp32 engines "
+                              f"(TF32 on GPUs unless tf32=False)", hint="build with precision='fp32' for now")
         if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
             raise ConfigError(f"opt_level must be an integer from 0 to 5, got {self.opt_level!r}")
         if self.time_budget_s is not None and self.time_budget_s < 0:

@@ -55,6 +55,25 @@ def _all_graphs(g: Graph) -> list[Graph]:
     return out
 
 
+class tf32_mode:
+    """TF32 for fp32 matmuls and convolutions on CUDA, on or off for the duration (restored afterwards). Engines
+    run with the setting they were built (and tuned) with; torch's process-wide defaults do not leak in."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.active = device.type == "cuda"
+        self.prev: tuple[bool, bool] = (False, False)
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.prev
+
+
 class Engine:
     """A built model for one device: plan + weights (held once) + metadata."""
 
@@ -67,6 +86,7 @@ class Engine:
                 if isinstance(v.data, torch.Tensor) and v.data.device != self.device:
                     v.data = v.data.to(self.device)
         self._last_use = last_uses(plan.graph)
+        self.tf32 = bool(metadata.get("config", {}).get("tf32", True))
 
     @property
     def graph(self) -> Graph:
@@ -218,6 +238,14 @@ class ExecutionContext:
                 hook: Any = None) -> dict[Value, Any]:
         """Run every step; `env` holds the graph inputs. Returns the graph outputs by value. `hook(i, node,
         outputs)` is called after each step (used by profiling and per-layer comparison)."""
+        graph = self.engine.plan.graph
+        self._scope.vals = env
+        self._bindings = bindings
+        with tf32_mode(self.engine.tf32, self.device):
+            self._steps(profile, env, hook)
+        return {v: (v.data if v.data is not None else env[v]) for v in graph.outputs}
+
+    def _steps(self, profile: int, env: dict[Value, Any], hook: Any) -> None:
         plan = self.engine.plan
         graph = plan.graph
         kernels = self.kernels(profile)
@@ -225,8 +253,6 @@ class ExecutionContext:
         arena = self.arena() if slots else None
         last = self.engine._last_use
         outputs = set(graph.outputs)
-        self._scope.vals = env
-        self._bindings = bindings
         for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
             args = [None if v is None else (v.data if v.data is not None else env[v]) for v in node.inputs]
             try:
@@ -246,7 +272,6 @@ class ExecutionContext:
                 if inp is not None and inp in env and last.get(inp, -1) <= i and inp not in outputs \
                         and inp not in graph.inputs:
                     del env[inp]
-        return {v: (v.data if v.data is not None else env[v]) for v in graph.outputs}
 
     def _place(self, v: Value, r: Any, slot: Any, arena: torch.Tensor | None, keep: bool) -> Any:
         """Put a result in its arena slot; never let a value that outlives the arena's reuse alias it."""
