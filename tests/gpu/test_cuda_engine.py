@@ -73,3 +73,23 @@ def test_no_tf32_engine_runs_without_tf32(tmp_path) -> None:
     x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(ctx.run({"x": x})["y"], kiln.run_reference(_cnn(), {"x": x})["y"],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_tuning_runs_on_the_gpu_and_computed_weights_move_there(tmp_path) -> None:
+    # Weights made by ConstantOfShape / Constant nodes (as in the ONNX suite's "light" models) are created on the
+    # CPU by their reference; the engine and the tuner's sample run must still work on the GPU.
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["shape"], value=onnx.numpy_helper.from_array(np.array([8, 3, 3, 3]))),
+         helper.make_node("ConstantOfShape", ["shape"], ["w"],
+                          value=onnx.numpy_helper.from_array(np.array([0.02], np.float32))),
+         helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "computed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 16, 16])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    engine = kiln.build(m, kiln.BuilderConfig(device="cuda", tf32=False))
+    assert not engine.plan.stats["tuning"]["warnings"], engine.plan.stats["tuning"]["warnings"]
+    x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(engine.create_context().run({"x": x})["y"], kiln.run_reference(m, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)
+    cnn = kiln.build(_cnn(), kiln.BuilderConfig(device="cuda", profiles=[{"x": (2, 3, 32, 32)}]))
+    assert not cnn.plan.stats["tuning"]["warnings"], cnn.plan.stats["tuning"]["warnings"]

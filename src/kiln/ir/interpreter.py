@@ -42,9 +42,12 @@ _TORCH_OK = {dt.torch for dt in DType if dt is not DType.STRING and not dt.is_na
 class Scope:
     """Values computed so far; subgraphs see their enclosing scopes."""
 
-    def __init__(self, parent: Scope | None = None) -> None:
+    def __init__(self, parent: Scope | None = None, device: torch.device | None = None) -> None:
         self.vals: dict[Value, Any] = {}
         self.parent = parent
+        self.device: torch.device | None = device if parent is None else parent.device
+        self.consts: dict[Value, Any] = {} if parent is None else parent.consts
+        """Constants moved to `device` once per run (the graph's own copies stay where they are)."""
 
     def get(self, v: Value) -> Any:
         s: Scope | None = self
@@ -53,8 +56,25 @@ class Scope:
                 return s.vals[v]
             s = s.parent
         if v.data is not None:
-            return v.data
+            return self.const(v)
         raise KeyError(v.name)
+
+    def const(self, v: Value) -> Any:
+        d = v.data
+        if self.device is None or not isinstance(d, torch.Tensor) or d.device == self.device:
+            return d
+        if v not in self.consts:
+            self.consts[v] = d.to(self.device)
+        return self.consts[v]
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A computed value on `device` (ops that create tensors, such as Constant or Range, make them on the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x if x.device == device else x.to(device)
+    if isinstance(x, list):
+        return [to_device(e, device) for e in x]
+    return x
 
 
 def reads(node: Node) -> set[Value]:
@@ -85,7 +105,7 @@ class Interpreter:
         as_list = not isinstance(feeds, Mapping)
         named = name_feeds(self.graph, feeds)
         torch_out = bool(named) and all(isinstance(x, torch.Tensor) for x in named.values())
-        scope = Scope()
+        scope = Scope(device=self.device if self.device.type != "cpu" else None)
         bindings: dict[str, int] = {}
         for v in self.graph.inputs:
             scope.vals[v] = bind_input(v, named[v.name], bindings, self.device)
@@ -123,6 +143,8 @@ class Interpreter:
                 raise ExecutionError(
                     f"node '{node.name}' ({node.op}) failed on inputs ({shapes}): {type(e).__name__}: {e}"
                 ) from e
+            if scope.device is not None:
+                results = [to_device(r, scope.device) for r in results]
             if len(results) < len(node.outputs):
                 raise ExecutionError(
                     f"node '{node.name}' ({node.op}): reference gave {len(results)} outputs, "

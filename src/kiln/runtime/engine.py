@@ -23,6 +23,7 @@ from kiln.ir.interpreter import (
     last_uses,
     name_feeds,
     select_outputs,
+    to_device,
 )
 from kiln.kernels import registry
 from kiln.kernels.base import Kernel
@@ -85,6 +86,10 @@ class Engine:
             for v in g.initializers.values():
                 if isinstance(v.data, torch.Tensor) and v.data.device != self.device:
                     v.data = v.data.to(self.device)
+            for n in g.nodes:  # Constant nodes' values too, so they are not copied to the device on every run
+                value = n.attrs.get("value") if n.op == "Constant" else None
+                if isinstance(value, torch.Tensor) and value.device != self.device:
+                    n.attrs["value"] = value.to(self.device)
         self._last_use = last_uses(plan.graph)
         self.tf32 = bool(metadata.get("config", {}).get("tf32", True))
 
@@ -275,6 +280,7 @@ class ExecutionContext:
 
     def _place(self, v: Value, r: Any, slot: Any, arena: torch.Tensor | None, keep: bool) -> Any:
         """Put a result in its arena slot; never let a value that outlives the arena's reuse alias it."""
+        r = to_device(r, self.device)
         if not isinstance(r, torch.Tensor) or arena is None:
             return r
         in_arena = r.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()

@@ -355,7 +355,7 @@ def _where(c: RefCtx, xs: list[Any]) -> list[Any]:
     cond, x, y = xs
     if isinstance(x, np.ndarray):
         return [np.where(cond.numpy(), x, y).astype(object)]
-    return [torch.where(cond, x, y)]
+    return [select(cond, x, y)]
 
 
 register("Where", inputs=["condition", "X", "Y"], outputs=["output"], infer=_where_infer, ref=_where,
@@ -486,6 +486,18 @@ def _trunc_add(x: torch.Tensor, c: float) -> torch.Tensor:
     return out
 
 
+_SIGNED_VIEW = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def select(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.where for every dtype: older torch releases (2.11, the GPU machines') lack it for uint16/32/64, so
+    those select on the same bits viewed as signed integers."""
+    signed = _SIGNED_VIEW.get(a.dtype)
+    if signed is None or b.dtype != a.dtype:
+        return torch.where(cond, a, b)
+    return torch.where(cond, a.view(signed), b.view(signed)).view(a.dtype)
+
+
 def _shrink(x: torch.Tensor, bias: float, lambd: float) -> torch.Tensor:
     """Integers take the real-valued result truncated toward zero (as ONNX's reference and onnxruntime do;
     ONNX's function body would first cast lambd and bias to X's dtype)."""
@@ -494,7 +506,7 @@ def _shrink(x: torch.Tensor, bias: float, lambd: float) -> torch.Tensor:
         lam, b = torch.tensor(lambd).to(x.dtype), torch.tensor(bias).to(x.dtype)
         return torch.where(x < -lam, x + b, torch.where(x > lam, x - b, zero))
     small, big = _less_than(x, math.ceil(-lambd)), _greater_than(x, math.floor(lambd))
-    return torch.where(small, _trunc_add(x, bias), torch.where(big, _trunc_add(x, -bias), zero))
+    return select(small, _trunc_add(x, bias), select(big, _trunc_add(x, -bias), zero))
 
 
 def _floats(**kw: float) -> dict[str, Attr]:
