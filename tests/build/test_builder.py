@@ -143,3 +143,19 @@ def test_contexts_share_one_engine() -> None:
     np.testing.assert_allclose(yb, _ref(xb), rtol=1e-5, atol=1e-6)
     w = engine.graph.initializers["w"].data
     assert all(ctx.engine.graph.initializers["w"].data is w for ctx in (a, b))
+
+
+def _matmul_model() -> onnx.ModelProto:
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 64])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_time_budget_and_opt_level_bound_the_timing() -> None:
+    tuned = kiln.build(_matmul_model(), BuilderConfig(opt_level=3)).plan.stats["tuning"]
+    assert tuned["candidates_timed"] >= 2  # MatMul has several CPU tactics besides the reference
+    for cfg in (BuilderConfig(time_budget_s=0.0), BuilderConfig(opt_level=0)):
+        stats = kiln.build(_matmul_model(), cfg).plan.stats["tuning"]
+        assert stats["candidates_timed"] == 0
