@@ -1,4 +1,5 @@
-"""The CPU reference executor: runs a graph node by node through the op table's torch references.
+"""The reference executor: runs a graph node by node through the op table's torch references, on the CPU or
+on a GPU (the references are device-agnostic; on CUDA they compute float32 in IEEE precision, without TF32).
 
 This is the semantics every faster path is checked against. It also checks, node by node, that what the
 reference produced matches what shape/dtype inference promised, so the two parts of each op entry keep each
@@ -68,6 +69,26 @@ class Scope:
         return self.consts[v]
 
 
+class tf32_mode:
+    """TF32 for fp32 matmuls and convolutions on CUDA, on or off for the duration (restored afterwards). Engines
+    run with the setting they were built (and tuned) with; the reference runs without (IEEE float32), so torch's
+    process-wide defaults (cuDNN convolutions allow TF32) do not leak in."""
+
+    def __init__(self, enabled: bool, device: torch.device | None) -> None:
+        self.enabled = enabled
+        self.active = device is not None and device.type == "cuda"
+        self.prev: tuple[bool, bool] = (False, False)
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.prev
+
+
 def to_device(x: Any, device: torch.device) -> Any:
     """A computed value on `device` (ops that create tensors, such as Constant or Range, make them on the CPU)."""
     if isinstance(x, torch.Tensor):
@@ -88,7 +109,8 @@ def reads(node: Node) -> set[Value]:
 
 
 class Interpreter:
-    """Runs `graph` on CPU. `run` takes numpy arrays or torch tensors and gives back the same kind."""
+    """Runs `graph` on `device` (the CPU by default). `run` takes numpy arrays or torch tensors and gives back
+    the same kind."""
 
     def __init__(self, graph: Graph, *, check: bool = True, device: str | torch.device = "cpu",
                  observer: Observer | None = None) -> None:
@@ -117,8 +139,8 @@ class Interpreter:
 
     def run_graph(self, graph: Graph, inputs: list[Any], parent: Scope, bindings: dict[str, int]) -> list[Any]:
         scope = Scope(parent)
-        for v, x in zip(graph.inputs, inputs):
-            scope.vals[v] = x
+        for v, x in zip(graph.inputs, inputs):  # a Loop's iteration count, a Scan's slices, ...: on the device
+            scope.vals[v] = x if scope.device is None else to_device(x, scope.device)
         return self._execute(graph, scope, dict(bindings))
 
     # --- internals ------------------------------------------------------------------------------------
@@ -135,7 +157,8 @@ class Interpreter:
             args = [None if v is None else scope.get(v) for v in node.inputs]
             ctx = RefCtx(node, lambda g, xs: self.run_graph(g, xs, scope, bindings))
             try:
-                results = list(get_op(node.op).ref(ctx, args))
+                with tf32_mode(False, scope.device):  # the reference computes in IEEE float32
+                    results = list(get_op(node.op).ref(ctx, args))
             except KilnError:
                 raise
             except Exception as e:

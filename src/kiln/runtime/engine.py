@@ -23,6 +23,7 @@ from kiln.ir.interpreter import (
     last_uses,
     name_feeds,
     select_outputs,
+    tf32_mode,
     to_device,
 )
 from kiln.kernels import registry
@@ -54,25 +55,6 @@ def _all_graphs(g: Graph) -> list[Graph]:
         for sub in n.subgraphs():
             out.extend(_all_graphs(sub))
     return out
-
-
-class tf32_mode:
-    """TF32 for fp32 matmuls and convolutions on CUDA, on or off for the duration (restored afterwards). Engines
-    run with the setting they were built (and tuned) with; torch's process-wide defaults do not leak in."""
-
-    def __init__(self, enabled: bool, device: torch.device) -> None:
-        self.enabled = enabled
-        self.active = device.type == "cuda"
-        self.prev: tuple[bool, bool] = (False, False)
-
-    def __enter__(self) -> None:
-        if self.active:
-            self.prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.prev
 
 
 class Engine:
@@ -177,7 +159,7 @@ class ExecutionContext:
         self.device = engine.device
         self._kernels: dict[int, list[Kernel]] = {}
         self._arena: torch.Tensor | None = None
-        self._scope = Scope()
+        self._scope = Scope(device=self.device if self.device.type != "cpu" else None)  # subgraph values
         self._bindings: dict[str, int] = {}
         self._interp = Interpreter(engine.graph, check=False)
         self.last_profile: int | None = None

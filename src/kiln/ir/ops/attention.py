@@ -173,7 +173,7 @@ def _check_attention_inputs(ctx: InferCtx, t1: DType, t2: DType) -> None:
 
 
 def attention_bias(attrs: dict[str, Any], mask: Tensor | None, nonpad: Tensor | None, past_len: int,
-                   q_len: int, kv_len: int, dtype: torch.dtype) -> Tensor | None:
+                   q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """The additive bias (0 or -inf, plus a float mask) broadcastable to [batch, heads, q_len, kv_len].
 
     Query i sits at absolute position i + offset: offset is past_len with a past cache, nonpad[b] - q_len with
@@ -181,10 +181,10 @@ def attention_bias(attrs: dict[str, Any], mask: Tensor | None, nonpad: Tensor | 
     i + offset - left <= j <= i + offset + right; nonpad_kv_seqlen disallows keys j >= nonpad[b].
     """
     bias = None if mask is None else _mask_bias(mask, kv_len, dtype)
-    allowed = _allowed_keys(attrs, nonpad, past_len, q_len, kv_len)
+    allowed = _allowed_keys(attrs, nonpad, past_len, q_len, kv_len, device)
     if allowed is None:
         return bias
-    structural = torch.zeros((), dtype=dtype).masked_fill(~allowed, NEG_INF)
+    structural = torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, NEG_INF)
     return structural if bias is None else bias + structural
 
 
@@ -192,7 +192,7 @@ def _mask_bias(mask: Tensor, kv_len: int, dtype: torch.dtype) -> Tensor:
     """attn_mask as an additive bias: bool True -> 0, False -> -inf; numbers are added as they are. A mask
     shorter than kv_len is padded with -inf."""
     if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, NEG_INF)
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, NEG_INF)
     else:
         bias = mask.to(dtype)
     width = bias.shape[-1] if bias.dim() else 1
@@ -204,16 +204,16 @@ def _mask_bias(mask: Tensor, kv_len: int, dtype: torch.dtype) -> Tensor:
 
 
 def _allowed_keys(attrs: dict[str, Any], nonpad: Tensor | None, past_len: int, q_len: int,
-                  kv_len: int) -> Tensor | None:
+                  kv_len: int, device: torch.device) -> Tensor | None:
     """Boolean [batch or 1, 1, q_len, kv_len] of the keys each query may see, or None when all are allowed."""
     causal, left, right = attrs["is_causal"], attrs["left_window_size"], attrs["right_window_size"]
     if not causal and left < 0 and right < 0 and nonpad is None:
         return None
-    offset = (nonpad.long() - q_len).reshape(-1, 1, 1, 1) if nonpad is not None else torch.tensor(past_len)
-    query_pos = torch.arange(q_len).reshape(q_len, 1) + offset
-    key = torch.arange(kv_len).reshape(1, kv_len)
+    offset = (nonpad.long() - q_len).reshape(-1, 1, 1, 1) if nonpad is not None else past_len
+    query_pos = torch.arange(q_len, device=device).reshape(q_len, 1) + offset
+    key = torch.arange(kv_len, device=device).reshape(1, kv_len)
     diff = query_pos - key  # how far key j lies behind query i
-    allowed = torch.ones(diff.shape, dtype=torch.bool)
+    allowed = torch.ones(diff.shape, dtype=torch.bool, device=device)
     if causal:
         allowed &= diff >= 0
     if left >= 0:
@@ -238,9 +238,10 @@ def _attention_ref(c: RefCtx, xs: list[Any]) -> list[Tensor]:
     kv_len = present_k.shape[2]
     if nonpad is not None and nonpad.shape != (Q.shape[0],):
         raise ValueError(f"nonpad_kv_seqlen must have shape [{Q.shape[0]}], got {list(nonpad.shape)}")
-    bias = attention_bias(a, mask, nonpad, 0 if past_k is None else past_k.shape[2], q_len, kv_len, Q.dtype)
+    bias = attention_bias(a, mask, nonpad, 0 if past_k is None else past_k.shape[2], q_len, kv_len, Q.dtype,
+                          Q.device)
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(head_size)
-    root = torch.tensor(math.sqrt(scale), dtype=Q.dtype)
+    root = torch.tensor(math.sqrt(scale), dtype=Q.dtype, device=Q.device)
     keys = expand_kv_heads(present_k, q_heads)
     raw = matmul(Q * root, (keys * root).transpose(-1, -2))
     capped = raw if a["softcap"] <= 0 else a["softcap"] * torch.tanh(raw / a["softcap"])
@@ -406,7 +407,7 @@ def _linear_attention_ref(c: RefCtx, xs: list[Any]) -> list[Tensor]:
     dv = v.shape[-1]
     if past is not None and tuple(past.shape) != (b, hkv, dk, dv):
         raise ValueError(f"past_state must have shape {[b, hkv, dk, dv]}, got {list(past.shape)}")
-    state = past.float() if past is not None else torch.zeros((b, hkv, dk, dv))
+    state = past.float() if past is not None else torch.zeros((b, hkv, dk, dv), device=q.device)
     gate = _per_head(decay, hkv, dk).float().exp() if decay is not None else None  # [B, Hkv, T, dk or 1]
     rate = _per_head(beta, hkv, 1).float() if beta is not None else None  # [B, Hkv or 1, T, 1]
     scale = a["scale"] or 1.0 / math.sqrt(dk)
@@ -498,7 +499,7 @@ def _flex_ref(c: RefCtx, xs: list[Any]) -> list[Tensor]:
     Q, K, V = xs
     cdt = flex_compute_dtype(DType.from_torch(Q.dtype), a["softmax_precision"]).torch
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(Q.shape[-1])
-    root = torch.tensor(math.sqrt(scale), dtype=Q.dtype)
+    root = torch.tensor(math.sqrt(scale), dtype=Q.dtype, device=Q.device)
     keys, values = expand_kv_heads(K, Q.shape[1]), expand_kv_heads(V, Q.shape[1])
     scores = matmul(Q * root, (keys * root).transpose(-1, -2)).to(cdt)
     scores = _run_modifier(c, a["score_mod"], scores, "score_mod")

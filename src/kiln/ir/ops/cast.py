@@ -3,16 +3,20 @@
 Cast converts between every pair of kiln dtypes except complex ones. Plain numeric pairs follow torch's
 conversions (C semantics: integers wrap, floats round to nearest even). The narrow types that kiln stores
 widened get their values here: sub-byte integers wrap to their width, float8/float4/float6 round to nearest
-even through ml_dtypes (float8 saturating to the largest finite value unless `saturate=0`), float8e8m0 rounds
-as `round_mode` says. Strings convert through Python's parsing and numpy's shortest round-trip formatting.
+even (float8 saturating to the largest finite value unless `saturate=0`) exactly as ml_dtypes (ONNX's own
+reference) does, float8e8m0 rounds as `round_mode` says. The rounding is integer arithmetic on the bits in
+torch, so every device computes the same codes where the tensor is (no host round trip, no reliance on torch's
+own float8 conversion kernels).
+Strings convert through Python's parsing and numpy's shortest round-trip formatting.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import torch
 
@@ -23,7 +27,7 @@ from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register
 D = DType
 FLOAT8 = frozenset({D.FLOAT8_E4M3FN, D.FLOAT8_E4M3FNUZ, D.FLOAT8_E5M2, D.FLOAT8_E5M2FNUZ})
 _ML_FLOATS = FLOAT8 | {D.FLOAT4_E2M1, D.FLOAT6_E2M3, D.FLOAT6_E3M2}
-"""Targets rounded by ml_dtypes (ONNX's own reference rounds these the same way)."""
+"""Targets rounded as ml_dtypes rounds them (ONNX's own reference rounds these the same way)."""
 _NO_CAST = frozenset({D.COMPLEX64, D.COMPLEX128})
 
 
@@ -56,24 +60,90 @@ def _plain_source(x: torch.Tensor) -> torch.Tensor:
 
 
 def _numpy_source(x: torch.Tensor) -> np.ndarray:
-    """x as a numpy array that holds its values exactly (bfloat16 and float8 widen to float32)."""
+    """x as a (host) numpy array that holds its values exactly (bfloat16 and float8 widen to float32)."""
     if x.dtype == torch.bfloat16 or (x.is_floating_point() and x.element_size() == 1):
-        return x.float().numpy()
-    return x.numpy()
+        return x.float().cpu().numpy()
+    return x.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _MiniFloat:
+    """A float8/float6/float4 format: mantissa bits, exponent bias, the largest finite value, the width, the
+    codes of +inf and +NaN where it has them; `uz` formats (fnuz) have one NaN (0x80) and no -0."""
+
+    mant: int
+    bias: int
+    max: float
+    bits: int
+    inf: int | None = None
+    nan: int | None = None
+    uz: bool = False
+
+
+_FORMATS = {
+    D.FLOAT8_E4M3FN: _MiniFloat(3, 7, 448.0, 8, nan=0x7F),
+    D.FLOAT8_E4M3FNUZ: _MiniFloat(3, 8, 240.0, 8, nan=0x80, uz=True),
+    D.FLOAT8_E5M2: _MiniFloat(2, 15, 57344.0, 8, inf=0x7C, nan=0x7E),
+    D.FLOAT8_E5M2FNUZ: _MiniFloat(2, 16, 57344.0, 8, nan=0x80, uz=True),
+    D.FLOAT4_E2M1: _MiniFloat(1, 1, 6.0, 4),
+    D.FLOAT6_E2M3: _MiniFloat(3, 1, 7.5, 6),
+    D.FLOAT6_E3M2: _MiniFloat(2, 3, 28.0, 6),
+}
+
+
+def _encode(x: torch.Tensor, f: _MiniFloat, saturate: bool) -> torch.Tensor:
+    """The int64 codes of x (any real dtype) rounded to nearest even in format f, as ml_dtypes rounds:
+    overflow (and inf) saturates with `saturate`, else becomes inf or NaN where the format has them, and
+    saturates where it has neither; NaN becomes NaN, or a zero of the opposite sign where there is none."""
+    x = x.to(torch.float64)  # exact for every source value kiln converts
+    neg, nan = torch.signbit(x), torch.isnan(x)
+    m = x.abs()
+    if saturate:
+        m = m.clamp(max=f.max)
+    finite = torch.isfinite(m)
+    m = torch.where(finite, m, 0.0)
+    # floor(log2(m)) from the float64 exponent bits, no lower than the format's smallest normal exponent;
+    # the spacing of representable values there is q = 2**(e - mant), built from bits too (exact).
+    e = ((m.view(torch.int64) >> 52) - 1023).clamp(min=1 - f.bias)
+    q = ((e - f.mant + 1023) << 52).view(torch.float64)
+    k = torch.round(m / q)  # half to even; k = 2**(mant+1) carries into the next binade, as the code does
+    code = ((e + f.bias - 1) << f.mant) + k.to(torch.int64)
+    over = ~finite | (k * q > f.max)
+    code = torch.where(over, f.inf if f.inf is not None else f.nan if f.nan is not None else _max_code(f), code)
+    sign = neg.to(torch.int64) << (f.bits - 1)
+    if f.uz:  # no negative zero; the one NaN (what overflow gives too) is the sign bit alone
+        sign = torch.where(code == 0, 0, sign)
+    code = code | sign
+    if f.nan is None:  # no NaN: ml_dtypes gives a zero of the opposite sign
+        return torch.where(nan, (~neg).to(torch.int64) << (f.bits - 1), code)
+    return torch.where(nan, f.nan if f.uz else f.nan | sign, code)
+
+
+def _max_code(f: _MiniFloat) -> int:
+    """The code of the largest finite value."""
+    e = math.frexp(f.max)[1] - 1
+    return ((e + f.bias) << f.mant) + int(f.max / 2.0 ** (e - f.mant)) - (1 << f.mant)
+
+
+@functools.cache
+def _decode_table(to: DType) -> torch.Tensor:
+    """The float32 value of every code of a narrow float type (a CPU tensor; index it with the codes)."""
+    codes = np.arange(1 << to.bits, dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        return torch.from_numpy(codes.view(to.numpy).astype(np.float32))
+
+
+def round_to_float(x: torch.Tensor, to: DType, saturate: bool) -> torch.Tensor:
+    """x rounded to a float8/float6/float4 type, in kiln storage (a torch float8 tensor, or the float32 values
+    of the narrower types), on x's device."""
+    code = _encode(x, _FORMATS[to], saturate)
+    if to in FLOAT8:
+        return code.to(torch.uint8).view(to.torch)
+    return _decode_table(to).to(x.device)[code]
 
 
 def _to_ml_float(x: torch.Tensor, to: DType, saturate: int) -> torch.Tensor:
-    a = _numpy_source(x)
-    if a.dtype.kind != "f":
-        a = a.astype(np.float64)
-    if saturate and to in FLOAT8:
-        top = float(ml_dtypes.finfo(to.numpy).max)
-        a = np.clip(a, -top, top)  # keeps NaN
-    with np.errstate(all="ignore"):
-        r = a.astype(to.numpy)
-    if to in FLOAT8:
-        return torch.from_numpy(np.ascontiguousarray(r).view(np.uint8).copy()).view(to.torch)
-    return torch.from_numpy(r.astype(np.float32))
+    return round_to_float(_plain_source(x), to, bool(saturate) and to in FLOAT8)
 
 
 def _wrap_int(x: torch.Tensor, to: DType) -> torch.Tensor:
@@ -220,8 +290,10 @@ def _bits(x: torch.Tensor, src: DType) -> torch.Tensor:
     """The raw bits: a uint8 tensor for 8 bits or fewer, else a signed integer tensor of the width."""
     if src.is_narrow and src.is_int:
         return (x.to(torch.int16) & ((1 << src.bits) - 1)).to(torch.uint8)
-    if src.is_narrow:  # float4/float6/e8m0 in float32: exact values -> their encoding
-        return torch.from_numpy(x.numpy().astype(src.numpy).view(np.uint8).copy())
+    if src is D.FLOAT8_E8M0:  # 2**(code - 127) in float32: the code is its exponent field (NaN: 0xFF)
+        return ((x.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    if src.is_narrow:  # float4/float6 in float32: exact values -> their codes
+        return _encode(x, _FORMATS[src], True).to(torch.uint8)
     return x.view(_RAW[src.bits])
 
 
@@ -235,7 +307,7 @@ def _from_bits(b: torch.Tensor, to: DType) -> torch.Tensor:
             v = (v ^ half) - half
         return v.to(to.torch)
     if to.is_narrow:
-        return torch.from_numpy(b.numpy().view(to.numpy).astype(np.float32))
+        return _decode_table(to).to(b.device)[b.to(torch.int64)]
     return b.view(to.torch)
 
 

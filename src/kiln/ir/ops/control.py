@@ -192,9 +192,11 @@ def _loop_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     carried = list(xs[2:])
     n = len(carried)
     scans: list[list[Any]] = [[] for _ in body.outputs[n + 1:]]
+    device = next((x.device for x in xs if isinstance(x, torch.Tensor)), None)  # the body's inputs go there
     i = 0
     while cond and (trips is None or i < trips):
-        outs = c.run_graph(body, [torch.tensor(i, dtype=torch.int64), torch.tensor(cond), *carried])
+        step = [torch.tensor(i, dtype=torch.int64, device=device), torch.tensor(cond, device=device)]
+        outs = c.run_graph(body, [*step, *carried])
         cond = bool(_scalar(c, outs[0], "the body's condition output"))
         carried = outs[1:n + 1]
         for acc, v in zip(scans, outs[n + 1:]):

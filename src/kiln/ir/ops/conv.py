@@ -7,6 +7,7 @@ ConvTranspose weight is (C, M/group, k1, ..., kn). `pads` is [x1_begin, x2_begin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -531,11 +532,11 @@ def sample_linear_zeros(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     lo = torch.floor(coords)
     frac = coords - lo
     lo = lo.to(torch.int64)
-    out = torch.zeros(bsz, ch, coords.shape[1], dtype=x.dtype)
+    out = x.new_zeros(bsz, ch, coords.shape[1])
     for corner in range(1 << n):
-        idx = torch.zeros(bsz, coords.shape[1], dtype=torch.int64)
-        weight = torch.ones(bsz, coords.shape[1], dtype=x.dtype)
-        valid = torch.ones(bsz, coords.shape[1], dtype=torch.bool)
+        idx = torch.zeros(bsz, coords.shape[1], dtype=torch.int64, device=x.device)
+        weight = x.new_ones(bsz, coords.shape[1])
+        valid = torch.ones(bsz, coords.shape[1], dtype=torch.bool, device=x.device)
         for d in range(n):
             up = (corner >> (n - 1 - d)) & 1
             i = lo[..., d] + up
@@ -559,12 +560,12 @@ def _deform_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     outs = win.out_sizes(list(x.shape[2:]))
     bsz, ch = x.shape[:2]
     g, group, m = c.attrs["offset_group"], c.attrs["group"], w.shape[0]
-    k = int(torch.tensor(kernel).prod())
-    npos = int(torch.tensor(outs).prod())
+    k = math.prod(kernel)
+    npos = math.prod(outs)
     # Sampling positions: output position * stride - pad_begin + kernel offset * dilation + learned offset.
-    grids = torch.meshgrid(*[torch.arange(o, dtype=cd) for o in outs], indexing="ij")
+    grids = torch.meshgrid(*[torch.arange(o, dtype=cd, device=x.device) for o in outs], indexing="ij")
     base = torch.stack([gr.reshape(-1) * win.strides[i] - pads[i][0] for i, gr in enumerate(grids)], -1)
-    kgrids = torch.meshgrid(*[torch.arange(kk, dtype=cd) for kk in kernel], indexing="ij")
+    kgrids = torch.meshgrid(*[torch.arange(kk, dtype=cd, device=x.device) for kk in kernel], indexing="ij")
     kpos = torch.stack([kg.reshape(-1) * win.dilations[i] for i, kg in enumerate(kgrids)], -1)
     off = offset.to(cd).reshape(bsz, g, k, n, npos).permute(0, 1, 2, 4, 3)  # (N, G, K, P, n)
     coords = base[None, None, None] + kpos[None, None, :, None] + off
@@ -616,7 +617,7 @@ def _causal_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     past = xs[3] if len(xs) > 3 else None
     k = w.shape[2]
     if past is None:
-        past = torch.zeros(x.shape[0], x.shape[1], k - 1, dtype=x.dtype)
+        past = x.new_zeros(x.shape[0], x.shape[1], k - 1)
     padded = torch.cat([past, x], dim=2)
     cd = compute_dtype(x)
     y = F.conv1d(padded.to(cd), w.to(cd), None if b is None else b.to(cd), groups=x.shape[1]).to(x.dtype)
@@ -670,23 +671,24 @@ def _col2im_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     win = Window(c.attrs, n, block, _ref_fail(c))
     pads = [(win.pads[i], win.pads[i + n]) for i in range(n)]
     blocks = [(image[i] + sum(pads[i]) - int(win.span(i))) // win.strides[i] + 1 for i in range(n)]
-    k = int(torch.tensor(block).prod())
+    k = math.prod(block)
     nb, ch = x.shape[0], x.shape[1] // max(k, 1)
-    if x.shape[1] != ch * k or x.shape[2] != int(torch.tensor(blocks).prod()):
+    if x.shape[1] != ch * k or x.shape[2] != math.prod(blocks):
         raise ExecutionError(f"node '{c.node.name}' (Col2Im): input shape {list(x.shape)} does not match "
                              f"block_shape {block} over image {image} ({blocks} blocks)")
     # Image position of (kernel offset, block position) along each axis; out of range -> dropped.
-    idx = torch.zeros(k, 1, dtype=torch.int64)
-    valid = torch.ones(k, 1, dtype=torch.bool)
-    kg = torch.meshgrid(*[torch.arange(b) for b in block], indexing="ij")
-    bg = torch.meshgrid(*[torch.arange(b) for b in blocks], indexing="ij")
+    dev = x.device
+    idx = torch.zeros(k, 1, dtype=torch.int64, device=dev)
+    valid = torch.ones(k, 1, dtype=torch.bool, device=dev)
+    kg = torch.meshgrid(*[torch.arange(b, device=dev) for b in block], indexing="ij")
+    bg = torch.meshgrid(*[torch.arange(b, device=dev) for b in blocks], indexing="ij")
     for i in range(n):
         pos = kg[i].reshape(-1, 1) * win.dilations[i] + bg[i].reshape(1, -1) * win.strides[i] - pads[i][0]
         valid = valid & (pos >= 0) & (pos < image[i])
         idx = idx * image[i] + pos.clamp(0, image[i] - 1)
     wide = _accumulate_dtype(x.dtype)
     src = x.to(wide).reshape(nb, ch, -1) * valid.reshape(1, 1, -1)
-    out = torch.zeros(nb, ch, int(torch.tensor(image).prod()), dtype=wide)
+    out = torch.zeros(nb, ch, math.prod(image), dtype=wide, device=dev)
     out.scatter_add_(2, idx.reshape(1, 1, -1).expand(nb, ch, -1), src)
     if x.dtype == torch.bool:
         return [(out != 0).reshape(nb, ch, *image)]

@@ -154,13 +154,24 @@ def in_float32(fn: Fn) -> Fn:
     return run
 
 
-def _numpy_binary(fn: Callable[..., Any], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    with np.errstate(all="ignore"):
-        return torch.from_numpy(np.ascontiguousarray(fn(a.numpy(), b.numpy())))
+def _u64_divmod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsigned 64-bit quotient and remainder (b != 0), in int64 arithmetic: torch has no uint64 division."""
+    a, b = torch.broadcast_tensors(a.view(torch.int64), b.view(torch.int64))
+    big = b < 0  # b >= 2**63: the quotient is 1 where a >= b, else 0
+    ge = (a ^ _TOP_BIT) >= (b ^ _TOP_BIT)  # a >= b, unsigned
+    d = torch.where(big, 1, b)
+    # b < 2**63: q = 2 * ((a >> 1) // b) leaves a remainder r in [0, 2b), one correction step away.
+    q = torch.div((a >> 1) & (2**63 - 1), d, rounding_mode="trunc") << 1
+    r = a - q * d  # wraps to the right bits: r < 2b < 2**64
+    step = (r ^ _TOP_BIT) >= (d ^ _TOP_BIT)
+    q, r = q + step, torch.where(step, r - d, r)
+    q = torch.where(big, ge.to(torch.int64), q)
+    r = torch.where(big, torch.where(ge, a - b, a), r)
+    return q.view(torch.uint64), r.view(torch.uint64)
 
 
 def _no_zero_divisor(b: torch.Tensor) -> None:
-    if bool((b == 0).any()):
+    if bool((_signed_view(b) == 0).any()):
         raise ZeroDivisionError("integer division by zero")
 
 
@@ -184,7 +195,7 @@ def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a / b
     _no_zero_divisor(b)
     if a.dtype == torch.uint64:
-        return _numpy_binary(np.floor_divide, a, b)
+        return _u64_divmod(a, b)[0]
     return unordered(torch.div(ordered(a), ordered(b), rounding_mode="trunc"), a.dtype)
 
 
@@ -204,7 +215,7 @@ def _mod(a: torch.Tensor, b: torch.Tensor, fmod: int) -> torch.Tensor:
         return in_float32(torch.fmod if fmod else _float_mod)(a, b)
     _no_zero_divisor(b)
     if a.dtype == torch.uint64:
-        return _numpy_binary(np.remainder, a, b)
+        return _u64_divmod(a, b)[1]
     fn = torch.fmod if fmod else torch.remainder
     return unordered(fn(ordered(a), ordered(b)), a.dtype)
 
@@ -354,7 +365,7 @@ def _where_infer(ctx: InferCtx) -> list[TensorType]:
 def _where(c: RefCtx, xs: list[Any]) -> list[Any]:
     cond, x, y = xs
     if isinstance(x, np.ndarray):
-        return [np.where(cond.numpy(), x, y).astype(object)]
+        return [np.where(cond.cpu().numpy(), x, y).astype(object)]
     return [select(cond, x, y)]
 
 
@@ -469,7 +480,7 @@ def _greater_than(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k >= info.max:
         return torch.zeros_like(x, dtype=torch.bool)
-    return ordered(x) > ordered(torch.tensor(k).to(x.dtype))
+    return ordered(x) > ordered(torch.tensor(k, device=x.device).to(x.dtype))
 
 
 def _less_than(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -480,7 +491,7 @@ def _trunc_add(x: torch.Tensor, c: float) -> torch.Tensor:
     """trunc(x + c) for integer x and real c, exactly (wrapping like integer addition)."""
     whole = math.floor(c)
     add = sign_agnostic(torch.add)
-    out = add(x, torch.tensor(whole).to(x.dtype).expand_as(x))
+    out = add(x, torch.tensor(whole, device=x.device).to(x.dtype).expand_as(x))
     if c > whole:  # x + whole < 0 truncates up
         out = torch.where(_less_than(x, -whole), add(out, torch.ones_like(x)), out)
     return out
@@ -503,7 +514,8 @@ def _shrink(x: torch.Tensor, bias: float, lambd: float) -> torch.Tensor:
     ONNX's function body would first cast lambd and bias to X's dtype)."""
     zero = torch.zeros_like(x)
     if x.is_floating_point():
-        lam, b = torch.tensor(lambd).to(x.dtype), torch.tensor(bias).to(x.dtype)
+        lam = torch.tensor(lambd, device=x.device).to(x.dtype)
+        b = torch.tensor(bias, device=x.device).to(x.dtype)
         return torch.where(x < -lam, x + b, torch.where(x > lam, x - b, zero))
     small, big = _less_than(x, math.ceil(-lambd)), _greater_than(x, math.floor(lambd))
     return select(small, _trunc_add(x, bias), select(big, _trunc_add(x, -bias), zero))

@@ -185,21 +185,23 @@ def _resize_axis(x: Any, axis: int, out_len: int, scale: float, roi: tuple[float
                  attrs: dict[str, Any]) -> Any:
     in_len = x.shape[axis]
     ctm = attrs["coordinate_transformation_mode"]
+    # The per-axis coordinates, indices and weights are small: computed on the CPU (the same numbers on
+    # every device), then moved to x's device.
     coords = _coords(ctm, out_len, in_len, scale, roi)
     outside = (coords < 0) | (coords > in_len - 1) if ctm == "tf_crop_and_resize" else None
     if attrs["mode"] == "nearest":
         idx = _nearest_index(coords, attrs["nearest_mode"], scale, in_len)
         if isinstance(x, np.ndarray):
             return np.take(x, idx.numpy(), axis=axis)
-        y = x.index_select(axis, idx)
+        y = x.index_select(axis, idx.to(x.device))
     else:
-        y = torch.tensordot(x, _weights(coords, in_len, scale, attrs).to(x.dtype), dims=([axis], [1]))
-        y = y.movedim(-1, axis)
+        weights = _weights(coords, in_len, scale, attrs).to(device=x.device, dtype=x.dtype)
+        y = torch.tensordot(x, weights, dims=([axis], [1])).movedim(-1, axis)
     if outside is not None and bool(outside.any()):
         shape = [1] * y.dim()
         shape[axis] = out_len
         fill = torch.tensor(attrs["extrapolation_value"]).to(y.dtype)
-        y = torch.where(outside.reshape(shape), fill, y)
+        y = torch.where(outside.reshape(shape).to(y.device), fill, y)
     return y
 
 
@@ -353,7 +355,7 @@ def grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str, al
         per_axis.append(_axis_taps(u, size[d], mode, padding, align))
     flat = x.reshape(bsz, ch, -1)
     exact = mode == "nearest"
-    acc = torch.zeros(bsz, ch, coords.shape[1], dtype=x.dtype if exact else torch.float64)
+    acc = torch.zeros(bsz, ch, coords.shape[1], dtype=x.dtype if exact else torch.float64, device=x.device)
     src = flat if exact else flat.to(torch.float64)
     for combo in _product(per_axis):
         idx = torch.zeros_like(combo[0][0])
@@ -421,6 +423,7 @@ def _affine_grid_infer(ctx: InferCtx) -> list[TensorType]:
 
 
 def _base_coords(size: int, align: bool) -> torch.Tensor:
+    """The normalized positions along one axis (float64, on the CPU: the same numbers on every device)."""
     if align:
         return torch.linspace(-1, 1, size, dtype=torch.float64) if size > 1 else torch.full((size,), -1.0,
                                                                                          dtype=torch.float64)
@@ -435,7 +438,7 @@ def _affine_grid_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     mesh = torch.meshgrid(*axes, indexing="ij")
     # Homogeneous positions ordered (x, y[, z], 1): the last spatial axis first.
     homog = torch.stack([*reversed(mesh), torch.ones(spatial, dtype=torch.float64)], -1).reshape(-1, n + 1)
-    grid = torch.einsum("bij,pj->bpi", theta.to(torch.float64), homog)
+    grid = torch.einsum("bij,pj->bpi", theta.to(torch.float64), homog.to(theta.device))
     return [grid.reshape(size[0], *spatial, n).to(theta.dtype)]
 
 
@@ -496,7 +499,7 @@ def _roi_align_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     oh, ow, ratio, scale = a["output_height"], a["output_width"], a["sampling_ratio"], a["spatial_scale"]
     half = a["coordinate_transformation_mode"] == "half_pixel"
     height, width = x.shape[2:]
-    out = torch.zeros(rois.shape[0], x.shape[1], oh, ow, dtype=torch.float64)
+    out = torch.zeros(rois.shape[0], x.shape[1], oh, ow, dtype=torch.float64, device=x.device)
     xd = x.to(torch.float64)
     for r, (roi, b) in enumerate(zip(rois.to(torch.float64).tolist(), batch.tolist())):
         shift = 0.5 if half else 0.0
@@ -508,8 +511,9 @@ def _roi_align_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
         gw = ratio if ratio > 0 else math.ceil(rw / ow)
         if gh <= 0 or gw <= 0:  # an inverted RoI has no samples: its bins are 0
             continue
-        ys = _roi_samples(y1, rh, oh, gh, height)
-        xs_ = _roi_samples(x1, rw, ow, gw, width)
+        # The sample positions and weights are small: computed on the CPU, then moved to x's device.
+        ys = tuple(t.to(x.device) for t in _roi_samples(y1, rh, oh, gh, height))
+        xs_ = tuple(t.to(x.device) for t in _roi_samples(x1, rw, ow, gw, width))
         img = xd[int(b)]
         if a["mode"] == "avg":
             out[r] = _roi_avg(img, ys, xs_, oh, ow, max(gh * gw, 1))
@@ -520,7 +524,7 @@ def _roi_align_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
 
 def _axis_matrix(samples: tuple[torch.Tensor, ...], pooled: int, size: int) -> torch.Tensor:
     low, high, wl, wh = samples
-    m = torch.zeros(pooled, size, dtype=torch.float64)
+    m = torch.zeros(pooled, size, dtype=torch.float64, device=low.device)
     m.scatter_add_(1, low, wl)
     m.scatter_add_(1, high, wh)
     return m
@@ -602,7 +606,8 @@ def _suppressed(box: torch.Tensor, others: torch.Tensor, threshold: torch.Tensor
 
 
 def _nms_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
-    boxes, scores = xs[0], xs[1]
+    device = xs[0].device
+    boxes, scores = xs[0].cpu(), xs[1].cpu()  # greedy, box by box: on the host, whatever the device
     opt = [xs[i] if len(xs) > i else None for i in (2, 3, 4)]
     max_out = int(_scalar(opt[0], 0))
     thr = torch.tensor(_scalar(opt[1], 0.0), dtype=boxes.dtype)
@@ -625,7 +630,7 @@ def _nms_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
                 kept += 1
                 rest = order[i + 1:]
                 alive[i + 1:] &= ~_suppressed(corners[b, order[i]], corners[b, rest], thr)
-    return [torch.tensor(found, dtype=torch.int64).reshape(-1, 3)]
+    return [torch.tensor(found, dtype=torch.int64, device=device).reshape(-1, 3)]
 
 
 register(
@@ -659,17 +664,18 @@ def _image_decoder_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
         raise UnsupportedError("decoding images needs Pillow", op="ImageDecoder", node=c.node.name,
                                hint="pip install pillow") from None
     fmt = c.attrs["pixel_format"]
+    device = xs[0].device
     try:
-        img = Image.open(io.BytesIO(xs[0].numpy().tobytes()))
+        img = Image.open(io.BytesIO(xs[0].cpu().numpy().tobytes()))
         img.load()
     except Exception:  # undecodable input gives an empty image, as ONNX specifies
-        return [torch.zeros(0, 0, 1 if fmt == "Grayscale" else 3, dtype=torch.uint8)]
+        return [torch.zeros(0, 0, 1 if fmt == "Grayscale" else 3, dtype=torch.uint8, device=device)]
     arr = np.asarray(img.convert("L" if fmt == "Grayscale" else "RGB"))
     if fmt == "Grayscale":
         arr = arr[:, :, None]
     elif fmt == "BGR":
         arr = arr[:, :, ::-1]
-    return [torch.from_numpy(np.array(arr))]  # a writable copy
+    return [torch.from_numpy(np.array(arr)).to(device)]  # a writable copy
 
 
 register(

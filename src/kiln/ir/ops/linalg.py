@@ -1,8 +1,9 @@
 """Op table entries: linear algebra (MatMul, Gemm, Einsum, Det) and integer / quantized matmuls.
 
 MatMul follows numpy.matmul: 1-D operands are promoted to matrices and the added axis removed again, batch
-axes broadcast. Integer products are exact: integer types torch cannot multiply on CPU (uint16/32/64) are
-computed in int64, whose wraparound agrees with the narrower type's.
+axes broadcast. Integer products are exact on every device (CUDA has no integer matmul kernels): they are
+computed in float64 when every partial sum fits its 53-bit mantissa, else in int64 on the CPU, whose wraparound
+agrees with the narrower types'.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from kiln.ir.graph import Shape, TensorType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, broadcast_dim, broadcast_shapes, register
 from kiln.ir.ops.reduce import check_dtype, float_compute
 
-_NO_CPU_MATMUL = (torch.uint16, torch.uint32, torch.uint64)
 _QUANT_INTS = (DType.INT8, DType.UINT8)
 _QUANT_FLOAT8 = (DType.FLOAT8_E4M3FN, DType.FLOAT8_E4M3FNUZ, DType.FLOAT8_E5M2, DType.FLOAT8_E5M2FNUZ)
 
@@ -44,10 +44,28 @@ def matmul_shape(ctx: InferCtx, a: Shape | None, b: Shape | None) -> Shape | Non
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch.matmul in the operands' dtype, exact for integer types torch lacks CPU kernels for."""
-    if a.dtype in _NO_CPU_MATMUL:
-        return torch.matmul(a.to(torch.int64), b.to(torch.int64)).to(a.dtype)
-    return torch.matmul(a, b)
+    """torch.matmul in the operands' dtype; integer products are exact (wrapping to the dtype's width)."""
+    if a.is_floating_point() or a.is_complex():
+        return torch.matmul(a, b)
+    return int_einsum(None, [a, b]).to(a.dtype)
+
+
+def int_einsum(equation: str | None, xs: list[torch.Tensor]) -> torch.Tensor:
+    """An exact int64 einsum (a matmul when `equation` is None) of integer tensors, on their device.
+
+    float64 is exact when no partial sum can reach 2**53: every term is at most prod(max |x|), and an output
+    sums K terms (a matmul) or at most prod(numel) (an einsum; a loose bound). Otherwise the int64 products
+    wrap, and only the CPU has those kernels."""
+    ops = [x.to(torch.int64) for x in xs]
+    run = (lambda *t: torch.matmul(*t)) if equation is None else (lambda *t: torch.einsum(equation, *t))
+    if any(x.numel() == 0 for x in ops):
+        return run(*[x.double() for x in ops]).to(torch.int64)
+    bound = float(ops[0].shape[-1]) if equation is None else 1.0
+    for x in ops:
+        bound *= float(x.double().abs().amax()) * (1 if equation is None else x.numel())
+    if bound < 2.0**53:
+        return run(*[x.double() for x in ops]).to(torch.int64)
+    return run(*[x.cpu() for x in ops]).to(ops[0].device)
 
 
 def _same_dtype(ctx: InferCtx, *inputs: int) -> DType:
@@ -200,13 +218,11 @@ def _einsum_infer(ctx: InferCtx) -> list[TensorType]:
 
 def _einsum_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     like = xs[0]
-    if like.dtype in _NO_CPU_MATMUL:
-        ops = [x.to(torch.int64) for x in xs]
-    else:
-        ops = [float_compute(x) if x.is_floating_point() else x for x in xs]
     terms, out = parse_einsum(c.attrs["equation"], len(xs))
     eq = ",".join(terms).replace(".", "...") + "->" + out.replace(".", "...")
-    return [torch.einsum(eq, *ops).to(like.dtype)]
+    if not (like.is_floating_point() or like.is_complex()):
+        return [int_einsum(eq, xs).to(like.dtype)]
+    return [torch.einsum(eq, *[float_compute(x) if x.is_floating_point() else x for x in xs]).to(like.dtype)]
 
 
 register("Einsum", inputs=["Inputs*"], outputs=["Output"], attrs={"equation": Attr(AttrKind.STRING)},
@@ -269,7 +285,7 @@ def _matmulinteger_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     xs = xs + [None] * (4 - len(xs))
     a = _centered(xs[0], xs[2], row=True)
     b = _centered(xs[1], xs[3], row=False)
-    return [torch.matmul(a, b).to(torch.int32)]
+    return [int_einsum(None, [a, b]).to(torch.int32)]
 
 
 register(
@@ -296,7 +312,7 @@ def _qlinearmatmul_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero = xs
     a_c = _centered(a, a_zero, row=True)
     b_c = _centered(b, b_zero, row=False)
-    acc = torch.matmul(a_c, b_c).to(torch.float64)
+    acc = (torch.matmul(a_c, b_c) if a_c.is_floating_point() else int_einsum(None, [a_c, b_c])).to(torch.float64)
     rank = acc.dim()
     # The requantization factor is formed in the scales' own precision, as ONNX's reference does.
     factor = _per_row(a_scale, a.dim()) * b_scale / _per_row(y_scale, rank)

@@ -396,10 +396,11 @@ def _lrn_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     w = float_compute(x)
     lo = (size - 1) // 2
     hi = size - 1 - lo
-    # The window sum over channels [c - lo, c + hi] as a 1-D convolution along the channel axis.
+    # The window sum over channels [c - lo, c + hi], along the channel axis (moved last). A sum, not a
+    # convolution with ones: CUDA convolutions may round their inputs to TF32.
     moved = (w * w).movedim(1, -1)
-    flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (lo, hi))
-    sums = F.conv1d(flat, torch.ones(1, 1, size, dtype=w.dtype)).reshape(moved.shape).movedim(-1, 1)
+    flat = F.pad(moved.reshape(-1, moved.shape[-1]), (lo, hi))
+    sums = flat.unfold(-1, size, 1).sum(-1).reshape(moved.shape).movedim(-1, 1)
     y = w / (a["bias"] + a["alpha"] / size * sums) ** a["beta"]
     return [y.to(x.dtype)]
 

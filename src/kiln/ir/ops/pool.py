@@ -104,8 +104,8 @@ def _counts(x: torch.Tensor, win: Window, pads: Sequence[tuple[int, int]], outs:
     for i in range(n):
         size, (pb, pe) = x.shape[i + 2], pads[i]
         span, s, d = int(win.span(i)), win.strides[i], win.dilations[i]
-        start = torch.arange(outs[i]) * s - pb
-        taps = start[:, None] + torch.arange(0, span, d)[None, :]
+        start = torch.arange(outs[i], device=x.device) * s - pb
+        taps = start[:, None] + torch.arange(0, span, d, device=x.device)[None, :]
         lo, hi = (-pb, size + pe) if include_pad else (0, size)
         cnt = ((taps >= lo) & (taps < hi)).sum(1).to(torch.float64)
         shape = [1] * n
@@ -128,7 +128,7 @@ def _max_pool_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     win, pads, outs = _ref_window(c, x)
     w = _windows(x, win, pads, outs, _lowest(x.dtype))
     if c.n_outputs < 2:
-        return [w.amax(-1) if w.shape[-1] else torch.full(w.shape[:-1], _lowest(x.dtype), dtype=x.dtype)]
+        return [w.amax(-1) if w.shape[-1] else x.new_full(w.shape[:-1], _lowest(x.dtype))]
     y, k = w.max(-1)
     return [y, _flat_indices(x, win, pads, outs, k, c.attrs["storage_order"])]
 
@@ -146,15 +146,15 @@ def _flat_indices(x: torch.Tensor, win: Window, pads: Sequence[tuple[int, int]],
         rem = rem // kernel[i]
         shape = [1] * n
         shape[i] = outs[i]
-        start = (torch.arange(outs[i]) * win.strides[i] - pads[i][0]).reshape(shape)
+        start = (torch.arange(outs[i], device=k.device) * win.strides[i] - pads[i][0]).reshape(shape)
         coords.append(start + ki * win.dilations[i])
     coords.reverse()
     order = range(n) if storage_order == 0 else reversed(range(n))
     flat = torch.zeros_like(k)
     for i in order:
         flat = flat * sizes[i] + coords[i]
-    plane = int(torch.tensor(sizes).prod())
-    nc = torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1], *([1] * n))
+    plane = math.prod(sizes)
+    nc = torch.arange(x.shape[0] * x.shape[1], device=k.device).reshape(x.shape[0], x.shape[1], *([1] * n))
     return flat + nc * plane
 
 
@@ -278,11 +278,11 @@ def _unpool_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
         full = [x.shape[0], x.shape[1], *[int(d) for d in _unpool_sizes(c.attrs, list(x.shape[2:]), fail)]]
     if idx.shape != x.shape:
         raise fail(f"I has shape {list(idx.shape)}, X {list(x.shape)}; they must match")
-    numel = int(torch.tensor(full).prod())
+    numel = math.prod(full)
     flat_idx = idx.reshape(-1)
     if flat_idx.numel() and (int(flat_idx.min()) < 0 or int(flat_idx.max()) >= numel):
         raise fail(f"an index is outside the output shape {full}")
-    y = torch.zeros(numel, dtype=x.dtype)
+    y = x.new_zeros(numel)
     y[flat_idx] = x.reshape(-1)
     return [y.reshape(full)]
 
@@ -317,13 +317,13 @@ def _roi_pool_infer(ctx: InferCtx) -> list[TensorType]:
     return [TensorType(dt, (r, ch, *pooled))]
 
 
-def _bin_masks(start: float, length: int, pooled: int, size: int) -> torch.Tensor:
+def _bin_masks(start: float, length: int, pooled: int, size: int, device: torch.device) -> torch.Tensor:
     """(pooled, size) masks of the input rows (or columns) each output bin covers."""
     bin_len = max(length, 1) / pooled
-    p = torch.arange(pooled, dtype=torch.float64)
+    p = torch.arange(pooled, dtype=torch.float64, device=device)
     lo = (torch.floor(p * bin_len) + start).clamp(0, size)
     hi = (torch.ceil((p + 1) * bin_len) + start).clamp(0, size)
-    pos = torch.arange(size, dtype=torch.float64)
+    pos = torch.arange(size, dtype=torch.float64, device=device)
     return (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])
 
 
@@ -336,18 +336,18 @@ def _roi_pool_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     ph, pw = c.attrs["pooled_shape"]
     scale = c.attrs["spatial_scale"]
     height, width = x.shape[2:]
-    out = torch.zeros(rois.shape[0], x.shape[1], ph, pw, dtype=x.dtype)
+    out = x.new_zeros(rois.shape[0], x.shape[1], ph, pw)
     low = _lowest(x.dtype)
     for r, roi in enumerate(rois.to(torch.float64).tolist()):
         b = int(roi[0])
         x1, y1, x2, y2 = (_round_half_away(v * scale) for v in roi[1:5])
-        rows = _bin_masks(y1, y2 - y1 + 1, ph, height)  # (ph, H)
-        cols = _bin_masks(x1, x2 - x1 + 1, pw, width)  # (pw, W)
+        rows = _bin_masks(y1, y2 - y1 + 1, ph, height, x.device)  # (ph, H)
+        cols = _bin_masks(x1, x2 - x1 + 1, pw, width, x.device)  # (pw, W)
         img = x[b]  # (C, H, W)
         by_col = torch.where(cols[None, None], img[:, :, None, :], low).amax(-1)  # (C, H, pw)
         pooled = torch.where(rows[None, :, :, None], by_col[:, None], low).amax(2)  # (C, ph, pw)
         empty = ~(rows.any(1)[:, None] & cols.any(1)[None, :])
-        out[r] = torch.where(empty[None], torch.zeros((), dtype=x.dtype), pooled)
+        out[r] = torch.where(empty[None], 0, pooled)
     return [out]
 
 

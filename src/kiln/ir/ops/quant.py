@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_dtypes
 import torch
 
-from kiln.ir.convert import from_numpy, to_numpy
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Shape, TensorType, ValueType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register
+from kiln.ir.ops.cast import round_to_float
 
 D = DType
 INT_RANGES: dict[DType, tuple[int, int]] = {
@@ -120,15 +119,9 @@ def _precision(c: RefCtx) -> torch.dtype:
 
 
 def to_float_type(v: torch.Tensor, dtype: DType, saturate: bool) -> torch.Tensor:
-    """Round float values to a float8/float6/float4 type (nearest even). Saturation clamps to the largest
-    finite value; without it, overflow gives what the type has for it (inf or NaN)."""
-    if saturate or dtype in NARROW_FLOATS:
-        top = float(ml_dtypes.finfo(dtype.numpy).max)
-        v = v.clamp(-top, top)
-    arr = to_numpy(v.to(torch.float32)).astype(dtype.numpy)
-    out = from_numpy(arr, dtype)[0]
-    assert isinstance(out, torch.Tensor)
-    return out
+    """Round float values (through float32) to a float8/float6/float4 type (nearest even). Saturation clamps to
+    the largest finite value; without it, overflow gives what the type has for it (inf or NaN)."""
+    return round_to_float(v.to(torch.float32), dtype, saturate or dtype in NARROW_FLOATS)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, out: DType, *, axis: int,
@@ -220,10 +213,12 @@ def _dyn_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     x = xs[0]
     lo = min(float(x.min()), 0.0) if x.numel() else 0.0
     hi = max(float(x.max()), 0.0) if x.numel() else 0.0
-    scale = torch.tensor((hi - lo) / 255, dtype=torch.float32)
+    # On x's device: CUDA divides by a CPU scalar as a multiplication by its reciprocal, which rounds differently.
+    scale = torch.tensor((hi - lo) / 255, dtype=torch.float32, device=x.device)
     if float(scale) == 0:  # an all-zero input: every value quantizes to the zero point 0
-        return [torch.zeros(x.shape, dtype=torch.uint8), scale, torch.tensor(0, dtype=torch.uint8)]
-    zp = torch.round(-torch.tensor(lo, dtype=torch.float32) / scale).clamp(0, 255).to(torch.uint8)
+        zero = torch.tensor(0, dtype=torch.uint8, device=x.device)
+        return [torch.zeros(x.shape, dtype=torch.uint8, device=x.device), scale, zero]
+    zp = torch.round(-torch.tensor(lo, dtype=torch.float32, device=x.device) / scale).clamp(0, 255).to(torch.uint8)
     y = quantize(x, scale, zp, D.UINT8, axis=0, block=0, saturate=True, precision=torch.float32)
     return [y, scale, zp]
 

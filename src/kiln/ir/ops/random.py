@@ -2,7 +2,8 @@
 
 With a `seed` attribute, each run draws from a generator seeded with it (the same values every run); without
 one, from torch's global generator. ONNX does not define the values, only their distribution, so no other
-implementation is expected to produce the same numbers.
+implementation is expected to produce the same numbers. Draws happen on the CPU whatever the device (a seeded
+op gives the same values on every device) and the result moves to the device of the op's input.
 """
 
 from __future__ import annotations
@@ -49,16 +50,20 @@ def _shape_attr(ctx: InferCtx) -> tuple[int, ...]:
     return shape
 
 
-def _uniform(c: RefCtx, shape: Any) -> list[Any]:
+def _device(xs: list[Any]) -> torch.device:
+    return xs[0].device if xs else torch.device("cpu")
+
+
+def _uniform(c: RefCtx, shape: Any, device: torch.device) -> list[Any]:
     dt = c.out_dtype()
     u = torch.rand(tuple(shape), generator=_generator(c), dtype=_compute(dt))
-    return [(u * (c.attrs["high"] - c.attrs["low"]) + c.attrs["low"]).to(dt.torch)]
+    return [(u * (c.attrs["high"] - c.attrs["low"]) + c.attrs["low"]).to(device=device, dtype=dt.torch)]
 
 
-def _normal(c: RefCtx, shape: Any) -> list[Any]:
+def _normal(c: RefCtx, shape: Any, device: torch.device) -> list[Any]:
     dt = c.out_dtype()
     z = torch.randn(tuple(shape), generator=_generator(c), dtype=_compute(dt))
-    return [(z * c.attrs["scale"] + c.attrs["mean"]).to(dt.torch)]
+    return [(z * c.attrs["scale"] + c.attrs["mean"]).to(device=device, dtype=dt.torch)]
 
 
 _SEED = {"seed": Attr(AttrKind.FLOAT, None)}
@@ -68,28 +73,28 @@ _NORMAL = {"mean": Attr(AttrKind.FLOAT, 0.0), "scale": Attr(AttrKind.FLOAT, 1.0)
 register(
     "RandomUniform", inputs=[], outputs=["output"],
     infer=lambda ctx: [TensorType(_float_out(ctx, ctx.attrs["dtype"]), _shape_attr(ctx))],
-    ref=lambda c, xs: _uniform(c, c.attrs["shape"]),
+    ref=lambda c, xs: _uniform(c, c.attrs["shape"], _device(xs)),
     attrs={"shape": Attr(AttrKind.INTS), "dtype": Attr(AttrKind.DTYPE, DType.FLOAT32), **_UNIFORM},
     doc="Values drawn uniformly from [low, high).",
 )
 register(
     "RandomUniformLike", inputs=["input"], outputs=["output"],
     infer=lambda ctx: [TensorType(_like_dtype(ctx), ctx.shape(0))],
-    ref=lambda c, xs: _uniform(c, xs[0].shape),
+    ref=lambda c, xs: _uniform(c, xs[0].shape, _device(xs)),
     attrs={"dtype": Attr(AttrKind.DTYPE, None), **_UNIFORM},
     doc="Values drawn uniformly from [low, high), shaped like the input (of its dtype unless `dtype`).",
 )
 register(
     "RandomNormal", inputs=[], outputs=["output"],
     infer=lambda ctx: [TensorType(_float_out(ctx, ctx.attrs["dtype"]), _shape_attr(ctx))],
-    ref=lambda c, xs: _normal(c, c.attrs["shape"]),
+    ref=lambda c, xs: _normal(c, c.attrs["shape"], _device(xs)),
     attrs={"shape": Attr(AttrKind.INTS), "dtype": Attr(AttrKind.DTYPE, DType.FLOAT32), **_NORMAL},
     doc="Values drawn from a normal distribution N(mean, scale^2).",
 )
 register(
     "RandomNormalLike", inputs=["input"], outputs=["output"],
     infer=lambda ctx: [TensorType(_like_dtype(ctx), ctx.shape(0))],
-    ref=lambda c, xs: _normal(c, xs[0].shape),
+    ref=lambda c, xs: _normal(c, xs[0].shape, _device(xs)),
     attrs={"dtype": Attr(AttrKind.DTYPE, None), **_NORMAL},
     doc="Values drawn from N(mean, scale^2), shaped like the input (of its dtype unless `dtype`).",
 )
@@ -111,9 +116,9 @@ def _multinomial_infer(ctx: InferCtx) -> list[ValueType]:
 
 def _multinomial_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     # The input holds unnormalized log-probabilities.
-    probs = torch.softmax(xs[0].to(torch.float64), dim=-1)
+    probs = torch.softmax(xs[0].cpu().to(torch.float64), dim=-1)
     draws = torch.multinomial(probs, c.attrs["sample_size"], replacement=True, generator=_generator(c))
-    return [draws.to(c.out_dtype().torch)]
+    return [draws.to(device=_device(xs), dtype=c.out_dtype().torch)]
 
 
 register(
@@ -134,8 +139,8 @@ def _bernoulli_infer(ctx: InferCtx) -> list[ValueType]:
 
 
 def _bernoulli_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
-    p = xs[0].to(torch.float64)
-    return [torch.bernoulli(p, generator=_generator(c)).to(c.out_dtype().torch)]
+    p = xs[0].cpu().to(torch.float64)
+    return [torch.bernoulli(p, generator=_generator(c)).to(device=_device(xs), dtype=c.out_dtype().torch)]
 
 
 register(

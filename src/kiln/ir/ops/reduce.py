@@ -180,7 +180,7 @@ def _apply(spec: Reduction, w: torch.Tensor, dims: tuple[int, ...], keep: bool,
     if count == 0:
         shape = torch.sum(w, dim=dims, keepdim=keep).shape if dims else w.shape
         fill = float("-inf") if spec.kind == "logsumexp" else _identity_fill(spec.kind, w, like)
-        return torch.full(shape, fill, dtype=w.dtype)
+        return torch.full(shape, fill, dtype=w.dtype, device=w.device)
     if not dims:
         return w.clone()
     if spec.kind == "max":

@@ -216,7 +216,7 @@ def _lstm_step(R: Tensor, Rb: Tensor, P: Tensor, acts: list[Activation], clip: f
 
 def _time_index(steps: int, lens: Tensor, reverse: bool) -> Tensor:
     """[steps, batch] time indices: identity, or each sequence's valid steps reversed (an involution)."""
-    t = torch.arange(steps).unsqueeze(1).expand(steps, lens.shape[0])
+    t = torch.arange(steps, device=lens.device).unsqueeze(1).expand(steps, lens.shape[0])
     if not reverse:
         return t
     return torch.where(t < lens, lens - 1 - t, t)
@@ -253,14 +253,14 @@ def _ref(op: str) -> Callable[[RefCtx, list[Any]], list[Tensor]]:
         dirs, hidden = W.shape[0], R.shape[2]
         W, R = W.to(cdt), R.to(cdt)
         B = B.to(cdt) if B is not None else X.new_zeros((dirs, 2 * gates * hidden))
-        lens = lens.long() if lens is not None else torch.full((batch,), steps, dtype=torch.long)
+        lens = lens.long() if lens is not None else torch.full((batch,), steps, dtype=torch.long, device=X.device)
         if lens.shape != (batch,) or bool(((lens < 0) | (lens > steps)).any()):
             raise ValueError(f"sequence_lens must be {batch} values in [0, {steps}], got {lens.tolist()}")
-        h0 = _state(h0, batch_major, (dirs, batch, hidden), cdt)
-        c0 = _state(c0, batch_major, (dirs, batch, hidden), cdt)
+        h0 = _state(h0, batch_major, (dirs, batch, hidden), X)
+        c0 = _state(c0, batch_major, (dirs, batch, hidden), X)
         P = P.to(cdt) if P is not None else X.new_zeros((dirs, 3 * hidden))
         acts = resolve_activations(op, a, dirs)
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=X.device)
         ys, hs, cs = [], [], []
         for d in range(dirs):
             reverse = a["direction"] == "reverse" or d == 1
@@ -286,13 +286,14 @@ def _ref(op: str) -> Callable[[RefCtx, list[Any]], list[Tensor]]:
     return ref
 
 
-def _state(s: Tensor | None, batch_major: bool, shape: tuple[int, int, int], dtype: torch.dtype) -> Tensor:
+def _state(s: Tensor | None, batch_major: bool, shape: tuple[int, int, int], like: Tensor) -> Tensor:
+    """An initial state (zeros when absent) in `like`'s dtype, on its device."""
     if s is None:
-        return torch.zeros(shape, dtype=dtype)
+        return like.new_zeros(shape)
     s = s.transpose(0, 1) if batch_major else s
     if tuple(s.shape) != shape:
         raise ValueError(f"initial state has shape {list(s.shape)}, expected {list(shape)}")
-    return s.to(dtype)
+    return s.to(like.dtype)
 
 
 # --- registration -------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def _window(coeffs: tuple[float, ...]) -> Any:
             w += (-1) ** k * a * torch.cos(2 * math.pi * k * n / max(denom, 1))
         if denom == 0:
             w = torch.ones(size, dtype=torch.float64)  # a one-point symmetric window
-        return [w.to(c.out_dtype().torch)]
+        # Computed on the CPU (the same numbers on every device), delivered where `size` is.
+        return [w.to(device=xs[0].device, dtype=c.out_dtype().torch)]
 
     return ref
 
@@ -255,7 +256,8 @@ def _mel_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     out = torch.where((j >= left) & (j <= center), rise, torch.zeros(()))
     out = torch.where((j == center) & (center == left), torch.ones(()), out)
     out = torch.where((j >= center) & (j < right), fall, out)
-    return [out.to(c.out_dtype().torch)]
+    # Computed on the CPU (the same numbers on every device), delivered where the inputs are.
+    return [out.to(device=xs[0].device, dtype=c.out_dtype().torch)]
 
 
 register(

@@ -252,7 +252,9 @@ def _tfidf_counts(rows: np.ndarray, pool_codes: np.ndarray, attrs: dict[str, Any
 def _tfidf_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     a = c.attrs
     x = xs[0]
-    values = x if isinstance(x, np.ndarray) else x.numpy()
+    # n-gram matching over strings or integers: numpy, on the host (a numeric input comes back to its device).
+    device = torch.device("cpu") if isinstance(x, np.ndarray) else x.device
+    values = x if isinstance(x, np.ndarray) else x.cpu().numpy()
     pool, _ = _pool(a)
     rows = values.reshape(1, -1) if values.ndim == 1 else values
     width = max(a["ngram_indexes"], default=-1) + 1
@@ -267,7 +269,7 @@ def _tfidf_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
             counts = counts * weights
         columns = np.array(a["ngram_indexes"], dtype=np.int64)
         np.add.at(out, (np.arange(out.shape[0])[:, None], columns[None, :]), counts)
-    return [torch.from_numpy(out.reshape(width) if values.ndim == 1 else out)]
+    return [torch.from_numpy(out.reshape(width) if values.ndim == 1 else out).to(device)]
 
 
 register(

@@ -113,15 +113,18 @@ def _with_strings(ref: RefFn, ins: Sequence[int] | None = (0,), outs: Sequence[i
             return ref(c, xs)
         flat = [np.array([""], dtype=object)] + [xs[i].reshape(-1) for i in strings]
         table, codes = np.unique(np.concatenate(flat), return_inverse=True)
+        # The codes go where the other (numeric) inputs are, as the op's own inputs would be.
+        device = next((x.device for x in xs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         xs, at = list(xs), 1
         for i in strings:
             a = xs[i]
-            xs[i] = torch.from_numpy(codes.reshape(-1)[at:at + a.size].astype(np.int64)).reshape(a.shape)
+            code = torch.from_numpy(codes.reshape(-1)[at:at + a.size].astype(np.int64)).reshape(a.shape)
+            xs[i] = code.to(device)
             at += a.size
         res = list(ref(c, xs))
         for o in range(len(res)) if outs is None else outs:
             if o < len(res) and isinstance(res[o], torch.Tensor):
-                idx = res[o].numpy()
+                idx = res[o].cpu().numpy()
                 res[o] = np.asarray(table[idx.reshape(-1)], dtype=object).reshape(idx.shape)
         return res
 
@@ -822,7 +825,7 @@ def _slice_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
         if st > 0:
             x = x[(slice(None),) * a + (slice(b, f, st),)]
         else:
-            x = _take(x, a, torch.arange(b, f, st, dtype=torch.int64))
+            x = _take(x, a, torch.arange(b, f, st, dtype=torch.int64, device=x.device))
     return [x]
 
 
@@ -900,13 +903,13 @@ def _nd_linear(idx: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """[..., k] multi-indices into dims (negative ones wrapped) as linear offsets [...]."""
     idx = idx.to(torch.int64)
     if not dims:
-        return torch.zeros(idx.shape[:-1], dtype=torch.int64)
-    size = torch.tensor(list(dims), dtype=torch.int64)
+        return torch.zeros(idx.shape[:-1], dtype=torch.int64, device=idx.device)
+    size = torch.tensor(list(dims), dtype=torch.int64, device=idx.device)
     idx = torch.where(idx < 0, idx + size, idx)
     if idx.numel() and (bool((idx < 0).any()) or bool((idx >= size).any())):
         raise IndexError(f"an index is out of range for dims {list(dims)}")
     strides = [math.prod(dims[j + 1:]) for j in range(len(dims))]
-    return (idx * torch.tensor(strides, dtype=torch.int64)).sum(-1)
+    return (idx * torch.tensor(strides, dtype=torch.int64, device=idx.device)).sum(-1)
 
 
 def _gathernd_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
@@ -914,9 +917,9 @@ def _gathernd_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     b, k = c.attrs["batch_dims"], idx.shape[-1]
     batch, dims, rest = x.shape[:b], list(x.shape[b:b + k]), x.shape[b + k:]
     nb = math.prod(batch)
-    lin = _nd_linear(idx, dims).reshape(nb, -1) if nb else torch.zeros(0, 0, dtype=torch.int64)
+    lin = _nd_linear(idx, dims).reshape(nb, -1) if nb else torch.zeros(0, 0, dtype=torch.int64, device=x.device)
     flat = _bits(x).reshape(nb, math.prod(dims), *rest)
-    out = flat[torch.arange(nb)[:, None], lin]
+    out = flat[torch.arange(nb, device=x.device)[:, None], lin]
     return [_unbits(out.reshape(idx.shape[:-1] + rest), x.dtype)]
 
 
@@ -1025,10 +1028,10 @@ def _tensor_scatter_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     r = past.dim()
     a = _norm_axis(c.attrs["axis"], r)
     n, s = past.shape[a], upd.shape[a]
-    w = torch.zeros(past.shape[0], dtype=torch.int64)
+    w = torch.zeros(past.shape[0], dtype=torch.int64, device=past.device)
     if len(xs) > 2 and xs[2] is not None:
         w = xs[2].to(torch.int64)
-    pos = w[:, None] + torch.arange(s)[None, :]
+    pos = w[:, None] + torch.arange(s, device=past.device)[None, :]
     if c.attrs["mode"] == "circular":
         pos = pos % n
     elif pos.numel() and (int(pos.max()) >= n or int(pos.min()) < 0):
@@ -1151,7 +1154,7 @@ def _pad_axis(x: torch.Tensor, a: int, before: int, after: int, mode: str, fill:
         return torch.cat(parts, a)
     if d == 0:
         raise ValueError(f"cannot {mode}-pad the empty axis {a}")
-    i = torch.arange(-before, d + after)
+    i = torch.arange(-before, d + after, device=x.device)
     if mode == "edge":
         i = i.clamp(0, d - 1)
     elif mode == "wrap":
@@ -1170,9 +1173,9 @@ def _pad_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     axes = [_norm_axis(a, x.dim(), "axes value") for a in axes]
     if len(pads) != 2 * len(axes):
         raise ValueError(f"pads has {len(pads)} entries for {len(axes)} axes")
-    fill = torch.zeros((), dtype=x.dtype)
+    fill = torch.zeros((), dtype=x.dtype, device=x.device)
     if value is not None and value.numel():
-        fill = value.reshape(-1)[0].to(x.dtype)
+        fill = value.reshape(-1)[0].to(device=x.device, dtype=x.dtype)
     for j, a in enumerate(axes):
         x = _pad_axis(x, a, pads[j], pads[j + len(axes)], c.attrs["mode"], fill)
     return [x.contiguous()]
@@ -1206,7 +1209,7 @@ def _center_crop_pad_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     axes = [_norm_axis(a, x.dim(), "axes value") for a in (c.attrs["axes"] or range(x.dim()))]
     if len(sizes) != len(axes):
         raise ValueError(f"shape has {len(sizes)} entries for {len(axes)} axes")
-    zero = torch.zeros((), dtype=x.dtype)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     for a, s in zip(axes, sizes):
         d = x.shape[a]
         if s < d:
@@ -1251,10 +1254,10 @@ def _cos_infer(ctx: InferCtx) -> list[TensorType]:
 def _cos_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     shape, v = _ints(xs[0]), c.attrs["value"]
     if v is None:
-        return [torch.zeros(shape, dtype=torch.float32)]
+        return [torch.zeros(shape, dtype=torch.float32, device=xs[0].device)]
     if isinstance(v, np.ndarray):
         return [np.full(shape, v.reshape(-1)[0], dtype=object)]
-    return [v.reshape(()).expand(shape).contiguous()]
+    return [v.reshape(()).to(xs[0].device).expand(shape).contiguous()]
 
 
 register(
@@ -1298,11 +1301,11 @@ def _range_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     start, limit, delta = (x.reshape(-1)[0] for x in xs)
     dt = start.dtype
     if not dt.is_floating_point:
-        return [torch.arange(int(start), int(limit), int(delta), dtype=dt)]
+        return [torch.arange(int(start), int(limit), int(delta), dtype=dt, device=start.device)]
     cdt = dt if dt in (torch.float32, torch.float64) else _STASH[c.attrs["stash_type"]]
     s, d = start.to(cdt), delta.to(cdt)
     n = _range_len(s.item(), limit.to(cdt).item(), d.item())
-    return [(s + torch.arange(n, dtype=cdt) * d).to(dt)]
+    return [(s + torch.arange(n, dtype=cdt, device=s.device) * d).to(dt)]
 
 
 register(
@@ -1325,7 +1328,8 @@ def _eyelike_infer(ctx: InferCtx) -> list[TensorType]:
 
 def _eyelike_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     n, m = xs[0].shape
-    eye = (torch.arange(m)[None, :] - torch.arange(n)[:, None]) == c.attrs["k"]
+    dev = xs[0].device
+    eye = (torch.arange(m, device=dev)[None, :] - torch.arange(n, device=dev)[:, None]) == c.attrs["k"]
     return [eye.to(c.out_dtype(0).torch)]
 
 
@@ -1369,7 +1373,7 @@ def _onehot_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     a = _norm_axis(c.attrs["axis"], idx.dim() + 1)
     i = idx.to(torch.int64)
     i = torch.where(i < 0, i + depth, i)
-    hot = (i.unsqueeze(-1) == torch.arange(depth)).movedim(-1, a)  # out-of-range indices match nothing
+    hot = (i.unsqueeze(-1) == torch.arange(depth, device=i.device)).movedim(-1, a)  # out-of-range indices match nothing
     off, on = values.reshape(-1)[0], values.reshape(-1)[1]
     return [torch.where(hot, on, off)]
 
@@ -1461,11 +1465,13 @@ def _unique_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     else:
         _, inverse, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True, dim=a)
     n, u = flat.shape[a], counts.numel()
-    first = torch.full((u,), n, dtype=torch.int64).scatter_reduce(0, inverse, torch.arange(n), "amin")
+    dev = inverse.device
+    first = torch.full((u,), n, dtype=torch.int64, device=dev).scatter_reduce(
+        0, inverse, torch.arange(n, device=dev), "amin")
     if not c.attrs["sorted"]:  # order of first occurrence
         order = torch.argsort(first)
-        rank = torch.empty(u, dtype=torch.int64)
-        rank[order] = torch.arange(u)
+        rank = torch.empty(u, dtype=torch.int64, device=dev)
+        rank[order] = torch.arange(u, device=dev)
         first, counts, inverse = first[order], counts[order], rank[inverse]
     return [_take(flat, a, first), first, inverse, counts]
 
@@ -1613,8 +1619,8 @@ def _revseq_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     x, lens = xs
     ta = c.attrs["time_axis"]
     steps = x.shape[ta]
-    t = torch.arange(steps)[None, :]
-    n = lens.to(torch.int64).reshape(-1, 1)
+    t = torch.arange(steps, device=x.device)[None, :]
+    n = lens.to(device=x.device, dtype=torch.int64).reshape(-1, 1)
     if n.numel() and (int(n.min()) < 0 or int(n.max()) > steps):
         raise ValueError(f"sequence_lens must be in [0, {steps}]")
     src = torch.where(t < n, n - 1 - t, t)  # [batch, time]
@@ -1644,9 +1650,9 @@ def _trilu_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     x = xs[0]
     k = int(xs[1].reshape(-1)[0]) if len(xs) > 1 and xs[1] is not None else 0
     n, m = x.shape[-2:]
-    diag = torch.arange(m)[None, :] - torch.arange(n)[:, None]
+    diag = torch.arange(m, device=x.device)[None, :] - torch.arange(n, device=x.device)[:, None]
     keep = diag >= k if c.attrs["upper"] else diag <= k
-    return [torch.where(keep, x, torch.zeros((), dtype=x.dtype))]
+    return [torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))]
 
 
 register(
@@ -1735,14 +1741,14 @@ def _dropout_ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     ratio = float(xs[1].reshape(-1)[0]) if len(xs) > 1 and xs[1] is not None else 0.5
     training = bool(xs[2].reshape(-1)[0]) if len(xs) > 2 and xs[2] is not None else False
     if not training or ratio == 0:
-        return [x, torch.ones(x.shape, dtype=torch.bool)]
+        return [x, torch.ones(x.shape, dtype=torch.bool, device=x.device)]
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     seed = c.attrs["seed"]
     if seed is None:
-        u = torch.rand(x.shape, dtype=torch.float64)
+        u = torch.rand(x.shape, dtype=torch.float64, device=x.device)
     else:  # a seeded mask is reproducible: numpy's MT19937 stream for that seed
-        u = torch.from_numpy(np.random.RandomState(seed % 2**32).uniform(0.0, 1.0, tuple(x.shape)))
+        u = torch.from_numpy(np.random.RandomState(seed % 2**32).uniform(0.0, 1.0, tuple(x.shape))).to(x.device)
     mask = u >= ratio
     return [((x * mask) * (1.0 / (1.0 - ratio))).to(x.dtype), mask]
 
