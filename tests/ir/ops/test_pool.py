@@ -11,13 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import helper
 
 from kiln.frontend.onnx import import_model
 from kiln.ir import DType, Graph, TensorType
 from kiln.ir import symbolic as sym
 from kiln.ir.interpreter import Interpreter
 from kiln.utils.errors import ShapeError, UnsupportedError
+from tests.ir.ops.single_node import single_node_model as _model
 
 RNG = np.random.default_rng(2)
 
@@ -25,22 +25,6 @@ RNG = np.random.default_rng(2)
 def _rnd(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
-
-def _model(op: str, inputs: dict[str, np.ndarray], n_out: int = 1, opset: int = 22,
-           consts: dict[str, np.ndarray] | None = None, **attrs: Any) -> onnx.ModelProto:
-    consts = consts or {}
-    outs = [f"y{i}" for i in range(n_out)]
-    node = helper.make_node(op, list(inputs) + list(consts), outs, **attrs)
-    g = helper.make_graph(
-        [node], "t",
-        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for k, v in inputs.items()],
-        [helper.make_empty_tensor_value_info(o) for o in outs],
-        initializer=[onnx.numpy_helper.from_array(v, k) for k, v in consts.items()],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 10
-    return m
 
 
 def _compare(m: onnx.ModelProto, feeds: dict[str, np.ndarray], tol: float = 1e-5) -> list[np.ndarray]:
