@@ -17,6 +17,7 @@ from kiln.build.memory import plan_memory
 from kiln.frontend.onnx import import_model
 from kiln.ir import symbolic as sym
 from kiln.ir.graph import Graph, TensorType
+from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
@@ -106,9 +107,27 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     say("import", 0, 1)
     graph = model if isinstance(model, Graph) else import_model(model)
     nodes_in = len(graph.nodes)
+    profiles = resolve_profiles(graph, list(config.profiles))  # type: ignore[arg-type]
     say("passes", 0, 1)
-    records = optimize(graph)
+    records = optimize(graph, PassContext(static_dims=static_dims(graph, profiles)))
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model))
+
+
+def static_dims(graph: Graph, profiles: list[Profile]) -> dict[str, int]:
+    """Symbols that have one size in every profile (min = max everywhere): passes may treat them as constants."""
+    sizes: dict[str, set[int]] = {}
+    varying: set[str] = set()
+    for p in profiles:
+        for v in graph.inputs:
+            r = p.shapes.get(v.name)
+            if r is None or not isinstance(v.type, TensorType) or v.type.shape is None:
+                continue
+            for d, lo, hi in zip(v.type.shape, r.min, r.max):
+                if isinstance(d, str) and sym.symbols(d) == {d}:
+                    if lo != hi:
+                        varying.add(d)
+                    sizes.setdefault(d, set()).add(lo)
+    return {d: next(iter(s)) for d, s in sizes.items() if d not in varying and len(s) == 1}
 
 
 def _source(model: Model) -> str:
@@ -136,7 +155,7 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     stats: dict[str, Any] = {
         "nodes_imported": nodes_in,
         "nodes_optimized": len(graph.nodes),
-        "passes": [{"name": r.name, "counts": r.result.counts} for r in records],
+        "passes": [{"name": r.name, "counts": r.result.counts, "nodes_after": r.nodes_after} for r in records],
         "tuning": report.to_json(),
     }
     meta: dict[str, Any] = {

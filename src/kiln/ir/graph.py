@@ -266,6 +266,89 @@ class Graph:
                 m[v.name] = v
         return m
 
+    # --- rewriting (used by the passes) --------------------------------------------------------------
+
+    def replace_uses(self, old: Value, new: Value) -> int:
+        """Make every reader of `old` read `new` instead: node inputs here and in nested subgraphs (which may
+        read outer values), and this graph's outputs. Returns how many uses changed. A graph output keeps its
+        position; callers that must keep an output's *name* should rename `new` (see `rename`)."""
+        count = 0
+        for n in self.all_nodes():
+            for i, v in enumerate(n.inputs):
+                if v is old:
+                    n.inputs[i] = new
+                    count += 1
+        for i, v in enumerate(self.outputs):
+            if v is old:
+                self.outputs[i] = new
+                count += 1
+        return count
+
+    def rename(self, value: Value, name: str) -> None:
+        """Give `value` the name `name`; a value of this graph that holds it now gets a fresh one."""
+        if value.name == name:
+            return
+        holder = self.value_map().get(name)
+        if holder is not None and holder is not value:
+            self._rekey(holder, self.fresh_name(name))
+        self._namer.used.add(name)
+        self._rekey(value, name)
+
+    def _rekey(self, v: Value, new: str) -> None:
+        if self.initializers.get(v.name) is v:
+            del self.initializers[v.name]
+            self.initializers[new] = v
+        v.name = new
+
+    def remove_nodes(self, nodes: Iterable[Node]) -> int:
+        drop = {id(n) for n in nodes}
+        before = len(self.nodes)
+        self.nodes = [n for n in self.nodes if id(n) not in drop]
+        return before - len(self.nodes)
+
+    def insert_node(self, node: Node, index: int | None = None) -> Node:
+        """Put an already built node into the graph (at `index`, else at the end); links its outputs to it."""
+        for v in node.outputs:
+            v.producer = node
+        if index is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(index, node)
+        return node
+
+    def toposort(self) -> None:
+        """Order nodes so producers come first, keeping the current order wherever it is already valid."""
+        order = {id(n): i for i, n in enumerate(self.nodes)}
+        producer = {v: n for n in self.nodes for v in n.outputs}
+        deps: dict[int, set[int]] = {}
+        for n in self.nodes:
+            reads: set[Value] = {v for v in n.inputs if v is not None}
+            for g in n.subgraphs():
+                reads |= {v for m in g.all_nodes() for v in m.inputs if v is not None}
+            deps[id(n)] = {id(producer[v]) for v in reads if v in producer and producer[v] is not n}
+        import heapq
+
+        users: dict[int, list[int]] = {id(n): [] for n in self.nodes}
+        for k, ds in deps.items():
+            for d in ds:
+                users[d].append(k)
+        waiting = {k: len(ds) for k, ds in deps.items()}
+        by_id = {id(n): n for n in self.nodes}
+        ready = [(order[k], k) for k, c in waiting.items() if c == 0]
+        heapq.heapify(ready)
+        out: list[Node] = []
+        while ready:
+            _, k = heapq.heappop(ready)
+            out.append(by_id[k])
+            for u in users[k]:
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    heapq.heappush(ready, (order[u], u))
+        if len(out) != len(self.nodes):
+            stuck = [by_id[k].name for k, c in waiting.items() if c > 0][:3]
+            raise GraphError(f"graph '{self.name}' has a cycle through node(s) {', '.join(stuck)}")
+        self.nodes = out
+
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for n in self.all_nodes():

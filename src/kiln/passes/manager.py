@@ -1,11 +1,11 @@
-"""Runs graph passes in order, verifies the IR after each, reports what each changed, and dumps the graph
-after every pass when KILN_DUMP_GRAPHS=DIR is set."""
+"""Runs graph passes in order: after each, nodes are re-sorted topologically and the IR is verified; what each
+pass did is recorded; with KILN_DUMP_GRAPHS=DIR the graph is written after every pass, numbered."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kiln.ir.graph import Graph
@@ -23,8 +23,20 @@ class PassResult:
     def summary(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.counts.items() if v) or "no change"
 
+    @staticmethod
+    def of(**counts: int) -> PassResult:
+        return PassResult(any(counts.values()), {k: v for k, v in counts.items()})
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What some passes need besides the graph: dims that are static in every profile (symbol -> size)."""
+
+    static_dims: Mapping[str, int] = field(default_factory=dict)
+
 
 Pass = Callable[[Graph], PassResult]
+PassFactory = Callable[[PassContext], Pass]
 
 
 @dataclass
@@ -32,6 +44,7 @@ class PassRecord:
     name: str
     result: PassResult
     seconds: float
+    nodes_after: int
 
 
 def run_passes(graph: Graph, passes: Sequence[tuple[str, Pass]]) -> list[PassRecord]:
@@ -43,8 +56,10 @@ def run_passes(graph: Graph, passes: Sequence[tuple[str, Pass]]) -> list[PassRec
     for i, (name, fn) in enumerate(passes, start=1):
         t0 = time.perf_counter()
         result = fn(graph)
-        verify(graph)
-        records.append(PassRecord(name, result, time.perf_counter() - t0))
+        if result.changed:
+            graph.toposort()
+            verify(graph)
+        records.append(PassRecord(name, result, time.perf_counter() - t0, len(graph.nodes)))
         if dump:
             _write(dump, i, name, graph)
     return records

@@ -39,6 +39,7 @@ from kiln.ir.ops import (  # noqa: F401  isort: skip
     signal,
     rnn,
     attention,
+    fused,
 )
 
 

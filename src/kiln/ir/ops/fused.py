@@ -1,0 +1,54 @@
+"""Op table entry: `Fused`, the one op kind every fusion pass produces.
+
+A fused node carries its computation as data: a `body` graph of ordinary ops (the nodes it replaced), reading only
+the fused node's inputs. `kind` tells the code generators which template applies:
+
+- "epilogue": an anchor (Conv, ConvTranspose, Gemm, MatMul) followed by elementwise ops on its output (bias, an
+  activation, a residual Add, a cast) - rendered by one GEMM/conv template with the epilogue list;
+- "pointwise": a DAG of elementwise ops (with broadcasts and casts) - generated as one kernel;
+- "region": anything else grouped for scheduling.
+
+The reference runs the body node by node through the op table, so every fused node is correct by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.ir.graph import ValueType
+from kiln.ir.ops.base import OPS, Attr, AttrKind, InferCtx, RefCtx, register
+
+KINDS = ("epilogue", "pointwise", "region")
+
+
+def _infer(ctx: InferCtx) -> list[ValueType]:
+    body = ctx.attrs["body"]
+    if len(body.inputs) != ctx.n_inputs:
+        raise ctx.error(f"the body takes {len(body.inputs)} inputs, the node has {ctx.n_inputs}")
+    return [v.type for v in body.outputs]
+
+
+def _ref(c: RefCtx, xs: list[Any]) -> list[Any]:
+    body = c.attrs["body"]
+    device = next((x.device for x in xs if isinstance(x, torch.Tensor)), None)
+    env: dict[Any, Any] = dict(zip(body.inputs, xs))
+
+    def value(v: Any) -> Any:
+        if v in env:
+            return env[v]
+        d = v.data
+        return d.to(device) if isinstance(d, torch.Tensor) and device is not None and d.device != device else d
+
+    for n in body.nodes:
+        args = [None if v is None else value(v) for v in n.inputs]
+        env.update(zip(n.outputs, OPS[n.op].ref(RefCtx(n), args)))
+    return [value(v) for v in body.outputs]
+
+
+register(
+    "Fused", inputs=["inputs*"], outputs=["outputs+"], infer=_infer, ref=_ref,
+    attrs={"body": Attr(AttrKind.GRAPH), "kind": Attr(AttrKind.STRING, "region", choices=KINDS)},
+    doc="Nodes fused into one step; the body graph is the computation (see the module docstring).",
+)
