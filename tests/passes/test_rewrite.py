@@ -80,3 +80,16 @@ def test_manager_sorts_verifies_and_records() -> None:
 
     records = run_passes(g, [("fuse_first_two", fuse_first_two)])
     assert records[0].result.counts == {"fused": 1} and records[0].nodes_after == 2
+
+
+def test_dead_nodes_removes_unread_chains_and_weights() -> None:
+    from kiln.passes.dead_nodes import dead_nodes
+
+    g = _conv_relu_add()
+    x = g.inputs[0]
+    (sh,) = g.add("Shape", [x])
+    g.add("Gather", [sh, g.add_initializer("idx", torch.tensor(0))])
+    g.add_initializer("orphan", torch.ones(3))
+    result = dead_nodes(g)
+    assert result.counts == {"nodes_removed": 2, "weights_removed": 2}
+    assert [n.name for n in g.nodes] == ["conv1", "relu1", "add1"] and set(g.initializers) == {"w", "b"}

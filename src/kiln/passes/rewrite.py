@@ -20,7 +20,7 @@ class Uses:
     def of(graph: Graph) -> Uses:
         readers: dict[Value, list[Node]] = {}
         for n in graph.nodes:
-            for v in _reads(n):
+            for v in reads(n):
                 readers.setdefault(v, []).append(n)
         return Uses(readers, set(graph.outputs))
 
@@ -33,7 +33,8 @@ class Uses:
         return r[0] if len(r) == 1 and v not in self.outputs else None
 
 
-def _reads(n: Node) -> list[Value]:
+def reads(n: Node) -> list[Value]:
+    """Values a node reads: its inputs and what its subgraphs read (outer values included)."""
     out = [v for v in n.inputs if v is not None]
     for g in n.subgraphs():
         for m in g.all_nodes():
@@ -83,7 +84,7 @@ def fuse(graph: Graph, nodes: Sequence[Node], kind: str, name: str | None = None
     uses = Uses.of(graph)
     ext_in: list[Value] = []
     for n in region:
-        for v in _reads(n):
+        for v in reads(n):
             if v not in produced and v not in ext_in:
                 ext_in.append(v)
     ext_out = [v for n in region for v in n.outputs
