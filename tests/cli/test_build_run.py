@@ -166,3 +166,13 @@ def test_summary_warns_when_the_asked_precision_is_missing(engine: Path, capsys:
     out = capsys.readouterr().out
     assert "warning: float16 was asked for, but no layer computes in float16: this engine is float32 x4" in out
     assert "123 B" in out and "import 0.10 s" in out
+
+
+def test_summary_reports_each_pass() -> None:
+    from kiln.cli.build import pass_lines
+
+    passes = [{"name": "fold_batchnorm", "counts": {"folded": 53}, "nodes_after": 212},
+              {"name": "dead_nodes", "counts": {"nodes_removed": 0, "weights_removed": 0}, "nodes_after": 212},
+              {"name": "cse", "counts": {"merged": 2, "constants_merged": 1}, "nodes_after": 210}]
+    assert pass_lines(passes) == ["fold_batchnorm: 53 folded (-> 212 layers)",
+                                  "cse: 2 merged, 1 constants merged (-> 210 layers)"]

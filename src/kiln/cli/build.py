@@ -161,7 +161,9 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
     tuning = stats.get("tuning", {})
     print("summary")
     print(f"  layers      {stats.get('nodes_imported', '?')} imported -> {stats.get('nodes_optimized', '?')} "
-          f"after optimization{_passes(stats.get('passes', []))}")
+          f"after optimization")
+    for line in pass_lines(stats.get("passes", [])):
+        print(f"    {line}")
     precisions = [precision_of(n) for n in plan.graph.nodes]
     print(f"  precision   {mix(precisions)}")
     wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(engine.metadata.get("config", {}).get("precision", ""))
@@ -183,9 +185,16 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
     print(f"  engine      {path}, {human_bytes(size)}, for {engine.device_info.short()}")
 
 
-def _passes(passes: list[dict[str, Any]]) -> str:
-    done = [f"{p['name']} {sum(p.get('counts', {}).values())}" for p in passes if p.get("counts")]
-    return f" ({', '.join(done)})" if done else ""
+def pass_lines(passes: list[dict[str, Any]]) -> list[str]:
+    """One line per pass that changed something: "fold_batchnorm: 53 folded (-> 212 layers)"."""
+    out = []
+    for p in passes:
+        counts = {k: v for k, v in p.get("counts", {}).items() if v}
+        if counts:
+            what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+            after = f" (-> {p['nodes_after']} layers)" if "nodes_after" in p else ""
+            out.append(f"{p['name']}: {what}{after}")
+    return out
 
 
 def _tuning(t: dict[str, Any]) -> str:
