@@ -105,3 +105,21 @@ def test_user_mistakes(engine: Path, tmp_path: Path) -> None:
     broken.write_bytes(bytes(data))
     user_error(kiln_cli("inspect", str(broken)), "corrupted")
     user_error(kiln_cli("inspect", str(engine), "--profile", "--shapes", "x:16x3x8x8"), "no optimization profile")
+
+
+def test_fused_steps_are_named_after_their_nodes() -> None:
+    import torch
+
+    from kiln.cli.inspect import op_label, origins
+    from kiln.ir import DType, Graph, TensorType
+    from kiln.passes.rewrite import fuse
+
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (1, 3, 4, 4)))
+    w = g.add_initializer("w", torch.ones(2, 3, 1, 1))
+    (c,) = g.add("Conv", [x, w], name="/layer1/conv1")
+    (r,) = g.add("Relu", [c], name="relu")
+    g.outputs = [r]
+    node = fuse(g, g.nodes, "epilogue")
+    assert origins(node) == ["/layer1/conv1", "relu"]
+    assert op_label(node) == "Fused[epilogue: Conv+Relu]"

@@ -79,8 +79,18 @@ def _open(args: argparse.Namespace) -> Engine:
 
 
 def origins(node: Node) -> list[str]:
-    """The original (imported) nodes a step runs. Today a step is one node; fused steps will list them all."""
+    """The original (imported) nodes a step runs: a fused step lists the nodes of its body, in order."""
+    if node.op == "Fused":
+        body = node.attrs["body"]
+        return [name for n in body.nodes for name in origins(n)]
     return [node.name]
+
+
+def op_label(node: Node) -> str:
+    """The op, and for a fused step its kind and the ops of its body: "Fused[epilogue: Conv+Add+Relu]"."""
+    if node.op != "Fused":
+        return node.op
+    return f"Fused[{node.attrs['kind']}: {'+'.join(n.op for n in node.attrs['body'].nodes)}]"
 
 
 def _value(v: Value | None) -> dict[str, Any] | None:
@@ -100,7 +110,7 @@ def layer_info(engine: Engine) -> list[dict[str, Any]]:
     for i, node in enumerate(plan.graph.nodes):
         names = origins(node)
         out.append({
-            "index": i, "name": " + ".join(names), "fused": names, "op": node.op,
+            "index": i, "name": " + ".join(names), "fused": names, "op": op_label(node),
             "tactics": [{"tactic": per[i].tactic, "config": dict(per[i].config)} for per in plan.choices],
             "precision": precision_of(node),
             "inputs": [_value(v) for v in node.inputs],
