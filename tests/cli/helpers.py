@@ -58,12 +58,16 @@ def tiny_cnn(path: Path, seed: int = 0) -> str:
     return _save(g, path)
 
 
-def chain(path: Path, scale: float = 2.0) -> str:
-    """x[2,6] -> add1 (+1) -> mul2 (*scale) -> relu3 -> y: a static model whose middle layer can be changed."""
-    inits = [numpy_helper.from_array(np.ones(6, np.float32), "one"),
+def chain(path: Path, scale: float = 2.0, offset: float = 1.0) -> str:
+    """x[2,6] -> add1 (+1) -> soft (Softmax) -> mul2 (*scale) -> relu3 -> y: a static model whose middle layer can
+    be changed. The optimizer keeps add1 and soft as steps of their own and fuses mul2 + relu3."""
+    bias = np.ones(6, np.float32)
+    bias[0] = offset  # a changed first element changes the softmax too (a uniform shift would not)
+    inits = [numpy_helper.from_array(bias, "one"),
              numpy_helper.from_array(np.full(6, scale, np.float32), "scale")]
     nodes = [helper.make_node("Add", ["x", "one"], ["a"], name="add1"),
-             helper.make_node("Mul", ["a", "scale"], ["m"], name="mul2"),
+             helper.make_node("Softmax", ["a"], ["s"], name="soft", axis=-1),
+             helper.make_node("Mul", ["s", "scale"], ["m"], name="mul2"),
              helper.make_node("Relu", ["m"], ["y"], name="relu3")]
     g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)

@@ -31,8 +31,9 @@ def engine(work: Path) -> Path:
     text = ok(r)
     for stage in ("importing the model", "optimizing the graph", "serializing", "summary"):
         assert stage in text, text
-    assert "4 imported -> 4 after optimization" in text
-    assert "precision   float32 x4" in text
+    assert "4 imported -> 3 after optimization" in text  # the Relu became conv1's epilogue
+    assert "epilogue_fusion: 1 epilogues" in text
+    assert "precision   float32 x3" in text
     assert "x 1x3x8x8..4x3x8x8 (opt 2x3x8x8)" in text and "profile 1   x 8x3x8x8" in text
     assert "activation arena" in text and "engine      " in text
     return out
@@ -164,7 +165,7 @@ def test_summary_warns_when_the_asked_precision_is_missing(engine: Path, capsys:
     e.metadata["config"]["precision"] = "fp16"  # as a GPU build whose precision pass changed nothing would record
     print_summary(e, str(engine), 123, {"import": 0.1})
     out = capsys.readouterr().out
-    assert "warning: float16 was asked for, but no layer computes in float16: this engine is float32 x4" in out
+    assert "warning: float16 was asked for, but no layer computes in float16: this engine is float32 x3" in out
     assert "123 B" in out and "import 0.10 s" in out
 
 

@@ -93,3 +93,45 @@ def test_dead_nodes_removes_unread_chains_and_weights() -> None:
     result = dead_nodes(g)
     assert result.counts == {"nodes_removed": 2, "weights_removed": 2}
     assert [n.name for n in g.nodes] == ["conv1", "relu1", "add1"] and set(g.initializers) == {"w", "b"}
+
+
+def test_a_branch_returning_an_outer_value_counts_as_a_reader() -> None:
+    """If's then_branch returns %r (computed outside) as is: dead_nodes keeps its producer, redirect and
+    replace_uses update the branch's output, toposort keeps the producer first."""
+    from kiln.passes.dead_nodes import dead_nodes
+
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (2,)))
+    cond = g.add_input("cond", TensorType(DType.BOOL, ()))
+    (r,) = g.add("Relu", [x], name="relu", outputs=["r"])
+    then, other = Graph("then", parent=g), Graph("else", parent=g)
+    then.outputs = [r]
+    other.outputs = [other.add("Neg", [x])[0]]
+    (y,) = g.add("If", [cond], {"then_branch": then, "else_branch": other}, outputs=["y"])
+    g.outputs = [y]
+    assert not dead_nodes(g).changed and Uses.of(g).count(r) == 1
+    g.nodes.reverse()
+    g.toposort()
+    assert [n.op for n in g.nodes] == ["Relu", "If"]
+    (alt,) = g.add("Abs", [x], outputs=["alt"])
+    redirect(g, r, alt)
+    assert then.outputs == [alt]
+    assert g.replace_uses(alt, r) == 1 and then.outputs == [r]
+    verify(g, types=True)
+
+
+def test_fuse_keeps_the_callers_uses_current() -> None:
+    g = _conv_relu_add()
+    uses = Uses.of(g)
+    fuse(g, g.nodes[:2], "epilogue", uses=uses)  # conv1 + relu1: both outputs read outside (by add1, the graph)
+    fuse(g, g.nodes[1:], "pointwise", uses=uses)  # add1 alone
+    fresh = Uses.of(g)
+
+    own = set(g.value_map().values())  # Uses.of also lists the values inside fused bodies
+
+    def as_sets(u: Uses) -> dict[str, set[str]]:
+        return {v.name: {n.name for n in rs} for v, rs in u.readers.items() if rs and v in own}
+
+    assert as_sets(uses) == as_sets(fresh) and uses.outputs == fresh.outputs
+    verify(g, types=True)
+    np.testing.assert_array_equal(Interpreter(g).run({"x": X})["s"], Interpreter(_conv_relu_add()).run({"x": X})["s"])

@@ -278,10 +278,11 @@ class Graph:
                 if v is old:
                     n.inputs[i] = new
                     count += 1
-        for i, v in enumerate(self.outputs):
-            if v is old:
-                self.outputs[i] = new
-                count += 1
+        for g in _nested(self):  # this graph's outputs, and subgraphs that return an outer value as is
+            for i, v in enumerate(g.outputs):
+                if v is old:
+                    g.outputs[i] = new
+                    count += 1
         return count
 
     def rename(self, value: Value, name: str) -> None:
@@ -325,6 +326,7 @@ class Graph:
             reads: set[Value] = {v for v in n.inputs if v is not None}
             for g in n.subgraphs():
                 reads |= {v for m in g.all_nodes() for v in m.inputs if v is not None}
+                reads |= {v for s in _nested(g) for v in s.outputs}  # a branch may return an outer value
             deps[id(n)] = {id(producer[v]) for v in reads if v in producer and producer[v] is not n}
         import heapq
 
@@ -362,3 +364,11 @@ class Graph:
         from kiln.ir.printer import format_graph
 
         return format_graph(self)
+
+
+def _nested(g: Graph) -> Iterator[Graph]:
+    """`g` and every graph nested in it."""
+    yield g
+    for n in g.nodes:
+        for s in n.subgraphs():
+            yield from _nested(s)

@@ -27,8 +27,9 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], *, max_rounds: int = 20) ->
     for _ in range(max_rounds):
         changed = False
         uses = Uses.of(graph)
+        live = {id(n) for n in graph.nodes}  # the sweep's list keeps every node alive: ids are not reused
         for node in list(graph.nodes):
-            if not any(n is node for n in graph.nodes):
+            if id(node) not in live:
                 continue  # removed by an earlier rewrite in this sweep
             for ops, fn in rules:
                 if node.op in ops:
@@ -37,6 +38,7 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], *, max_rounds: int = 20) ->
                         counts[what] = counts.get(what, 0) + 1
                         changed = True
                         uses = Uses.of(graph)
+                        live = {id(n) for n in graph.nodes}
                         break
         if not changed:
             break

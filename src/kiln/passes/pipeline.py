@@ -1,15 +1,68 @@
 """THE ordered list of graph passes. Each entry is (name, pass factory); a comment on every ordering constraint.
 
-The optimizer's passes land here one by one (see the optimizer issue); each is a file in this package with its
-own tests on hand-built graphs.
+Every pass is a file in this package with its own tests on hand-built graphs; the manager re-sorts and verifies
+the graph after each pass that changed it, and KILN_DUMP_GRAPHS=DIR writes the graph after each one, numbered.
 """
 
 from __future__ import annotations
 
 from kiln.ir.graph import Graph
-from kiln.passes.manager import PassContext, PassFactory, PassRecord, run_passes
+from kiln.passes.constant_folding import fold_constants
+from kiln.passes.cse import eliminate_common_subexpressions
+from kiln.passes.dead_nodes import dead_nodes
+from kiln.passes.epilogue_fusion import epilogue_fusion
+from kiln.passes.fold_affine import fold_affine
+from kiln.passes.fuse_attention import fuse_attention
+from kiln.passes.fuse_gelu import fuse_gelu
+from kiln.passes.fuse_normalization import fuse_normalization
+from kiln.passes.fuse_reductions import fuse_reductions
+from kiln.passes.fuse_softmax import fuse_softmax
+from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, run_passes
+from kiln.passes.merge_siblings import merge_siblings
+from kiln.passes.noops import remove_noops
+from kiln.passes.pointwise_fusion import pointwise_fusion
+from kiln.passes.shape_arithmetic import shape_arithmetic
+from kiln.passes.transpose_sinking import sink_transposes
 
-PIPELINE: list[tuple[str, PassFactory]] = []
+
+def _plain(fn: Pass) -> PassFactory:
+    return lambda ctx: fn
+
+
+PIPELINE: list[tuple[str, PassFactory]] = [
+    # --- cleanup --------------------------------------------------------------------------------------------
+    # First: fixes the profile's static dims in the types, so every later pass sees static shapes; needs the profile.
+    ("shape_arithmetic", shape_arithmetic),
+    # Folds what shape arithmetic made constant (Range(0, seq), If conditions) and every computed weight; before
+    # no-op removal, whose rules need constant operands, and before the fusions, which need weights as initializers.
+    ("fold_constants", _plain(fold_constants)),
+    # Before no-op removal: that turns size-1-only Transposes into Reshapes, which sinking cannot follow.
+    ("sink_transposes", _plain(sink_transposes)),
+    # Before CSE: removing Identity makes duplicated biases the same value, so their readers merge.
+    ("remove_noops", _plain(remove_noops)),
+    ("cse", _plain(eliminate_common_subexpressions)),
+    ("dead_nodes", _plain(dead_nodes)),
+    # --- patterns: single ops for what exporters decompose ----------------------------------------------------
+    # All of these before any fusion: a fused node hides its pieces from the matchers.
+    # Reductions before normalization (the norm rules look for ReduceMean).
+    ("fuse_reductions", _plain(fuse_reductions)),
+    ("fuse_normalization", _plain(fuse_normalization)),
+    # Softmax before attention (attention matches from the Softmax op).
+    ("fuse_softmax", _plain(fuse_softmax)),
+    ("fuse_gelu", _plain(fuse_gelu)),
+    ("fuse_attention", _plain(fuse_attention)),
+    # --- weights and layers -------------------------------------------------------------------------------------
+    # BN folding before sibling merging (a merged conv's output is read by a Split, so its BN could not fold).
+    ("fold_affine", _plain(fold_affine)),
+    # Sibling merging before epilogue fusion (the fused anchors would hide the shared input's readers).
+    ("merge_siblings", _plain(merge_siblings)),
+    ("dead_nodes_2", _plain(dead_nodes)),
+    # --- fusion into kernels -------------------------------------------------------------------------------------
+    # Epilogues before pointwise groups, so activations join their Conv/MatMul rather than a kernel of their own.
+    ("epilogue_fusion", _plain(epilogue_fusion)),
+    ("pointwise_fusion", _plain(pointwise_fusion)),
+    ("dead_nodes_3", _plain(dead_nodes)),
+]
 
 
 def optimize(graph: Graph, context: PassContext | None = None) -> list[PassRecord]:

@@ -1,0 +1,378 @@
+"""Attention recognition: scaled dot-product attention spelled out in matmuls becomes one `Attention` op.
+
+The matched chain, from the Softmax outwards:
+
+    scores = MatMul(Q', K'^T)                Q' = Q * a (or / a), K'^T = (K * b)^T, each scale optional
+    scores = scores * c  (or / c)            optional
+    scores = scores + mask                   optional; or Where(cond, scores, -inf) / Where(cond, -inf, scores)
+                                             (a fill <= -1e30 is kept as an additive 0 / fill mask)
+    probs  = Softmax(Cast?(scores), -1)      a Cast to a wider float here sets softmax_precision
+    out    = MatMul(Cast?(probs), V)
+
+Rewrite cases:
+- 4-D: Q [B, H, Sq, D], K [B, Hkv, Skv, D] (K^T as Transpose(K, [0, 1, 3, 2]); any other K^T gets that
+  Transpose), V [B, Hkv, Skv, Dv]                          -> Attention(Q, K, V, mask?, scale=a*b*c)
+- grouped-query: K and V repeated per query head by Reshape(Expand(Unsqueeze(kv, 2))) (HF repeat_kv) are read
+  before the repeat                                       -> Attention with Hkv < H key/value heads
+- with the head split and merge around it: Q/K/V = Transpose(Reshape(x [B, S, H*D], [B, S, H, D]), [0, 2, 1, 3])
+  (K^T also as one Transpose(.., [0, 2, 3, 1])) and out -> Transpose([0, 2, 1, 3]) -> Reshape([B, Sq, H*Dv])
+                                                          -> Attention(q, k, v, mask?, q_num_heads=H,
+                                                             kv_num_heads=Hkv) on the 3-D tensors
+  Reshape targets are read from the inferred shapes, which inference computes from constant targets and from
+  Shape -> Gather -> Concat chains alike.
+
+The scores, probabilities and everything between the two MatMuls must be read only by the pattern (Shape
+nodes reading the merge's Transpose are pointed at an input of the same shape); the inputs' reshapes and
+transposes may have other readers (they stay). Batch dims must be provably equal and K/V's heads equal to or
+dividing Q's (one K/V head broadcast by MatMul is multi-query attention), so no MatMul broadcasting is lost;
+the scores must have the Softmax input's shape (a mask may not broadcast them), the mask must cover all keys
+(kiln's Attention pads a shorter mask with -inf instead of broadcasting it), the total scale must be positive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.ir import symbolic as sym
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.manager import PassResult
+from kiln.passes.matching import (
+    add_const,
+    add_node,
+    private,
+    producer,
+    readers,
+    remove_dead,
+    same_dim,
+    same_shape,
+    scalar,
+    small_value,
+    sole_reader,
+)
+from kiln.passes.pattern import apply_rules, rule
+from kiln.passes.rewrite import Uses, redirect
+
+_BIG_NEGATIVE = -1e30
+"""A masked_fill value at or below this acts as -inf: x + fill == fill for any score |x| < 1e21 in float32."""
+
+
+@dataclass
+class _Operand:
+    """Q, K or V as the attention reads it: `v4` is [B, H, S, D] (None for a K that only exists transposed);
+    `packed` the [B, S, H*D] tensor it was split from and `split` the [B, S, H, D] Reshape output, when it was."""
+
+    v4: Value | None
+    packed: Value | None = None
+    split: Value | None = None
+    heads: sym.Dim | None = None
+
+
+def _peel_scale(v: Value) -> tuple[Value, float, list[Node]]:
+    """Strip Mul / Div by scalar constants: v = inner * factor; the stripped nodes, outermost first."""
+    factor, nodes = 1.0, []
+    for _ in range(4):
+        p = producer(v, ("Mul", "Div"))
+        if p is None:
+            break
+        a, b = p.inputs[0], p.inputs[1]
+        ka, kb = scalar(a), scalar(b)
+        if p.op == "Mul" and kb is not None and a is not None and a.type == v.type:
+            v, factor = a, factor * kb
+        elif p.op == "Mul" and ka is not None and b is not None and b.type == v.type:
+            v, factor = b, factor * ka
+        elif p.op == "Div" and kb and a is not None and a.type == v.type:
+            v, factor = a, factor / kb
+        else:
+            break
+        nodes.append(p)
+    return v, factor, nodes
+
+
+def _perm(node: Node | None, *perm: int) -> bool:
+    return node is not None and node.op == "Transpose" and tuple(node.attrs.get("perm") or ()) == perm
+
+
+def _split_heads(r: Value | None) -> tuple[Value, sym.Dim] | None:
+    """r = Reshape(x [B, S, E], -> [B, S, H, D]) with E = H * D: returns (x, H)."""
+    reshape = producer(r, "Reshape")
+    x = reshape.inputs[0] if reshape is not None else None
+    if r is None or r.shape is None or len(r.shape) != 4 or x is None or x.shape is None or len(x.shape) != 3:
+        return None
+    b, s, h, d = r.shape
+    if not (same_dim(b, x.shape[0]) and same_dim(s, x.shape[1]) and same_dim(sym.mul(h, d), x.shape[2])):
+        return None
+    return x, h
+
+
+def _operand(v4: Value) -> _Operand:
+    """Q, K or V as [B, H, S, D], with the packed tensor it was split from when it was."""
+    t = producer(v4, "Transpose")
+    if t is not None and _perm(t, 0, 2, 1, 3):
+        found = _split_heads(t.inputs[0])
+        if found is not None:
+            return _Operand(v4, found[0], t.inputs[0], found[1])
+    return _Operand(v4, heads=v4.shape[1] if v4.shape else None)
+
+
+def _key(kt: Value) -> tuple[_Operand | None, float]:
+    """K from K^T [B, H, D, S] (None when K^T is no transpose of a K), and a scale found on K."""
+    t = producer(kt, "Transpose")
+    if t is not None and t.inputs[0] is not None and _perm(t, 0, 1, 3, 2):
+        k4, factor, _ = _peel_scale(t.inputs[0])
+        return _operand(k4), factor
+    if t is not None and _perm(t, 0, 2, 3, 1):
+        found = _split_heads(t.inputs[0])
+        if found is not None:
+            return _Operand(None, found[0], t.inputs[0], found[1]), 1.0
+    return None, 1.0
+
+
+def _repeat_kv(v4: Value) -> Value:
+    """kv [B, Hkv, S, D] when v4 = Reshape(Expand(Unsqueeze(kv, 2), [B, Hkv, n, S, D]), [B, Hkv*n, S, D])."""
+    reshape = producer(v4, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsq = producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    if unsq is None or expand is None or v4.shape is None:
+        return v4
+    kv, axes = unsq.inputs[0], small_value(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
+    e = expand.outputs[0].shape
+    if kv is None or kv.shape is None or len(kv.shape) != 4 or axes is None or e is None or len(e) != 5:
+        return v4
+    if axes.reshape(-1).tolist() not in ([2], [-3]):
+        return v4
+    b, hkv, s, d = kv.shape
+    if not (same_dim(e[0], b) and same_dim(e[1], hkv) and same_dim(e[3], s) and same_dim(e[4], d)
+            and same_shape(v4.shape, (b, sym.mul(hkv, e[2]), s, d))):
+        return v4
+    return kv
+
+
+def _mask_step(s: Value) -> tuple[Node, Value, Value, object] | None:
+    """The mask step producing the softmax input: (node, scores, mask, how) with how 'add' or
+    (keep|drop, fill) for a Where keeping the scores where the condition holds (or where it does not)."""
+    add = producer(s, "Add")
+    if add is not None:
+        for i in (0, 1):
+            a, m = add.inputs[i], add.inputs[1 - i]
+            if a is not None and m is not None and producer(_peel_scale(a)[0], "MatMul") is not None:
+                return add, a, m, "add"
+    where = producer(s, "Where")
+    if where is not None:
+        c, a, b = where.inputs
+        for scores, fill, kind in ((a, b, "keep"), (b, a, "drop")):
+            f = scalar(fill)
+            if (scores is not None and f is not None and f <= _BIG_NEGATIVE and c is not None
+                    and c.dtype is DType.BOOL and producer(_peel_scale(scores)[0], "MatMul") is not None):
+                return where, scores, c, (kind, f)
+    return None
+
+
+def _mask_input(graph: Graph, mask: Value | None, how: object, dtype: DType, before: Node) -> Value | None:
+    """The attn_mask input: an additive float mask as it is; a Where condition as bool (fill -inf) or as an
+    additive 0 / fill mask."""
+    if mask is None or how == "add":
+        return mask
+    assert isinstance(how, tuple)
+    kind, fill = how
+    if fill == float("-inf"):
+        if kind == "keep":
+            return mask
+        (m,) = add_node(graph, before, "Not", [mask], name=f"{before.name}/mask")
+        return m
+    zero = add_const(graph, f"{before.name}.zero", torch.zeros((), dtype=dtype.torch))
+    big = add_const(graph, f"{before.name}.fill", torch.tensor(fill, dtype=dtype.torch))
+    (m,) = add_node(graph, before, "Where", [mask, zero, big] if kind == "keep" else [mask, big, zero],
+                    name=f"{before.name}/mask")
+    return m
+
+
+def _merge_heads(y4: Value, uses: Uses) -> tuple[Node, list[Node]] | None:
+    """The Reshape of Transpose(y4, [0, 2, 1, 3]) to [B, S, H*Dv], both read only along this chain or by Shape
+    nodes (returned: they must be rerouted to a value of the same shape)."""
+    t, shapes = _one_reader(uses, y4, "Transpose")
+    if t is None or not _perm(t, 0, 2, 1, 3) or y4.shape is None:
+        return None
+    r, more = _one_reader(uses, t.outputs[0], "Reshape")
+    b, h, s, d = y4.shape
+    if r is None or not same_shape(r.outputs[0].shape, (b, s, sym.mul(h, d))):
+        return None
+    return r, shapes + more
+
+
+def _one_reader(uses: Uses, v: Value, op: str) -> tuple[Node | None, list[Node]]:
+    """The one reader of v that is no Shape node, when it is `op`; and the Shape nodes reading v."""
+    rs = readers(uses, v)
+    others = [n for n in rs if n.op != "Shape"]
+    if v in uses.outputs or len(others) != 1 or others[0].op != op:
+        return None, []
+    return others[0], [n for n in rs if n.op == "Shape"]
+
+
+def _reroute(shapes: list[Node], candidates: list[Value | None]) -> bool:
+    """Point each Shape node at a candidate of the same shape as what it reads; False (nothing changed) when
+    one has no such candidate."""
+    plan = []
+    for n in shapes:
+        v = n.inputs[0]
+        alt = next((c for c in candidates if c is not None and v is not None and same_shape(c.shape, v.shape)), None)
+        if alt is None:
+            return False
+        plan.append((n, alt))
+    for n, alt in plan:
+        n.inputs[0] = alt
+    return True
+
+
+def _probs_reader(sm: Node, uses: Uses) -> tuple[Node, Value] | None:
+    """The MatMul reading the probabilities (through Casts and Identities), and the probabilities' last value."""
+    p = sm.outputs[0]
+    for _ in range(4):
+        n = sole_reader(uses, p, ("Cast", "Identity", "MatMul"))
+        if n is None:
+            return None
+        if n.op == "MatMul":
+            return (n, p) if n.inputs[0] is p and n.inputs[1] is not p else None
+        if not n.outputs[0].dtype.is_float:
+            return None
+        p = n.outputs[0]
+    return None
+
+
+@dataclass
+class _Scores:
+    mm1: Node
+    mask: Value | None
+    how: object
+    scale: float
+
+
+def _scores(sm: Node, uses: Uses) -> _Scores | None:
+    """Walk from the softmax input to the Q K^T MatMul: Cast?, mask step?, scale steps; each value on the way
+    read only by the next step."""
+    s = sm.inputs[0]
+    steps: list[Node] = []
+    cast = producer(s, "Cast")
+    if cast is not None and cast.inputs[0] is not None and cast.inputs[0].dtype.is_float:
+        steps.append(cast)
+        s = cast.inputs[0]
+    mask, how = None, None
+    found = _mask_step(s) if s is not None else None
+    if found is not None:
+        node, s, mask, how = found
+        steps.append(node)
+    if s is None:
+        return None
+    scores, factor, scale_nodes = _peel_scale(s)
+    mm1 = producer(scores, "MatMul")
+    if mm1 is None:
+        return None
+    reader = sm
+    for step in [*steps, *scale_nodes, mm1]:  # each step's output is read by the step before it only
+        if not private(uses, step.outputs[0], reader):
+            return None
+        reader = step
+    return _Scores(mm1, mask, how, factor)
+
+
+def _attention(graph: Graph, sm: Node, uses: Uses) -> str | None:
+    x = sm.inputs[0]
+    if x is None or x.rank != 4 or sm.attrs["axis"] not in (-1, 3):
+        return None
+    found = _probs_reader(sm, uses)
+    sc = _scores(sm, uses)
+    if found is None or sc is None or not same_shape(x.shape, sc.mm1.outputs[0].shape):
+        return None
+    mm2, probs = found
+    mm1 = sc.mm1
+    if mm1.inputs[0] is None or mm1.inputs[1] is None or mm2.inputs[1] is None:
+        return None
+    q_in, a, _ = _peel_scale(mm1.inputs[0])
+    kt_in, b, _ = _peel_scale(mm1.inputs[1])
+    k, b2 = _key(kt_in)
+    scale = a * b * b2 * sc.scale
+    scores, y4 = mm1.outputs[0], mm2.outputs[0]
+    dtype = q_in.dtype
+    if scale <= 0 or probs.dtype is not dtype or scores.shape is None or y4.shape is None:
+        return None
+    mask = sc.mask
+    if mask is not None and mask.shape is not None and mask.rank and not same_dim(mask.shape[-1], scores.shape[-1]):
+        return None
+    q, v = _operand(q_in), _operand(mm2.inputs[1])
+    if k is not None and k.v4 is not None and v.v4 is not None:
+        k_base, v_base = _repeat_kv(k.v4), _repeat_kv(v.v4)
+        if (k_base is k.v4) != (v_base is v.v4):
+            return None
+        k, v = _operand(k_base), _operand(v_base)
+    attrs: dict[str, object] = {"scale": scale}
+    if x.dtype is not dtype:
+        attrs["softmax_precision"] = x.dtype
+    merge = _merge_heads(y4, uses)
+    if (merge is not None and k is not None and q.packed is not None and k.packed is not None
+            and v.packed is not None and isinstance(q.heads, int) and isinstance(k.heads, int)
+            and _shapes_ok(_bhsd(q.split), _bhsd(k.split), _bhsd(v.split), scores)
+            and _reroute(merge[1], [q.v4, q.split, v.v4, v.split])):
+        attrs.update(q_num_heads=q.heads, kv_num_heads=k.heads)
+        return _emit(graph, merge[0], [q.packed, k.packed, v.packed], sc, attrs, dtype, "attention_packed")
+    k_shape = _bhsd(k.split) if k is not None and k.v4 is None else (
+        k.v4.shape if k is not None and k.v4 is not None else _swap_last(kt_in.shape))
+    if q.v4 is None or v.v4 is None or not _shapes_ok(q.v4.shape, k_shape, v.v4.shape, scores):
+        return None
+    if k is not None and k.v4 is not None:
+        k4 = k.v4
+    elif k is not None:
+        (k4,) = add_node(graph, mm2, "Transpose", [k.split], {"perm": (0, 2, 1, 3)}, name=f"{mm2.name}/K")
+    else:
+        (k4,) = add_node(graph, mm2, "Transpose", [kt_in], {"perm": (0, 1, 3, 2)}, name=f"{mm2.name}/K")
+    return _emit(graph, mm2, [q.v4, k4, v.v4], sc, attrs, dtype, "attention")
+
+
+def _bhsd(split: Value | None) -> tuple | None:
+    """The [B, H, S, D] shape of a [B, S, H, D] tensor."""
+    s = split.shape if split is not None else None
+    return None if s is None or len(s) != 4 else (s[0], s[2], s[1], s[3])
+
+
+def _swap_last(shape: tuple | None) -> tuple | None:
+    return None if shape is None or len(shape) != 4 else (*shape[:2], shape[3], shape[2])
+
+
+def _emit(graph: Graph, anchor: Node, inputs: list[Value | None], sc: _Scores, attrs: dict[str, object],
+          dtype: DType, what: str) -> str | None:
+    m = _mask_input(graph, sc.mask, sc.how, dtype, anchor)
+    out = anchor.outputs[0]
+    (y,) = add_node(graph, anchor, "Attention", [*inputs, *([m] if m is not None else [])], attrs,
+                    name=f"{anchor.name}/Attention")
+    if y.type != out.type:  # cannot happen for a matched pattern; never change an output's type
+        remove_dead(graph, [y.producer] if y.producer is not None else [])
+        return None
+    redirect(graph, out, y)
+    remove_dead(graph, [anchor])
+    return what
+
+
+def _shapes_ok(q: tuple | None, k: tuple | None, v: tuple | None, scores: Value) -> bool:
+    """Q [B, H, Sq, D], K [B, Hkv, Skv, D], V [B, Hkv, Skv, Dv] with equal batches, Hkv dividing H, and the
+    scores [B, H, Sq, Skv] (no MatMul broadcasting)."""
+    if q is None or k is None or v is None or scores.shape is None or not len(q) == len(k) == len(v) == 4:
+        return False
+    (bq, hq, sq, dq), (bk, hk, sk, dk), (bv, hv, sv, _) = q, k, v
+    if not (same_dim(bq, bk) and same_dim(bq, bv) and same_dim(hk, hv) and same_dim(sk, sv) and same_dim(dq, dk)):
+        return False
+    if not same_shape(scores.shape, (bq, hq, sq, sk)):
+        return False
+    if same_dim(hq, hk):
+        return True
+    return isinstance(hq, int) and isinstance(hk, int) and hk > 0 and hq % hk == 0
+
+
+RULES = [rule("Softmax", _attention)]
+
+
+def fuse_attention(graph: Graph) -> PassResult:
+    """Replace decomposed attention by `Attention` (counts: attention_packed on the 3-D [B, S, H*D] tensors,
+    attention on 4-D [B, H, S, D] ones)."""
+    return apply_rules(graph, RULES)
+
