@@ -36,7 +36,7 @@ def test_text(engine: Path) -> None:
     assert [r[1] for r in rows] == LAYERS
     assert [r[2] for r in rows] == ["Fused[epilogue: Conv+Relu]", "Flatten", "MatMul"]
     for row, choice in zip(rows, e.plan.choices[0]):
-        assert choice.tactic in row
+        assert any(choice.tactic in cell.split(" | ") for cell in row)
     assert "x[N,3,8,8] +2 const" in text and "y[N,10]" in text
 
 

@@ -100,6 +100,44 @@ class _BertOutputs(torch.nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
+def bert_base() -> str:
+    """BERT-base (transformers' default BertConfig: 12 layers, hidden 768, 12 heads), seeded random weights. Every
+    parameter is drawn at random, biases and LayerNorm parameters included (transformers initializes those to 0 and
+    1, which the optimizer would rightly remove: a trained model has none such)."""
+
+    def export(path: str) -> None:
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(attn_implementation="eager"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(1.0 if "LayerNorm.weight" in name else 0.0, 0.02)
+        _bert_export(model, path)
+
+    return cached("bert_base", export)
+
+
+def vit_b_16() -> str:
+    """torchvision ViT-B/16 with seeded random weights (its zero-initialized head re-drawn, so logits differ)."""
+
+    def export(path: str) -> None:
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.vit_b_16(weights=None)
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export
+        try:
+            _export(model, (torch.zeros(1, 3, 224, 224),), path, ["image"], ["logits"],
+                    dynamic={"image": {0: "batch"}, "logits": {0: "batch"}})
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+
+    return cached("vit_b_16", export)
+
+
 def _bert_export(model: torch.nn.Module, path: str) -> None:
     model = _BertOutputs(model)
     ids = torch.ones(2, 8, dtype=torch.int64)

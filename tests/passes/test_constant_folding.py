@@ -203,3 +203,23 @@ def test_readers_of_an_inlined_if_learn_the_branch_type() -> None:
     g, _ = preserves(build, fold_constants, {"x": rand(2, 3)})
     assert ops(g) == ["Neg", "Relu", "Sigmoid"] and g.nodes[1].outputs[0].type.shape == (2, 3)
     assert g.outputs[0].type.shape is None  # the model's output keeps its declared type
+
+
+def test_a_weight_is_folded_whatever_its_size_a_large_broadcast_is_not() -> None:
+    import torch as _torch
+
+    from kiln.ir import DType, Graph, TensorType
+    from kiln.passes.constant_folding import fold_constants
+
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (1, 64, 8, 8)))
+    shape = g.add_initializer("wshape", _torch.tensor([512, 64, 3, 3]))
+    (w,) = g.add("ConstantOfShape", [shape], {"value": _torch.tensor([0.01])})  # 295k elements: a Conv weight
+    (c,) = g.add("Conv", [x, w], {"pads": (1, 1, 1, 1)})
+    big = g.add_initializer("bshape", _torch.tensor([4, 512, 8, 8]))
+    (b,) = g.add("ConstantOfShape", [big], {"value": _torch.tensor([1.0])})  # 131k elements: a broadcast
+    (y,) = g.add("Add", [c, b])
+    g.outputs = [y]
+    fold_constants(g)
+    assert [n.op for n in g.nodes] == ["Conv", "ConstantOfShape", "Add"]
+    assert g.nodes[0].inputs[1].data is not None and g.nodes[0].inputs[1].data.shape == (512, 64, 3, 3)

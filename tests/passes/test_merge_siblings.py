@@ -99,3 +99,30 @@ def test_conv_siblings() -> None:
     g, res = rewrite_preserves(build, merge_siblings, {"x": rand(2, 4, 6, 6)})
     assert ops(g) == ["Conv", "Conv", "Split"] and res.counts == {"merged_convs": 1}
     assert g.nodes[1].outputs[0].shape == ("n", 14, 6, 6)
+
+
+def test_conv_siblings_going_to_different_activations_stay_apart() -> None:
+    import torch as _torch
+
+    from kiln.ir import DType, Graph, TensorType
+    from kiln.passes.merge_siblings import merge_siblings
+
+    def build(second_relu: bool) -> Graph:
+        g = Graph()
+        x = g.add_input("x", TensorType(DType.FLOAT32, (1, 8, 4, 4)))
+        gen = _torch.Generator().manual_seed(0)
+        w1 = g.add_initializer("w1", _torch.randn(4, 8, 1, 1, generator=gen))
+        w2 = g.add_initializer("w2", _torch.randn(16, 8, 1, 1, generator=gen))
+        (a,) = g.add("Conv", [x, w1])
+        (b,) = g.add("Conv", [x, w2])
+        (ra,) = g.add("Relu", [a])
+        rb = g.add("Relu", [b])[0] if second_relu else b
+        g.outputs = [ra, rb]
+        return g
+
+    apart = build(second_relu=False)
+    merge_siblings(apart)
+    assert [n.op for n in apart.nodes].count("Conv") == 2  # ResNet's conv1 + Relu beside its downsample conv
+    together = build(second_relu=True)
+    merge_siblings(together)
+    assert [n.op for n in together.nodes].count("Conv") == 1

@@ -21,7 +21,9 @@ Left alone:
   (sequences, optionals);
 - large broadcasts: an output of more than BROADCAST_LIMIT elements and more than BROADCAST_RATIO times the
   elements of all inputs together (Expand, ConstantOfShape, Tile, Range, broadcasting arithmetic) is cheaper
-  to compute on the fly than to store;
+  to compute on the fly than to store - unless it is a weight (read as a Conv/Gemm/MatMul/norm/RNN/embedding
+  parameter, see WEIGHT_INPUTS): what computes a weight is always folded (the ONNX suite's light models make
+  every weight with ConstantOfShape);
 - a node whose reference fails (the runtime reports it) or whose result contradicts its inferred type.
 """
 
@@ -47,6 +49,14 @@ RANDOM = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "Rando
                     "Bernoulli", "Dropout"})
 NEVER = RANDOM | {"DequantizeLinear"}
 MAX_ROUNDS = 8
+WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    "Conv": frozenset({1, 2}), "ConvTranspose": frozenset({1, 2}), "DeformConv": frozenset({1, 3}),
+    "Gemm": frozenset({0, 1, 2}), "MatMul": frozenset({0, 1}), "BatchNormalization": frozenset({1, 2, 3, 4}),
+    "InstanceNormalization": frozenset({1, 2}), "LayerNormalization": frozenset({1, 2}),
+    "GroupNormalization": frozenset({1, 2}), "RMSNormalization": frozenset({1}), "PRelu": frozenset({1}),
+    "Gather": frozenset({0}), "LSTM": frozenset({1, 2, 3}), "GRU": frozenset({1, 2, 3}), "RNN": frozenset({1, 2, 3}),
+}
+"""Input positions that hold a layer's parameters: a constant there is a weight, folded whatever its size."""
 VALUE_OPS = frozenset({"Shape", "Size", "Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Flatten",
                        "Cast", "Identity", "Add", "Sub", "Mul", "Div", "ConstantOfShape", "Where"})
 """Ops whose integer output `shape_values` can follow back to shapes."""
@@ -72,6 +82,7 @@ def fold_constants(graph: Graph) -> PassResult:
 def _fold(g: Graph) -> tuple[int, int]:
     constants = folded = 0
     done: list[Node] = []
+    weights = _weight_values(g)
     for node in g.nodes:
         if node.op == "Constant":
             if to_initializers(g, node, [_own(node.attrs["value"], [])]):
@@ -81,7 +92,7 @@ def _fold(g: Graph) -> tuple[int, int]:
             done.append(node)  # an alias, not a copy: tied weights stay one tensor
             folded += 1
         elif _foldable(node):
-            results = _evaluate(node)
+            results = _evaluate(node, any(v in weights for v in node.outputs))
             if results is not None and to_initializers(g, node, results):
                 done.append(node)
                 folded += 1
@@ -92,6 +103,15 @@ def _fold(g: Graph) -> tuple[int, int]:
                 folded += 1
     g.remove_nodes(done)
     return constants, folded
+
+
+def _weight_values(g: Graph) -> set[Value]:
+    out: set[Value] = set()
+    for n in g.nodes:
+        for i in WEIGHT_INPUTS.get(n.op, ()):
+            if i < len(n.inputs) and n.inputs[i] is not None:
+                out.add(n.inputs[i])  # type: ignore[arg-type]
+    return out
 
 
 def _alias(g: Graph, node: Node) -> bool:
@@ -128,9 +148,11 @@ def _numel(x: Any) -> int:
     return int(x.numel()) if isinstance(x, torch.Tensor) else int(np.size(x))
 
 
-def _evaluate(node: Node) -> list[Any] | None:
+def _evaluate(node: Node, weight: bool = False) -> list[Any] | None:
     args = [None if v is None else const_value(v) for v in node.inputs]
     limit = max(BROADCAST_LIMIT, BROADCAST_RATIO * sum(_numel(a) for a in args if a is not None))
+    if weight:
+        limit = math.inf  # type: ignore[assignment]
     for v in node.outputs:
         t = v.type
         if isinstance(t, TensorType) and t.is_static and math.prod(int(d) for d in t.shape or ()) > limit:

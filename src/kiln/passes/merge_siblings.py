@@ -37,12 +37,25 @@ def _siblings(node: Node, uses: Uses, fits: Fits) -> list[tuple[Node, torch.Tens
     if x is None or mine is None:
         return []
     out = []
+    start = _activation_after(uses, node)
     for n in readers(uses, x):
         if n.op == node.op and n.inputs[0] is x and not any(i is x for i in n.inputs[1:]):
             found = fits(n)
-            if found is not None and found[1] == mine[1]:
+            # Siblings whose outputs go on to different activations stay apart: merged, each activation would
+            # be split off the wider op (ResNet's block conv1 + Relu beside its downsample conv).
+            if found is not None and found[1] == mine[1] and _activation_after(uses, n) == start:
                 out.append((n, found[0]))
     return out if len(out) >= 2 and out[0][0] is node else []
+
+
+ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSwish", "HardSigmoid", "Gelu", "Swish",
+                         "Mish", "Elu", "Selu", "Softplus", "PRelu"})
+
+
+def _activation_after(uses: Uses, node: Node) -> str:
+    """The activation op that alone reads the node's output ("" when there is none)."""
+    r = sole_reader(uses, node.outputs[0], ACTIVATIONS) if node.outputs else None
+    return r.op if r is not None else ""
 
 
 # --- MatMul ---------------------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""The optimizer's bars on real architectures: what the plan looks like after the whole pipeline, in plan steps,
+and that the optimized engine computes what the imported graph computes."""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import kiln
+from kiln.runtime.engine import Engine
+from tests.e2e import models as M
+
+pytestmark = pytest.mark.slow
+
+LIGHT = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data" / "light"
+
+
+def _label(n) -> str:  # type: ignore[no-untyped-def]
+    if n.op != "Fused":
+        return n.op
+    return f"Fused[{n.attrs['kind']}:{'+'.join(m.op for m in n.attrs['body'].nodes)}]"
+
+
+def _build(path: str | onnx.ModelProto, profiles: list | None = None) -> tuple[Engine, collections.Counter]:
+    engine = kiln.build(path, kiln.BuilderConfig(opt_level=0, profiles=profiles or []))
+    return engine, collections.Counter(_label(n) for n in engine.graph.nodes)
+
+
+def _same_function(engine: Engine, model: str | onnx.ModelProto, feeds: dict) -> None:
+    ours = engine.create_context().run(feeds)
+    ref = kiln.run_reference(model, feeds)  # the imported graph, unoptimized
+    for name, want in ref.items():
+        err = np.abs(ours[name].astype(np.float64) - want.astype(np.float64)).max()
+        assert err <= 1e-4 * max(1.0, float(np.abs(want).max())), (name, err)
+
+
+def _resnet_structure(ops: collections.Counter) -> None:
+    assert "BatchNormalization" not in ops
+    assert not {"Relu", "Add", "Sum"} & set(ops), ops  # every Relu and residual Add is a conv's epilogue
+    assert ops["Fused[epilogue:Conv+Relu]"] == 33
+    assert ops["Fused[epilogue:Conv+Add+Relu]"] + ops["Fused[epilogue:Conv+Sum+Relu]"] == 16
+    assert ops["Conv"] == 4  # the downsample convs, whose outputs are residual inputs of those epilogues
+
+
+def test_resnet50_torchvision() -> None:
+    path = M.torchvision_model("resnet50")
+    engine, ops = _build(path, [{"image": (2, 3, 224, 224)}])
+    assert len(engine.graph.nodes) <= 60, ops
+    _resnet_structure(ops)
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    _same_function(engine, path, {"image": x})
+
+
+def test_light_resnet50_from_the_onnx_wheel() -> None:
+    model = onnx.load(str(LIGHT / "light_resnet50.onnx"))  # opset 9, weights made by ConstantOfShape
+    engine, ops = _build(model)
+    assert len(engine.graph.nodes) <= 60, ops
+    _resnet_structure(ops)
+    # Its weights are all 0.02 (logits ~1e19, a uniform softmax): check the function on random weights instead.
+    rng = np.random.default_rng(1)
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape":
+            value = node.attribute[0]
+            value.t.CopyFrom(onnx.numpy_helper.from_array(np.array([rng.uniform(0.005, 0.03)], np.float32)))
+    engine, _ = _build(model)
+    x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    _same_function(engine, model, {engine.graph.inputs[0].name: x})
+
+
+def test_bert_base_encoder() -> None:
+    path = M.bert_base()
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    engine, ops = _build(path, [{n: (1, 128) for n in names}])
+    assert len(engine.graph.nodes) <= 110, ops
+    # Per layer: merged QKV projection (+ its split), attention, output projection with bias + residual,
+    # LayerNorm, FFN up-projection with bias + GELU, down-projection with bias + residual, LayerNorm.
+    assert ops["Fused[epilogue:MatMul+Add]"] == 12 and ops["Split"] == 12 and ops["Attention"] == 12
+    assert ops["Fused[epilogue:MatMul+Add+Add]"] == 24 and ops["Fused[epilogue:MatMul+Add+Gelu]"] == 12
+    assert ops["LayerNormalization"] == 25  # 2 per layer + the embeddings'
+    layer_steps = [n for n in engine.graph.nodes if "/encoder/layer." in n.name]
+    assert len(layer_steps) <= 8 * 12
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 30522, (1, 128)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[0, 100:] = 0
+    _same_function(engine, path, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+
+
+def test_vit_b_16_report() -> None:
+    path = M.vit_b_16()
+    engine, ops = _build(path, [{"image": (1, 3, 224, 224)}])
+    steps = len(engine.graph.nodes)
+    print(f"\nViT-B/16: {steps} plan steps; {dict(ops.most_common(8))}")
+    assert ops["Attention"] == 12 and ops["LayerNormalization"] == 25
+    assert ops["Fused[epilogue:MatMul+Add+Gelu]"] == 12
+    assert steps <= 340  # measured 332 (2026-11-26): nn.MultiheadAttention's head reshapes are not folded yet
+    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    _same_function(engine, path, {"image": x})
