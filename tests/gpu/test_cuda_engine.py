@@ -61,9 +61,36 @@ def test_cpu_engine_refuses_to_load_on_the_gpu(tmp_path) -> None:
     assert engine.device_info.kind == "cuda"
 
 
-def test_half_precision_is_refused_not_silently_fp32() -> None:
-    with pytest.raises(kiln.KilnError, match="not implemented yet"):
-        kiln.BuilderConfig(device="cuda", precision="fp16")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_engines_compute_in_half_with_gpu_tactics(tmp_path, precision: str) -> None:
+    cfg = kiln.BuilderConfig(device="cuda", precision=precision, profiles=[{"x": (4, 3, 32, 32)}])
+    engine = kiln.build(_cnn(), cfg)
+    half = {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    assert any(n.outputs[0].type.dtype.value == half for n in engine.graph.nodes)
+    tactics = {c.tactic for c in engine.plan.choices[0]}
+    assert "cuda.conv" in tactics and "cuda.linear" in tactics, tactics
+    assert engine.graph.layouts, "the convolutions should run channels-last"
+    engine.save(tmp_path / "h.kiln")
+    x = np.random.default_rng(4).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    ref = kiln.run_reference(_cnn(), {"x": x})["y"]
+    for ctx in (kiln.load(tmp_path / "h.kiln", device="cuda").create_context(),
+                engine.create_context(cuda_graphs=False)):
+        out = ctx.run({"x": x})["y"]
+        assert out.dtype == np.float32  # the interface keeps the model's types
+        np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
+
+
+def test_cuda_graph_replay_matches_step_by_step_and_follows_new_inputs() -> None:
+    cfg = kiln.BuilderConfig(device="cuda", profiles=[{"x": ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))}],
+                             tf32=False)
+    engine = kiln.build(_cnn(), cfg)
+    graphed, eager = engine.create_context(), engine.create_context(cuda_graphs=False)
+    rng = np.random.default_rng(5)
+    for n in (4, 4, 2, 4):  # a new shape captures a new graph; a known one replays with the new data
+        x = torch.from_numpy(rng.standard_normal((n, 3, 32, 32)).astype(np.float32)).cuda()
+        a, b = graphed.run({"x": x})["y"], eager.run({"x": x})["y"]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert graphed.graphs is not None and len(graphed.graphs.graphs) == 2 and not graphed.graphs.eager_keys
 
 
 def test_no_tf32_engine_runs_without_tf32(tmp_path) -> None:

@@ -369,7 +369,7 @@ def test_cpu_tactics_are_cpu_only_and_ranked_around_the_reference() -> None:
         t = registry.get(n)
         assert t.devices == frozenset({"cpu"}) and t.priority != 1000 and not t.applicable(relu, CPU)
     gemm, _ = node_of("Gemm", _gemm_inputs(4, 3, 2, 0, 1, (2,)), transB=1)
-    assert [t.name for t in registry.candidates(gemm, torch.device("cuda"))] == ["reference"]
+    assert not any(t.name.startswith("cpu.") for t in registry.candidates(gemm, torch.device("cuda")))
     ranked = [t.name for t in registry.candidates(gemm, CPU)]
     assert ranked.index("cpu.gemm_addmm") < ranked.index("reference")
     if mkldnn_ops("_linear_pointwise"):

@@ -220,3 +220,40 @@ def test_half_precision_with_float32_softmax() -> None:
     g, res = rewrite_preserves(build, fuse_attention, feeds, rtol=2e-3, atol=2e-3)
     assert res.counts == {"attention": 1}
     assert g.nodes[0].attrs["softmax_precision"] is DType.FLOAT32
+
+
+def _causal_graph(form: str) -> Graph:
+    """GPT-style: a constant causal triangle (as a folded buffer slice) over static [B, H, S, S] scores."""
+    g = Graph()
+    q = g.add_input("q", TensorType(F32, (B, H, S, D)))
+    k = g.add_input("k", TensorType(F32, (B, H, S, D)))
+    v = g.add_input("v", TensorType(F32, (B, H, S, D)))
+    (kt,) = g.add("Transpose", [k], {"perm": (0, 1, 3, 2)})
+    (s,) = g.add("MatMul", [q, kt])
+    (s,) = g.add("Mul", [s, _c(g, 1 / math.sqrt(D))])
+    tri = torch.ones(S, S, dtype=torch.bool).tril().reshape(1, 1, S, S)
+    if form == "where":
+        (s,) = g.add("Where", [g.add_initializer("tri", tri), s, _c(g, float(torch.finfo(torch.float32).min))])
+    elif form == "add":
+        bias = torch.zeros(1, 1, S, S).masked_fill(~tri, float("-inf"))
+        (s,) = g.add("Add", [s, g.add_initializer("bias", bias)])
+    else:  # not causal: one key hidden everywhere
+        keep = torch.ones(1, 1, S, S, dtype=torch.bool)
+        keep[..., 1] = False
+        (s,) = g.add("Where", [g.add_initializer("keep", keep), s, _c(g, float("-inf"))])
+    (p,) = g.add("Softmax", [s], {"axis": -1})
+    (y,) = g.add("MatMul", [p, v], outputs=["y"])
+    g.outputs = [y]
+    return g
+
+
+@pytest.mark.parametrize("form", ["where", "add", "other"])
+def test_a_constant_causal_triangle_becomes_is_causal(form: str) -> None:
+    feeds = {"q": rand(B, H, S, D, seed=1), "k": rand(B, H, S, D, seed=2), "v": rand(B, H, S, D, seed=3)}
+    g, res = rewrite_preserves(lambda: _causal_graph(form), fuse_attention, feeds)
+    assert res.counts == {"attention": 1}
+    node = next(n for n in g.nodes if n.op == "Attention")
+    if form == "other":
+        assert node.attrs["is_causal"] == 0 and len(node.inputs) == 4
+    else:
+        assert node.attrs["is_causal"] == 1 and len(node.inputs) == 3 and ops(g) == ["Attention"]

@@ -16,19 +16,25 @@ from kiln.build.config import BuilderConfig, ConfigError
 from kiln.build.memory import plan_memory
 from kiln.frontend.onnx import import_model
 from kiln.ir import symbolic as sym
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, TensorType
+from kiln.passes.layout import decide_layout
 from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
+from kiln.precision.lower import lower_precision
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
 from kiln.runtime.engine import Engine, engine_from_blob, tf32_mode, versions
-from kiln.runtime.plan import Plan, Profile, ShapeRange
+from kiln.runtime.plan import Choice, Plan, Profile, ShapeRange
 from kiln.tune.cache import TimingCache
 from kiln.tune.tuner import TuneSettings, tune
 from kiln.utils.errors import KilnError
 
 Progress = Callable[[str, int, int], None]
 Model = str | os.PathLike[str] | bytes | onnx.ModelProto | Graph
+
+
+LOW_PRECISION = {"fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}
 
 
 class MemoryLimitError(KilnError):
@@ -109,8 +115,12 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     nodes_in = len(graph.nodes)
     profiles = resolve_profiles(graph, list(config.profiles))  # type: ignore[arg-type]
     say("passes", 0, 1)
-    records = optimize(graph, PassContext(static_dims=static_dims(graph, profiles)))
-    return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model))
+    records = optimize(graph, PassContext(static_dims=static_dims(graph, profiles), device=config.torch_device.type))
+    lowered = None
+    if config.precision != "fp32":
+        say("precision", 0, 1)
+        lowered = lower_precision(graph, LOW_PRECISION[config.precision]).to_json()
+    return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 
 def static_dims(graph: Graph, profiles: list[Profile]) -> dict[str, int]:
@@ -137,7 +147,7 @@ def _source(model: Model) -> str:
 
 
 def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[Any], say: Progress,
-            t_start: float, source: str) -> Engine:
+            t_start: float, source: str, lowered: dict[str, Any] | None = None) -> Engine:
     profiles = resolve_profiles(graph, list(config.profiles))  # type: ignore[arg-type]
     cache = TimingCache(config.timing_cache)
     device = config.torch_device
@@ -146,6 +156,11 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     with tf32_mode(config.tf32, device):
         choices, report = tune(graph, profiles, settings, cache, progress=say)
     memory = plan_memory(graph, profiles)
+    in_place = set(memory.concats_in_place)
+    for i, node in enumerate(graph.nodes):  # their inputs are written in place: the step copies nothing
+        if node.op == "Concat" and node.outputs[0].name in in_place:
+            for per in choices:
+                per[i] = Choice("concat.in_place")
     if config.memory_limit_bytes is not None and memory.arena_bytes > config.memory_limit_bytes:
         raise MemoryLimitError(
             f"the activation arena needs {memory.arena_bytes:,} bytes, over the limit of "
@@ -158,6 +173,8 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
         "passes": [{"name": r.name, "counts": r.result.counts, "nodes_after": r.nodes_after} for r in records],
         "tuning": report.to_json(),
     }
+    if lowered is not None:
+        stats["precision"] = lowered
     meta: dict[str, Any] = {
         "versions": versions(),
         "device": describe(device).to_json(),
@@ -177,6 +194,7 @@ def retune(blob: engine_file.EngineBlob, device: str | torch.device, where: str,
            timing_cache: str | None = None) -> Engine:
     """Re-tune an engine file's stored graph for `device` (an engine built elsewhere)."""
     old = engine_from_blob(blob, "cpu", where, check=False)
+    decide_layout(old.plan.graph, torch.device(device).type)  # the memory formats are the target device's choice
     cfg = dict(old.metadata.get("config", {}))
     config = BuilderConfig(
         precision=cfg.get("precision", "fp32"), tf32=cfg.get("tf32", True), device=str(torch.device(device)),

@@ -50,13 +50,15 @@ def as_profile(p: Profile | Mapping[str, Any]) -> Profile:
 class BuilderConfig:
     """How to build an engine.
 
-    precision: "fp32" (GPU: TF32 matmuls unless tf32=False), "fp16" or "bf16" (GPU only for now).
+    precision: "fp32" (GPU: TF32 matmuls unless tf32=False), "fp16" or "bf16" (GPU only): the whole graph
+        computes in that type, FP32 accumulation inside the kernels; inputs and outputs keep their types.
     device: "cpu" or "cuda[:N]".
     profiles: shape ranges for dynamic inputs, one dict (or Profile) per optimization profile:
         {"input": (min_shape, opt_shape, max_shape)} or {"input": fixed_shape}.
     timing_cache: a file; timings found there are reused, new ones are added.
-    opt_level: 0 = first applicable tactic, no timing; 1-2 = time the best-ranked tactics; 3 (default) = time
-        every applicable tactic with its default configuration; 4-5 = also search every tactic's full space.
+    opt_level: 0 = first applicable tactic, no timing; 1-2 = time the best-ranked tactics (first configs);
+        3 (default) = time every applicable tactic, searching small spaces (<= 16 configurations) whole and
+        larger ones at their first configuration; 4-5 = search every tactic's full space.
     time_budget_s: stop timing after this long (remaining nodes take their first tactic).
     memory_limit_bytes: refuse plans whose activation arena is larger.
     deterministic: same model + same timing cache -> byte-identical engine file (no timestamps or timings
@@ -88,10 +90,10 @@ class BuilderConfig:
         if self.precision != "fp32" and dev.type == "cpu":
             raise ConfigError(f"precision {self.precision} needs a GPU; kiln's CPU tactics compute in fp32",
                               hint="use precision='fp32' on CPU")
-        if self.precision != "fp32":
-            # Never build fp32 when fp16/bf16 was asked for (TensorRT 11's silent fallback is what users hurt from).
-            raise ConfigError(f"precision {self.precision} is not implemented yet: this kiln builds fp32 engines "
-                              f"(TF32 on GPUs unless tf32=False)", hint="build with precision='fp32' for now")
+        if self.precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            # Never build something else when a precision was asked for (TensorRT 11's silent fallback hurts).
+            raise ConfigError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(dev)} has no BF16 "
+                              f"support", hint="build with precision='fp16' (or 'fp32') on this GPU")
         if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
             raise ConfigError(f"opt_level must be an integer from 0 to 5, got {self.opt_level!r}")
         if self.time_budget_s is not None and self.time_budget_s < 0:

@@ -177,6 +177,8 @@ class Graph:
         self.initializers: dict[str, Value] = {}
         self.metadata: dict[str, str] = {}
         self.opset: int | None = None
+        self.layouts: dict[str, str] = {}
+        """Memory formats chosen by the layout pass, by value name ("channels_last"); others are row-major."""
         self._namer: _Namer = parent._namer if parent is not None else _Namer()
 
     # --- names ----------------------------------------------------------------------------------------

@@ -35,4 +35,5 @@ def _load() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from kiln.kernels import cpu, reference  # noqa: F401  (tactic modules register on import)
+        # tactic modules register on import
+        from kiln.kernels import attention, concat, conv, cpu, gemm, norm, pointwise, reference  # noqa: F401

@@ -20,6 +20,9 @@ Rewrite cases:
                                                              kv_num_heads=Hkv) on the 3-D tensors
   Reshape targets are read from the inferred shapes, which inference computes from constant targets and from
   Shape -> Gather -> Concat chains alike.
+- causal: a constant mask over square scores that lets query i see exactly keys 0..i (an additive 0 / <= -1e30
+  triangle, or a Where on a boolean triangle, as GPT-style exports fold their causal buffer) -> is_causal=1 and
+  no mask input (kernels then skip the masked half instead of reading a mask).
 
 The scores, probabilities and everything between the two MatMuls must be read only by the pattern (Shape
 nodes reading the merge's Transpose are pointed at an input of the same shape); the inputs' reshapes and
@@ -31,7 +34,7 @@ the scores must have the Softmax input's shape (a mask may not broadcast them), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -339,8 +342,29 @@ def _swap_last(shape: tuple | None) -> tuple | None:
     return None if shape is None or len(shape) != 4 else (*shape[:2], shape[3], shape[2])
 
 
+def _causal(mask: Value | None, how: object, scores: Value) -> bool:
+    """The mask is a constant that lets query i see exactly keys 0..i (square scores): is_causal instead."""
+    t = None if mask is None else (mask.data if mask.data is not None else mask.folded)
+    sh = scores.shape
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or sh is None or len(sh) < 2:
+        return False
+    n = t.shape[-1]
+    if t.shape[-2] != n or n < 2 or any(d != 1 for d in t.shape[:-2]) or sh[-1] != n or sh[-2] != n:
+        return False
+    below = torch.ones(n, n, dtype=torch.bool).tril()
+    t = t.reshape(n, n)
+    if how == "add":
+        return bool(t.is_floating_point() and (t[below] == 0).all() and (t[~below] <= _BIG_NEGATIVE).all())
+    if t.dtype != torch.bool or not isinstance(how, tuple):
+        return False
+    return bool(torch.equal(t, below if how[0] == "keep" else ~below))
+
+
 def _emit(graph: Graph, anchor: Node, inputs: list[Value | None], sc: _Scores, attrs: dict[str, object],
           dtype: DType, what: str) -> str | None:
+    if _causal(sc.mask, sc.how, sc.mm1.outputs[0]):
+        attrs = {**attrs, "is_causal": 1}
+        sc = replace(sc, mask=None, how=None)
     m = _mask_input(graph, sc.mask, sc.how, dtype, anchor)
     out = anchor.outputs[0]
     (y,) = add_node(graph, anchor, "Attention", [*inputs, *([m] if m is not None else [])], attrs,

@@ -30,9 +30,11 @@ class PassResult:
 
 @dataclass(frozen=True)
 class PassContext:
-    """What some passes need besides the graph: dims that are static in every profile (symbol -> size)."""
+    """What some passes need besides the graph: dims that are static in every profile (symbol -> size), and the
+    kind of device the engine is built for ("cpu" or "cuda")."""
 
     static_dims: Mapping[str, int] = field(default_factory=dict)
+    device: str = "cpu"
 
 
 Pass = Callable[[Graph], PassResult]

@@ -17,6 +17,7 @@ from kiln.passes.fuse_gelu import fuse_gelu
 from kiln.passes.fuse_normalization import fuse_normalization
 from kiln.passes.fuse_reductions import fuse_reductions
 from kiln.passes.fuse_softmax import fuse_softmax
+from kiln.passes.layout import layout
 from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, run_passes
 from kiln.passes.merge_siblings import merge_siblings
 from kiln.passes.noops import remove_noops
@@ -62,6 +63,8 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     ("epilogue_fusion", _plain(epilogue_fusion)),
     ("pointwise_fusion", _plain(pointwise_fusion)),
     ("dead_nodes_3", _plain(dead_nodes)),
+    # --- layout: last, on the final nodes (it only records memory formats; GPU builds only) -----------------------
+    ("layout", layout),
 ]
 
 

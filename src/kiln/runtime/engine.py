@@ -29,6 +29,7 @@ from kiln.ir.interpreter import (
 from kiln.kernels import registry
 from kiln.kernels.base import Kernel
 from kiln.runtime import engine_file
+from kiln.runtime.cuda_graphs import GraphCache
 from kiln.runtime.device import DeviceInfo, describe
 from kiln.runtime.plan import Plan
 from kiln.utils.errors import EngineFileError, ExecutionError, KilnError
@@ -49,6 +50,13 @@ def versions() -> dict[str, str | None]:
             "cuda": torch.version.cuda}
 
 
+def concrete(device: torch.device) -> torch.device:
+    """"cuda" as the GPU it means now ("cuda:0"), so it compares equal to the device tensors report."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _all_graphs(g: Graph) -> list[Graph]:
     out = [g]
     for n in g.nodes:
@@ -63,7 +71,7 @@ class Engine:
     def __init__(self, plan: Plan, metadata: dict[str, Any], device: str | torch.device = "cpu") -> None:
         self.plan = plan
         self.metadata = metadata
-        self.device = torch.device(device)
+        self.device = concrete(torch.device(device))
         for g in _all_graphs(plan.graph):
             for v in g.initializers.values():
                 if isinstance(v.data, torch.Tensor) and v.data.device != self.device:
@@ -91,8 +99,10 @@ class Engine:
     def device_info(self) -> DeviceInfo:
         return DeviceInfo.from_json(self.metadata["device"])
 
-    def create_context(self) -> ExecutionContext:
-        return ExecutionContext(self)
+    def create_context(self, *, cuda_graphs: bool = True) -> ExecutionContext:
+        """A context to run the engine with. On a GPU, `cuda_graphs` captures the whole plan once per input shape
+        and replays it (no per-step launch overhead); shapes that cannot be captured run step by step."""
+        return ExecutionContext(self, cuda_graphs=cuda_graphs)
 
     def header(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {**self.metadata, "plan": self.plan.to_json(weights)}
@@ -152,11 +162,16 @@ class Call:
 
 
 class ExecutionContext:
-    """Runs an engine. Owns an activation arena; not meant to be used by two threads at once."""
+    """Runs an engine; not meant to be used by two threads at once.
 
-    def __init__(self, engine: Engine) -> None:
+    On the CPU, activations live in the context's arena, at the offsets of the engine's memory plan. On a GPU
+    they come from the CUDA caching allocator - inside CUDA graphs, from the graphs' private pool, where
+    liveness gives the same reuse - so that kernels write their results once, where they stay."""
+
+    def __init__(self, engine: Engine, cuda_graphs: bool = True) -> None:
         self.engine = engine
         self.device = engine.device
+        self.graphs = GraphCache(self.device) if self.device.type == "cuda" and cuda_graphs else None
         self._kernels: dict[int, list[Kernel]] = {}
         self._arena: torch.Tensor | None = None
         self._scope = Scope(device=self.device if self.device.type != "cpu" else None)  # subgraph values
@@ -172,8 +187,31 @@ class ExecutionContext:
         """Run once. Numpy arrays in give numpy arrays out; torch tensors give torch tensors (on the device of
         the inputs). Feeds by name (dict) or by position (list, answered with a list)."""
         call = self.prepare(feeds, outputs)
-        results = self.execute(call.profile, call.env, call.bindings)
+        results = self._replay(call) if self.graphs is not None else None
+        if results is None:
+            results = self.execute(call.profile, call.env, call.bindings)
         return self.finish(call, results)
+
+    def _replay(self, call: Call) -> dict[Value, Any] | None:
+        """The run through the CUDA graph captured for these input shapes; None when it cannot be captured."""
+        graph = self.engine.graph
+        feeds = {v.name: call.env[v] for v in graph.inputs}
+        if self.graphs is None or not all(isinstance(x, torch.Tensor) and x.device == self.device
+                                          for x in feeds.values()):
+            return None
+        key = (call.profile, tuple((k, tuple(x.shape), x.dtype) for k, x in feeds.items()))
+        names = {v.name: v for v in graph.inputs}
+
+        def fn(static: dict[str, torch.Tensor]) -> dict[str, Any]:
+            env: dict[Value, Any] = {names[k]: x for k, x in static.items()}
+            out = self.execute(call.profile, env, dict(call.bindings))
+            return {v.name: x for v, x in out.items()}
+
+        got = self.graphs.run(key, feeds, fn)
+        if got is None:
+            return None
+        return {v: got[v.name].clone() if isinstance(got[v.name], torch.Tensor) else got[v.name]
+                for v in graph.outputs}
 
     def prepare(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Call:
         """Check and place the inputs on the device, and pick the profile (the first phase of `run`)."""
@@ -237,7 +275,11 @@ class ExecutionContext:
         graph = plan.graph
         kernels = self.kernels(profile)
         slots = plan.memory.slots
-        arena = self.arena() if slots else None
+        arena = self.arena() if slots and self.device.type == "cpu" else None
+        layouts = graph.layouts if self.device.type == "cuda" else {}
+        for v in graph.inputs:
+            if v.name in layouts and v in env:
+                env[v] = to_layout(env[v])
         last = self.engine._last_use
         outputs = set(graph.outputs)
         for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
@@ -252,6 +294,8 @@ class ExecutionContext:
                     f"{type(e).__name__}: {e}"
                 ) from e
             for v, r in zip(node.outputs, results):
+                if v.name in layouts:
+                    r = to_layout(r)
                 env[v] = self._place(v, r, slots.get(v.name), arena, keep=v in outputs)
             if hook is not None:
                 hook(i, node, [env[v] for v in node.outputs])
@@ -267,10 +311,32 @@ class ExecutionContext:
             return r
         in_arena = r.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
         if slot is not None and not keep and isinstance(v.type, TensorType) and r.device == arena.device:
-            nbytes = r.numel() * r.element_size()
-            if nbytes <= slot.nbytes:
-                view = arena[slot.offset:slot.offset + nbytes].view(r.dtype).view(r.shape)
-                if view.data_ptr() != r.data_ptr() or not r.is_contiguous():
+            view = _slot_view(arena, slot, r)
+            if view is not None:
+                if view.data_ptr() != r.data_ptr() or view.stride() != r.stride():
                     view.copy_(r)
                 return view
         return r.clone() if in_arena else r
+
+
+def to_layout(x: Any) -> Any:
+    """A 4-D tensor in channels-last memory order (the layout pass chose it for this value)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _slot_view(arena: torch.Tensor, slot: Any, r: torch.Tensor) -> torch.Tensor | None:
+    """The arena view where `r` belongs (contiguous, or strided for a piece of an in-place Concat); None when `r`
+    does not fit (a shape the plan did not foresee)."""
+    size = r.element_size()
+    if slot.strides is None:
+        nbytes = r.numel() * size
+        return arena[slot.offset:slot.offset + nbytes].view(r.dtype).view(r.shape) if nbytes <= slot.nbytes else None
+    if len(slot.strides) != r.dim() or slot.offset % size:
+        return None
+    extent = sum((d - 1) * s for d, s in zip(r.shape, slot.strides)) + 1
+    if extent * size > slot.nbytes:
+        return None
+    typed = arena[slot.offset:slot.offset + slot.nbytes].view(r.dtype)
+    return typed.as_strided(tuple(r.shape), slot.strides)

@@ -77,8 +77,19 @@ class Choice:
 
 @dataclass(frozen=True)
 class Slot:
+    """Where a value lives in the arena: `nbytes` from `offset`, contiguous - or, with `strides` (in elements),
+    a strided view there: a piece of a Concat output that its producer writes in place."""
+
     offset: int
     nbytes: int
+    strides: tuple[int, ...] | None = None
+
+    def to_json(self) -> list[Any]:
+        return [self.offset, self.nbytes] if self.strides is None else [self.offset, self.nbytes, list(self.strides)]
+
+    @staticmethod
+    def from_json(v: Sequence[Any]) -> Slot:
+        return Slot(int(v[0]), int(v[1]), None if len(v) < 3 else tuple(int(s) for s in v[2]))
 
 
 @dataclass
@@ -88,15 +99,19 @@ class MemoryPlan:
     arena_bytes: int = 0
     naive_bytes: int = 0
     slots: dict[str, Slot] = field(default_factory=dict)
+    concats_in_place: list[str] = field(default_factory=list)
+    """The outputs of Concats whose inputs are written straight into the output's slot (nothing left to copy)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"arena_bytes": self.arena_bytes, "naive_bytes": self.naive_bytes,
-                "slots": {k: [s.offset, s.nbytes] for k, s in sorted(self.slots.items())}}
+                "slots": {k: s.to_json() for k, s in sorted(self.slots.items())},
+                "concats_in_place": list(self.concats_in_place)}
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> MemoryPlan:
         return MemoryPlan(int(d["arena_bytes"]), int(d["naive_bytes"]),
-                          {k: Slot(int(v[0]), int(v[1])) for k, v in d["slots"].items()})
+                          {k: Slot.from_json(v) for k, v in d["slots"].items()},
+                          [str(n) for n in d.get("concats_in_place", [])])
 
 
 @dataclass

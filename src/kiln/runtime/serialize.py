@@ -116,6 +116,7 @@ def graph_to_json(g: Graph, weights: Weights, prefix: str = "") -> dict[str, Any
         "name": g.name,
         "opset": g.opset,
         "metadata": dict(g.metadata),
+        "layouts": dict(sorted(g.layouts.items())),
         "inputs": [{"name": v.name, "type": type_to_json(v.type)} for v in g.inputs],
         "initializers": inits,
         "nodes": nodes,
@@ -136,6 +137,7 @@ def _graph_from_json(d: dict[str, Any], weights: Weights, parent: Graph | None,
     g = Graph(d["name"], parent=parent)
     g.opset = d.get("opset")
     g.metadata.update(d.get("metadata", {}))
+    g.layouts.update({str(k): str(v) for k, v in d.get("layouts", {}).items()})
     scope = dict(outer)
     for i in d["inputs"]:
         v = Value(i["name"], type_from_json(i["type"]))

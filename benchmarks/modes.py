@@ -1,0 +1,188 @@
+"""The compared modes: how each one is set up, and the one step that is timed.
+
+Every mode turns into a `step(k)` that runs one inference on pre-made input set k and returns the outputs:
+
+- eager: `model(*inputs[k])`.
+- cudagraph: eager captured once in a torch.cuda.CUDAGraph over static input buffers (after a warm-up on a side
+  stream); a step copies inputs[k] into the static buffers, then replays the graph.
+- compile / reduce-overhead / max-autotune: `torch.compile(model, mode=...)`, called on inputs[k]. The last two run
+  CUDA graphs (CUDA-graph trees), which copy inputs[k] into their static buffers inside the call, so every
+  graph-based mode pays the same input copy inside the timed region.
+- kiln: the fp32 ONNX export built with `kiln.build` at the requested precision; a step is `ctx.run(feeds[k])`, the
+  feeds already on the device in the ONNX inputs' dtype (casts are done beforehand, not timed).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.models import ModelSpec
+from benchmarks.timing import Step, timed
+
+TORCH_MODES = ("eager", "cudagraph", "compile", "reduce-overhead", "max-autotune")
+ALL_MODES = (*TORCH_MODES, "kiln")
+DEFAULT_MODES = tuple(m for m in ALL_MODES if m != "max-autotune")
+GRAPH_MODES = frozenset({"cudagraph", "reduce-overhead", "max-autotune"})
+COMPILE_MODES = {"compile": None, "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune"}
+GRAPH_WARMUP = 3  # eager runs on a side stream before capture (cuDNN/cuBLAS handles and autotuning happen there)
+
+
+class Skip(Exception):
+    """The mode does not apply here (e.g. CUDA graphs on the CPU)."""
+
+
+@dataclass
+class KilnOptions:
+    opt_level: int = 3
+    tf32: bool = True
+    cache_dir: Path = Path("benchmarks/work")
+    time_budget_s: float | None = None
+    save_dir: Path | None = None
+    """Where to save each built engine (for `kiln inspect --profile`); None: not saved."""
+
+
+@dataclass
+class Case:
+    """One (model, batch, precision) on one device: what every mode is set up from."""
+
+    spec: ModelSpec
+    model: nn.Module  # on the device, in the benchmarked precision
+    sets: list[list[torch.Tensor]]  # PyTorch's input sets, on the device
+    device: torch.device
+    batch: int
+    precision: str
+    onnx_path: Path | None = None
+    kiln_sets: list[list[torch.Tensor]] = field(default_factory=list)  # the same values in the ONNX inputs' dtypes
+    kiln: KilnOptions = field(default_factory=KilnOptions)
+
+
+@dataclass
+class Prepared:
+    step: Step
+    setup_s: dict[str, float]
+    release: Callable[[], None] = lambda: None
+
+
+def prepare(mode: str, case: Case) -> Prepared:
+    """Set `mode` up for `case` (compiling, capturing or building as needed). Raises Skip where it can't apply."""
+    if mode in GRAPH_MODES and case.device.type != "cuda":
+        raise Skip("CUDA graphs need a CUDA device")
+    if mode == "eager":
+        return Prepared(lambda k: case.model(*case.sets[k]), {})
+    if mode == "cudagraph":
+        return _cudagraph(case)
+    if mode in COMPILE_MODES:
+        return _compiled(case, COMPILE_MODES[mode])
+    if mode == "kiln":
+        return _kiln(case)
+    raise ValueError(f"unknown mode '{mode}'")
+
+
+def grad_mode(mode: str) -> Any:
+    """PyTorch modes run under inference_mode; kiln under no_grad (its engine and arena live outside it)."""
+    return torch.no_grad() if mode == "kiln" else torch.inference_mode()
+
+
+def _cudagraph(case: Case) -> Prepared:
+    static = [x.clone() for x in case.sets[0]]
+    graph = torch.cuda.CUDAGraph()
+
+    def capture() -> Any:
+        side = torch.cuda.Stream(case.device)
+        side.wait_stream(torch.cuda.current_stream(case.device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):
+                case.model(*static)
+        torch.cuda.current_stream(case.device).wait_stream(side)
+        with torch.cuda.graph(graph):
+            return case.model(*static)
+
+    outputs, seconds = timed(capture, case.device)
+
+    def step(k: int) -> Any:
+        for dst, src in zip(static, case.sets[k]):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return outputs
+
+    return Prepared(step, {"capture_s": seconds}, graph.reset)
+
+
+def reset_compiled() -> None:
+    """Forget everything torch.compile made: nothing compiled for an earlier model, batch or mode is reused, and
+    the CUDA-graph trees' memory pool is released."""
+    torch._dynamo.reset()
+    try:
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+    except (ImportError, AttributeError):  # private API; newer torch resets them in dynamo.reset()
+        pass
+
+
+def _compiled(case: Case, mode: str | None) -> Prepared:
+    reset_compiled()
+    fn = torch.compile(case.model, mode=mode)
+    graphs = mode is not None  # reduce-overhead and max-autotune run CUDA-graph trees
+
+    def step(k: int) -> Any:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*case.sets[k])
+
+    _, seconds = timed(lambda: step(0), case.device)
+    return Prepared(step, {"compile_s": seconds}, reset_compiled)
+
+
+def kiln_cache_path(case: Case) -> Path:
+    name = f"{case.spec.name}-bs{case.batch}-{case.precision}-O{case.kiln.opt_level}.tcache"
+    return case.kiln.cache_dir / name
+
+
+def _kiln(case: Case) -> Prepared:
+    import kiln
+
+    if case.onnx_path is None:
+        raise RuntimeError("no ONNX export to build from")
+    names = [i.name for i in case.spec.inputs]
+    cache = kiln_cache_path(case)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.unlink(missing_ok=True)  # the first build is cold: no timings to reuse
+    profile = {n: tuple(x.shape) for n, x in zip(names, case.kiln_sets[0])}
+
+    def build() -> Any:
+        config = kiln.BuilderConfig(device=str(case.device), precision=case.precision, opt_level=case.kiln.opt_level,
+                                    tf32=case.kiln.tf32, timing_cache=str(cache), profiles=[profile],
+                                    time_budget_s=case.kiln.time_budget_s)
+        return kiln.build(str(case.onnx_path), config)
+
+    engine, cold = timed(build, case.device)
+    del engine
+    _free(case.device)
+    engine, warm = timed(build, case.device)  # the same build, its tactic timings now in the cache
+    if case.kiln.save_dir is not None:
+        case.kiln.save_dir.mkdir(parents=True, exist_ok=True)
+        engine.save(case.kiln.save_dir / f"{case.spec.name}-bs{case.batch}-{case.precision}.kiln")
+    ctx = engine.create_context()
+    feeds = [dict(zip(names, s)) for s in case.kiln_sets]
+    outputs = list(case.spec.outputs)
+
+    def step(k: int) -> Any:
+        out = ctx.run(feeds[k])
+        return [out[n] for n in outputs]
+
+    _, first = timed(lambda: step(0), case.device)
+    return Prepared(step, {"build_cold_s": cold, "build_warm_s": warm, "first_run_s": first})
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

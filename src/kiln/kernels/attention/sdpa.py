@@ -1,0 +1,97 @@
+"""`cuda.sdpa`: the Attention op through torch's scaled_dot_product_attention, one backend per config
+(FlashAttention-2, memory-efficient, cuDNN, math): the tuner keeps the fastest that runs and matches.
+
+Takes 4-D [batch, heads, seq, head] or packed 3-D [batch, seq, heads*head] Q/K/V (heads from the attributes),
+grouped-query K/V, a float additive mask (broadcast over heads), `is_causal` without a mask, any scale.
+Left to the reference: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, softcap, boolean masks
+(a row with no allowed key must give zeros, as the reference defines), extra outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node, TensorType
+from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.registry import register
+
+FLOATS = frozenset({DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16})
+BACKENDS = ["flash", "efficient", "cudnn", "math"]
+
+
+def _backend(name: str) -> Any:
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+class Sdpa(Tactic):
+    name = "cuda.sdpa"
+    ops = frozenset({"Attention"})
+    devices = frozenset({"cuda"})
+    space = {"backend": BACKENDS}
+    priority = 40
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        a = node.attrs
+        if device.type not in self.devices or len(node.outputs) != 1 or len(node.inputs) > 4:
+            return False
+        if a["softcap"] or a["left_window_size"] >= 0 or a["right_window_size"] >= 0 or a["qk_matmul_output_mode"]:
+            return False
+        if a["softmax_precision"] not in (None, DType.FLOAT32):
+            return False
+        qkv = node.inputs[:3]
+        types = [v.type if v is not None else None for v in qkv]
+        if not all(isinstance(t, TensorType) and t.dtype in FLOATS and t.rank in (3, 4) for t in types):
+            return False
+        if len({t.dtype for t in types}) != 1 or len({t.rank for t in types}) != 1:  # type: ignore[union-attr]
+            return False
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        if mask is not None:
+            if a["is_causal"] or not isinstance(mask.type, TensorType) or not mask.type.dtype.is_float:
+                return False
+            if mask.type.rank is None or mask.type.rank > 4:
+                return False
+        return True
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        a = node.attrs
+        backend = _backend(config.get("backend", "flash"))
+        causal = bool(a["is_causal"])
+        scale = a["scale"]
+        qh, kvh = a["q_num_heads"], a["kv_num_heads"]
+
+        def run(xs: list[Any]) -> list[Any]:
+            q, k, v = xs[0], xs[1], xs[2]
+            mask = xs[3] if len(xs) > 3 else None
+            packed = q.dim() == 3
+            if packed:
+                q = q.view(q.shape[0], q.shape[1], qh, -1).transpose(1, 2)
+                k = k.view(k.shape[0], k.shape[1], kvh, -1).transpose(1, 2)
+                v = v.view(v.shape[0], v.shape[1], kvh, -1).transpose(1, 2)
+            if causal and q.shape[2] != k.shape[2]:
+                raise ValueError("is_causal with different query and key lengths is left to the reference")
+            if mask is not None:
+                mask = mask.to(q.dtype)
+                while mask.dim() < 4:
+                    mask = mask.unsqueeze(0)
+            gqa = k.shape[1] != q.shape[1]
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel([backend]):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                   enable_gqa=gqa)
+            if packed:
+                y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+            return [y]
+
+        return run
+
+
+register(Sdpa())

@@ -1,0 +1,105 @@
+"""`cuda.conv`: 1-D/2-D/3-D Conv, alone or anchoring an epilogue, through cuDNN (torch).
+
+The conv's own bias goes to cuDNN. The epilogue after it runs as one pointwise kernel in place, or - config
+`fuse="cudnn"` - through cuDNN's fused conv + bias (+ residual) + ReLU when the steps are exactly [Relu] or
+[Add(residual), Relu]. The weight is kept in the memory format of the input (channels-last when the layout pass
+chose it), converted once at build time, so cuDNN never transposes it per call. Depthwise and grouped convs are
+cuDNN's too (it has dedicated kernels); asymmetric padding is left to the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.ir.graph import Node
+from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.cpu.common import prepared
+from kiln.kernels.epilogue import Anchored, tail
+from kiln.kernels.registry import register
+
+ANCHORS = frozenset({"Conv"})
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _params(a: Anchored) -> tuple[int, list[int], list[int], list[int], int] | None:
+    """(spatial rank, strides, symmetric pads, dilations, groups), or None when torch's conv cannot express it."""
+    w = a.constant(1)
+    x = a.input(0)
+    if w is None or x is None or x.rank is None or x.rank - 2 not in CONV or w.dim() != x.rank:
+        return None
+    at = a.anchor.attrs
+    k = x.rank - 2
+    if at.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    pads = list(at.get("pads") or [0] * (2 * k)) if at.get("auto_pad", "NOTSET") == "NOTSET" else [0] * (2 * k)
+    if pads[:k] != pads[k:]:
+        return None
+    strides = list(at.get("strides") or [1] * k)
+    dil = list(at.get("dilations") or [1] * k)
+    return k, strides, pads[:k], dil, int(at.get("group", 1))
+
+
+def _cudnn_fusable(a: Anchored) -> str | None:
+    ops = [s.op for s in a.steps]
+    if ops == ["Relu"]:
+        return "relu"
+    if ops == ["Add", "Relu"]:
+        _, v, data = a.step_operand(0)
+        if v is not None and data is None and a.body is not None and v in a.body.inputs:
+            return "add_relu"
+    return None
+
+
+class CudnnConv(Tactic):
+    name = "cuda.conv"
+    ops = frozenset({"Conv", "Fused"})
+    devices = frozenset({"cuda"})
+    space = {"fuse": ["pointwise", "cudnn"]}
+    priority = 40
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        a = Anchored.of(node, ANCHORS)
+        return a is not None and device.type in self.devices and a.dtypes_ok() and _params(a) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        a = Anchored.of(node, ANCHORS)
+        assert a is not None
+        params = _params(a)
+        assert params is not None
+        k, strides, pads, dil, groups = params
+        x_at, w_at, b_at = a.arg[0], a.arg[1], a.arg[2] if len(a.arg) > 2 else None
+        assert x_at is not None and w_at is not None
+        cl = prepared(node, w_at, ("cuda.conv", "channels_last"),
+                      lambda w: w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w.contiguous())
+        plain = prepared(node, w_at, ("cuda.conv", "contiguous"), lambda w: w.contiguous())
+        fused = _cudnn_fusable(a) if config.get("fuse") == "cudnn" and k == 2 else None
+        if config.get("fuse") == "cudnn" and fused is None:
+            raise ValueError("cuDNN's fused conv takes [Relu] or [Add, Relu] epilogues only")
+        conv = CONV[k]
+        rest = tail(a, 0)
+        res_at = 0
+        if fused == "add_relu":
+            _, v, _ = a.step_operand(0)
+            assert a.body is not None and v is not None
+            res_at = a.body.inputs.index(v)
+
+        def run(xs: list[Any]) -> list[Any]:
+            x = xs[x_at]
+            last = k == 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            w = cl(xs[w_at]) if last else plain(xs[w_at])
+            b = None if b_at is None else xs[b_at]
+            if fused == "relu":
+                return [torch.cudnn_convolution_relu(x, w, b, strides, pads, dil, groups)]
+            if fused == "add_relu":
+                z = xs[res_at]
+                return [torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, strides, pads, dil, groups)]
+            return [rest(conv(x, w, b, strides, pads, dil, groups), xs)]
+
+        return run
+
+
+register(CudnnConv())

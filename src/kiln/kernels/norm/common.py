@@ -1,0 +1,151 @@
+"""What the Triton norm tactics share: the CUDA-and-Triton gate, node checks, the tuning space, the launch plan
+(how rows are tiled onto programs) and the reference as a fallback for run-time corner cases.
+
+This module never imports triton: the tactics must load (and say "not applicable") where it is missing."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node, TensorType, Value
+from kiln.ir.ops import get_op
+from kiln.ir.ops.base import RefCtx
+from kiln.kernels.base import Kernel, Tactic
+
+FLOATS = frozenset({DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16})
+
+SPACE: dict[str, Sequence[Any]] = {
+    "tile": [2048, 4096, 8192],
+    "per_thread": [16, 8],
+    "max_row": [16384, 8192],
+}
+"""The shared tuning space (first values = the untimed default, the fastest at BERT/LLaMA shapes on an H100):
+- `tile`: elements one program holds when rows are short: `tile // row` rows to a program;
+- `per_thread`: elements per thread, which sets num_warps (clamped to 1..16);
+- `max_row`: the longest row kept in registers for a single read and write of every element; longer rows (and
+  large groups) are streamed in chunks of `max_row // 2`."""
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as none
+        return False
+
+
+class TritonTactic(Tactic):
+    """A CUDA tactic made of Triton kernels; subclasses say which nodes they take in `supports`."""
+
+    devices: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    space: ClassVar[dict[str, Sequence[Any]]] = SPACE
+    priority: ClassVar[int] = 50
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        return super().applicable(node, device) and triton_available() and self.supports(node)
+
+    def supports(self, node: Node) -> bool:
+        """Whether the kernels compute `node` as the reference does (up to float32 rounding)."""
+        raise NotImplementedError
+
+
+# --- node checks ----------------------------------------------------------------------------------------
+
+
+def tensor_type(v: Value | None) -> TensorType | None:
+    return v.type if v is not None and isinstance(v.type, TensorType) else None
+
+
+def present(node: Node, i: int) -> bool:
+    return i < len(node.inputs) and node.inputs[i] is not None
+
+
+def dtype(node: Node, i: int) -> DType | None:
+    t = tensor_type(node.inputs[i]) if present(node, i) else None
+    return None if t is None else t.dtype
+
+
+def out_dtype(node: Node, i: int = 0) -> DType | None:
+    t = tensor_type(node.outputs[i]) if i < len(node.outputs) else None
+    return None if t is None else t.dtype
+
+
+def shape(node: Node, i: int) -> tuple[Any, ...] | None:
+    t = tensor_type(node.inputs[i]) if present(node, i) else None
+    return None if t is None or t.shape is None else tuple(t.shape)
+
+
+def floats(node: Node, inputs: Sequence[int]) -> bool:
+    """Every listed input that is present, and output 0, is float32, float16 or bfloat16."""
+    types = [dtype(node, i) for i in inputs if present(node, i)] + [out_dtype(node)]
+    return all(t in FLOATS for t in types)
+
+
+def norm_axis(axis: int, rank: int) -> int | None:
+    return axis + rank if -rank <= axis < 0 else axis if 0 <= axis < rank else None
+
+
+def static_ints(dims: Sequence[Any]) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+# --- the launch plan --------------------------------------------------------------------------------------
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def warps(elements: int, per_thread: int) -> int:
+    return max(1, min(16, next_pow2(elements // (32 * per_thread))))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How rows of `n` elements map onto programs: `rows` rows of `block` lanes a program (one read and one write
+    of every element), or, when `looped`, one row a program streamed in chunks of `block` lanes."""
+
+    rows: int
+    block: int
+    looped: bool
+    num_warps: int
+
+
+def plan(n: int, config: dict[str, Any]) -> Plan:
+    tile, per_thread, max_row = config["tile"], config["per_thread"], config["max_row"]
+    block = next_pow2(n)
+    if block > max_row:
+        # why: a streamed row needs many loads in flight per program, more than a short-row tile does
+        chunk = max(next_pow2(max_row) // 2, 1)
+        return Plan(1, chunk, True, warps(chunk, per_thread))
+    rows = max(1, tile // block)
+    return Plan(rows, block, False, warps(rows * block, per_thread))
+
+
+def grid_rows(n_rows: int, p: Plan) -> tuple[int]:
+    return ((n_rows + p.rows - 1) // p.rows,)
+
+
+# --- dtypes and the fallback --------------------------------------------------------------------------------
+
+
+def promote(*dts: torch.dtype) -> torch.dtype:
+    """torch's result dtype for arithmetic on tensors of these dtypes."""
+    out = dts[0]
+    for d in dts[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def reference(node: Node) -> Kernel:
+    """The op table's reference for `node`: empty tensors and run-time shape surprises go here."""
+    ref = get_op(node.op).ref
+    ctx = RefCtx(node)
+    return lambda xs: list(ref(ctx, xs))

@@ -1,0 +1,169 @@
+"""Triton helpers the generated pointwise kernels call: functions triton.language lacks, built from its core math
+(exp, log, sqrt, floor, ...) so that one source runs on the GPU and in the CPU interpreter alike.
+
+Imported only by generated kernel modules (it imports triton). Every helper takes and returns float32 (or
+float64 where noted) blocks; the formulas avoid cancellation near zero and overflow at large arguments.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INF = tl.constexpr(float("inf"))
+LN2 = tl.constexpr(0.6931471805599453)
+BIG = tl.constexpr(4503599627370496.0)  # 2**52: every float32/float64 at least this large is an integer
+
+
+@triton.jit
+def expm1(x):
+    # why: exp(x) - 1 loses every digit near 0; a Taylor polynomial covers |x| < 1/4 to float32 precision
+    p = x * (1.0 + x * (0.5 + x * (0.16666666666666666 + x * (0.041666666666666664 + x * (
+        0.008333333333333333 + x * 0.001388888888888889)))))
+    return tl.where(tl.abs(x) < 0.25, p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def log1p(u):
+    # why: log(1 + u) loses the digits of small u; 2 atanh(s), s = u / (2 + u), converges fast for |u| < 1/4
+    s = u / (2.0 + u)
+    s2 = s * s
+    p = 2.0 * s * (1.0 + s2 * (0.3333333333333333 + s2 * (0.2 + s2 * (0.14285714285714285 + s2 * 0.1111111111111111))))
+    return tl.where(tl.abs(u) < 0.25, p, tl.log(1.0 + u))
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def gelu_tanh(x):
+    # why: 0.5 x (1 + tanh(u)) = x sigmoid(2u): no cancellation where tanh(u) is near -1, and one exp
+    u = 1.5957691216057308 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-u))
+
+
+@triton.jit
+def mish(x):
+    # why: tanh(softplus(x)) = n / (n + 2) with n = e^x (e^x + 2): one exp, no cancellation for negative x
+    e = tl.exp(tl.where(x < 20.0, x, 20.0))
+    n = e * (e + 2.0)
+    return tl.where(x > 20.0, x, x * n / (n + 2.0))
+
+
+@triton.jit
+def tanh(x):
+    a = tl.abs(x)
+    e = expm1(-2.0 * a)
+    t = -e / (e + 2.0)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def sinh(x):
+    a = tl.abs(x)
+    e = expm1(a)
+    s = tl.where(a > 20.0, tl.exp(a - LN2), 0.5 * (e + e / (e + 1.0)))
+    return tl.where(x < 0, -s, s)
+
+
+@triton.jit
+def cosh(x):
+    a = tl.abs(x)
+    e = tl.exp(a)
+    return tl.where(a > 20.0, tl.exp(a - LN2), 0.5 * (e + 1.0 / e))
+
+
+@triton.jit
+def asinh(x):
+    a = tl.abs(x)
+    r = tl.where(a > 1e18, tl.log(a) + LN2, log1p(a + a * a / (1.0 + tl.sqrt(1.0 + a * a))))
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def acosh(x):
+    d = x - 1.0
+    return tl.where(x > 1e18, tl.log(x) + LN2, log1p(d + tl.sqrt(d * (x + 1.0))))
+
+
+@triton.jit
+def atanh(x):
+    a = tl.abs(x)
+    r = 0.5 * log1p(2.0 * a / (1.0 - a))
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def atan(x):
+    # why: Cephes' atanf: reduce |x| to [0, tan(pi/8)] with atan(x) = pi/4 + atan((x-1)/(x+1)) or
+    # pi/2 - atan(1/x), then a degree-9 odd polynomial (relative error ~1e-7)
+    a = tl.abs(x)
+    big = a > 2.414213562373095
+    mid = a > 0.41421356237309503
+    y0 = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
+    t = tl.where(big, -1.0 / a, tl.where(mid, (a - 1.0) / (a + 1.0), a))
+    z = t * t
+    p = (((0.0805374449538 * z - 0.138776856032) * z + 0.199777106478) * z - 0.333329491539) * z * t + t
+    r = y0 + p
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def asin(x):
+    return atan(x / tl.sqrt((1.0 - x) * (1.0 + x)))
+
+
+@triton.jit
+def acos(x):
+    return 2.0 * atan(tl.sqrt((1.0 - x) / (1.0 + x)))
+
+
+@triton.jit
+def round_even(x):
+    # why: x - floor(x) is exact, so ties are seen exactly; beyond 2**52 (and at inf/NaN) x is its own rounding
+    t = tl.floor(x)
+    d = x - t
+    odd = t - 2.0 * tl.floor(0.5 * t)
+    r = tl.where(d > 0.5, t + 1.0, tl.where(d < 0.5, t, t + odd))
+    return tl.where(tl.abs(x) < BIG, r, x)
+
+
+@triton.jit
+def power(x, y, whole, odd):
+    """x ** y (IEEE pow special cases); `whole`: y is an integer, `odd`: y is an odd integer."""
+    ax = tl.abs(x)
+    r = tl.exp2(y * tl.log2(ax))
+    neg = (x < 0) | ((x == 0) & (1.0 / x < 0))
+    r = tl.where(neg & odd, -r, r)
+    r = tl.where((x < 0) & (whole == 0) & (ax != INF), INF * 0.0, r)  # why: NaN; a NaN global fails Triton's check
+    r = tl.where((ax == 1.0) & (tl.abs(y) == INF), 1.0, r)
+    return tl.where((y == 0) | (x == 1.0), 1.0, r)
+
+
+@triton.jit
+def float_whole(y):
+    return tl.floor(y) == y
+
+
+@triton.jit
+def float_odd(y):
+    return (tl.floor(y) == y) & (tl.floor(y * 0.5) * 2.0 != y)
+
+
+@triton.jit
+def fmod64(a, b):
+    """C fmod on float64 blocks holding float16 values (exact there: the quotient needs at most 42 bits)."""
+    q = a / b
+    q = tl.where(q < 0, tl.ceil(q), tl.floor(q))
+    r = a - q * b
+    return tl.where((tl.abs(b) == INF) & (tl.abs(a) != INF), a, r)
+
+
+@triton.jit
+def floor_mod64(a, b):
+    """a mod b with the divisor's sign (ONNX Mod, fmod=0); zeros take b's sign."""
+    r = fmod64(a, b)
+    r = tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+    return tl.where(r == 0, tl.where(b < 0, -0.0, 0.0), r)

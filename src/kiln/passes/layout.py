@@ -1,0 +1,114 @@
+"""Layout decision: where convolutions on the GPU should see channels-last (NHWC) activations.
+
+cuDNN's (and the Triton conv templates') fast paths for FP16/BF16 tensor cores want channels-last data; feeding
+them row-major NCHW costs a transpose on the way in and out of every convolution. This pass groups 4-D values
+into regions connected through ops that take any memory format at no cost - convolutions (data input and
+output), elementwise ops and pointwise groups, pooling, BatchNormalization, Resize, a channel Concat - and marks
+every value of a region that holds a convolution as channels-last (`graph.layouts[name] = "channels_last"`; the
+logical shape stays NCHW). Regions are maximal, so a conversion happens only where a region meets an op that
+reads its input in row-major order (Reshape, Flatten, MatMul ...), a graph input or a graph output: the fewest
+conversions for that choice. The runtime converts there and nowhere else.
+
+Cases:
+- Conv -> Relu -> MaxPool -> Conv: one region, channels-last throughout, conversions only at the graph input and
+  where the last value leaves (e.g. Flatten before the classifier);
+- a residual block (Conv, Conv, Add(x, y)): x, y and the sum in one region;
+- no convolution in a region (a transformer's 4-D attention tensors): left row-major.
+
+Only for GPU builds (`PassContext.device == "cuda"`); on CPU the tactics choose their own internal layouts.
+"""
+
+from __future__ import annotations
+
+from kiln.ir.graph import Graph, Node, TensorType, Value
+from kiln.passes.manager import Pass, PassContext, PassResult
+from kiln.passes.pointwise_fusion import is_elementwise
+
+CHANNELS_LAST = "channels_last"
+POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+CONVS = frozenset({"Conv", "ConvTranspose"})
+
+
+def _4d(v: Value | None) -> bool:
+    return v is not None and isinstance(v.type, TensorType) and v.type.rank == 4 and v.type.dtype.is_float
+
+
+def _conv_data(n: Node) -> Value | None:
+    """The activation input of a 2-D convolution (plain or anchoring an epilogue), else None."""
+    if n.op in CONVS:
+        return n.inputs[0] if _4d(n.inputs[0]) else None
+    if n.op == "Fused" and n.attrs["kind"] == "epilogue":
+        body: Graph = n.attrs["body"]
+        anchor = body.nodes[0]
+        if anchor.op in CONVS and anchor.inputs[0] in body.inputs and _4d(anchor.inputs[0]):
+            return n.inputs[body.inputs.index(anchor.inputs[0])]
+    return None
+
+
+def _members(n: Node) -> list[Value]:
+    """The values of `n` that share one region when `n` takes any memory format at no cost (else [])."""
+    data = _conv_data(n)
+    if data is not None:  # with an epilogue's full-size operands (a residual), read in step with the output
+        outs = [v for v in n.outputs if _4d(v)]
+        full = [v for v in n.inputs[1:] if v is not None and _4d(v) and v.data is None and outs
+                and v.shape == outs[0].shape]
+        return [data, *full, *outs]
+    agnostic = (
+        (n.op == "Fused" and n.attrs["kind"] == "pointwise") or (n.op != "Fused" and is_elementwise(n))
+        or n.op in POOLS or n.op in ("BatchNormalization", "Resize")
+        or (n.op == "Concat" and n.outputs[0].rank == 4 and int(n.attrs["axis"]) in (1, -3))
+    )
+    if not agnostic or not n.outputs or not _4d(n.outputs[0]):
+        return []
+    domain = n.outputs[0].shape
+    keep = n.op in POOLS or n.op in ("Resize", "Concat")
+    ins = [v for v in n.inputs if v is not None and _4d(v) and (keep or v.shape == domain)]
+    return [*ins, *(v for v in n.outputs if _4d(v))]
+
+
+class _Regions:
+    def __init__(self) -> None:
+        self.parent: dict[Value, Value] = {}
+
+    def find(self, v: Value) -> Value:
+        self.parent.setdefault(v, v)
+        while self.parent[v] is not v:
+            self.parent[v] = self.parent[self.parent[v]]
+            v = self.parent[v]
+        return v
+
+    def union(self, vs: list[Value]) -> None:
+        for v in vs[1:]:
+            self.parent[self.find(v)] = self.find(vs[0])
+
+
+def decide_layout(graph: Graph, device: str) -> PassResult:
+    graph.layouts.clear()
+    if device != "cuda":
+        return PassResult.of(regions=0)
+    regions = _Regions()
+    flexible: dict[Node, list[Value]] = {}
+    for n in graph.nodes:
+        vs = _members(n)
+        if vs:
+            flexible[n] = vs
+            regions.union(vs)
+    with_conv = {regions.find(d) for n in graph.nodes if (d := _conv_data(n)) is not None}
+    chosen = {v for v in regions.parent if regions.find(v) in with_conv}
+    for v in sorted(chosen, key=lambda v: v.name):
+        graph.layouts[v.name] = CHANNELS_LAST
+    return PassResult.of(regions=len(with_conv), values=len(chosen),
+                         conversions=_conversions(graph, chosen, flexible))
+
+
+def _conversions(graph: Graph, chosen: set[Value], flexible: dict[Node, list[Value]]) -> int:
+    """Where a channels-last value meets a row-major reader, writer, graph input or output."""
+    n = sum(v in chosen for v in graph.inputs) + sum(v in chosen for v in graph.outputs)
+    for node in graph.nodes:
+        members = set(flexible.get(node, ()))
+        n += sum(v in chosen and v not in members for v in node.inputs if v is not None)
+    return n
+
+
+def layout(ctx: PassContext) -> Pass:
+    return lambda graph: decide_layout(graph, ctx.device)

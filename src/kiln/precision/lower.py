@@ -1,0 +1,154 @@
+"""Whole-graph low precision: every FP32 tensor of the optimized graph becomes FP16 or BF16.
+
+What changes: FP32 weights (clamped into the type's finite range, so -3.4e38 mask constants become -65504 in
+FP16 rather than -inf, and a `0 * min` stays 0), FP32 dtype attributes (Cast to float, ConstantOfShape/Constant
+values, random ops), the types of every value (re-inferred node by node, Fused bodies and subgraphs first).
+The engine's interface keeps its types: FP32 graph inputs are cast on the way in, FP32 outputs on the way out.
+Kept in FP32: inputs that are sizes rather than data (Resize's roi and scales), where a rounded scale would
+change the output shape, and attributes naming an internal precision (LayerNorm's stash_type, attention's
+softmax_precision).
+
+Accumulation and the internals of reductions stay FP32 inside the kernels (cuBLAS/cuDNN accumulate in FP32;
+the norm, softmax and pooling kernels compute their statistics in FP32). Per-layer fallback to FP32 (layers
+that overflow or lose accuracy) is the mixed-precision work of the precision passes, not done here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node, TensorType, Value
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import AttrKind, infer_node
+from kiln.ir.verify import verify
+
+LOW = (DType.FLOAT16, DType.BFLOAT16)
+ACCUMULATION_ATTRS = frozenset({"stash_type", "softmax_precision", "precision"})
+"""Dtype attributes that name an internal precision (a norm's statistics, attention's softmax), not a value's
+type: they stay FP32."""
+KEEP_FP32_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
+
+
+@dataclass
+class LoweringReport:
+    precision: str
+    weights: int = 0
+    clamped: dict[str, int] = field(default_factory=dict)
+    """Weights with finite values beyond the type's range, clamped to its largest (name -> how many elements)."""
+
+    def to_json(self) -> dict[str, object]:
+        return {"precision": self.precision, "weights": self.weights, "clamped": dict(self.clamped)}
+
+
+def lower_precision(graph: Graph, to: DType) -> LoweringReport:
+    """Convert `graph` (in place) to compute in `to` (FLOAT16 or BFLOAT16); returns what was converted."""
+    if to not in LOW:
+        raise ValueError(f"lower_precision takes float16 or bfloat16, got {to}")
+    report = LoweringReport(to.value)
+    keep = _kept_fp32(graph)
+    _convert(graph, to, report, keep, root=True)
+    _cast_inputs(graph, to)
+    _retype(graph, to)
+    _cast_outputs(graph, to)
+    verify(graph, types=True)
+    return report
+
+
+def _kept_fp32(graph: Graph) -> set[Value]:
+    keep: set[Value] = set()
+    for g in _graphs(graph):
+        for n in g.nodes:
+            for i in KEEP_FP32_INPUTS.get(n.op, ()):
+                if i < len(n.inputs) and n.inputs[i] is not None:
+                    keep.add(n.inputs[i])  # type: ignore[arg-type]
+    return keep
+
+
+def _graphs(g: Graph) -> list[Graph]:
+    out = [g]
+    for n in g.nodes:
+        for a in n.attrs.values():
+            if isinstance(a, Graph):
+                out.extend(_graphs(a))
+            elif isinstance(a, list) and a and all(isinstance(x, Graph) for x in a):
+                for x in a:
+                    out.extend(_graphs(x))
+    return out
+
+
+def _tensor(t: torch.Tensor, to: DType, name: str, report: LoweringReport) -> torch.Tensor:
+    top = torch.finfo(to.torch).max  # float32's max rounds to inf in bf16 too
+    big = int((t.isfinite() & (t.abs() > top)).sum())
+    if big:
+        report.clamped[name] = big
+        t = torch.where(t.isfinite(), t.clamp(-top, top), t)
+    return t.to(to.torch)
+
+
+def _is_f32(v: Value) -> bool:
+    return isinstance(v.type, TensorType) and v.type.dtype is DType.FLOAT32
+
+
+def _convert(g: Graph, to: DType, report: LoweringReport, keep: set[Value], root: bool) -> None:
+    for v in g.initializers.values():
+        if _is_f32(v) and v not in keep and isinstance(v.data, torch.Tensor):
+            v.data = _tensor(v.data, to, v.name, report)
+            v.type = TensorType(to, v.type.shape)  # type: ignore[union-attr]
+            report.weights += 1
+    if not root:  # a body's inputs are the enclosing node's (now converted) values
+        for v in g.inputs:
+            if _is_f32(v):
+                v.type = TensorType(to, v.type.shape)  # type: ignore[union-attr]
+    for n in g.nodes:
+        _convert_attrs(n, to, report)
+        for sub in n.subgraphs():
+            _convert(sub, to, report, keep, root=False)
+
+
+def _convert_attrs(n: Node, to: DType, report: LoweringReport) -> None:
+    schema = OPS[n.op].attrs
+    for k, a in list(n.attrs.items()):
+        kind = schema[k].kind if k in schema else None
+        if kind is AttrKind.DTYPE and a is DType.FLOAT32 and k not in ACCUMULATION_ATTRS:
+            n.attrs[k] = to
+        elif kind is AttrKind.TENSOR and isinstance(a, torch.Tensor) and a.dtype == torch.float32:
+            n.attrs[k] = _tensor(a, to, f"{n.name}.{k}", report)
+
+
+def _retype(g: Graph, to: DType) -> None:
+    for n in g.nodes:
+        for sub in n.subgraphs():
+            _retype(sub, to)
+        for v, t in zip(n.outputs, infer_node(n, g, len(n.outputs))):
+            if isinstance(t, TensorType) and isinstance(v.type, TensorType) and t.dtype != v.type.dtype:
+                v.type = TensorType(t.dtype, v.type.shape)
+
+
+def _cast_inputs(g: Graph, to: DType) -> None:
+    """FP32 graph inputs are cast to `to` on the way in."""
+    for x in g.inputs:
+        if not _is_f32(x):
+            continue
+        readers = [n for n in g.nodes if x in n.inputs]
+        if not readers:
+            continue
+        cast = g.add("Cast", [x], {"to": to}, name=g.fresh_name(f"{x.name}_to_{to.value}"))[0]
+        for n in readers:
+            n.inputs = [cast if v is x else v for v in n.inputs]
+    g.toposort()
+
+
+def _cast_outputs(g: Graph, to: DType) -> None:
+    """Outputs that were FP32 are cast back on the way out."""
+    for i, y in enumerate(list(g.outputs)):
+        if not isinstance(y.type, TensorType) or y.type.dtype is not to or y.producer is None:
+            continue
+        name = y.name
+        g.rename(y, g.fresh_name(f"{name}_{to.value}"))
+        out = g.add("Cast", [y], {"to": DType.FLOAT32}, name=g.fresh_name(f"{name}_to_float32"))[0]
+        g.rename(out, name)
+        g.outputs[i] = out
+    g.toposort()

@@ -1,0 +1,81 @@
+"""CUDA graphs: capture a function of device tensors once per key (an input shape), replay it after.
+
+Reusable beyond ONNX plans (the LLM runner will capture its decode steps with it). A captured function must only
+touch device memory: anything that reads device data on the host (`.item()`, a data-dependent shape) cannot be
+captured - CUDA refuses it, the capture fails, and that key runs eagerly from then on (`eager_keys` says why).
+Work done on the host during capture (shape arithmetic on CPU tensors) is frozen into the graph, which is why
+the key must hold every input shape.
+
+Replays reuse the captured input buffers and memory: the caller copies its inputs in, replays, and must copy the
+outputs out before the next replay. One graph memory pool is shared by the graphs of one `GraphCache`, so keep a
+cache per execution context and never replay two of its graphs at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Fn = Callable[[dict[str, torch.Tensor]], dict[str, Any]]
+
+
+@dataclass
+class Captured:
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, Any]
+    graph: torch.cuda.CUDAGraph
+
+
+class GraphCache:
+    """At most `max_graphs` captured graphs, least recently used dropped first."""
+
+    def __init__(self, device: torch.device, max_graphs: int = 8) -> None:
+        self.device = device
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[Hashable, Captured] = OrderedDict()
+        self.eager_keys: dict[Hashable, str] = {}
+        self._pool: Any = None
+
+    def run(self, key: Hashable, inputs: Mapping[str, torch.Tensor], fn: Fn) -> dict[str, Any] | None:
+        """fn(inputs) through the graph captured for `key` (capturing it on first use); None when `key` cannot
+        be captured (the caller runs fn eagerly). The returned tensors are the graph's own: copy them out."""
+        if key in self.eager_keys:
+            return None
+        cap = self.graphs.get(key)
+        if cap is None:
+            cap = self._capture(key, inputs, fn)
+            if cap is None:
+                return None
+        else:
+            self.graphs.move_to_end(key)
+        for name, x in inputs.items():
+            cap.inputs[name].copy_(x)
+        cap.graph.replay()
+        return cap.outputs
+
+    def _capture(self, key: Hashable, inputs: Mapping[str, torch.Tensor], fn: Fn) -> Captured | None:
+        static = {k: x.detach().clone() for k, x in inputs.items()}
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):  # warm up off the capture: lazy compiles, library handles, allocations
+                fn(static)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                outputs = fn(static)
+        except Exception as e:  # not capturable (host reads of device data, ...): run this key eagerly
+            torch.cuda.synchronize(self.device)
+            self.eager_keys[key] = f"{type(e).__name__}: {e}"
+            return None
+        cap = Captured(static, outputs, graph)
+        self.graphs[key] = cap
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return cap

@@ -1,0 +1,112 @@
+"""The benchmark runner's plumbing, end to end on the CPU with the test-only tiny models (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from benchmarks.checks import MIN_COSINE, compare_one
+from benchmarks.report import INTRO
+from benchmarks.run import main
+
+MODELS = ("tiny_cnn", "tiny_bert")
+BATCHES = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    tmp = tmp_path_factory.mktemp("bench")
+    results, out = tmp / "RESULTS.md", tmp / "out.json"
+    argv = ["--models", ",".join(MODELS), "--batch", ",".join(map(str, BATCHES)), "--device", "cpu",
+            "--precision", "fp32", "--modes", "eager,cudagraph,kiln", "--warmup", "1", "--iters", "3",
+            "--results", str(results), "--json", str(out), "--workdir", str(tmp / "work"),
+            "--kiln-opt-level", "1"]
+    flags = _torch_flags()
+    with pytest.MonkeyPatch.context() as mp:  # the runner points the compile caches at its workdir: undo that
+        for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+            mp.setenv(var, str(tmp / "unused"))
+        try:
+            code = main(argv)
+        finally:
+            _set_torch_flags(flags)
+    return results, out, code
+
+
+def _torch_flags() -> tuple[bool, bool, bool]:
+    import torch
+
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+
+
+def _set_torch_flags(flags: tuple[bool, bool, bool]) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
+def test_exit_code_and_files(smoke: tuple[Path, Path, int]) -> None:
+    results, out, code = smoke
+    assert code == 0
+    assert results.exists() and out.exists()
+
+
+def test_results_markdown(smoke: tuple[Path, Path, int]) -> None:
+    text = smoke[0].read_text()
+    assert text.startswith(INTRO)  # a new file gets the introduction first
+    assert "## " in text and "- command: `python -m benchmarks.run --models tiny_cnn,tiny_bert" in text
+    for model in MODELS:
+        for batch in BATCHES:
+            assert f"### {model} · batch {batch} · fp32 · cpu" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert sum(r.startswith("| eager | ") for r in rows) == len(MODELS) * len(BATCHES)
+    assert sum(r.startswith("| kiln | ") and "ERROR" not in r for r in rows) == len(MODELS) * len(BATCHES)
+    assert sum(r.startswith("| cudagraph | skipped") for r in rows) == len(MODELS) * len(BATCHES)
+    assert "kiln / best torch (eager" in text
+
+
+def test_json_numbers(smoke: tuple[Path, Path, int]) -> None:
+    doc = json.loads(smoke[1].read_text())
+    assert doc["environment"]["kiln"] and doc["environment"]["torch"]
+    assert doc["interrupted"] is False
+    cases = doc["cases"]
+    assert [(c["model"], c["batch"]) for c in cases] == [(m, b) for m in MODELS for b in BATCHES]
+    for c in cases:
+        modes = {m["mode"]: m for m in c["modes"]}
+        assert modes["cudagraph"]["status"] == "skipped"
+        for name in ("eager", "kiln"):
+            m = modes[name]
+            assert m["status"] == "ok", m["error"]
+            st = m["stats"]
+            assert st["iters"] == 3 and len(st["samples_ms"]) == 3
+            assert all(st[k] > 0 for k in ("median_ms", "p10_ms", "p90_ms", "mean_ms"))
+        kiln = modes["kiln"]
+        assert kiln["setup_s"]["build_cold_s"] > 0 and kiln["setup_s"]["build_warm_s"] > 0
+        assert c["export_s"] > 0
+        assert c["best_torch_mode"] == "eager" and c["kiln_over_best_torch"] > 0
+        outputs = [x["output"] for x in kiln["checks"]]
+        assert outputs == (["logits"] if c["model"] == "tiny_cnn" else ["last_hidden_state", "pooler_output"])
+        for x in kiln["checks"]:
+            assert x["cosine"] >= MIN_COSINE["fp32"] and x["max_abs"] < 1e-3
+
+
+def test_results_append(tmp_path: Path) -> None:
+    from benchmarks.report import append_results
+
+    path = tmp_path / "R.md"
+    append_results(path, "## first\n")
+    append_results(path, "## second\n")
+    text = path.read_text()
+    assert text.count(INTRO) == 1 and text.index("## first") < text.index("## second")
+
+
+def test_compare_one_flags_bad_outputs() -> None:
+    import torch
+
+    x = torch.randn(4, 8)
+    assert compare_one("y", x, x).cosine == pytest.approx(1.0)
+    assert compare_one("y", -x, x).cosine == pytest.approx(-1.0)
+    assert compare_one("y", torch.full_like(x, math.nan), x).cosine == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        compare_one("y", x[:2], x)

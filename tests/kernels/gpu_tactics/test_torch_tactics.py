@@ -1,0 +1,198 @@
+"""The GPU tactics that call cuBLAS / cuDNN / SDPA through torch, against the op table's reference.
+
+These tactics are device-agnostic torch code apart from their library choice, so on a CPU-only machine they are
+built for "cuda" and run on CPU tensors (SDPA on its math backend); the cuDNN-only fused path and the real GPU
+shapes are in the GPU tier (`tests/gpu`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.ir.graph import Node, Value
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import RefCtx
+from kiln.kernels import registry
+from kiln.passes.epilogue_fusion import epilogue_fusion
+
+CUDA = torch.device("cuda")
+F32 = DType.FLOAT32
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(autouse=True)
+def _reference_tails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process the epilogue tails run through the op references: a generated Triton kernel needs a GPU
+    or the interpreter, which must be switched on before triton is imported (see the subprocess test below)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        monkeypatch.setattr("kiln.kernels.epilogue._generated", lambda a, start: None)
+
+
+def _w(g: Graph, name: str, *shape: int, seed: int = 0) -> Value:
+    return g.add_initializer(name, torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+
+
+def _inputs(node: Node, feeds: dict[str, torch.Tensor]) -> list[Any]:
+    return [None if v is None else (v.data if v.data is not None else feeds[v.name]) for v in node.inputs]
+
+
+def _check(node: Node, feeds: dict[str, torch.Tensor], tactic: str, configs: list[dict[str, Any]]) -> None:
+    t = registry.get(tactic)
+    assert t.applicable(node, CUDA)
+    assert not t.applicable(node, torch.device("cpu"))
+    args = _inputs(node, feeds)
+    want = OPS[node.op].ref(RefCtx(node), args)[0]
+    for cfg in configs:
+        got = t.build(node, cfg, CUDA)(list(args))[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, c=cfg: f"{c}: {m}")
+
+
+def _fused(g: Graph) -> Node:
+    epilogue_fusion(g)
+    fused = [n for n in g.nodes if n.op == "Fused"]
+    assert len(fused) == 1
+    return fused[0]
+
+
+def _linear_graph(act: str) -> tuple[Graph, dict[str, torch.Tensor]]:
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (2, 5, 8)))
+    res = g.add_input("res", TensorType(F32, (2, 5, 6)))
+    y = g.add("MatMul", [x, _w(g, "w", 8, 6)], name="mm")[0]
+    y = g.add("Add", [y, _w(g, "b", 6, seed=1)], name="bias")[0]
+    y = g.add(act, [y], {"approximate": "tanh"} if act == "Gelu" else {}, name="act")[0]
+    y = g.add("Add", [y, res], name="residual")[0]
+    g.outputs.append(y)
+    feeds = {"x": torch.randn(2, 5, 8), "res": torch.randn(2, 5, 6)}
+    return g, feeds
+
+
+@pytest.mark.parametrize("act", ["Relu", "Gelu", "Sigmoid"])
+def test_linear_with_bias_activation_and_residual(act: str) -> None:
+    g, feeds = _linear_graph(act)
+    node = _fused(g)
+    assert [m.op for m in node.attrs["body"].nodes] == ["MatMul", "Add", act, "Add"]
+    configs = registry.get("cuda.linear").configs()
+    assert len(configs) == 4
+    _check(node, feeds, "cuda.linear", configs)
+
+
+def test_gemm_trans_b_alpha_and_row_bias() -> None:
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (3, 8)))
+    y = g.add("Gemm", [x, _w(g, "w", 6, 8), _w(g, "c", 6, seed=2)], {"transB": 1, "alpha": 0.5}, name="fc")[0]
+    g.outputs.append(y)
+    _check(g.nodes[0], {"x": torch.randn(3, 8)}, "cuda.linear", registry.get("cuda.linear").configs())
+
+
+def test_linear_refuses_a_full_c_and_an_activation_weight() -> None:
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (3, 8)))
+    b = g.add_input("b", TensorType(F32, (8, 6)))
+    full = g.add("Gemm", [x, _w(g, "w", 8, 6), _w(g, "c", 3, 6)], name="full_c")[0]
+    act = g.add("MatMul", [x, b], name="act_weight")[0]
+    g.outputs.extend([full, act])
+    t = registry.get("cuda.linear")
+    assert not t.applicable(g.nodes[0], CUDA) and not t.applicable(g.nodes[1], CUDA)
+
+
+def test_conv_with_bias_residual_and_relu() -> None:
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (2, 4, 7, 7)))
+    res = g.add_input("res", TensorType(F32, (2, 6, 4, 4)))
+    c = g.add("Conv", [x, _w(g, "w", 6, 4, 3, 3), _w(g, "b", 6, seed=3)],
+              {"pads": (1, 1, 1, 1), "strides": (2, 2)}, name="conv")[0]
+    y = g.add("Relu", [g.add("Add", [c, res], name="add")[0]], name="relu")[0]
+    g.outputs.append(y)
+    node = _fused(g)
+    feeds = {"x": torch.randn(2, 4, 7, 7), "res": torch.randn(2, 6, 4, 4)}
+    _check(node, feeds, "cuda.conv", [{"fuse": "pointwise"}])
+    cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feeds.items()}
+    _check(node, cl, "cuda.conv", [{"fuse": "pointwise"}])  # channels-last activations, weight converted once
+
+
+def test_conv_asymmetric_padding_is_left_to_the_reference() -> None:
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (1, 4, 7, 7)))
+    g.outputs.append(g.add("Conv", [x, _w(g, "w", 6, 4, 3, 3)], {"pads": (0, 0, 1, 1)}, name="conv")[0])
+    assert not registry.get("cuda.conv").applicable(g.nodes[0], CUDA)
+
+
+def test_cudnn_fusion_config_refuses_other_epilogues() -> None:
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (1, 4, 7, 7)))
+    c = g.add("Conv", [x, _w(g, "w", 6, 4, 3, 3)], {"pads": (1, 1, 1, 1)}, name="conv")[0]
+    g.outputs.append(g.add("Sigmoid", [c], name="sig")[0])
+    node = _fused(g)
+    with pytest.raises(ValueError, match="cuDNN's fused conv"):
+        registry.get("cuda.conv").build(node, {"fuse": "cudnn"}, CUDA)
+
+
+def _attention(packed: bool, kv_heads: int, mask: bool, causal: bool) -> tuple[Node, dict[str, torch.Tensor]]:
+    g = Graph()
+    b, s, h, d = 2, 5, 4, 8
+    if packed:
+        q = g.add_input("q", TensorType(F32, (b, s, h * d)))
+        k = g.add_input("k", TensorType(F32, (b, s, kv_heads * d)))
+        v = g.add_input("v", TensorType(F32, (b, s, kv_heads * d)))
+        feeds = {"q": torch.randn(b, s, h * d), "k": torch.randn(b, s, kv_heads * d),
+                 "v": torch.randn(b, s, kv_heads * d)}
+        attrs: dict[str, Any] = {"q_num_heads": h, "kv_num_heads": kv_heads}
+    else:
+        q = g.add_input("q", TensorType(F32, (b, h, s, d)))
+        k = g.add_input("k", TensorType(F32, (b, kv_heads, s, d)))
+        v = g.add_input("v", TensorType(F32, (b, kv_heads, s, d)))
+        feeds = {"q": torch.randn(b, h, s, d), "k": torch.randn(b, kv_heads, s, d),
+                 "v": torch.randn(b, kv_heads, s, d)}
+        attrs = {}
+    ins: list[Value | None] = [q, k, v]
+    if mask:
+        ins.append(g.add_input("m", TensorType(F32, (b, 1, 1, s))))
+        feeds["m"] = torch.where(torch.rand(b, 1, 1, s) < 0.3, -65504.0, 0.0)
+    attrs.update({"is_causal": int(causal), "scale": 0.3})
+    y = g.add("Attention", ins, attrs, name="attn", outputs=1)[0]
+    g.outputs.append(y)
+    return g.nodes[0], feeds
+
+
+@pytest.mark.parametrize("packed,kv_heads,mask,causal", [
+    (True, 4, True, False), (False, 4, False, True), (False, 2, False, False), (True, 1, True, False),
+])
+def test_sdpa_matches_the_reference(packed: bool, kv_heads: int, mask: bool, causal: bool) -> None:
+    node, feeds = _attention(packed, kv_heads, mask, causal)
+    _check(node, feeds, "cuda.sdpa", [{"backend": "math"}])
+
+
+def test_sdpa_leaves_boolean_masks_and_caches_to_the_reference() -> None:
+    g = Graph()
+    q = g.add_input("q", TensorType(F32, (1, 2, 3, 4)))
+    m = g.add_input("m", TensorType(DType.BOOL, (1, 1, 3, 3)))
+    g.outputs.append(g.add("Attention", [q, q, q, m], name="attn", outputs=1)[0])
+    assert not registry.get("cuda.sdpa").applicable(g.nodes[0], CUDA)
+
+
+def test_epilogue_tails_as_generated_kernels_under_the_triton_interpreter() -> None:
+    """The same checks with the tails as generated pointwise kernels (in place on the GEMM/conv output)."""
+    code = (
+        "import kiln.kernels.epilogue as e\n"
+        "from tests.kernels.gpu_tactics import test_torch_tactics as t\n"
+        "for act in ('Relu', 'Gelu', 'Sigmoid'):\n"
+        "    g, feeds = t._linear_graph(act)\n"
+        "    node = t._fused(g)\n"
+        "    a = e.Anchored.of(node, frozenset({'MatMul'}))\n"
+        "    assert e._generated(a, 1) is not None, act\n"
+        "    t._check(node, feeds, 'cuda.linear', t.registry.get('cuda.linear').configs())\n"
+        "t.test_conv_with_bias_residual_and_relu()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

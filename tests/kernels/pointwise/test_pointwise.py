@@ -1,0 +1,282 @@
+"""The pointwise code generator: every case of `cases.py` run under the Triton CPU interpreter against the op
+table's reference (in two subprocesses), plus the parts that need no kernel run: layout planning, the generated
+source's shape, what `supports()` refuses, `epilogue_graph`, and the tactic's applicability."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.ir import DType, Graph, Node, TensorType
+from kiln.kernels.pointwise import TritonPointwise, check, epilogue_graph, supports
+from kiln.kernels.pointwise import layout as lay
+from kiln.kernels.pointwise.codegen import build_program, render
+from kiln.kernels.registry import TACTICS
+from kiln.utils.errors import UnsupportedError
+from tests.kernels.pointwise.cases import CASES, epilogue_body, graph
+
+ROOT = Path(__file__).resolve().parents[3]
+RUNNER = Path(__file__).with_name("interp_runner.py")
+SHARDS = 2
+D = DType
+F32, F16 = D.FLOAT32, D.FLOAT16
+
+
+# --- every case, interpreted ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """Runs all cases in SHARDS interpreter subprocesses at once; returns {name: problem or None} and their logs."""
+    tmp = tmp_path_factory.mktemp("pointwise")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KILN_CACHE_DIR": str(tmp / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    runs = []
+    for i in range(SHARDS):
+        log = open(tmp / f"shard{i}.log", "w")  # noqa: SIM115 - closed below, after the process ends
+        p = subprocess.Popen([sys.executable, str(RUNNER), str(tmp / f"shard{i}.jsonl"), f"{i}/{SHARDS}"],
+                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        runs.append((p, log))
+    for p, log in runs:
+        try:
+            p.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+    results: dict[str, Any] = {}
+    logs = []
+    for i, (p, _) in enumerate(runs):
+        out = tmp / f"shard{i}.jsonl"
+        for line in out.read_text().splitlines() if out.exists() else []:
+            rec = json.loads(line)
+            results[rec["name"]] = rec["problem"]
+        logs.append(f"shard {i} exited {p.returncode}: {(tmp / f'shard{i}.log').read_text()[-2000:]}")
+    return results, "\n".join(logs)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
+    results, logs = interpreted
+    assert name in results, f"no result for {name} (did the runner die?)\n{logs}"
+    assert results[name] is None, results[name]
+
+
+def test_the_cases_cover_the_brief() -> None:
+    names = set(CASES)
+    for must in ("bcast-bias-MN+N-float16", "bcast-nchw-channel-float16", "bcast-scalar-float32",
+                 "bcast-col-float32", "bcast-size1-float32", "bcast-size7-float32", "bcast-size1031-float32",
+                 "bcast-3x5x7x11-float32", "strided-transposed-float32", "inplace-alias-input-float16",
+                 "epilogue-matmul-bias-gelu-residual-float16", "dag-diamond-passthrough-float32", "wide-int64-index"):
+        assert must in names
+    assert len(names) > 300
+
+
+# --- layouts ---------------------------------------------------------------------------------------------------
+
+
+def _contig(*shape: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return shape, tuple(lay.contiguous(shape))
+
+
+def test_layout_bias_is_flat_plus_modulo() -> None:
+    launch = lay.plan((32, 64), [_contig(32, 64), _contig(64), _contig(32, 64)], 1024)
+    flat, bias, out = launch.layout.accesses
+    assert flat.kind == out.kind == "flat"
+    assert bias == lay.Access("strided", (lay.Term(1, 1, True),))
+    assert launch.args == (64,) and launch.layout.even and not launch.layout.wide
+
+
+def test_layout_collapses_nchw_channel_to_three_dims() -> None:
+    launch = lay.plan((2, 3, 5, 7), [_contig(2, 3, 5, 7), _contig(1, 3, 1, 1), _contig(2, 3, 5, 7)], 256)
+    assert launch.layout.rank == 3
+    assert launch.layout.accesses[1] == lay.Access("strided", (lay.Term(1, 1, True),))
+    assert lay.arg_keys(launch.layout) == [("inner", 1, 0), ("span", 1, 1)]
+    assert launch.args == (35, 3) and not launch.layout.even
+
+
+def test_layout_contiguous_and_scalar_collapse_to_one_dim() -> None:
+    launch = lay.plan((4, 5, 6), [_contig(4, 5, 6), ((), ()), _contig(4, 5, 6)], 128)
+    assert launch.layout.rank == 1
+    assert [a.kind for a in launch.layout.accesses] == ["flat", "scalar", "flat"]
+    assert launch.args == ()
+
+
+def test_layout_transposed_input_has_two_terms() -> None:
+    launch = lay.plan((24, 40), [((24, 40), (1, 24)), _contig(24, 40)], 1024)
+    assert launch.layout.accesses[0] == lay.Access("strided", (lay.Term(0, 0, True), lay.Term(1, 1, False)))
+    assert launch.args == (40, 40, 24)  # inner0 (index // 40), span1_1 (index % 40), stride 24
+
+
+def test_layout_modes_avoid_per_element_division() -> None:
+    bias = lay.plan((64, 4096), [_contig(64, 4096), _contig(4096), _contig(64, 4096)], 1024).layout
+    assert bias.accesses[1].terms == (lay.Term(1, 1, True, "fixed"),)
+    nchw = lay.plan((8, 64, 56, 56), [_contig(8, 64, 56, 56), _contig(1, 64, 1, 1), _contig(8, 64, 56, 56)],
+                    1024).layout
+    assert nchw.accesses[1].terms == (lay.Term(1, 1, True, "step"),)
+    small = lay.plan((8, 64, 4, 4), [_contig(8, 64, 4, 4), _contig(1, 64, 1, 1)], 1024).layout
+    assert small.accesses[1].terms == (lay.Term(1, 1, True, "div"),)
+    g, (x, b) = graph((F16, (64, 4096)), (F16, (4096,)))
+    g.outputs = list(g.add("Add", [x, b]))
+    src = render(build_program(g), bias)
+    assert "r1_1 = tl.multiple_of(start % span1_1, BLOCK) + lane" in src and "offs %" not in src
+    g, (x, s) = graph((F16, (8, 64, 56, 56)), (F16, (1, 64, 1, 1)))
+    g.outputs = list(g.add("Mul", [x, s]))
+    src = render(build_program(g), nchw)
+    assert "//" not in src.replace("start // inner1", "")  # one scalar division per program
+
+
+def test_layout_goes_int64_for_huge_domains_and_reach() -> None:
+    assert lay.plan((2**31 + 5,), [_contig(2**31 + 5), _contig(2**31 + 5)], 1024).layout.wide
+    far = lay.plan((4, 8), [((4, 8), (2**30, 1)), _contig(4, 8)], 1024)
+    assert far.layout.wide
+    assert not lay.plan((4, 8), [_contig(4, 8), _contig(4, 8)], 1024).layout.wide
+
+
+def test_source_of_bias_add_is_vectorizable() -> None:
+    g, (x, b) = graph((F16, (32, 64)), (F16, (64,)))
+    g.outputs = list(g.add("Add", [x, b]))
+    prog = build_program(g)
+    layout = lay.plan((32, 64), [_contig(32, 64), _contig(64), _contig(32, 64)], 1024).layout
+    src = render(prog, layout)
+    assert "tl.load(p0 + offs)" in src and "tl.store(o0 + offs, " in src and "mask" not in src  # even: no mask
+    assert "r1_1 = offs % span1_1" in src and "tl.load(p1 + r1_1)" in src
+    assert ".to(tl.float32)" in src and "v0.to(tl.float16)" in src
+    wide = lay.plan((2**31 + 5,), [_contig(2**31 + 5)] * 3, 1024).layout
+    assert "tl.program_id(0).to(tl.int64)" in render(prog, wide)
+    compile(src, "<generated>", "exec")
+
+
+def test_scalar_constants_are_baked_and_vectors_passed() -> None:
+    g, (x,) = graph((F32, (5, 12)))
+    s = g.add_initializer("s", torch.tensor(0.25))
+    v = g.add_initializer("v", torch.arange(12.0))
+    g.outputs = list(g.add("Add", [g.add("Mul", [x, s])[0], v]))
+    prog = build_program(g)
+    assert [op.input for op in prog.operands] == [0, None]
+    assert prog.operands[1].data is v.data
+    assert any("tl.full([BLOCK], 0.25, tl.float32)" in line for line in prog.lines)
+
+
+# --- what is refused --------------------------------------------------------------------------------------------
+
+
+def _one(op: str, dts: list[DType], shapes: list[tuple[int, ...]] | None = None, **attrs: Any) -> Graph:
+    g, vals = graph(*[(dt, s) for dt, s in zip(dts, shapes or [(4, 5)] * len(dts))])
+    g.outputs = list(g.add(op, vals, attrs))
+    return g
+
+
+REFUSED = {
+    "BitShift": lambda: _one("BitShift", [D.INT32, D.INT32], direction="LEFT"),
+    "integer Div": lambda: _one("Div", [D.INT32, D.INT32]),
+    "float32 Mod": lambda: _one("Mod", [F32, F32], fmod=1),
+    "integer Pow": lambda: _one("Pow", [D.INT32, D.INT32]),
+    "integer Erf": lambda: _one("Erf", [D.INT32]),
+    "float64 Exp": lambda: _one("Exp", [D.FLOAT64]),
+    "uint16 Add": lambda: _one("Add", [D.UINT16, D.UINT16]),
+    "Softmax": lambda: _one("Softmax", [F32]),
+    "float8 Cast": lambda: _one("Cast", [F32], to=D.FLOAT8_E4M3FN),
+    "outputs of two shapes": lambda: _two_shapes(),
+    "unknown rank": lambda: _unknown_rank(),
+}
+
+
+def _two_shapes() -> Graph:
+    g, (x, b) = graph((F32, (4, 5)), (F32, (5,)))
+    g.outputs = [g.add("Add", [x, b])[0], g.add("Relu", [b])[0]]
+    return g
+
+
+def _unknown_rank() -> Graph:
+    g = Graph("case")
+    x = g.add_input("x", TensorType(F32, None))
+    g.outputs = list(g.add("Relu", [x]))
+    return g
+
+
+@pytest.mark.parametrize("what", list(REFUSED))
+def test_supports_refuses(what: str) -> None:
+    g = REFUSED[what]()
+    assert not supports(g)
+    assert check(g)
+    with pytest.raises(UnsupportedError):
+        build_program(g)
+
+
+def test_supports_takes_a_mixed_graph() -> None:
+    g, (x, b) = graph((F16, (4, 5)), (F16, (5,)))
+    (y,) = g.add("Gelu", [g.add("Add", [x, b])[0]], {"approximate": "tanh"})
+    g.outputs = [y, g.add("Cast", [g.add("IsNaN", [y])[0]], {"to": D.INT64})[0]]
+    assert check(g) is None
+
+
+# --- epilogues ---------------------------------------------------------------------------------------------------
+
+
+def test_epilogue_graph_maps_the_steps_operands() -> None:
+    body = epilogue_body(F16)
+    found = epilogue_graph(body)
+    assert found is not None
+    g, idx = found
+    assert idx == [2, 3]
+    assert [n.op for n in g.nodes] == ["Add", "Gelu", "Add"]
+    assert g.nodes[0].inputs[0] is g.inputs[0] and g.inputs[0].type == body.nodes[0].outputs[0].type
+    assert [v.type for v in g.inputs[1:]] == [body.inputs[i].type for i in idx]
+    assert [v.type for v in g.outputs] == [v.type for v in body.outputs]
+    assert all(v.producer is None for v in body.inputs) and len(body.nodes) == 4  # the body is left alone
+
+
+def test_epilogue_graph_refuses_unsupported_steps() -> None:
+    body, (a, w, c) = graph((F32, (4, 6)), (F32, (6, 5)), (F32, (5,)))
+    (acc,) = body.add("MatMul", [a, w])
+    body.outputs = list(body.add("Mod", [acc, c], {"fmod": 1}))
+    assert epilogue_graph(body) is None
+
+
+# --- the tactic ---------------------------------------------------------------------------------------------------
+
+
+def _fused(kind: str, body: Graph) -> Node:
+    outer = Graph("outer")
+    ins = [outer.add_input(f"i{k}", v.type) for k, v in enumerate(body.inputs)]
+    outer.add("Fused", ins, {"body": body, "kind": kind}, outputs=len(body.outputs))
+    return outer.nodes[-1]
+
+
+def _pointwise_body() -> Graph:
+    g, (x, b) = graph((F16, (8, 16)), (F16, (16,)))
+    g.outputs = list(g.add("Sigmoid", [g.add("Add", [x, b])[0]]))
+    return g
+
+
+def test_tactic_applies_to_supported_pointwise_groups_on_cuda_only() -> None:
+    t = TACTICS["triton.pointwise"]
+    assert isinstance(t, TritonPointwise) and t.priority < 1000 and t.space
+    node = _fused("pointwise", _pointwise_body())
+    assert t.applicable(node, torch.device("cuda"))
+    assert not t.applicable(node, torch.device("cpu"))
+    assert not t.applicable(_fused("region", _pointwise_body()), torch.device("cuda"))
+    assert not t.applicable(_fused("epilogue", epilogue_body(F16)), torch.device("cuda"))
+    assert not t.applicable(_fused("pointwise", REFUSED["BitShift"]()), torch.device("cuda"))
+    assert t.configs()[0] == {"BLOCK": 1024, "num_warps": 4}
+
+
+def test_package_imports_without_triton() -> None:
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "import kiln.kernels.pointwise as p\n"
+            "from tests.kernels.pointwise.test_pointwise import _fused, _pointwise_body\n"
+            "assert not p.triton_available()\n"
+            "assert not p.TritonPointwise().applicable(_fused('pointwise', _pointwise_body()), torch.device('cuda'))\n"
+            "print('ok')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
