@@ -68,3 +68,14 @@ def test_fused_resnet50_is_one_region_converted_twice() -> None:
     assert counts["regions"] == 1 and counts["conversions"] == 2, counts
     convs = [n for n in g.nodes if n.op in ("Conv", "Fused") and n.outputs[0].rank == 4]
     assert convs and all(n.outputs[0].name in g.layouts for n in convs)
+
+
+def test_a_lone_conv_read_row_major_at_once_stays_row_major() -> None:
+    """ViT's patch embedding: one conv between the input and a Reshape costs two conversions for one conv."""
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (2, 3, 32, 32)))
+    c = g.add("Conv", [x, _w(g, "w", 8, 3, 16, 16)], {"strides": (16, 16)}, name="patch")[0]
+    shape = g.add_initializer("shape", torch.tensor([2, 8, 4]))
+    g.outputs.append(g.add("Reshape", [c, shape], name="flat")[0])
+    result = decide_layout(g, "cuda")
+    assert g.layouts == {} and result.counts["regions"] == 0

@@ -67,3 +67,11 @@ def test_only_half_types_are_accepted() -> None:
 def test_half_precision_needs_a_gpu() -> None:
     with pytest.raises(kiln.KilnError, match="needs a GPU"):
         kiln.BuilderConfig(precision="fp16", device="cpu")
+
+
+def test_a_channels_last_input_is_converted_after_its_cast() -> None:
+    g = _graph()
+    g.layouts["x"] = "channels_last"
+    lower_precision(g, DType.FLOAT16)
+    cast = next(n for n in g.nodes if n.op == "Cast" and n.inputs[0] is g.inputs[0])
+    assert g.layouts == {cast.outputs[0].name: "channels_last"}

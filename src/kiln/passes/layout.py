@@ -13,7 +13,9 @@ Cases:
 - Conv -> Relu -> MaxPool -> Conv: one region, channels-last throughout, conversions only at the graph input and
   where the last value leaves (e.g. Flatten before the classifier);
 - a residual block (Conv, Conv, Add(x, y)): x, y and the sum in one region;
-- no convolution in a region (a transformer's 4-D attention tensors): left row-major.
+- no convolution in a region (a transformer's 4-D attention tensors): left row-major;
+- fewer convolutions than conversions (ViT's patch embedding: one conv, its input and its reshaped output):
+  left row-major.
 
 Only for GPU builds (`PassContext.device == "cuda"`); on CPU the tactics choose their own internal layouts.
 """
@@ -93,12 +95,23 @@ def decide_layout(graph: Graph, device: str) -> PassResult:
         if vs:
             flexible[n] = vs
             regions.union(vs)
-    with_conv = {regions.find(d) for n in graph.nodes if (d := _conv_data(n)) is not None}
-    chosen = {v for v in regions.parent if regions.find(v) in with_conv}
+    convs: dict[Value, int] = {}
+    for n in graph.nodes:
+        d = _conv_data(n)
+        if d is not None:
+            convs[regions.find(d)] = convs.get(regions.find(d), 0) + 1
+    chosen: set[Value] = set()
+    taken = 0
+    for root, count in convs.items():
+        members = {v for v in regions.parent if regions.find(v) is root}
+        # Worth it when the convolutions outnumber the conversions it costs (a lone patch-embedding conv whose
+        # output is reshaped at once - ViT's - would pay two transposes for one channels-last conv).
+        if count >= _conversions(graph, members, flexible):
+            chosen |= members
+            taken += 1
     for v in sorted(chosen, key=lambda v: v.name):
         graph.layouts[v.name] = CHANNELS_LAST
-    return PassResult.of(regions=len(with_conv), values=len(chosen),
-                         conversions=_conversions(graph, chosen, flexible))
+    return PassResult.of(regions=taken, values=len(chosen), conversions=_conversions(graph, chosen, flexible))
 
 
 def _conversions(graph: Graph, chosen: set[Value], flexible: dict[Node, list[Value]]) -> int:

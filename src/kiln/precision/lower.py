@@ -138,6 +138,8 @@ def _cast_inputs(g: Graph, to: DType) -> None:
         cast = g.add("Cast", [x], {"to": to}, name=g.fresh_name(f"{x.name}_to_{to.value}"))[0]
         for n in readers:
             n.inputs = [cast if v is x else v for v in n.inputs]
+        if x.name in g.layouts:  # convert the half-size copy, after the cast, not the FP32 input
+            g.layouts[cast.name] = g.layouts.pop(x.name)
     g.toposort()
 
 

@@ -27,13 +27,23 @@ def sync(device: torch.device) -> None:
 def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, runs: int = 15,
                 max_seconds: float = 0.25) -> float:
     """Median time of fn() in seconds. Stops early once `max_seconds` is spent."""
+    return timed(fn, device, warmup=warmup, runs=runs, max_seconds=max_seconds)[0]
+
+
+def timed(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, runs: int = 15,
+          max_seconds: float = 0.25) -> tuple[float, bool]:
+    """(median seconds, whether fn could be captured in a CUDA graph; always True off the GPU)."""
     for _ in range(warmup):
         fn()
     sync(device)
     if device.type == "cuda":
         t = _graph_time(fn, device, runs, max_seconds)
         if t is not None:
-            return t
+            return t, True
+    return _direct_time(fn, device, runs, max_seconds), device.type != "cuda"
+
+
+def _direct_time(fn: Callable[[], Any], device: torch.device, runs: int, max_seconds: float) -> float:
     times: list[float] = []
     spent = 0.0
     for _ in range(runs):

@@ -26,7 +26,7 @@ from kiln.runtime.device import describe
 from kiln.runtime.engine import to_layout, versions
 from kiln.runtime.plan import Choice, Profile
 from kiln.tune.cache import TimingCache, cache_key
-from kiln.tune.timer import median_time
+from kiln.tune.timer import timed
 
 Progress = Callable[[str, int, int], None]
 
@@ -216,7 +216,7 @@ class _ProfileTuner:
             return self.first(i)
         limit = {1: 2, 2: 3}.get(self.s.opt_level, len(self.cands[i]))
         timings: dict[str, float | str] = {}
-        best: tuple[float, int, Choice] | None = None
+        best: tuple[bool, float, int, Choice] | None = None
         for rank, tactic in enumerate(self.cands[i][:limit]):
             for cfg in _configs(tactic, self.s.opt_level):
                 label = tactic.name + (f"{cfg}" if cfg else "")
@@ -230,22 +230,24 @@ class _ProfileTuner:
                         timings[label] = "mismatch"
                         self.report.rejected.append(f"{node.name}: {label} (outputs differ from the reference)")
                         continue
-                    t = median_time(_call(kernel, args), self.s.device)
+                    t, captured = timed(_call(kernel, args), self.s.device)
                 except Exception as e:
                     timings[label] = f"failed: {type(e).__name__}"
                     self.report.rejected.append(f"{node.name}: {label} ({type(e).__name__}: {e})")
                     continue
                 self.report.candidates_timed += 1
-                timings[label] = round(t * 1e6, 3)
-                cand = (t, rank, Choice(tactic.name, cfg))
-                if best is None or cand[:2] < best[:2]:
+                timings[label] = round(t * 1e6, 3) if captured else f"{round(t * 1e6, 3)} (not capturable)"
+                # A step that cannot be captured keeps the whole plan out of CUDA graphs: any capturable
+                # candidate wins over it, whatever the timings.
+                cand = (not captured, t, rank, Choice(tactic.name, cfg))
+                if best is None or cand[:3] < best[:3]:
                     best = cand
         self.report.timed_nodes += 1
         if best is None:
             return Choice("reference", {})
-        choice = best[2]
+        choice = best[3]
         self.cache.put(key, {"op": node.op, "tactic": choice.tactic, "config": dict(choice.config),
-                             "time_us": round(best[0] * 1e6, 3), "candidates": timings})
+                             "time_us": round(best[1] * 1e6, 3), "candidates": timings})
         return choice
 
 

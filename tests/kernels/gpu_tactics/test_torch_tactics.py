@@ -196,3 +196,71 @@ def test_epilogue_tails_as_generated_kernels_under_the_triton_interpreter() -> N
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def _one(op: str, inputs: list[Any], attrs: dict[str, Any] | None = None) -> tuple[Node, dict[str, torch.Tensor]]:
+    """A one-node graph: tensors become graph inputs, ("const", t) initializers."""
+    g = Graph()
+    vals: list[Value | None] = []
+    feeds: dict[str, torch.Tensor] = {}
+    for k, x in enumerate(inputs):
+        if isinstance(x, tuple):
+            vals.append(g.add_initializer(f"c{k}", x[1]))
+        else:
+            from kiln.ir.dtype import DType as D
+
+            vals.append(g.add_input(f"x{k}", TensorType(D.from_torch(x.dtype), tuple(x.shape))))
+            feeds[f"x{k}"] = x
+    g.outputs.extend(g.add(op, vals, attrs or {}, name=op.lower(), outputs=1))
+    return g.nodes[0], feeds
+
+
+@pytest.mark.parametrize("op,inputs", [
+    ("Reshape", [torch.randn(2, 3, 4), ("c", torch.tensor([0, -1]))]),
+    ("Unsqueeze", [torch.randn(2, 3), ("c", torch.tensor([0, 3]))]),
+    ("Slice", [torch.randn(5, 6), ("c", torch.tensor([1])), ("c", torch.tensor([-1])), ("c", torch.tensor([1]))]),
+    ("Expand", [torch.randn(3, 1), ("c", torch.tensor([2, 3, 4]))]),
+    ("ReduceMean", [torch.randn(2, 3, 4), ("c", torch.tensor([1]))]),
+])
+def test_host_shapes_reads_its_constant_inputs_once_on_the_host(op: str, inputs: list[Any]) -> None:
+    node, feeds = _one(op, inputs)
+    t = registry.get("cuda.host_shapes")
+    assert t.applicable(node, CUDA)
+    kernel = t.build(node, {}, CUDA)
+    for v in node.inputs[1:]:  # the kernel kept host copies: the graph's constants are not read again
+        assert v is not None and v.data is not None
+        v.data = None
+    args = [feeds.get(f"x{k}") if v is None or v.name.startswith("x") else None for k, v in enumerate(node.inputs)]
+    got = kernel(args)[0]
+    want = OPS[op].ref(RefCtx(node), [feeds["x0"], *(torch.as_tensor(x[1]) for x in inputs[1:])])[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_host_shapes_needs_constant_shape_inputs() -> None:
+    node, _ = _one("Reshape", [torch.randn(2, 6), torch.tensor([3, 4])])
+    assert not registry.get("cuda.host_shapes").applicable(node, CUDA)
+
+
+def test_gather_wraps_negative_indices_and_refuses_out_of_range_ones() -> None:
+    table = torch.randn(10, 4)
+    node, feeds = _one("Gather", [table, torch.tensor([[1, -1], [0, 9]])])
+    _check(node, feeds, "cuda.gather", [{}])
+    kernel = registry.get("cuda.gather").build(node, {}, CUDA)
+    with pytest.raises(RuntimeError):  # a device-side assertion on the GPU; raised at once on the CPU
+        kernel([table, torch.tensor([[1, 10]])])
+    node, feeds = _one("Gather", [torch.randn(3, 5), ("c", torch.tensor([4, -5]))], {"axis": 1})
+    _check(node, feeds, "cuda.gather", [{}])
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("MaxPool", {"kernel_shape": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),
+    ("AveragePool", {"kernel_shape": (2, 2), "strides": (2, 2)}),
+    ("MaxPool", {"kernel_shape": (2, 2), "pads": (0, 0, 1, 1)}),  # asymmetric: padded first
+    ("GlobalAveragePool", {}),
+])
+def test_pool_keeps_the_memory_format(op: str, attrs: dict[str, Any]) -> None:
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    node, feeds = _one(op, [x], attrs)
+    _check(node, feeds, "cuda.pool", [{}])
+    y = registry.get("cuda.pool").build(node, {}, CUDA)([x])[0]
+    assert y.is_contiguous(memory_format=torch.channels_last)

@@ -47,31 +47,37 @@ class TorchPool(CpuTactic):
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        kernel = list(node.attrs["kernel_shape"])
-        win = Window(node.attrs, len(kernel), kernel, _fail)
-        fallback = reference(node)
-        is_max = node.op == "MaxPool"
-        include_pad = is_max or bool(node.attrs["count_include_pad"])
-        nhwc = config.get("layout", "nhwc") == "nhwc" and len(kernel) > 1
+        return pool_kernel(node, nhwc=config.get("layout", "nhwc") == "nhwc", contiguous=True)
 
-        def run(xs: list[Any]) -> list[Any]:
-            x = xs[0]
-            pads = win.runtime_pads(list(x.shape[2:]))
-            fits = all(b == e and 2 * b <= k for (b, e), k in zip(pads, kernel))
-            if empty(xs) or (not fits and (win.ceil_mode or not include_pad)):
-                return fallback(xs)
-            pad = [b for b, _ in pads]
-            if not fits:
-                x, pad = pad_nd(x, pads, -math.inf if is_max else 0.0), [0] * len(kernel)
-            if nhwc:
-                x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-            if is_max:
-                y = _MAX[len(kernel)](x, kernel, win.strides, pad, win.dilations, win.ceil_mode)
-            else:
-                y = _AVG[len(kernel)](x, kernel, win.strides, pad, win.ceil_mode, include_pad)
-            return [y.contiguous()]
 
-        return run
+def pool_kernel(node: Node, *, nhwc: bool, contiguous: bool) -> Kernel:
+    """MaxPool / AveragePool through torch's kernels. `nhwc`: pool a channels-last copy; `contiguous`: return a
+    row-major result (else the result keeps torch's memory format)."""
+    kernel = list(node.attrs["kernel_shape"])
+    win = Window(node.attrs, len(kernel), kernel, _fail)
+    fallback = reference(node)
+    is_max = node.op == "MaxPool"
+    include_pad = is_max or bool(node.attrs["count_include_pad"])
+    nhwc = nhwc and len(kernel) > 1
+
+    def run(xs: list[Any]) -> list[Any]:
+        x = xs[0]
+        pads = win.runtime_pads(list(x.shape[2:]))
+        fits = all(b == e and 2 * b <= k for (b, e), k in zip(pads, kernel))
+        if empty(xs) or (not fits and (win.ceil_mode or not include_pad)):
+            return fallback(xs)
+        pad = [b for b, _ in pads]
+        if not fits:
+            x, pad = pad_nd(x, pads, -math.inf if is_max else 0.0), [0] * len(kernel)
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        if is_max:
+            y = _MAX[len(kernel)](x, kernel, win.strides, pad, win.dilations, win.ceil_mode)
+        else:
+            y = _AVG[len(kernel)](x, kernel, win.strides, pad, win.ceil_mode, include_pad)
+        return [y.contiguous() if contiguous else y]
+
+    return run
 
 
 register(TorchPool())

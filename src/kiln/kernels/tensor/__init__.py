@@ -1,0 +1,3 @@
+"""Tensor-manipulation tactics (GPU): shape inputs read once on the host, gathers without host round trips."""
+
+from kiln.kernels.tensor import gather, host_shapes  # noqa: F401  (registers its tactics)

@@ -1,0 +1,72 @@
+"""`cuda.gather`: Gather (embedding lookups, constant-index selections) without a host round trip.
+
+The reference checks the index range on the host, which synchronizes the device and keeps the plan out of CUDA
+graphs. Here negative indices wrap on the device and the range check is a device-side assertion: an index out
+of range still stops the run with that message (the CUDA context is then unusable, as with any device-side
+assertion), but a run with valid indices never waits for the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node, TensorType
+from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.registry import register
+
+
+class CudaGather(Tactic):
+    name = "cuda.gather"
+    ops = frozenset({"Gather"})
+    devices = frozenset({"cuda"})
+    priority = 45
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        x, i = node.inputs[0], node.inputs[1]
+        if device.type not in self.devices or x is None or i is None:
+            return False
+        tx, ti = x.type, i.type
+        return (isinstance(tx, TensorType) and isinstance(ti, TensorType) and tx.rank is not None and tx.rank > 0
+                and ti.rank is not None and tx.dtype is not DType.STRING and ti.dtype in (DType.INT64, DType.INT32))
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        axis = int(node.attrs["axis"])
+        where = f"node '{node.name}' (Gather): an index is out of range"
+        host = node.inputs[1].data if node.inputs[1] is not None else None
+        fixed = host.detach().to("cpu", torch.int64) if isinstance(host, torch.Tensor) else None
+        ready: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+        def constant_index(n: int, dev: torch.device) -> torch.Tensor:
+            """The constant indices wrapped and checked once on the host, copied to the device once (a copy
+            from the host cannot happen inside a CUDA graph capture; the first call is never captured)."""
+            found = ready.get((dev, n))
+            if found is None:
+                assert fixed is not None
+                i = torch.where(fixed < 0, fixed + n, fixed)
+                if i.numel() and (int(i.min()) < 0 or int(i.max()) >= n):
+                    raise IndexError(f"{where} for a dim of size {n}")
+                found = ready[(dev, n)] = i.to(dev)
+            return found
+
+        def run(xs: list[Any]) -> list[Any]:
+            x, idx = xs
+            a = axis % x.dim()
+            n = x.shape[a]
+            if fixed is not None and idx is host:
+                i = constant_index(n, x.device)
+            else:
+                i = idx.to(torch.int64)
+                i = torch.where(i < 0, i + n, i)
+                if i.numel():
+                    torch._assert_async(((i >= 0) & (i < n)).all(), where)
+            out = x.index_select(a, i.reshape(-1))
+            return [out.reshape(x.shape[:a] + i.shape + x.shape[a + 1:])]
+
+        return run
+
+
+register(CudaGather())
