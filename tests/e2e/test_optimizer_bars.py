@@ -91,13 +91,16 @@ def test_bert_base_encoder() -> None:
     _same_function(engine, path, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
 
 
-def test_vit_b_16_report() -> None:
+def test_vit_b_16_has_the_bert_structure_per_block() -> None:
+    """torchvision's ViT exports nn.MultiheadAttention sequence-first; pack_attention brings it to [B, S, E]."""
     path = M.vit_b_16()
-    engine, ops = _build(path, [{"image": (1, 3, 224, 224)}])
+    engine, ops = _build(path, [{"image": (2, 3, 224, 224)}])
     steps = len(engine.graph.nodes)
     print(f"\nViT-B/16: {steps} plan steps; {dict(ops.most_common(8))}")
-    assert ops["Attention"] == 12 and ops["LayerNormalization"] == 25
+    assert ops["Attention"] == 12 and ops["Split"] == 12 and ops["LayerNormalization"] == 25
     assert ops["Fused[epilogue:MatMul+Add+Gelu]"] == 12
-    assert steps <= 340  # measured 332 (2026-11-26): nn.MultiheadAttention's head reshapes are not folded yet
-    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert ops["Fused[epilogue:MatMul+Add+Add]"] == 24  # attention output and FFN down, bias + residual
+    assert not {"Transpose", "Reshape"} & {op for op, k in ops.items() if k > 1}, ops  # none left in the blocks
+    assert steps <= 12 * 8 + 10, ops  # measured 104 (2026-11-27): 8 per block + patch embedding and head
+    x = np.random.default_rng(3).standard_normal((2, 3, 224, 224)).astype(np.float32)
     _same_function(engine, path, {"image": x})

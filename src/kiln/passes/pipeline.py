@@ -21,6 +21,7 @@ from kiln.passes.layout import layout
 from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, run_passes
 from kiln.passes.merge_siblings import merge_siblings
 from kiln.passes.noops import remove_noops
+from kiln.passes.pack_attention import pack_attention
 from kiln.passes.pointwise_fusion import pointwise_fusion
 from kiln.passes.shape_arithmetic import shape_arithmetic
 from kiln.passes.transpose_sinking import sink_transposes
@@ -52,6 +53,8 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     ("fuse_softmax", _plain(fuse_softmax)),
     ("fuse_gelu", _plain(fuse_gelu)),
     ("fuse_attention", _plain(fuse_attention)),
+    # Reads the Attention nodes; before sibling merging and epilogue fusion, which then see BERT's shape.
+    ("pack_attention", _plain(pack_attention)),
     # --- weights and layers -------------------------------------------------------------------------------------
     # BN folding before sibling merging (a merged conv's output is read by a Split, so its BN could not fold).
     ("fold_affine", _plain(fold_affine)),
