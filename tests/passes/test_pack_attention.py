@@ -78,3 +78,30 @@ def test_rows_left_shuffled_keep_their_gemm() -> None:
     g, res = rewrite_preserves(build, pack_attention, {"x": rand(B, S, E, seed=3)})
     assert res.counts.get("attention_packed") == 1 and "rows_kept_in_order" not in res.counts
     assert "Gemm" in ops(g)
+
+
+def test_torch_transformer_encoder_export_gets_eight_steps_per_layer() -> None:
+    """nn.TransformerEncoder (batch_first) as torch.onnx exports it: packed attention, 8 plan steps per layer."""
+    import io
+
+    import numpy as np
+    import onnx
+
+    import kiln
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    for p in model.parameters():  # exports drop zero biases; random ones keep every bias add in the graph
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 7, 32)
+    f = io.BytesIO()
+    torch.onnx.export(model, (x,), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+    proto = onnx.load_from_string(f.getvalue())
+    engine = kiln.build(proto, kiln.BuilderConfig(opt_level=0))
+    steps = [n.op if n.op != "Fused" else "+".join(m.op for m in n.attrs["body"].nodes) for n in engine.graph.nodes]
+    assert steps.count("Attention") == 2 and "Transpose" not in steps and "Gather" not in steps, steps
+    assert len(steps) == 16, steps
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(engine.create_context().run({"x": x.numpy()})["y"], want, rtol=1e-4, atol=1e-5)

@@ -11,8 +11,8 @@ torch's nn.MultiheadAttention (and so torchvision's ViT) exports a sequence-firs
 
 Rewrite cases (each checked, not assumed: a chain of pure data movement is run on an index tensor - arange
 over the source - and must place every element where the rewritten form puts it):
-- Attention whose Q/K/V are data-movement chains of one MatMul(Transpose?(X), W) (W constant, the transpose
-  keeping the last axis), each equal to a head split of a column block of MatMul(X, W)
+- Attention whose Q/K/V are data-movement chains of one MatMul(Transpose?(X), W) (+ a constant bias vector; W
+  constant, the transpose keeping the last axis), each equal to a head split of a column block of MatMul(X, W)
       -> Split(MatMul(X, W)) -> Attention(packed, q_num_heads=H, kv_num_heads=Hkv), the 4-D output restored by
          Transpose(Reshape(.)) for the existing readers (the second case removes them);
 - MatMul/Gemm with a constant weight whose 2-D input is a row permutation of a tensor T (by data movement) and
@@ -78,9 +78,18 @@ def _run(chain: Sequence[Node], source: Value, x: torch.Tensor, target: Value) -
 # --- Q/K/V: head splits of one projection ----------------------------------------------------------------
 
 
-def _projection(y: Value) -> tuple[Node, Value, tuple[int, ...] | None] | None:
-    """y = MatMul(Transpose?(X), W): the MatMul, X and the transpose's perm (None without one)."""
-    mm = y.producer
+def _projection(y: Value) -> tuple[Node, Value, tuple[int, ...] | None, Value | None] | None:
+    """y = MatMul(Transpose?(X), W) (+ bias): the MatMul, X, the transpose's perm (None without one) and the
+    bias (a constant vector over the output features, or None)."""
+    mm, bias = y.producer, None
+    if mm is not None and mm.op == "Add":
+        for i in (0, 1):
+            a, b = mm.inputs[i], mm.inputs[1 - i]
+            c = const(b)
+            if a is not None and a.producer is not None and a.producer.op == "MatMul" and c is not None \
+                    and c.dim() >= 1 and c.numel() == c.shape[-1]:
+                mm, bias = a.producer, b
+                break
     if mm is None or mm.op != "MatMul" or mm.inputs[0] is None:
         return None
     w = const(mm.inputs[1])
@@ -90,8 +99,8 @@ def _projection(y: Value) -> tuple[Node, Value, tuple[int, ...] | None] | None:
     if t.producer is not None and t.producer.op == "Transpose":
         perm = tuple(t.producer.attrs["perm"])
         if len(perm) == 3 and perm[-1] == 2 and t.producer.inputs[0] is not None:
-            return mm, t.producer.inputs[0], perm
-    return mm, t, None
+            return mm, t.producer.inputs[0], perm, bias
+    return mm, t, None, bias
 
 
 def _head_block(got: torch.Tensor, z: tuple[int, ...]) -> int | None:
@@ -118,7 +127,7 @@ def _pack(graph: Graph, att: Node, uses: Uses) -> str | None:
     found = _projection(y)
     if found is None:
         return None
-    mm, x, perm = found
+    mm, x, perm, bias = found
     xs, ys = _shape(x), _shape(y)
     if xs is None or ys is None or len(xs) != 3:
         return None
@@ -138,12 +147,14 @@ def _pack(graph: Graph, att: Node, uses: Uses) -> str | None:
         starts.append(start)
     heads = [int(_shape(v)[1]) for v in att.inputs[:3]]  # type: ignore[index]
     widths = [h * int(_shape(v)[3]) for h, v in zip(heads, att.inputs[:3])]  # type: ignore[index]
-    return _emit(graph, att, mm, x, starts, widths, heads)
+    return _emit(graph, att, mm, x, bias, starts, widths, heads)
 
 
-def _emit(graph: Graph, att: Node, mm: Node, x: Value, starts: list[int], widths: list[int],
+def _emit(graph: Graph, att: Node, mm: Node, x: Value, bias: Value | None, starts: list[int], widths: list[int],
           heads: list[int]) -> str | None:
     (proj,) = add_node(graph, att, "MatMul", [x, mm.inputs[1]], name=f"{mm.name}/packed")
+    if bias is not None:
+        (proj,) = add_node(graph, att, "Add", [proj, bias], name=f"{mm.name}/packed_bias")
     n = int(mm.inputs[1].data.shape[1]) if mm.inputs[1].data is not None else None  # type: ignore[union-attr]
     if starts == [0, widths[0], widths[0] + widths[1]] and sum(widths) == n:
         split = add_const(graph, f"{att.name}.split", torch.tensor(widths, dtype=torch.int64))
