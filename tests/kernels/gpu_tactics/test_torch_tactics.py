@@ -113,9 +113,13 @@ def test_conv_with_bias_residual_and_relu() -> None:
     g.outputs.append(y)
     node = _fused(g)
     feeds = {"x": torch.randn(2, 4, 7, 7), "res": torch.randn(2, 6, 4, 4)}
-    _check(node, feeds, "cuda.conv", [{"fuse": "pointwise"}])
+    both = [{"fuse": "pointwise", "format": "given"}, {"fuse": "pointwise", "format": "nchw"}]
+    _check(node, feeds, "cuda.conv", both)
     cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feeds.items()}
-    _check(node, cl, "cuda.conv", [{"fuse": "pointwise"}])  # channels-last activations, weight converted once
+    _check(node, cl, "cuda.conv", both)  # channels-last activations, weight converted once
+    for cfg in both:  # either way, a channels-last input gives a channels-last output
+        y = registry.get("cuda.conv").build(node, cfg, CUDA)(_inputs(node, cl))[0]
+        assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_conv_asymmetric_padding_is_left_to_the_reference() -> None:

@@ -3,8 +3,10 @@
 The conv's own bias goes to cuDNN. The epilogue after it runs as one pointwise kernel in place, or - config
 `fuse="cudnn"` - through cuDNN's fused conv + bias (+ residual) + ReLU when the steps are exactly [Relu] or
 [Add(residual), Relu]. The weight is kept in the memory format of the input (channels-last when the layout pass
-chose it), converted once at build time, so cuDNN never transposes it per call. Depthwise and grouped convs are
-cuDNN's too (it has dedicated kernels); asymmetric padding is left to the reference.
+chose it), converted once at build time, so cuDNN never transposes it per call. Config `format="nchw"` runs a
+channels-last input row-major and converts the result back (inside the timed kernel, so the tuner weighs the
+conversions): depthwise and other grouped convolutions have row-major kernels that can beat the channels-last
+ones. Asymmetric padding is left to the reference.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class CudnnConv(Tactic):
     name = "cuda.conv"
     ops = frozenset({"Conv", "Fused"})
     devices = frozenset({"cuda"})
-    space = {"fuse": ["pointwise", "cudnn"]}
+    space = {"fuse": ["pointwise", "cudnn"], "format": ["given", "nchw"]}
     priority = 40
 
     def applicable(self, node: Node, device: torch.device) -> bool:
@@ -87,17 +89,24 @@ class CudnnConv(Tactic):
             assert a.body is not None and v is not None
             res_at = a.body.inputs.index(v)
 
+        row_major = config.get("format") == "nchw"
+
         def run(xs: list[Any]) -> list[Any]:
             x = xs[x_at]
             last = k == 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            w = cl(xs[w_at]) if last else plain(xs[w_at])
+            if last and row_major:  # e.g. depthwise convs, whose row-major kernels can beat cuDNN's NHWC ones
+                y = _run(x.contiguous(), plain(xs[w_at]), [v.contiguous() if isinstance(v, torch.Tensor) and
+                                                           v.dim() == 4 else v for v in xs])
+                return [y.contiguous(memory_format=torch.channels_last)]  # the layout its readers expect
+            return [_run(x, cl(xs[w_at]) if last else plain(xs[w_at]), xs)]
+
+        def _run(x: torch.Tensor, w: torch.Tensor, xs: list[Any]) -> torch.Tensor:
             b = None if b_at is None else xs[b_at]
             if fused == "relu":
-                return [torch.cudnn_convolution_relu(x, w, b, strides, pads, dil, groups)]
+                return torch.cudnn_convolution_relu(x, w, b, strides, pads, dil, groups)
             if fused == "add_relu":
-                z = xs[res_at]
-                return [torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, strides, pads, dil, groups)]
-            return [rest(conv(x, w, b, strides, pads, dil, groups), xs)]
+                return torch.cudnn_convolution_add_relu(x, w, xs[res_at], 1.0, b, strides, pads, dil, groups)
+            return rest(conv(x, w, b, strides, pads, dil, groups), xs)
 
         return run
 
