@@ -18,13 +18,13 @@ EXIT_ERROR = 2  # a KilnError (bad input, unsupported model, failed check); 1 is
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kiln.cli import bench, build, check, compare, demo, inspect, run
+    from kiln.cli import bench, build, cache, check, compare, demo, inspect, run
 
     p = argparse.ArgumentParser(prog="kiln", description="kiln: ONNX in, a fast inference engine out.")
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in (build, run, bench, inspect, compare, check, demo):
+    for mod in (build, run, bench, inspect, compare, check, cache, demo):
         mod.add_parser(sub)
     return p
 

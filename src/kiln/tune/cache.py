@@ -13,7 +13,7 @@ from typing import Any
 
 from kiln.utils.errors import KilnError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: GPU candidates timed as CUDA-graph replays with L2 flushed
 _KIND = "kiln-timing-cache"
 
 
