@@ -1,0 +1,327 @@
+"""`triton.gemm`: MatMul / Gemm by a constant weight, alone or anchoring an epilogue, as one generated Triton kernel.
+
+One template: C[M, N] = A[M, K] @ B[K, N] over BLOCK_M x BLOCK_N output tiles (GROUP_M rows of tiles per column
+sweep so that neighbouring programs share B in L2), float32 accumulation with `tl.dot`, then the epilogue on the
+accumulator tile in registers and a single store in the node's output dtype. The epilogue is data: Gemm's alpha
+and beta * C, then the Fused body's steps (bias, activation, residual, scale, Cast...) rendered by the pointwise
+generator's rules (`kiln.kernels.pointwise.tile`), so every activation has the one formula kiln uses everywhere.
+Operands of the steps are read as [M, N] views with their own strides (0 where they broadcast): a bias [N], a
+per-row scale, a full residual.
+
+As in `cuda.linear`, the leading axes of A fold into rows ([batch, seq, K] @ [K, N] is one GEMM) and the weight is
+laid out once at build time, as [K, N] row-major. Float32 inputs use TF32 exactly when torch's matmuls do
+(`torch.backends.cuda.matmul.allow_tf32`, read at build time). The space is a short list of tiles (`TILES`), each a
+compile on the GPU: large tiles for BERT/ViT-sized M (16K-25K rows), narrow ones for batch-1 (M of 1 to ~200).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node
+from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.cpu.common import prepared
+from kiln.kernels.epilogue import Anchored
+from kiln.kernels.pointwise import triton_available
+from kiln.kernels.pointwise.codegen import epilogue_graph
+from kiln.kernels.pointwise.rules import NARROW, float_text, storage
+from kiln.kernels.pointwise.tile import TileProgram, load_function, tile_program
+from kiln.kernels.registry import register
+from kiln.utils.errors import InputError, UnsupportedError
+
+ANCHORS = frozenset({"MatMul", "Gemm"})
+WIDE_LIMIT = 2**31 - 2**16
+"""Tensors whose element offsets may reach this use int64 index math."""
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One configuration: the output tile, K step, tile rows per L2 group, warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+TILES: dict[str, Tile] = {
+    "128x256x64-w8s3": Tile(128, 256, 64, 8, 8, 3),
+    "128x128x64-w8s3": Tile(128, 128, 64, 8, 8, 3),
+    "128x128x64-w4s4": Tile(128, 128, 64, 8, 4, 4),
+    "128x64x64-w4s4": Tile(128, 64, 64, 8, 4, 4),
+    "64x128x64-w4s4": Tile(64, 128, 64, 8, 4, 4),
+    "64x64x64-w4s4": Tile(64, 64, 64, 4, 4, 4),
+    "32x64x128-w4s4": Tile(32, 64, 128, 4, 4, 4),
+    "16x32x256-w4s3": Tile(16, 32, 256, 1, 4, 3),
+}
+"""The search space (H100, float16): the first three for large M, the middle ones for N or M of a few hundred,
+the last two for batch-1 rows (M from 1 to ~200), where the grid, not the MMA, limits speed."""
+
+
+# --- what the template takes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A node in the template's terms; `*_at` are indices into the node's inputs."""
+
+    x_at: int
+    w_at: int
+    trans_a: bool
+    trans_b: bool
+    alpha: float
+    c_at: int | None
+    """Gemm's C (None when absent or beta is 0)."""
+    beta: float
+    n: int
+    k: int
+    dtype: DType
+    """A's and B's dtype."""
+    out: DType
+    program: TileProgram | None
+    """The epilogue steps (None: no steps)."""
+    sources: tuple[int, ...]
+    """Node input index of each epilogue graph input after the accumulator."""
+
+
+def spec(node: Node) -> Spec | None:
+    """The template's view of `node`, or None when it cannot be rendered exactly."""
+    a = Anchored.of(node, ANCHORS)
+    if a is None or len(node.outputs) != 1 or not a.dtypes_ok():
+        return None
+    x, b, w = a.input(0), a.input(1), a.constant(1)
+    x_at, w_at = a.arg[0], a.arg[1]
+    if x is None or b is None or w is None or x_at is None or w_at is None or w.dim() != 2 or (x.rank or 0) < 1:
+        return None
+    dtype = x.dtype
+    if b.dtype != dtype or a.anchor.outputs[0].dtype != dtype:
+        return None
+    gemm = _gemm_form(a)
+    if gemm is None:
+        return None
+    trans_a, trans_b, alpha, c_at, beta = gemm
+    k, n = (w.shape[1], w.shape[0]) if trans_b else (w.shape[0], w.shape[1])
+    if k == 0 or (x.rank != 2 and a.anchor.op == "Gemm"):
+        return None
+    steps = _steps(a)
+    if steps is None:
+        return None
+    program, sources = steps
+    out = program.result.dtype if program is not None else dtype
+    if out != node.outputs[0].dtype:
+        return None
+    return Spec(x_at, w_at, trans_a, trans_b, alpha, c_at, beta, int(n), int(k), dtype, out, program, sources)
+
+
+def _gemm_form(a: Anchored) -> tuple[bool, bool, float, int | None, float] | None:
+    """(transA, transB, alpha, node index of C, beta); MatMul is the plain form."""
+    if a.anchor.op == "MatMul":
+        return False, False, 1.0, None, 0.0
+    at = a.anchor.attrs
+    c = a.input(2)
+    c_at = a.arg[2] if c is not None and at["beta"] != 0 else None
+    if c_at is not None and (c is None or c.rank is None or c.rank > 2):
+        return None
+    return bool(at["transA"]), bool(at["transB"]), float(at["alpha"]), c_at, float(at["beta"])
+
+
+def _steps(a: Anchored) -> tuple[TileProgram | None, tuple[int, ...]] | None:
+    """(the steps as a tile program or None without steps, their graph inputs' node indices); None: refused."""
+    if not a.steps or a.body is None:
+        return None, ()
+    found = epilogue_graph(a.body)
+    if found is None:
+        return None
+    graph, sources = found
+    try:
+        program = tile_program(graph, acc="acc", tile="[BLOCK_M, BLOCK_N]")
+    except UnsupportedError:
+        return None
+    return program, tuple(sources)
+
+
+# --- source text ---------------------------------------------------------------------------------------------
+
+_SOURCE = '''"""Generated by kiln.kernels.gemm.triton_gemm ({what})."""
+import triton
+import triton.language as tl
+
+from kiln.kernels.pointwise import mathlib as km
+
+INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def kiln_gemm(x_ptr, w_ptr, out_ptr, {pointers}M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
+              stride_om, stride_on, {strides}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, WIDE: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows
+    pid_n = (pid % group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    # why: wrapped rows and columns read valid memory, so the loads need no M/N masks; the store drops them
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + (offs_n % N)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < left, other=0.0)
+        acc = tl.dot(x, w, acc{precision})
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    rm = offs_m[:, None]
+    rn = offs_n[None, :]
+    mask = (rm < M) & (rn < N)
+{epilogue}    tl.store(out_ptr + rm * stride_om + rn * stride_on, {result}.to({out}), mask=mask)
+'''
+
+
+def render(s: Spec, tf32: bool) -> str:
+    """The kernel source for `s` (`tf32`: float32 products in TF32)."""
+    lines: list[str] = []
+    pointers, strides = [], []
+    if s.alpha != 1.0:
+        lines.append(f"acc = acc * {float_text(s.alpha)}")
+    if s.c_at is not None:
+        pointers.append("c_ptr")
+        strides += ["stride_cm", "stride_cn"]
+        up = ".to(tl.float32)" if s.dtype in NARROW else ""
+        lines.append(f"c = tl.load(c_ptr + rm * stride_cm + rn * stride_cn, mask=mask, other=0.0){up}")
+        lines.append("acc = acc + c" if s.beta == 1.0 else f"acc = acc + c * {float_text(s.beta)}")
+    result, out, what = "acc", storage(s.out), str(s.dtype)
+    if s.program is not None:
+        for j, op in enumerate(s.program.operands):
+            pointers.append(f"p{j}")
+            strides += [f"s{j}_m", f"s{j}_n"]
+            up = ".to(tl.float32)" if op.dtype in NARROW else ""
+            lines.append(f"a{j} = tl.load(p{j} + rm * s{j}_m + rn * s{j}_n, mask=mask, other=0.0){up}")
+        lines.extend(s.program.lines)
+        result = s.program.result.text
+        what = ", ".join([what, *sorted(set(s.program.ops))])
+    precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+    return _SOURCE.format(what=what, pointers="".join(f"{p}, " for p in pointers),
+                          strides="".join(f"{p}, " for p in strides), precision=precision,
+                          epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out)
+
+
+def source(s: Spec) -> str:
+    """The kernel source for `s`, with float32 products in TF32 exactly when torch's matmuls use it now."""
+    return render(s, bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+# --- the kernel ------------------------------------------------------------------------------------------------
+
+
+def _stages(tile: Tile, itemsize: int, device: torch.device) -> int:
+    """The tile's pipeline depth, cut to what the GPU's shared memory holds (float32 tiles are twice the size)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return tile.num_stages
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    per_stage = (tile.block_m + tile.block_n) * tile.block_k * itemsize
+    return max(1, min(tile.num_stages, (limit - 8 * 1024) // per_stage))
+
+
+def _extent(shape: tuple[int, int], stride: tuple[int, ...]) -> int:
+    """One past the largest element offset a 2-D view reaches."""
+    return 1 + sum((d - 1) * st for d, st in zip(shape, stride))
+
+
+class GemmKernel:
+    """`spec` built for one tile: a Kernel (node inputs -> [output]); keeps no per-call state."""
+
+    def __init__(self, node: Node, s: Spec, tile: Tile, device: torch.device) -> None:
+        self.s = s
+        self.tile = tile
+        self.stages = _stages(tile, s.dtype.torch.itemsize, device)
+        self.source = source(s)
+        self.fn = load_function(self.source, "kiln_gemm", "kiln_gemm")
+        trans_b = s.trans_b
+        self.weight = prepared(node, s.w_at, ("triton.gemm", trans_b),
+                               lambda w: (w.t() if trans_b else w).contiguous())
+        ops = s.program.operands if s.program is not None else ()
+        self.reads = [None if op.input is None else s.sources[op.input - 1] for op in ops]
+        """Per operand: the node input it reads, or None for the next body constant."""
+        self.consts = [op.data for op in ops if op.data is not None]
+        self._on: dict[torch.device, list[torch.Tensor]] = {}
+
+    def __call__(self, xs: list[Any]) -> list[Any]:
+        s = self.s
+        x = xs[s.x_at]
+        w = self.weight(xs[s.w_at])
+        x2 = x.t() if s.trans_a else x.reshape(-1, x.shape[-1])
+        if x2.shape[1] != s.k:
+            raise InputError(f"triton.gemm: A has {x2.shape[1]} columns, the weight {s.k} rows")
+        m, n = x2.shape[0], s.n
+        shape = (m, n) if s.trans_a else (*x.shape[:-1], n)
+        out = torch.empty((m, n), dtype=s.out.torch, device=x.device)
+        if m == 0 or n == 0:
+            return [out.view(shape)]
+        views = ([xs[s.c_at].expand(m, n)] if s.c_at is not None else []) + self._operands(xs, shape, m, n)
+        wide = max([_extent((m, s.k), x2.stride()), w.numel(), out.numel(),
+                    *(_extent((m, n), v.stride()) for v in views)]) >= WIDE_LIMIT
+        t = self.tile
+        grid = (math.ceil(m / t.block_m) * math.ceil(n / t.block_n),)
+        self.fn[grid](x2, w, out, *views, m, n, s.k, *x2.stride(), *w.stride(), *out.stride(),
+                      *(st for v in views for st in v.stride()), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                      BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=s.k % t.block_k == 0, WIDE=wide,
+                      num_warps=t.num_warps, num_stages=self.stages)
+        return [out.view(shape)]
+
+    def _operands(self, xs: list[Any], shape: tuple[int, ...], m: int, n: int) -> list[torch.Tensor]:
+        """Each epilogue operand as an [M, N] view (a copy only where its broadcast cannot fold into rows)."""
+        if not self.reads:
+            return []
+        device = xs[self.s.x_at].device
+        consts = self._on.get(device)
+        if consts is None:
+            consts = self._on[device] = [c.to(device) for c in self.consts]
+        it = iter(consts)
+        ts = [xs[i] if i is not None else next(it) for i in self.reads]
+        return [t.expand(shape).reshape(m, n) for t in ts]
+
+
+class TritonGemm(Tactic):
+    """MatMul/Gemm by a constant 2-D weight, with its epilogue, as one Triton kernel (see the module docstring)."""
+
+    name = "triton.gemm"
+    ops = frozenset({"MatMul", "Gemm", "Fused"})
+    devices = frozenset({"cuda"})
+    space = {"tile": tuple(TILES)}
+    priority = 60
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        return super().applicable(node, device) and triton_available() and spec(node) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        s = spec(node)
+        if s is None:
+            raise UnsupportedError(f"triton.gemm cannot render node '{node.name}'", op=node.op, node=node.name)
+        tile = TILES[config.get("tile", next(iter(TILES)))]
+        return GemmKernel(node, s, tile, device)
+
+
+register(TritonGemm())

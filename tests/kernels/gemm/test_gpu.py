@@ -1,0 +1,86 @@
+"""`triton.gemm` on a real GPU: every interpreter case compiled for CUDA, BERT-base / ViT-B shapes in float16 and
+bfloat16 for every tile, float32 with and without TF32, offsets past 2**31, CUDA graph capture. Run with
+`pytest -m gpu tests/kernels/gemm` on a machine with an NVIDIA GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.kernels import registry
+from tests.kernels.gemm import cases as c
+from tests.kernels.gemm.cases import ALL, CASES, CUDA, F16, F32, Case, bare, bias_gelu_residual, inputs, run
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+BF16 = DType.BFLOAT16
+
+SHAPES: dict[str, Callable[[DType], Case]] = {
+    # BERT-base, batch 128 x 128 tokens: the MLP up (K=768, N=3072) and down (K=3072, N=768) projections
+    "bert-up": lambda dt: bias_gelu_residual(dt, "tanh", ALL, lead=(128, 128), k=768, n=3072),
+    "bert-down": lambda dt: bias_gelu_residual(dt, "none", ALL, lead=(128, 128), k=3072, n=768),
+    # ViT-B/16, batch 128 x 197 tokens: the fused QKV projection (N=2304)
+    "vit-qkv": lambda dt: bare(dt, (128, 197), 768, 2304, ALL),
+    # batch 1: BERT (M=128), ViT (M=197), one token (M=1)
+    "bert-b1-up": lambda dt: bias_gelu_residual(dt, "none", ALL, lead=(1, 128), k=768, n=3072),
+    "vit-b1-qkv": lambda dt: bare(dt, (1, 197), 768, 2304, ALL),
+    "one-row": lambda dt: bias_gelu_residual(dt, "tanh", ALL, lead=(1,), k=768, n=768),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_case_on_cuda(name: str) -> None:
+    problems = c.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_model_shapes_every_tile(name: str, dt: DType) -> None:
+    problems = run(SHAPES[name](dt), "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_float32_with_and_without_tf32(tf32: bool) -> None:
+    flags = torch.backends.cuda.matmul
+    before = flags.allow_tf32
+    try:
+        flags.allow_tf32 = tf32  # read by the tactic at build time and by the reference's matmul
+        problems = run(bias_gelu_residual(F32, "none", ALL, lead=(4, 197), k=768, n=2304), "cuda",
+                       tol=5e-3 if tf32 else 1e-4)
+    finally:
+        flags.allow_tf32 = before
+    assert all(p is None for p in problems.values()), problems
+
+
+def test_offsets_past_2_31() -> None:
+    m, k, n = 2_800_000, 64, 768  # an output of 2.15e9 elements: int64 index math
+    g = Graph()
+    x = g.add_input("x", TensorType(F16, (m, k)))
+    w = g.add_initializer("w", (torch.randn(k, n, device=CUDA) * k ** -0.5).half())
+    g.outputs.append(g.add("MatMul", [x, w], name="mm")[0])
+    xs = torch.randn(m, k, device=CUDA, dtype=torch.float16)
+    got = registry.get("triton.gemm").build(g.nodes[0], {"tile": "128x128x64-w4s4"}, CUDA)([xs, w.data])[0]
+    for rows in (slice(0, 256), slice(m - 256, m)):
+        want = (xs[rows].float() @ w.data.float()).half()
+        torch.testing.assert_close(got[rows], want, rtol=1e-2, atol=1e-2)
+
+
+def test_capture_in_a_cuda_graph() -> None:
+    case = SHAPES["bert-b1-up"](F16)
+    c.constants_to(case.node, "cuda")
+    args = inputs(case.node, case.feeds, "cuda")
+    kernel = registry.get("triton.gemm").build(case.node, {"tile": "64x128x64-w4s4"}, CUDA)
+    eager = kernel(list(args))[0]  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernel(list(args))[0]
+    captured.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
