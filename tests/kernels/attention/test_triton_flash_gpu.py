@@ -1,0 +1,80 @@
+"""`triton.flash_attention` on a real GPU at model shapes, against the op table's reference (run with
+`make gpu-test`; skipped without CUDA). Every config of the space is compiled and checked at each shape, with the
+tuner's own acceptance test (`_close`) and a tighter one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.ir.graph import Node, Value
+from kiln.ir.ops import get_op
+from kiln.ir.ops.base import RefCtx
+from kiln.kernels import registry
+from kiln.kernels.attention.triton_flash import CONFIGS
+from kiln.tune.tuner import _close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CUDA = torch.device("cuda")
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def _node(inputs: list[torch.Tensor], attrs: dict[str, Any]) -> Node:
+    g = Graph()
+    vals: list[Value | None] = [g.add_input(f"in{i}", TensorType(DType.from_torch(x.dtype), tuple(x.shape)))
+                                for i, x in enumerate(inputs)]
+    g.outputs.extend(g.add("Attention", vals, attrs, name="attn", outputs=1))
+    return g.nodes[0]
+
+
+def _qkv(b: int, h: int, hkv: int, sq: int, skv: int, d: int, dt: torch.dtype, packed: bool) -> list[torch.Tensor]:
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    if packed:
+        shapes = [(b, sq, h * d), (b, skv, hkv * d), (b, skv, hkv * d)]
+    else:
+        shapes = [(b, h, sq, d), (b, hkv, skv, d), (b, hkv, skv, d)]
+    return [torch.randn(s, generator=gen, device=CUDA).to(dt) for s in shapes]
+
+
+def _key_padding(b: int, skv: int, dt: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    hide = torch.rand((b, 1, 1, skv), generator=gen, device=CUDA) < 0.25
+    hide[..., 0] = False
+    return torch.where(hide, torch.finfo(dt).min, 0.0).to(dt)
+
+
+WORKLOADS = {
+    "bert-base b128 fp16 mask": (dict(b=128, h=12, hkv=12, sq=128, skv=128, d=64, dt=F16, packed=False), True, {}),
+    "bert-base b1 fp16 mask": (dict(b=1, h=12, hkv=12, sq=128, skv=128, d=64, dt=F16, packed=False), True, {}),
+    "vit-b b128 fp16": (dict(b=128, h=12, hkv=12, sq=197, skv=197, d=64, dt=F16, packed=False), False, {}),
+    "vit-b b1 fp16 packed": (dict(b=1, h=12, hkv=12, sq=197, skv=197, d=64, dt=F16, packed=True), False,
+                             {"q_num_heads": 12, "kv_num_heads": 12}),
+    "gqa causal bf16 d128": (dict(b=2, h=16, hkv=4, sq=1024, skv=1024, d=128, dt=BF16, packed=False), False,
+                             {"is_causal": 1}),
+    "decode bf16 d128": (dict(b=8, h=32, hkv=8, sq=1, skv=1000, d=128, dt=BF16, packed=False), False, {}),
+    "d256 fp16": (dict(b=2, h=4, hkv=4, sq=300, skv=300, d=256, dt=F16, packed=False), False, {}),
+    "d40 fp32": (dict(b=4, h=8, hkv=8, sq=197, skv=197, d=40, dt=F32, packed=False), False, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_every_config_matches_the_reference(name: str) -> None:
+    dims, mask, attrs = WORKLOADS[name]
+    inputs = _qkv(**dims)
+    if mask:
+        inputs.append(_key_padding(dims["b"], dims["skv"], dims["dt"]))
+    node = _node(inputs, attrs)
+    t = registry.get("triton.flash_attention")
+    assert t.applicable(node, CUDA) and t in registry.candidates(node, CUDA)
+    want = get_op("Attention").ref(RefCtx(node), list(inputs))[0]
+    tol = {F32: (1e-4, 1e-5), F16: (1e-2, 4e-3), BF16: (5e-2, 3e-2)}[dims["dt"]]
+    for cfg in CONFIGS:
+        got = t.build(node, dict(cfg), CUDA)(list(inputs))[0]
+        torch.cuda.synchronize()
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert _close(got, want), f"the tuner would reject {cfg}"
+        torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1] * (1 + float(want.abs().max())),
+                                   msg=lambda m, c=cfg: f"{c}: {m}")
