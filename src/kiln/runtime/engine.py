@@ -186,9 +186,19 @@ class ExecutionContext:
     def arena_bytes(self) -> int:
         return self.engine.plan.memory.arena_bytes
 
-    def run(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Any:
+    def run(self, feeds: Feeds, outputs: Sequence[str] | None = None, *, stream: Any = None) -> Any:
         """Run once. Numpy arrays in give numpy arrays out; torch tensors give torch tensors (on the device of
-        the inputs). Feeds by name (dict) or by position (list, answered with a list)."""
+        the inputs). Feeds by name (dict) or by position (list, answered with a list).
+
+        `stream` (a torch.cuda.Stream, GPU engines): the work is queued on it and the call returns without waiting
+        for the GPU when inputs and outputs are device tensors; the outputs are ready once that stream gets there
+        (synchronize it, or make another stream wait on it, before reading them)."""
+        if stream is not None and self.device.type == "cuda":
+            with torch.cuda.stream(stream):
+                return self._run(feeds, outputs)
+        return self._run(feeds, outputs)
+
+    def _run(self, feeds: Feeds, outputs: Sequence[str] | None) -> Any:
         call = self.prepare(feeds, outputs)
         results = self._replay(call) if self.graphs is not None else None
         if results is None:
