@@ -33,6 +33,8 @@ class Tactic(ABC):
     - `devices`: "cpu" and/or "cuda".
     - `space`: tuning parameters and their candidate values; the empty dict means one configuration.
     - `priority`: tie-breaker and the order used at optimization level 0 (no timing): lower first.
+    - `min_opt_level`: the lowest optimization level whose builds consider it (a tactic not yet measured
+      on real hardware stays opt-in, at level 4 and up, so default builds keep their build time and choices).
     """
 
     name: ClassVar[str]
@@ -40,6 +42,7 @@ class Tactic(ABC):
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
     space: ClassVar[dict[str, Sequence[Any]]] = {}
     priority: ClassVar[int] = 100
+    min_opt_level: ClassVar[int] = 0
 
     def applicable(self, node: Node, device: torch.device) -> bool:
         """Whether this tactic can run `node` (its dtypes, attributes, shapes) on `device`."""

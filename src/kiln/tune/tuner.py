@@ -139,6 +139,12 @@ def _close(a: Any, b: Any) -> bool:
     return a is None and b is None
 
 
+def candidates(node: Node, settings: TuneSettings) -> list[Tactic]:
+    """The tactics a build at this optimization level considers for `node`, best-ranked first."""
+    found = [t for t in registry.candidates(node, settings.device) if t.min_opt_level <= settings.opt_level]
+    return found or registry.candidates(node, settings.device)[-1:]
+
+
 def _call(kernel: Kernel, args: list[Any]) -> Callable[[], Any]:
     return lambda: kernel(list(args))
 
@@ -162,7 +168,7 @@ class _ProfileTuner:
         self.deadline = deadline
         self.progress = progress
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
-        self.cands = [registry.candidates(n, settings.device) for n in graph.nodes]
+        self.cands = [candidates(n, settings) for n in graph.nodes]
         self.choices: list[Choice | None] = [None] * len(graph.nodes)
         self.done = 0
         self.total = 0

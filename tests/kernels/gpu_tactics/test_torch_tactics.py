@@ -268,3 +268,16 @@ def test_pool_keeps_the_memory_format(op: str, attrs: dict[str, Any]) -> None:
     _check(node, feeds, "cuda.pool", [{}])
     y = registry.get("cuda.pool").build(node, {}, CUDA)([x])[0]
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tactics_not_yet_measured_on_a_gpu_are_opt_in() -> None:
+    """triton.gemm/conv/flash_attention have only run under the interpreter: default builds leave them out."""
+    from kiln.tune.tuner import TuneSettings, candidates
+
+    g, _ = _linear_graph("Relu")
+    node = _fused(g)
+    names = {t.name for t in registry.candidates(node, CUDA)}
+    assert {"cuda.linear", "triton.gemm", "reference"} <= names
+    default = [t.name for t in candidates(node, TuneSettings(CUDA, opt_level=3))]
+    assert "triton.gemm" not in default and default[0] == "cuda.linear"
+    assert "triton.gemm" in [t.name for t in candidates(node, TuneSettings(CUDA, opt_level=4))]

@@ -302,6 +302,7 @@ def _head_sizes(node: Node, types: list[TensorType]) -> tuple[Any, Any]:
 
 class TritonFlashAttention(Tactic):
     name = "triton.flash_attention"
+    min_opt_level = 4  # opt-in until measured on a GPU (it has only run under Triton's interpreter)
     ops = frozenset({"Attention"})
     devices = frozenset({"cuda"})
     space: ClassVar[dict[str, Sequence[Any]]] = {k: sorted({c[k] for c in CONFIGS}, reverse=True)

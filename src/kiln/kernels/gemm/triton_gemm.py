@@ -307,6 +307,7 @@ class TritonGemm(Tactic):
     """MatMul/Gemm by a constant 2-D weight, with its epilogue, as one Triton kernel (see the module docstring)."""
 
     name = "triton.gemm"
+    min_opt_level = 4  # opt-in until measured on a GPU (it has only run under Triton's interpreter)
     ops = frozenset({"MatMul", "Gemm", "Fused"})
     devices = frozenset({"cuda"})
     space = {"tile": tuple(TILES)}

@@ -1,0 +1,324 @@
+"""`triton.conv`: a 2-D Conv, alone or anchoring an epilogue, as one generated Triton kernel (implicit GEMM).
+
+The convolution is a GEMM that is never materialized: rows are the M = batch * OH * OW output pixels, columns the
+output channels, and the reduction runs over K = KH * KW * C_in, ordered (kh, kw, c) so that a K step reads
+BLOCK_K neighbouring channels of one input pixel - contiguous memory for a channels-last input, the fast case. The
+input is read with its own strides (NCHW works too, more slowly); padding is a load mask, strides and dilation are
+index arithmetic. Each BLOCK_M x BLOCK_N tile accumulates in float32 with `tl.dot`, then takes the conv's bias and
+the Fused body's steps (residual add, activation, scale, Cast...) in registers, rendered by the pointwise
+generator's rules (`kiln.kernels.pointwise.tile`, as in `triton.gemm`), and is stored once in the node's output
+dtype. The output is channels-last when the input is (the layout its readers expect), else NCHW.
+
+The weight is laid out once at build time as [KH * KW * C_in, C_out] row-major. Grouped and depthwise convolutions,
+asymmetric padding and auto_pad SAME are refused (cuDNN keeps them). Float32 products use TF32 exactly when
+torch's cuDNN convolutions do (`torch.backends.cudnn.allow_tf32`, read at build time), so the tactic matches the
+convolution the reference runs. The space is four tiles (`TILES`), each a compile per conv shape on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node
+from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.conv.cudnn import _params
+from kiln.kernels.cpu.common import prepared
+from kiln.kernels.epilogue import Anchored
+from kiln.kernels.gemm.triton_gemm import WIDE_LIMIT, Tile, _stages, _steps
+from kiln.kernels.pointwise import triton_available
+from kiln.kernels.pointwise.rules import NARROW, storage
+from kiln.kernels.pointwise.tile import TileProgram, load_function
+from kiln.kernels.registry import register
+from kiln.utils.errors import InputError, UnsupportedError
+
+ANCHORS = frozenset({"Conv"})
+Pair = tuple[int, int]
+
+TILES: dict[str, Tile] = {
+    "128x128x64-w8s3": Tile(128, 128, 64, 8, 8, 3),
+    "128x64x64-w4s4": Tile(128, 64, 64, 8, 4, 4),
+    "64x64x64-w4s4": Tile(64, 64, 64, 8, 4, 4),
+    "32x64x128-w4s4": Tile(32, 64, 128, 4, 4, 4),
+}
+"""The search space (H100, float16, ResNet-50): the first for batch 128 (M of 6K-1.6M pixels, 128+ output channels),
+the second for its 64-channel layers, the last two for batch 1 (M of 3136 down to 49), where the grid, not the MMA,
+limits speed. A K step covers BLOCK_K channels of one tap, so convs with few input channels (the RGB stem) waste
+most of each step: cuDNN is expected to keep those."""
+
+
+# --- what the template takes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A node in the template's terms; `*_at` are indices into the node's inputs."""
+
+    x_at: int
+    w_at: int
+    b_at: int | None
+    c: int
+    """Input channels."""
+    n: int
+    """Output channels."""
+    kernel: Pair
+    stride: Pair
+    pad: Pair
+    """Per axis, both sides."""
+    dilation: Pair
+    dtype: DType
+    """The input's, weight's and bias's dtype."""
+    out: DType
+    program: TileProgram | None
+    """The epilogue steps (None: no steps)."""
+    sources: tuple[int, ...]
+    """Node input index of each epilogue graph input after the accumulator."""
+
+
+def spec(node: Node) -> Spec | None:
+    """The template's view of `node`, or None when it cannot be rendered exactly."""
+    a = Anchored.of(node, ANCHORS)
+    if a is None or len(node.outputs) != 1 or not a.dtypes_ok():
+        return None
+    geometry = _geometry(a)
+    x, w, x_at, w_at = a.input(0), a.constant(1), a.arg[0], a.arg[1]
+    if geometry is None or x is None or w is None or x_at is None or w_at is None or w.numel() == 0:
+        return None
+    dtype = x.dtype
+    b = a.input(2)
+    if w.dtype != dtype.torch or a.anchor.outputs[0].dtype != dtype or (b is not None and b.dtype != dtype):
+        return None
+    steps = _steps(a)
+    if steps is None:
+        return None
+    program, sources = steps
+    out = program.result.dtype if program is not None else dtype
+    if out != node.outputs[0].dtype:
+        return None
+    stride, pad, dilation = geometry
+    b_at = a.arg[2] if b is not None else None
+    return Spec(x_at, w_at, b_at, int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride, pad,
+                dilation, dtype, out, program, sources)
+
+
+def _geometry(a: Anchored) -> tuple[Pair, Pair, Pair] | None:
+    """(strides, symmetric pads, dilations) of a 2-D, ungrouped conv; None for anything else."""
+    params = _params(a)
+    if params is None:
+        return None
+    k, strides, pads, dil, groups = params
+    if k != 2 or groups != 1:
+        return None
+    return (strides[0], strides[1]), (pads[0], pads[1]), (dil[0], dil[1])
+
+
+# --- source text ---------------------------------------------------------------------------------------------
+
+_SOURCE = '''"""Generated by kiln.kernels.conv.triton_conv ({what})."""
+import triton
+import triton.language as tl
+
+from kiln.kernels.pointwise import mathlib as km
+
+INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb, stride_xc, stride_xh,
+              stride_xw, stride_wk, stride_wn, stride_ob, stride_oc, stride_oh, stride_ow,
+              {strides}KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+              PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PADDED: tl.constexpr, EVEN_C: tl.constexpr,
+              WIDE: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows
+    pid_n = (pid % group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    # why: wrapped rows and columns are real pixels and channels, so the loads need no M/N masks; the store drops them
+    pix = offs_m % M
+    ob = pix // (OH * OW)
+    oh = (pix // OW) % OH
+    ow = pix % OW
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_rows = x_ptr + ob * stride_xb
+    w_cols = w_ptr + (offs_n % N)[None, :] * stride_wn
+    c_steps = tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, KH * KW * c_steps):
+        r = step // c_steps
+        c0 = (step - r * c_steps) * BLOCK_K
+        ih = ih0 + (r // KW) * DH
+        iw = iw0 + (r % KW) * DW
+        chans = c0 + offs_k
+        x_ptrs = (x_rows + ih * stride_xh + iw * stride_xw)[:, None] + chans[None, :] * stride_xc
+        w_ptrs = w_cols + (r * C + chans)[:, None] * stride_wk
+        if PADDED:
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if EVEN_C:
+                x = tl.load(x_ptrs, mask=inside[:, None], other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=inside[:, None] & (chans < C)[None, :], other=0.0)
+        elif EVEN_C:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(chans < C)[None, :], other=0.0)
+        if EVEN_C:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=(chans < C)[:, None], other=0.0)
+        acc = tl.dot(x, w, acc{precision})
+    rm = offs_m[:, None]
+    rn = offs_n[None, :]
+    mask = (rm < M) & (rn < N)
+{epilogue}    out_rows = (ob * stride_ob + oh * stride_oh + ow * stride_ow)[:, None]
+    tl.store(out_ptr + out_rows + rn * stride_oc, {result}.to({out}), mask=mask)
+'''
+
+
+def render(s: Spec, tf32: bool) -> str:
+    """The kernel source for `s` (`tf32`: float32 products in TF32)."""
+    lines: list[str] = []
+    pointers, strides = [], []
+    if s.b_at is not None:
+        pointers.append("b_ptr")
+        strides.append("stride_b")
+        lines.append("acc = acc + tl.load(b_ptr + (offs_n % N) * stride_b).to(tl.float32)[None, :]")
+    result, out, what = "acc", storage(s.out), str(s.dtype)
+    if s.program is not None:
+        for j, op in enumerate(s.program.operands):
+            pointers.append(f"p{j}")
+            strides += [f"s{j}_b", f"s{j}_c", f"s{j}_h", f"s{j}_w"]
+            up = ".to(tl.float32)" if op.dtype in NARROW else ""
+            rows = f"(ob * s{j}_b + oh * s{j}_h + ow * s{j}_w)[:, None]"
+            lines.append(f"a{j} = tl.load(p{j} + {rows} + rn * s{j}_c, mask=mask, other=0.0){up}")
+        lines.extend(s.program.lines)
+        result = s.program.result.text
+        what = ", ".join([what, *sorted(set(s.program.ops))])
+    precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+    return _SOURCE.format(what=what, pointers="".join(f"{p}, " for p in pointers),
+                          strides="".join(f"{p}, " for p in strides), precision=precision,
+                          epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out)
+
+
+def source(s: Spec) -> str:
+    """The kernel source for `s`, with float32 products in TF32 exactly when torch's cuDNN convolutions use it."""
+    return render(s, bool(torch.backends.cudnn.allow_tf32))
+
+
+# --- the kernel ------------------------------------------------------------------------------------------------
+
+
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset `t` reaches."""
+    return 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether `x` is in NHWC memory order (and not also plain NCHW, as a tensor with C == 1 or H == W == 1 is)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class ConvKernel:
+    """`spec` built for one tile: a Kernel (node inputs -> [output]); keeps no per-call state."""
+
+    def __init__(self, node: Node, s: Spec, tile: Tile, device: torch.device) -> None:
+        self.s = s
+        self.tile = tile
+        self.stages = _stages(tile, s.dtype.torch.itemsize, device)
+        self.source = source(s)
+        self.fn = load_function(self.source, "kiln_conv", "kiln_conv")
+        # why: K ordered (kh, kw, c) so that one K step reads neighbouring channels of one input pixel
+        self.weight = prepared(node, s.w_at, ("triton.conv", "khkwc"),
+                               lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous())
+        ops = s.program.operands if s.program is not None else ()
+        self.reads = [None if op.input is None else s.sources[op.input - 1] for op in ops]
+        """Per operand: the node input it reads, or None for the next body constant."""
+        self.consts = [op.data for op in ops if op.data is not None]
+        self._on: dict[torch.device, list[torch.Tensor]] = {}
+
+    def __call__(self, xs: list[Any]) -> list[Any]:
+        s = self.s
+        x = xs[s.x_at]
+        if x.dim() != 4 or x.shape[1] != s.c:
+            raise InputError(f"triton.conv: the input is {list(x.shape)}, the weight expects [N, {s.c}, H, W]")
+        w = self.weight(xs[s.w_at])
+        batch, _, h, wd = x.shape
+        oh, ow = self._out_size(h, wd)
+        shape = (batch, s.n, oh, ow)
+        fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+        out = torch.empty(shape, dtype=s.out.torch, device=x.device, memory_format=fmt)
+        m = batch * oh * ow
+        if m == 0:
+            return [out]
+        bias = [xs[s.b_at]] if s.b_at is not None else []
+        views = self._operands(xs, shape)
+        wide = max([_extent(x), w.numel(), _extent(out), *(_extent(v) for v in views)]) >= WIDE_LIMIT
+        t = self.tile
+        grid = (math.ceil(m / t.block_m) * math.ceil(s.n / t.block_n),)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.pad, s.dilation
+        self.fn[grid](x, w, out, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w.stride(), *out.stride(),
+                      *(st for v in bias + views for st in v.stride()), KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
+                      DH=dh, DW=dw, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+                      PADDED=ph > 0 or pw > 0, EVEN_C=s.c % t.block_k == 0, WIDE=wide, num_warps=t.num_warps,
+                      num_stages=self.stages)
+        return [out]
+
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        s = self.s
+        sizes = tuple((size + 2 * p - d * (k - 1) - 1) // st + 1
+                      for size, p, d, k, st in zip((h, w), s.pad, s.dilation, s.kernel, s.stride))
+        if min(sizes) < 1:
+            raise InputError(f"triton.conv: a {h}x{w} input is smaller than the {s.kernel} kernel's window")
+        return sizes[0], sizes[1]
+
+    def _operands(self, xs: list[Any], shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """Each epilogue operand as a view of the output's shape (stride 0 where it broadcasts)."""
+        if not self.reads:
+            return []
+        device = xs[self.s.x_at].device
+        consts = self._on.get(device)
+        if consts is None:
+            consts = self._on[device] = [c.to(device) for c in self.consts]
+        it = iter(consts)
+        return [(xs[i] if i is not None else next(it)).expand(shape) for i in self.reads]
+
+
+class TritonConv(Tactic):
+    """A 2-D ungrouped Conv with its epilogue as one implicit-GEMM Triton kernel (see the module docstring)."""
+
+    name = "triton.conv"
+    min_opt_level = 4  # opt-in until measured on a GPU (it has only run under Triton's interpreter)
+    ops = frozenset({"Conv", "Fused"})
+    devices = frozenset({"cuda"})
+    space = {"tile": tuple(TILES)}
+    priority = 60
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        return super().applicable(node, device) and triton_available() and spec(node) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        s = spec(node)
+        if s is None:
+            raise UnsupportedError(f"triton.conv cannot render node '{node.name}'", op=node.op, node=node.name)
+        tile = TILES[config.get("tile", next(iter(TILES)))]
+        return ConvKernel(node, s, tile, device)
+
+
+register(TritonConv())

@@ -1,0 +1,109 @@
+"""`triton.conv` on a real GPU: every interpreter case compiled for CUDA, ResNet-50 conv shapes (batch 128 and 1,
+channels-last) in float16 and bfloat16 for every tile, an NCHW input, float32 with and without TF32, offsets past
+2**31, CUDA graph capture. Run with `pytest -m gpu tests/kernels/conv` on a machine with an NVIDIA GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.kernels import registry
+from tests.kernels.conv import cases as c
+from tests.kernels.conv.cases import ALL, CASES, CUDA, F16, F32, Case, bare, conv_add_relu, conv_relu, inputs, run
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+BF16 = DType.BFLOAT16
+
+ShapeMaker = Callable[[DType, int], Case]
+"""(dtype, batch) -> a channels-last case at a ResNet-50 shape, every tile."""
+
+RESNET50: dict[str, ShapeMaker] = {
+    "stem-7x7-s2": lambda dt, b: conv_relu(dt, (b, 3, 224, 224), 64, (7, 7), ALL, cl=True, stride=(2, 2),
+                                           pad=(3, 3)),
+    "l1-1x1-reduce": lambda dt, b: conv_relu(dt, (b, 256, 56, 56), 64, (1, 1), ALL, cl=True),
+    "l1-3x3": lambda dt, b: conv_relu(dt, (b, 64, 56, 56), 64, (3, 3), ALL, cl=True, pad=(1, 1)),
+    "l1-1x1-expand-add-relu": lambda dt, b: conv_add_relu(dt, (b, 64, 56, 56), 256, (1, 1), ALL, cl=True),
+    "l2-3x3-s2": lambda dt, b: conv_relu(dt, (b, 128, 56, 56), 128, (3, 3), ALL, cl=True, stride=(2, 2),
+                                         pad=(1, 1)),
+    "l2-downsample-1x1-s2": lambda dt, b: bare(dt, (b, 256, 56, 56), 512, (1, 1), ALL, cl=True, stride=(2, 2)),
+    "l3-3x3": lambda dt, b: conv_relu(dt, (b, 256, 14, 14), 256, (3, 3), ALL, cl=True, pad=(1, 1)),
+    "l4-3x3": lambda dt, b: conv_relu(dt, (b, 512, 7, 7), 512, (3, 3), ALL, cl=True, pad=(1, 1)),
+    "l4-1x1-expand-add-relu": lambda dt, b: conv_add_relu(dt, (b, 512, 7, 7), 2048, (1, 1), ALL, cl=True),
+}
+
+
+@pytest.fixture
+def exact_reference() -> Iterator[None]:
+    """The float16/bfloat16 reference convolves in float32: without TF32, so that it is the more precise side."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_case_on_cuda(name: str, exact_reference: None) -> None:
+    problems = c.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("batch", [128, 1])
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+@pytest.mark.parametrize("name", list(RESNET50))
+def test_resnet50_shapes_every_tile(name: str, dt: DType, batch: int, exact_reference: None) -> None:
+    problems = run(RESNET50[name](dt, batch), "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+def test_an_nchw_input(exact_reference: None) -> None:
+    problems = run(conv_add_relu(F16, (8, 64, 56, 56), 64, (3, 3), ALL, pad=(1, 1)), "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_float32_with_and_without_tf32(tf32: bool) -> None:
+    flags = torch.backends.cudnn
+    before = flags.allow_tf32
+    try:
+        flags.allow_tf32 = tf32  # read by the tactic at build time and by the reference's cuDNN convolution
+        problems = run(conv_add_relu(F32, (8, 256, 14, 14), 256, (3, 3), ALL, cl=True, pad=(1, 1)), "cuda",
+                       tol=1e-2 if tf32 else 1e-4)
+    finally:
+        flags.allow_tf32 = before
+    assert all(p is None for p in problems.values()), problems
+
+
+def test_offsets_past_2_31() -> None:
+    shape = (32, 64, 1040, 1040)  # 2.2e9 elements in and out: int64 index math
+    g = Graph()
+    x = g.add_input("x", TensorType(F16, shape))
+    wt = (torch.randn(64, 64, 1, 1, device=CUDA) * 0.125).half()
+    g.outputs.append(g.add("Conv", [x, g.add_initializer("w", wt)], name="conv")[0])
+    xs = torch.randn(shape, device=CUDA, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    got = registry.get("triton.conv").build(g.nodes[0], {"tile": "128x128x64-w8s3"}, CUDA)([xs, wt])[0]
+    for image in (slice(0, 1), slice(31, 32)):
+        want = F.conv2d(xs[image].float(), wt.float()).half()
+        torch.testing.assert_close(got[image], want, rtol=1e-2, atol=1e-2)
+
+
+def test_capture_in_a_cuda_graph() -> None:
+    case = RESNET50["l1-1x1-expand-add-relu"](F16, 1)
+    c.constants_to(case.node, "cuda")
+    args = inputs(case.node, case.feeds, "cuda")
+    kernel = registry.get("triton.conv").build(case.node, {"tile": "64x64x64-w4s4"}, CUDA)
+    eager = kernel(list(args))[0]  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernel(list(args))[0]
+    captured.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
