@@ -147,3 +147,34 @@ def test_runs_queued_on_a_given_stream() -> None:
         got = ctx.run({"x": x}, stream=side)["y"]
     torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(got, want)
+
+
+def _overflowing_model() -> onnx.ModelProto:
+    """A layer whose values reach ~1e5 (beyond FP16's 65504), normalized right after."""
+    rng = np.random.default_rng(8)
+
+    def init(name: str, a: np.ndarray) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(a.astype(np.float32), name)
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "w2"], ["big"], name="boost"),
+             helper.make_node("LayerNormalization", ["big", "s"], ["n"], name="norm"),
+             helper.make_node("MatMul", ["n", "w3"], ["y"], name="fc3")]
+    g = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4])],
+                          [init("w1", rng.standard_normal((16, 32)) * 0.3),
+                           init("w2", rng.standard_normal((32, 32)) * 4000), init("s", np.ones(32)),
+                           init("w3", rng.standard_normal((32, 4)) * 0.3)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fp16_keeps_the_overflowing_layers_in_fp32_says_so_and_matches() -> None:
+    m = _overflowing_model()
+    engine = kiln.build(m, kiln.BuilderConfig(device="cuda", precision="fp16", tf32=False))
+    kept = engine.plan.stats["precision"]["kept_fp32"]
+    assert set(kept) == {"boost", "norm"}, kept
+    x = np.random.default_rng(9).standard_normal((8, 16)).astype(np.float32)
+    out = engine.create_context().run({"x": x})["y"]
+    ref = kiln.run_reference(m, {"x": x})["y"]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=0.02, atol=0.02 * np.abs(ref).max())

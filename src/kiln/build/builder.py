@@ -22,12 +22,13 @@ from kiln.passes.layout import decide_layout
 from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
 from kiln.precision.lower import lower_precision
+from kiln.precision.ranges import decide, observe_peaks
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
 from kiln.runtime.engine import Engine, engine_from_blob, tf32_mode, versions
 from kiln.runtime.plan import Choice, Plan, Profile, ShapeRange
 from kiln.tune.cache import TimingCache
-from kiln.tune.tuner import TuneSettings, tune
+from kiln.tune.tuner import TuneSettings, sample_inputs, tune
 from kiln.utils.errors import KilnError
 
 Progress = Callable[[str, int, int], None]
@@ -119,8 +120,21 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     lowered = None
     if config.precision != "fp32":
         say("precision", 0, 1)
-        lowered = lower_precision(graph, LOW_PRECISION[config.precision]).to_json()
+        lowered = _lower(graph, config, profiles)
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
+
+
+def _lower(graph: Graph, config: BuilderConfig, profiles: list[Profile]) -> dict[str, Any]:
+    """FP16/BF16 everywhere it is safe: values seen on sample inputs of every profile's opt shapes decide which
+    layers stay FP32 (with the user's pins)."""
+    to = LOW_PRECISION[config.precision]
+    device = config.torch_device
+    peaks = {}
+    if to is DType.FLOAT16:
+        with tf32_mode(False, device):
+            peaks = observe_peaks(graph, [sample_inputs(graph, p, device) for p in profiles], device)
+    decision = decide(graph, to, peaks, dict(config.layer_precision))
+    return lower_precision(graph, to, decision.kept).to_json()
 
 
 def static_dims(graph: Graph, profiles: list[Profile]) -> dict[str, int]:

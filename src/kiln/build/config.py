@@ -63,6 +63,8 @@ class BuilderConfig:
     memory_limit_bytes: refuse plans whose activation arena is larger.
     deterministic: same model + same timing cache -> byte-identical engine file (no timestamps or timings
         recorded; choices not in the cache are made without timing).
+    layer_precision: {layer-name glob: "fp32"} layers kept in FP32 in an fp16/bf16 build. The build also keeps
+        in FP32 every layer whose values leave FP16's range on sample inputs, and reports each with its reason.
     """
 
     precision: str = "fp32"
@@ -74,6 +76,8 @@ class BuilderConfig:
     time_budget_s: float | None = None
     memory_limit_bytes: int | None = None
     deterministic: bool = False
+    layer_precision: Mapping[str, str] = field(default_factory=dict)
+    """Layer-name glob -> "fp32": layers an fp16/bf16 build keeps in FP32 (besides those it finds overflowing)."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -94,6 +98,13 @@ class BuilderConfig:
             # Never build something else when a precision was asked for (TensorRT 11's silent fallback hurts).
             raise ConfigError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(dev)} has no BF16 "
                               f"support", hint="build with precision='fp16' (or 'fp32') on this GPU")
+        if self.layer_precision and self.precision == "fp32":
+            raise ConfigError("layer precisions were given for an fp32 build: every layer is fp32 already",
+                              hint="build with precision='fp16' or 'bf16' (--fp16/--bf16) to mix precisions")
+        for pattern, prec in self.layer_precision.items():
+            if prec != "fp32":
+                raise ConfigError(f"layer precision '{pattern}:{prec}': only fp32 can be pinned",
+                                  hint="pin the layers that must stay fp32; the rest follow the build's precision")
         if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
             raise ConfigError(f"opt_level must be an integer from 0 to 5, got {self.opt_level!r}")
         if self.time_budget_s is not None and self.time_budget_s < 0:
@@ -110,6 +121,6 @@ class BuilderConfig:
         return {
             "precision": self.precision, "tf32": self.tf32, "device": self.device, "opt_level": self.opt_level,
             "time_budget_s": self.time_budget_s, "memory_limit_bytes": self.memory_limit_bytes,
-            "deterministic": self.deterministic,
+            "deterministic": self.deterministic, "layer_precision": dict(self.layer_precision),
             "profiles": [p.to_json() for p in self.profiles],  # type: ignore[union-attr]
         }

@@ -40,6 +40,9 @@ def add_parser(sub: Any) -> None:
     prec.add_argument("--fp16", action="store_true", help="compute in float16 where it is safe (GPU)")
     prec.add_argument("--bf16", action="store_true", help="compute in bfloat16 where it is safe (GPU)")
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
+    p.add_argument("--layer-precision", action="append", default=[], metavar="NAME:fp32",
+                   help="keep the layers matching NAME (a glob over layer names) in fp32 in an --fp16/--bf16 "
+                        "build; repeatable")
     add_shape_args(p, profiles=True)
     p.add_argument("--timing-cache", default=None, metavar="FILE",
                    help="reuse the timings found in FILE and add the new ones")
@@ -83,8 +86,15 @@ def _config(args: argparse.Namespace, device: str) -> Any:
     from kiln.build.config import BuilderConfig
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    pins = {}
+    for spec in args.layer_precision:
+        name, sep, prec = spec.rpartition(":")
+        if not sep or not name:
+            raise KilnError(f"--layer-precision '{spec}': expected NAME:PRECISION, e.g. '/encoder/*:fp32'")
+        pins[name] = prec
     return BuilderConfig(
         precision=precision, tf32=not args.no_tf32, device=device, profiles=profiles_from_args(args),
+        layer_precision=pins,
         timing_cache=args.timing_cache, opt_level=args.opt_level, time_budget_s=args.budget,
         memory_limit_bytes=parse_bytes(args.memory_limit), deterministic=args.deterministic,
     )
@@ -166,6 +176,8 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"    {line}")
     precisions = [precision_of(n) for n in plan.graph.nodes]
     print(f"  precision   {mix(precisions)}")
+    for name, why in stats.get("precision", {}).get("kept_fp32", {}).items():
+        print(f"    kept in float32: {name} ({why})")
     wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(engine.metadata.get("config", {}).get("precision", ""))
     if wanted and wanted not in precisions:
         print(f"  warning: {wanted} was asked for, but no layer computes in {wanted}: this engine is "

@@ -15,6 +15,7 @@ that overflow or lose accuracy) is the mixed-precision work of the precision pas
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -39,22 +40,61 @@ class LoweringReport:
     clamped: dict[str, int] = field(default_factory=dict)
     """Weights with finite values beyond the type's range, clamped to its largest (name -> how many elements)."""
 
+    kept: dict[str, str] = field(default_factory=dict)
+    """Layers left in FP32, with the reason (overflow, a user pin)."""
+
     def to_json(self) -> dict[str, object]:
-        return {"precision": self.precision, "weights": self.weights, "clamped": dict(self.clamped)}
+        return {"precision": self.precision, "weights": self.weights, "clamped": dict(self.clamped),
+                "kept_fp32": dict(self.kept)}
 
 
-def lower_precision(graph: Graph, to: DType) -> LoweringReport:
-    """Convert `graph` (in place) to compute in `to` (FLOAT16 or BFLOAT16); returns what was converted."""
+def lower_precision(graph: Graph, to: DType, fp32_layers: Mapping[str, str] | None = None) -> LoweringReport:
+    """Convert `graph` (in place) to compute in `to` (FLOAT16 or BFLOAT16), except the layers (node names) in
+    `fp32_layers` (name -> reason), which keep computing in FP32 behind casts; returns what was converted."""
     if to not in LOW:
         raise ValueError(f"lower_precision takes float16 or bfloat16, got {to}")
     report = LoweringReport(to.value)
-    keep = _kept_fp32(graph)
-    _convert(graph, to, report, keep, root=True)
-    _cast_inputs(graph, to)
+    kept = [n for n in graph.nodes if fp32_layers and n.name in fp32_layers]
+    report.kept = {n.name: fp32_layers[n.name] for n in kept} if fp32_layers else {}
+    exempt: set[int] = set()
+    keep = _kept_fp32(graph) | _shield(graph, kept, exempt)
+    _convert(graph, to, report, keep, root=True, exempt=exempt)
+    _cast_inputs(graph, to, exempt)
     _retype(graph, to)
     _cast_outputs(graph, to)
     verify(graph, types=True)
     return report
+
+
+def _shield(graph: Graph, kept: list[Node], exempt: set[int]) -> set[Value]:
+    """Guard each kept layer with casts: its float inputs cast up to FP32 (exempt casts), its float outputs cast
+    down for the readers that are not kept (ordinary casts to FP32 now, which the conversion retargets). Returns
+    the weights that must stay FP32 (a weight shared with a converted layer is copied for the kept one)."""
+    ids = {id(n) for n in kept}
+    stay: set[Value] = set()
+    for k in kept:
+        exempt.add(id(k))
+        for i, v in enumerate(k.inputs):
+            if v is None or not _is_f32(v) or (v.producer is not None and id(v.producer) in ids):
+                continue
+            if isinstance(v.data, torch.Tensor):
+                if any(v in n.inputs for n in graph.nodes if id(n) not in ids):
+                    v = graph.add_initializer(graph.fresh_name(f"{v.name}.fp32"), v.data)
+                    k.inputs[i] = v
+                stay.add(v)
+                continue
+            (up,) = graph.add("Cast", [v], {"to": DType.FLOAT32}, name=graph.fresh_name(f"{k.name}/to_fp32"))
+            exempt.add(id(up.producer))
+            k.inputs[i] = up
+        for o in k.outputs:
+            readers = [n for n in graph.nodes if o in n.inputs and id(n) not in ids and id(n) not in exempt]
+            if not _is_f32(o) or not readers:
+                continue
+            (down,) = graph.add("Cast", [o], {"to": DType.FLOAT32}, name=graph.fresh_name(f"{k.name}/from_fp32"))
+            for n in readers:
+                n.inputs = [down if v is o else v for v in n.inputs]
+    graph.toposort()
+    return stay
 
 
 def _kept_fp32(graph: Graph) -> set[Value]:
@@ -92,7 +132,8 @@ def _is_f32(v: Value) -> bool:
     return isinstance(v.type, TensorType) and v.type.dtype is DType.FLOAT32
 
 
-def _convert(g: Graph, to: DType, report: LoweringReport, keep: set[Value], root: bool) -> None:
+def _convert(g: Graph, to: DType, report: LoweringReport, keep: set[Value], root: bool,
+             exempt: set[int] | None = None) -> None:
     for v in g.initializers.values():
         if _is_f32(v) and v not in keep and isinstance(v.data, torch.Tensor):
             v.data = _tensor(v.data, to, v.name, report)
@@ -103,6 +144,8 @@ def _convert(g: Graph, to: DType, report: LoweringReport, keep: set[Value], root
             if _is_f32(v):
                 v.type = TensorType(to, v.type.shape)  # type: ignore[union-attr]
     for n in g.nodes:
+        if exempt is not None and id(n) in exempt:
+            continue  # a layer kept in FP32 (and its guards): attributes and bodies as they are
         _convert_attrs(n, to, report)
         for sub in n.subgraphs():
             _convert(sub, to, report, keep, root=False)
@@ -127,12 +170,12 @@ def _retype(g: Graph, to: DType) -> None:
                 v.type = TensorType(t.dtype, v.type.shape)
 
 
-def _cast_inputs(g: Graph, to: DType) -> None:
-    """FP32 graph inputs are cast to `to` on the way in."""
+def _cast_inputs(g: Graph, to: DType, exempt: set[int]) -> None:
+    """FP32 graph inputs are cast to `to` on the way in (kept layers' guards read them as they are)."""
     for x in g.inputs:
         if not _is_f32(x):
             continue
-        readers = [n for n in g.nodes if x in n.inputs]
+        readers = [n for n in g.nodes if x in n.inputs and id(n) not in exempt]
         if not readers:
             continue
         cast = g.add("Cast", [x], {"to": to}, name=g.fresh_name(f"{x.name}_to_{to.value}"))[0]

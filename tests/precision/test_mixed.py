@@ -1,0 +1,76 @@
+"""FP16 with automatic FP32 fallback: a layer whose values leave FP16's range is found on sample inputs, kept in
+FP32 with its readers, and the lowered graph then matches FP32 where plain FP16 gives inf/NaN; user pins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.ir.interpreter import Interpreter
+from kiln.passes.manager import PassContext
+from kiln.passes.pipeline import optimize
+from kiln.precision.lower import lower_precision
+from kiln.precision.ranges import PrecisionError, decide, observe_peaks
+
+F32 = DType.FLOAT32
+CPU = torch.device("cpu")
+
+
+def _overflowing() -> Graph:
+    """fc1 (+bias, relu) in range; `boost` multiplies by 4000 (values ~1e5 > 65504); LayerNorm brings them back;
+    fc3 in range."""
+    g = Graph()
+    gen = torch.Generator().manual_seed(0)
+    x = g.add_input("x", TensorType(F32, (4, 16)))
+    (h,) = g.add("MatMul", [x, g.add_initializer("w1", torch.randn(16, 32, generator=gen) * 0.3)], name="fc1")
+    (h,) = g.add("Add", [h, g.add_initializer("b1", torch.randn(32, generator=gen))], name="fc1_bias")
+    (h,) = g.add("Relu", [h], name="fc1_relu")
+    (h,) = g.add("MatMul", [h, g.add_initializer("w2", torch.randn(32, 32, generator=gen) * 4000)], name="boost")
+    (h,) = g.add("LayerNormalization", [h, g.add_initializer("s", torch.ones(32))], name="norm", outputs=1)
+    (y,) = g.add("MatMul", [h, g.add_initializer("w3", torch.randn(32, 8, generator=gen) * 0.3)], name="fc3",
+                 outputs=["y"])
+    g.outputs.append(y)
+    optimize(g, PassContext(device="cuda"))
+    return g
+
+
+def _feeds(seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((4, 16)).astype(np.float32)}
+
+
+def test_the_overflowing_layer_and_its_reader_stay_fp32_and_the_result_matches() -> None:
+    want = Interpreter(_overflowing()).run(_feeds(1))["y"]
+    plain = _overflowing()
+    lower_precision(plain, DType.FLOAT16)
+    assert not np.isfinite(Interpreter(plain).run(_feeds(1))["y"]).all()  # the failure being prevented
+
+    g = _overflowing()
+    peaks = observe_peaks(g, [_feeds(0)], CPU)
+    d = decide(g, DType.FLOAT16, peaks, {})
+    assert set(d.kept) == {"boost", "norm"}, d.kept
+    assert "beyond FP16's range" in d.kept["boost"]
+    report = lower_precision(g, DType.FLOAT16, d.kept)
+    assert report.kept == d.kept
+    dtypes = {n.name: n.outputs[0].type.dtype for n in g.nodes}
+    assert dtypes["boost"] is F32 and dtypes["norm"] is F32
+    assert any(t is DType.FLOAT16 for name, t in dtypes.items() if name.startswith("fc1"))
+    got = Interpreter(g).run(_feeds(1))["y"]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0.02, atol=0.02 * np.abs(want).max())
+
+
+def test_bf16_keeps_only_pinned_layers() -> None:
+    g = _overflowing()
+    d = decide(g, DType.BFLOAT16, observe_peaks(g, [_feeds(0)], CPU), {"fc3*": "fp32"})
+    assert list(d.kept) == [n.name for n in g.nodes if n.name.startswith("fc3")]
+    assert d.kept[next(iter(d.kept))] == "pinned by 'fc3*'"
+
+
+@pytest.mark.parametrize("pins,match", [({"nope*": "fp32"}, "matches no layer"),
+                                        ({"fc3*": "int8"}, "only fp32 pins")])
+def test_bad_pins_are_clear_errors(pins: dict[str, str], match: str) -> None:
+    g = _overflowing()
+    with pytest.raises(PrecisionError, match=match):
+        decide(g, DType.FLOAT16, {}, pins)
