@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln
-from kiln.kernels.concat import adjacent_view
+from kiln.kernels.tensor.concat import adjacent_view
 
 RNG = np.random.default_rng(0)
 

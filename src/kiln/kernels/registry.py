@@ -36,4 +36,4 @@ def _load() -> None:
     if not _loaded:
         _loaded = True
         # tactic modules register on import
-        from kiln.kernels import attention, concat, conv, cpu, gemm, norm, pointwise, pool, reference, tensor  # noqa: F401
+        from kiln.kernels import attention, conv, cpu, gemm, norm, pointwise, pool, reference, tensor  # noqa: F401

@@ -1,3 +1,4 @@
-"""Tensor-manipulation tactics (GPU): shape inputs read once on the host, gathers without host round trips."""
+"""Tensor-manipulation tactics: the in-place Concat (any device); on GPUs, shape inputs read once on the host and
+gathers without host round trips."""
 
-from kiln.kernels.tensor import gather, host_shapes  # noqa: F401  (registers its tactics)
+from kiln.kernels.tensor import concat, gather, host_shapes  # noqa: F401  (registers its tactics)
