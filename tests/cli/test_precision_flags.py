@@ -14,3 +14,28 @@ def test_pins_on_an_fp32_build_are_refused(tmp_path) -> None:
 def test_a_malformed_pin_is_refused(tmp_path) -> None:
     model = tiny_cnn(tmp_path / "m.onnx")
     user_error(kiln_cli("build", model, "--shapes", "x:1x3x8x8", "--layer-precision", "conv1"), "NAME:PRECISION")
+
+
+def test_int8_build_from_a_folder_of_samples_says_what_it_did(tmp_path) -> None:
+    import numpy as np
+
+    from tests.cli.helpers import ok
+
+    model = tiny_cnn(tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(calib / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    out = ok(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--int8", "--calib", str(calib),
+                      "--calib-cache", str(tmp_path / "scales.json"), "-o", str(tmp_path / "m.kiln")))
+    assert "int8: 2 layers quantized (entropy calibration)" in out, out
+    assert (tmp_path / "scales.json").exists()
+    again = ok(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--int8",
+                        "--calib-cache", str(tmp_path / "scales.json"), "-o", str(tmp_path / "m2.kiln")))
+    assert "scales from the cache" in again
+
+
+def test_int8_without_samples_is_refused(tmp_path) -> None:
+    model = tiny_cnn(tmp_path / "m.onnx")
+    user_error(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--int8"), "calibration data")

@@ -21,7 +21,9 @@ from kiln.ir.graph import Graph, TensorType
 from kiln.passes.layout import decide_layout
 from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
+from kiln.precision.calibration import CalibrationCache, activation_scales, collect, load_calibration_data
 from kiln.precision.lower import lower_precision
+from kiln.precision.quantize import model_fingerprint, quantizable_inputs, quantize_graph
 from kiln.precision.ranges import decide, observe_peaks
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
@@ -118,9 +120,12 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     say("passes", 0, 1)
     records = optimize(graph, PassContext(static_dims=static_dims(graph, profiles), device=config.torch_device.type))
     lowered = None
-    if config.precision != "fp32":
+    if config.precision in LOW_PRECISION:
         say("precision", 0, 1)
         lowered = _lower(graph, config, profiles)
+    elif config.precision == "int8":
+        say("calibrate", 0, 1)
+        lowered = _quantize(graph, config)
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 
@@ -135,6 +140,31 @@ def _lower(graph: Graph, config: BuilderConfig, profiles: list[Profile]) -> dict
             peaks = observe_peaks(graph, [sample_inputs(graph, p, device) for p in profiles], device)
     decision = decide(graph, to, peaks, dict(config.layer_precision))
     return lower_precision(graph, to, decision.kept).to_json()
+
+
+def _quantize(graph: Graph, config: BuilderConfig) -> dict[str, Any]:
+    """INT8: activation scales from the calibration cache when it was made for this graph and calibrator, else
+    calibrated on the data (and written to the cache); then Q/DQ placement."""
+    fingerprint = model_fingerprint(graph)
+    path = config.calibration_cache
+    scales = None
+    cached = False
+    if path is not None and os.path.exists(path):
+        cache = CalibrationCache.load(path)
+        if cache.model == fingerprint and cache.method == config.calibrator:
+            scales, cached = dict(cache.scales), True
+    if scales is None:
+        if config.calibration is None:
+            raise ConfigError(f"the calibration cache '{path}' was made for another model or calibrator",
+                              hint="give calibration data (--calib DIR) to calibrate again")
+        samples = load_calibration_data(config.calibration, graph)
+        hists = collect(graph, quantizable_inputs(graph), samples, config.torch_device)
+        scales = activation_scales(hists, config.calibrator)
+        if path is not None:
+            CalibrationCache(method=config.calibrator, model=fingerprint, scales=scales).save(path)
+    report = quantize_graph(graph, scales)
+    return {"precision": "int8", "calibrator": config.calibrator, "calibration_cache_used": cached,
+            **report.to_json()}
 
 
 def static_dims(graph: Graph, profiles: list[Profile]) -> dict[str, int]:

@@ -12,7 +12,7 @@ import torch
 from kiln.runtime.plan import Profile, ShapeRange
 from kiln.utils.errors import KilnError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class ConfigError(KilnError):
@@ -63,6 +63,8 @@ class BuilderConfig:
     memory_limit_bytes: refuse plans whose activation arena is larger.
     deterministic: same model + same timing cache -> byte-identical engine file (no timestamps or timings
         recorded; choices not in the cache are made without timing).
+    calibration / calibrator / calibration_cache: for precision="int8" (Q/DQ on every Conv/Gemm/MatMul input;
+        until kiln has int8 kernels the engine computes the int8 results in float: accurate, not faster).
     layer_precision: {layer-name glob: "fp32"} layers kept in FP32 in an fp16/bf16 build. The build also keeps
         in FP32 every layer whose values leave FP16's range on sample inputs, and reports each with its reason.
     """
@@ -78,6 +80,11 @@ class BuilderConfig:
     deterministic: bool = False
     layer_precision: Mapping[str, str] = field(default_factory=dict)
     """Layer-name glob -> "fp32": layers an fp16/bf16 build keeps in FP32 (besides those it finds overflowing)."""
+    calibration: Any = None
+    """INT8: calibration samples - a directory of .npy/.npz files, or an iterable of {input: array} dicts."""
+    calibrator: str = "entropy"
+    calibration_cache: str | os.PathLike[str] | None = None
+    """INT8: a JSON file of tensor scales, written by the first build and reused by later ones."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -91,14 +98,23 @@ class BuilderConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device '{self.device}' was asked for, but no CUDA GPU is available",
                               hint="build with device='cpu', or on a machine with an NVIDIA GPU")
-        if self.precision != "fp32" and dev.type == "cpu":
+        if self.precision in ("fp16", "bf16") and dev.type == "cpu":
             raise ConfigError(f"precision {self.precision} needs a GPU; kiln's CPU tactics compute in fp32",
                               hint="use precision='fp32' on CPU")
+        if self.precision == "int8":
+            from kiln.precision.calibration import CALIBRATORS
+
+            if self.calibrator not in CALIBRATORS:
+                raise ConfigError(f"calibrator must be one of {', '.join(CALIBRATORS)}, got '{self.calibrator}'")
+            if self.calibration is None and (self.calibration_cache is None
+                                             or not os.path.exists(self.calibration_cache)):
+                raise ConfigError("an int8 build needs calibration data (or an existing calibration cache)",
+                                  hint="kiln build --int8 --calib DIR (a folder of .npy/.npz input samples)")
         if self.precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             # Never build something else when a precision was asked for (TensorRT 11's silent fallback hurts).
             raise ConfigError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(dev)} has no BF16 "
                               f"support", hint="build with precision='fp16' (or 'fp32') on this GPU")
-        if self.layer_precision and self.precision == "fp32":
+        if self.layer_precision and self.precision not in ("fp16", "bf16"):
             raise ConfigError("layer precisions were given for an fp32 build: every layer is fp32 already",
                               hint="build with precision='fp16' or 'bf16' (--fp16/--bf16) to mix precisions")
         for pattern, prec in self.layer_precision.items():
@@ -122,5 +138,6 @@ class BuilderConfig:
             "precision": self.precision, "tf32": self.tf32, "device": self.device, "opt_level": self.opt_level,
             "time_budget_s": self.time_budget_s, "memory_limit_bytes": self.memory_limit_bytes,
             "deterministic": self.deterministic, "layer_precision": dict(self.layer_precision),
+            "calibrator": self.calibrator if self.precision == "int8" else None,
             "profiles": [p.to_json() for p in self.profiles],  # type: ignore[union-attr]
         }

@@ -39,7 +39,16 @@ def add_parser(sub: Any) -> None:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="compute in float16 where it is safe (GPU)")
     prec.add_argument("--bf16", action="store_true", help="compute in bfloat16 where it is safe (GPU)")
+    prec.add_argument("--int8", action="store_true",
+                      help="int8 Conv/Gemm/MatMul inputs, calibrated on --calib data (no int8 kernels yet: the "
+                           "engine computes the int8 results in float - int8 accuracy, not int8 speed)")
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
+    p.add_argument("--calib", default=None, metavar="DIR",
+                   help="int8 calibration samples: a folder of .npy (one input) or .npz (by input name) files")
+    p.add_argument("--calibrator", default="entropy", choices=("entropy", "percentile", "mse", "minmax"),
+                   help="how activation ranges are chosen (default entropy)")
+    p.add_argument("--calib-cache", default=None, metavar="FILE",
+                   help="int8 scales as JSON: written by the first build, reused by the next ones")
     p.add_argument("--layer-precision", action="append", default=[], metavar="NAME:fp32",
                    help="keep the layers matching NAME (a glob over layer names) in fp32 in an --fp16/--bf16 "
                         "build; repeatable")
@@ -85,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace, device: str) -> Any:
     from kiln.build.config import BuilderConfig
 
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "int8" if args.int8 else "fp32"
     pins = {}
     for spec in args.layer_precision:
         name, sep, prec = spec.rpartition(":")
@@ -94,7 +103,7 @@ def _config(args: argparse.Namespace, device: str) -> Any:
         pins[name] = prec
     return BuilderConfig(
         precision=precision, tf32=not args.no_tf32, device=device, profiles=profiles_from_args(args),
-        layer_precision=pins,
+        layer_precision=pins, calibration=args.calib, calibrator=args.calibrator, calibration_cache=args.calib_cache,
         timing_cache=args.timing_cache, opt_level=args.opt_level, time_budget_s=args.budget,
         memory_limit_bytes=parse_bytes(args.memory_limit), deterministic=args.deterministic,
     )
@@ -176,8 +185,15 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"    {line}")
     precisions = [precision_of(n) for n in plan.graph.nodes]
     print(f"  precision   {mix(precisions)}")
-    for name, why in stats.get("precision", {}).get("kept_fp32", {}).items():
+    lowered = stats.get("precision", {})
+    for name, why in lowered.get("kept_fp32", {}).items():
         print(f"    kept in float32: {name} ({why})")
+    if lowered.get("precision") == "int8":
+        print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
+              f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); no int8 kernels yet: "
+              f"they compute the int8 results in float")
+        for name, why in lowered.get("float_layers", {}).items():
+            print(f"    left in float: {name} ({why})")
     wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(engine.metadata.get("config", {}).get("precision", ""))
     if wanted and wanted not in precisions:
         print(f"  warning: {wanted} was asked for, but no layer computes in {wanted}: this engine is "

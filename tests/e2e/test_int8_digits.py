@@ -1,0 +1,95 @@
+"""INT8 post-training quantization on a CNN trained inside the test (scikit-learn's digits): accuracy within
+1 point of FP32, top-1 agreement >= 98% with the entropy and percentile calibrators, and a calibration cache
+that a later build reuses without data."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import kiln
+
+pytestmark = pytest.mark.slow
+
+
+def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    return x[:1300], y[:1300], x[1300:], y[1300:]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray, np.ndarray]:
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = _data()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
+    for _ in range(15):
+        for i in range(0, len(xt), 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
+            opt.step()
+    net.eval()
+    f = io.BytesIO()
+    torch.onnx.export(net, (xt[:1],), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+    return onnx.load_from_string(f.getvalue()), xtr, xte, yte
+
+
+def _predict(engine: kiln.Engine, x: np.ndarray) -> np.ndarray:
+    return engine.create_context().run({"x": x})["logits"].argmax(1)
+
+
+def _config(**kw) -> kiln.BuilderConfig:  # type: ignore[no-untyped-def]
+    return kiln.BuilderConfig(profiles=[{"x": ((1, 1, 8, 8), (497, 1, 8, 8), (512, 1, 8, 8))}], opt_level=0, **kw)
+
+
+@pytest.mark.parametrize("calibrator", ["entropy", "percentile", "mse", "minmax"])
+def test_int8_accuracy_stays_within_a_point_of_fp32(trained, calibrator: str) -> None:
+    model, xtr, xte, yte = trained
+    fp32 = _predict(kiln.build(model, _config()), xte)
+    acc32 = float((fp32 == yte).mean())
+    assert acc32 > 0.9  # the network learned the task: the comparison means something
+    calib = [{"x": xtr[i:i + 50]} for i in range(0, 300, 50)]
+    engine = kiln.build(model, _config(precision="int8", calibration=calib, calibrator=calibrator))
+    q = engine.plan.stats["precision"]
+    assert q["int8_layers"] == 4 and not q["float_layers"], q
+    ops = {n.op for n in engine.graph.nodes}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8 = _predict(engine, xte)
+    acc8 = float((int8 == yte).mean())
+    assert acc8 >= acc32 - 0.01, (calibrator, acc32, acc8)
+    if calibrator in ("entropy", "percentile"):
+        assert float((int8 == fp32).mean()) >= 0.98
+
+
+def test_the_calibration_cache_is_written_once_and_reused_without_data(trained, tmp_path) -> None:
+    model, xtr, xte, _ = trained
+    cache = tmp_path / "calib.json"
+    calib = [{"x": xtr[i:i + 50]} for i in range(0, 200, 50)]
+    first = kiln.build(model, _config(precision="int8", calibration=calib, calibration_cache=str(cache)))
+    saved = json.loads(cache.read_text())
+    assert saved["method"] == "entropy" and len(saved["scales"]) == 4
+    assert all(isinstance(s, float) and s > 0 for s in saved["scales"].values())
+    again = kiln.build(model, _config(precision="int8", calibration_cache=str(cache)))
+    assert again.plan.stats["precision"]["calibration_cache_used"] is True
+    np.testing.assert_array_equal(_predict(again, xte), _predict(first, xte))
+
+
+def test_int8_without_calibration_data_is_a_clear_error() -> None:
+    with pytest.raises(kiln.KilnError, match="calibration data"):
+        kiln.BuilderConfig(precision="int8")
