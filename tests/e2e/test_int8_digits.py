@@ -93,3 +93,20 @@ def test_the_calibration_cache_is_written_once_and_reused_without_data(trained, 
 def test_int8_without_calibration_data_is_a_clear_error() -> None:
     with pytest.raises(kiln.KilnError, match="calibration data"):
         kiln.BuilderConfig(precision="int8")
+
+
+def test_the_accuracy_gate_returns_layers_to_float_until_the_target_holds(trained) -> None:
+    model, xtr, xte, _ = trained
+    calib = [{"x": xtr[i:i + 50]} for i in range(0, 200, 50)]
+    check = [{"x": xte[:250]}, {"x": xte[250:]}]
+    engine = kiln.build(model, _config(precision="int8", calibration=calib, calibrator="minmax",
+                                       accuracy_check=check, accuracy_target="top1>=1.0"))
+    acc = engine.plan.stats["precision"]["accuracy"]
+    assert acc["met"] is True and acc["metrics"]["top1"] == 1.0
+    fp32 = _predict(kiln.build(model, _config()), xte)
+    assert (_predict(engine, xte) == fp32).all()  # on the check data itself: every prediction agrees
+
+
+def test_an_unreadable_accuracy_target_is_a_clear_error() -> None:
+    with pytest.raises(kiln.KilnError, match="cosine>=X"):
+        kiln.BuilderConfig(precision="int8", calibration=[{}], accuracy_check=[{}], accuracy_target="cos>0.9")

@@ -21,6 +21,7 @@ from kiln.ir.graph import Graph, TensorType
 from kiln.passes.layout import decide_layout
 from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
+from kiln.precision.accuracy import Target, gate
 from kiln.precision.calibration import CalibrationCache, activation_scales, collect, load_calibration_data
 from kiln.precision.lower import lower_precision
 from kiln.precision.quantize import model_fingerprint, quantizable_inputs, quantize_graph
@@ -125,7 +126,7 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
         lowered = _lower(graph, config, profiles)
     elif config.precision == "int8":
         say("calibrate", 0, 1)
-        lowered = _quantize(graph, config)
+        graph, lowered = _quantize(graph, config)
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 
@@ -142,7 +143,7 @@ def _lower(graph: Graph, config: BuilderConfig, profiles: list[Profile]) -> dict
     return lower_precision(graph, to, decision.kept).to_json()
 
 
-def _quantize(graph: Graph, config: BuilderConfig) -> dict[str, Any]:
+def _quantize(graph: Graph, config: BuilderConfig) -> tuple[Graph, dict[str, Any]]:
     """INT8: activation scales from the calibration cache when it was made for this graph and calibrator, else
     calibrated on the data (and written to the cache); then Q/DQ placement."""
     fingerprint = model_fingerprint(graph)
@@ -162,9 +163,21 @@ def _quantize(graph: Graph, config: BuilderConfig) -> dict[str, Any]:
         scales = activation_scales(hists, config.calibrator)
         if path is not None:
             CalibrationCache(method=config.calibrator, model=fingerprint, scales=scales).save(path)
-    report = quantize_graph(graph, scales)
-    return {"precision": "int8", "calibrator": config.calibrator, "calibration_cache_used": cached,
-            **report.to_json()}
+    info: dict[str, Any] = {"precision": "int8", "calibrator": config.calibrator, "calibration_cache_used": cached}
+    if config.accuracy_check is None:
+        return graph, {**info, **quantize_graph(graph, scales).to_json()}
+    act = scales  # the gate quantizes copies of the graph, leaving the layers it names in float
+    held = load_calibration_data(config.accuracy_check, graph)
+    target = Target.parse(config.accuracy_target) if config.accuracy_target else None
+    last: dict[str, Any] = {}
+
+    def quantizer(g: Graph, skip: set[str]) -> list[str]:
+        report = quantize_graph(g, act, skip=skip)
+        last.update(report.to_json())
+        return report.layers
+
+    quantized, acc = gate(graph, quantizer, held, config.torch_device, target)
+    return quantized, {**info, **last, "accuracy": acc.to_json()}
 
 
 def static_dims(graph: Graph, profiles: list[Profile]) -> dict[str, int]:

@@ -85,6 +85,10 @@ class BuilderConfig:
     calibrator: str = "entropy"
     calibration_cache: str | os.PathLike[str] | None = None
     """INT8: a JSON file of tensor scales, written by the first build and reused by later ones."""
+    accuracy_check: Any = None
+    """INT8: held-out samples (as `calibration`): the quantized graph is compared with the float one on them."""
+    accuracy_target: str | None = None
+    """INT8: "cosine>=X" or "top1>=X"; layers most responsible for the loss stay float until it is met."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -114,6 +118,15 @@ class BuilderConfig:
             # Never build something else when a precision was asked for (TensorRT 11's silent fallback hurts).
             raise ConfigError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(dev)} has no BF16 "
                               f"support", hint="build with precision='fp16' (or 'fp32') on this GPU")
+        if (self.accuracy_check is not None or self.accuracy_target) and self.precision != "int8":
+            raise ConfigError("an accuracy check applies to int8 builds", hint="add --int8, or drop the check")
+        if self.accuracy_target and self.accuracy_check is None:
+            raise ConfigError(f"accuracy target '{self.accuracy_target}' needs held-out data to check it on",
+                              hint="kiln build --int8 --calib DIR --accuracy-check DIR2 --accuracy-target ...")
+        if self.accuracy_target:
+            from kiln.precision.accuracy import Target
+
+            Target.parse(self.accuracy_target)
         if self.layer_precision and self.precision not in ("fp16", "bf16"):
             raise ConfigError("layer precisions were given for an fp32 build: every layer is fp32 already",
                               hint="build with precision='fp16' or 'bf16' (--fp16/--bf16) to mix precisions")

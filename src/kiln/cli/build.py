@@ -49,6 +49,11 @@ def add_parser(sub: Any) -> None:
                    help="how activation ranges are chosen (default entropy)")
     p.add_argument("--calib-cache", default=None, metavar="FILE",
                    help="int8 scales as JSON: written by the first build, reused by the next ones")
+    p.add_argument("--accuracy-check", default=None, metavar="DIR",
+                   help="int8: held-out samples (like --calib): compare the int8 graph with the float one on them")
+    p.add_argument("--accuracy-target", default=None, metavar="METRIC>=X",
+                   help="int8: e.g. cosine>=0.995 or top1>=0.99; the layers most responsible for the loss stay "
+                        "float until it is met")
     p.add_argument("--layer-precision", action="append", default=[], metavar="NAME:fp32",
                    help="keep the layers matching NAME (a glob over layer names) in fp32 in an --fp16/--bf16 "
                         "build; repeatable")
@@ -104,6 +109,7 @@ def _config(args: argparse.Namespace, device: str) -> Any:
     return BuilderConfig(
         precision=precision, tf32=not args.no_tf32, device=device, profiles=profiles_from_args(args),
         layer_precision=pins, calibration=args.calib, calibrator=args.calibrator, calibration_cache=args.calib_cache,
+        accuracy_check=args.accuracy_check, accuracy_target=args.accuracy_target,
         timing_cache=args.timing_cache, opt_level=args.opt_level, time_budget_s=args.budget,
         memory_limit_bytes=parse_bytes(args.memory_limit), deterministic=args.deterministic,
     )
@@ -194,6 +200,14 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
               f"they compute the int8 results in float")
         for name, why in lowered.get("float_layers", {}).items():
             print(f"    left in float: {name} ({why})")
+        acc = lowered.get("accuracy")
+        if acc:
+            shown = ", ".join(f"{k} {v:g}" for k, v in acc["metrics"].items())
+            met = "met" if acc["met"] else "NOT met"
+            verdict = "" if acc["target"] is None else f" (target {acc['target']}: {met})"
+            print(f"    accuracy vs float on the check data: {shown}{verdict}")
+            for name in acc["kept_float"]:
+                print(f"    kept in float for accuracy: {name}")
     wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(engine.metadata.get("config", {}).get("precision", ""))
     if wanted and wanted not in precisions:
         print(f"  warning: {wanted} was asked for, but no layer computes in {wanted}: this engine is "

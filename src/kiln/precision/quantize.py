@@ -106,7 +106,7 @@ def _refuse(n: Node, anchor: Node, xi: int, wi: int, act_scales: Mapping[str, fl
             skip: Collection[str]) -> str | None:
     x, w = n.inputs[xi], n.inputs[wi]
     if n.name in skip:
-        return "kept in float (asked)"
+        return "kept in float (accuracy gate or request)"
     if x is None or x.name not in act_scales:
         return "no calibrated scale for its input"
     if w is None or not isinstance(w.data, torch.Tensor) or not isinstance(w.type, TensorType):
