@@ -290,12 +290,16 @@ def _percentile(hist: Histogram, p: float) -> float:
 def _entropy(hist: Histogram) -> float:
     """TensorRT's search: for each candidate i, P = bins[:i] with the clipped mass added to its last bin;
     Q = bins[:i] merged into 128 levels and spread back over the non-empty bins; keep the i minimizing KL(P||Q)."""
-    bins = hist.counts
+    bins = hist.counts.copy()
     if hist.nbins <= ENTROPY_LEVELS:
         return hist.amax
+    if bins[0] > bins[1] > 0:  # exact zeros (a ReLU's output) would dominate both distributions and pull the
+        bins[0] = bins[1]      # threshold far down; as NVIDIA's quantization toolkit does, weigh bin 0 like bin 1
     suffix = np.concatenate([np.cumsum(bins[::-1])[::-1], [0.0]])  # suffix[i] = bins[i:].sum()
     best_i, best_kl = hist.nbins, math.inf
     for i in range(ENTROPY_LEVELS, hist.nbins + 1):
+        if not bins[:i].any():
+            continue  # nothing below this threshold: not a candidate (sparse, discrete-valued inputs)
         p = bins[:i].copy()
         p[-1] += suffix[i]
         kl = _kl(p, _quantized(bins[:i]))
