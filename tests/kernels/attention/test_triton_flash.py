@@ -4,7 +4,6 @@ flash_cases)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from kiln.kernels import registry
 from kiln.kernels.attention import triton_flash
 from kiln.kernels.attention.triton_flash import CONFIGS, SMEM_BUDGET, plan
 from tests.kernels.attention.flash_cases import GROUPS, all_cases
+from tests.kernels.interpreted import run_workers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -176,25 +176,10 @@ def test_plans_fit_the_register_and_shared_memory_budgets(cfg: dict[str, int], d
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every case's result, from one worker process per dtype (run side by side)."""
     pytest.importorskip("triton")
-    tmp = tmp_path_factory.mktemp("flash")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
-    procs = {}
-    for g in GROUPS:
-        cmd = [sys.executable, "-W", "ignore", str(HERE / "flash_cases.py"), g, str(tmp / f"{g}.jsonl")]
-        procs[g] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-    results: dict[str, Any] = {}
-    for g, p in procs.items():
-        try:
-            _, err = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
-        path = tmp / f"{g}.jsonl"
-        for line in path.read_text().splitlines() if path.exists() else []:
-            rec = json.loads(line)
-            results[rec["id"]] = rec
-        results[f"<{g}>"] = {"returncode": p.returncode, "stderr": err[-3000:]}
+    workers = {g: [str(HERE / "flash_cases.py"), g] for g in GROUPS}
+    results, ended = run_workers(workers, tmp_path_factory.mktemp("flash"), key="id")
+    for g, e in ended.items():
+        results[f"<{g}>"] = {"returncode": e["returncode"], "stderr": e["log"]}
     return results
 
 

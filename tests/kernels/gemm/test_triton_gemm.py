@@ -3,7 +3,6 @@ one subprocess), plus what needs no kernel run: the space, applicability, and th
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,28 +20,17 @@ from kiln.kernels.gemm.triton_gemm import TILES, spec
 from kiln.passes.epilogue_fusion import epilogue_fusion
 from kiln.passes.rewrite import fuse
 from tests.kernels.gemm.cases import ALL, CASES, CUDA, F16, F32, Maker, bias_gelu_residual, local_constants
+from tests.kernels.interpreted import run_cases
 
 ROOT = Path(__file__).resolve().parents[3]
-RUNNER = Path(__file__).with_name("interp_runner.py")
 
 # --- every case, interpreted ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    """{case name: its JSON record} from one interpreter subprocess, and the process's log."""
-    tmp = tmp_path_factory.mktemp("gemm")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "KILN_CACHE_DIR": str(tmp / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    out = tmp / "cases.jsonl"
-    try:
-        done = subprocess.run([sys.executable, str(RUNNER), str(out)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        log = f"exited {done.returncode}: {(done.stdout + done.stderr)[-3000:]}"
-    except subprocess.TimeoutExpired as e:
-        log = f"timed out: {e}"
-    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    return {r["name"]: r for r in records}, log
+    """{case name: its JSON record} from one interpreter worker, and its log."""
+    return run_cases("tests.kernels.gemm.cases", tmp_path_factory.mktemp("gemm"))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -51,7 +39,7 @@ def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) ->
     assert name in results, f"no result for {name} (did the runner die?)\n{log}"
     rec = results[name]
     assert "error" not in rec, rec.get("error")
-    problems = rec["problems"]
+    problems = rec["result"]
     assert problems and all(p is None for p in problems.values()), problems
 
 

@@ -3,7 +3,6 @@ results against the op table's reference under Triton's CPU interpreter (in work
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch
 from kiln.ir import DType
 from kiln.kernels import registry
 from kiln.kernels.norm import common
+from tests.kernels.interpreted import run_workers
 from tests.kernels.norm.interp_cases import C, all_cases, node_of
 
 HERE = Path(__file__).resolve().parent
@@ -160,25 +160,10 @@ def test_loads_without_triton() -> None:
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every case's result, from one worker process per group (run side by side)."""
     pytest.importorskip("triton")
-    tmp = tmp_path_factory.mktemp("interp")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    procs = {}
-    for g in GROUPS:
-        cmd = [sys.executable, "-W", "ignore", str(HERE / "interp_cases.py"), g, str(tmp / f"{g}.jsonl")]
-        procs[g] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results: dict[str, Any] = {}
-    for g, p in procs.items():
-        try:
-            _, err = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
-        path = tmp / f"{g}.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        for line in lines:
-            rec = json.loads(line)
-            results[rec["id"]] = rec
-        results[f"<{g}>"] = {"returncode": p.returncode, "stderr": err[-3000:]}
+    workers = {g: [str(HERE / "interp_cases.py"), g] for g in GROUPS}
+    results, ended = run_workers(workers, tmp_path_factory.mktemp("interp"), key="id")
+    for g, e in ended.items():
+        results[f"<{g}>"] = {"returncode": e["returncode"], "stderr": e["log"]}
     return results
 
 

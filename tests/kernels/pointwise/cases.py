@@ -1,6 +1,6 @@
 """Cases for the generated pointwise kernels: a graph, its inputs, and how to call the kernel; `run_case` checks one
-against the op table's reference. Shared by the CPU interpreter runner (`interp_runner.py`, TRITON_INTERPRET=1)
-and the GPU test. Importing this module imports no triton; `run_case` does (through the kernel)."""
+against the op table's reference. Shared by the CPU interpreter worker (`tests/kernels/interpreted.py`,
+TRITON_INTERPRET=1) and the GPU test. Importing this module imports no triton; `run_case` does (through the kernel)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ source's shape, what `supports()` refuses, `epilogue_graph`, and the tactic's ap
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,10 +19,10 @@ from kiln.kernels.pointwise import layout as lay
 from kiln.kernels.pointwise.codegen import build_program, render
 from kiln.kernels.registry import TACTICS
 from kiln.utils.errors import UnsupportedError
+from tests.kernels.interpreted import run_cases
 from tests.kernels.pointwise.cases import CASES, epilogue_body, graph
 
 ROOT = Path(__file__).resolve().parents[3]
-RUNNER = Path(__file__).with_name("interp_runner.py")
 SHARDS = 2
 D = DType
 F32, F16 = D.FLOAT32, D.FLOAT16
@@ -34,39 +33,17 @@ F32, F16 = D.FLOAT32, D.FLOAT16
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    """Runs all cases in SHARDS interpreter subprocesses at once; returns {name: problem or None} and their logs."""
-    tmp = tmp_path_factory.mktemp("pointwise")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "KILN_CACHE_DIR": str(tmp / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    runs = []
-    for i in range(SHARDS):
-        log = open(tmp / f"shard{i}.log", "w")  # noqa: SIM115 - closed below, after the process ends
-        p = subprocess.Popen([sys.executable, str(RUNNER), str(tmp / f"shard{i}.jsonl"), f"{i}/{SHARDS}"],
-                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        runs.append((p, log))
-    for p, log in runs:
-        try:
-            p.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        log.close()
-    results: dict[str, Any] = {}
-    logs = []
-    for i, (p, _) in enumerate(runs):
-        out = tmp / f"shard{i}.jsonl"
-        for line in out.read_text().splitlines() if out.exists() else []:
-            rec = json.loads(line)
-            results[rec["name"]] = rec["problem"]
-        logs.append(f"shard {i} exited {p.returncode}: {(tmp / f'shard{i}.log').read_text()[-2000:]}")
-    return results, "\n".join(logs)
+    """Runs all cases in SHARDS interpreter workers at once; returns {name: record} and their logs."""
+    return run_cases("tests.kernels.pointwise.cases", tmp_path_factory.mktemp("pointwise"), SHARDS)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
     results, logs = interpreted
     assert name in results, f"no result for {name} (did the runner die?)\n{logs}"
-    assert results[name] is None, results[name]
+    rec = results[name]
+    assert "error" not in rec, rec["error"]
+    assert rec["result"] is None, rec["result"]
 
 
 def test_the_cases_cover_the_brief() -> None:
