@@ -166,13 +166,12 @@ def _quantize(graph: Graph, config: BuilderConfig) -> tuple[Graph, dict[str, Any
     info: dict[str, Any] = {"precision": "int8", "calibrator": config.calibrator, "calibration_cache_used": cached}
     if config.accuracy_check is None:
         return graph, {**info, **quantize_graph(graph, scales).to_json()}
-    act = scales  # the gate quantizes copies of the graph, leaving the layers it names in float
     held = load_calibration_data(config.accuracy_check, graph)
     target = Target.parse(config.accuracy_target) if config.accuracy_target else None
     last: dict[str, Any] = {}
 
-    def quantizer(g: Graph, skip: set[str]) -> list[str]:
-        report = quantize_graph(g, act, skip=skip)
+    def quantizer(g: Graph, skip: set[str]) -> list[str]:  # the gate quantizes copies, leaving `skip` float
+        report = quantize_graph(g, scales, skip=skip)
         last.update(report.to_json())
         return report.layers
 

@@ -17,8 +17,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType, Value
-from kiln.ir.ops import OPS
-from kiln.ir.ops.base import RefCtx
+from kiln.ir.ops.base import run_nodes, value_of
 
 FLOATS = frozenset({DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16})
 
@@ -93,22 +92,13 @@ def tail(a: Anchored, start: int) -> Callable[[torch.Tensor, list[Any]], torch.T
     body = a.body
     assert body is not None
     out = body.outputs[0]
-    ctxs = [(s, OPS[s.op].ref, RefCtx(s)) for s in steps]
 
     def run(acc: torch.Tensor, xs: list[Any]) -> torch.Tensor:
         env: dict[Value, Any] = dict(zip(body.inputs, xs))
         env[acc_value] = acc
-        for s, ref, ctx in ctxs:
-            args = [None if v is None else env[v] if v in env else _const(v, acc.device) for v in s.inputs]
-            env.update(zip(s.outputs, ref(ctx, args)))
-        return env[out]
+        return value_of(out, run_nodes(steps, env, acc.device), acc.device)
 
     return run
-
-
-def _const(v: Value, device: torch.device) -> Any:
-    d = v.data
-    return d.to(device) if isinstance(d, torch.Tensor) and d.device != device else d
 
 
 @dataclass

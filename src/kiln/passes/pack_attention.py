@@ -25,13 +25,11 @@ weight folding, sibling merging and epilogue fusion, which then give the BERT-li
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from kiln.ir.graph import Graph, Node, TensorType, Value
-from kiln.ir.ops import OPS
-from kiln.ir.ops.base import RefCtx
+from kiln.ir.ops.base import run_nodes
 from kiln.passes.manager import PassResult
 from kiln.passes.matching import add_const, add_node, const, remove_dead
 from kiln.passes.pattern import apply_rules, rule
@@ -64,11 +62,8 @@ def _walk_up(v: Value) -> tuple[Value, list[Node]]:
 
 def _run(chain: Sequence[Node], source: Value, x: torch.Tensor, target: Value) -> torch.Tensor | None:
     """`target` computed from `source = x` through the movement nodes `chain` (op references)."""
-    env: dict[Value, Any] = {source: x}
     try:
-        for n in chain:
-            args = [None if v is None else env[v] if v in env else const(v) for v in n.inputs]
-            env.update(zip(n.outputs, OPS[n.op].ref(RefCtx(n), args)))
+        env = run_nodes(chain, {source: x})
     except Exception:
         return None
     out = env.get(target)

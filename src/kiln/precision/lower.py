@@ -99,24 +99,12 @@ def _shield(graph: Graph, kept: list[Node], exempt: set[int]) -> set[Value]:
 
 def _kept_fp32(graph: Graph) -> set[Value]:
     keep: set[Value] = set()
-    for g in _graphs(graph):
-        for n in g.nodes:
-            for i in KEEP_FP32_INPUTS.get(n.op, ()):
-                if i < len(n.inputs) and n.inputs[i] is not None:
-                    keep.add(n.inputs[i])  # type: ignore[arg-type]
+    for n in graph.all_nodes():
+        for i in KEEP_FP32_INPUTS.get(n.op, ()):
+            v = n.inputs[i] if i < len(n.inputs) else None
+            if v is not None:
+                keep.add(v)
     return keep
-
-
-def _graphs(g: Graph) -> list[Graph]:
-    out = [g]
-    for n in g.nodes:
-        for a in n.attrs.values():
-            if isinstance(a, Graph):
-                out.extend(_graphs(a))
-            elif isinstance(a, list) and a and all(isinstance(x, Graph) for x in a):
-                for x in a:
-                    out.extend(_graphs(x))
-    return out
 
 
 def _tensor(t: torch.Tensor, to: DType, name: str, report: LoweringReport) -> torch.Tensor:

@@ -19,8 +19,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpreter import Interpreter
-from kiln.ir.ops import OPS
-from kiln.ir.ops.base import RefCtx
+from kiln.ir.ops.base import run_nodes
 from kiln.utils.errors import KilnError
 
 FP16_MAX = 65504.0
@@ -65,18 +64,8 @@ def observe_peaks(graph: Graph, feeds: Iterable[Mapping[str, Any]], device: torc
 
 def _body_peaks(node: Node, args: list[Any], note: Any) -> None:
     body: Graph = node.attrs["body"]
-    env: dict[Value, Any] = dict(zip(body.inputs, args))
-    device = next((x.device for x in args if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    for n in body.nodes:
-        xs = [None if v is None else env[v] if v in env else _on(v.data, device) for v in n.inputs]
-        outs = OPS[n.op].ref(RefCtx(n), xs)
-        for v, x in zip(n.outputs, outs):
-            env[v] = x
-            note(v, x)
-
-
-def _on(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
+    device = next((x.device for x in args if isinstance(x, torch.Tensor)), None)
+    run_nodes(body.nodes, dict(zip(body.inputs, args)), device, note)
 
 
 def decide(graph: Graph, to: DType, peaks: Mapping[Value, float], pins: Mapping[str, str]) -> Decision:

@@ -8,7 +8,7 @@ executor, constant folding and the tests all go through these entries; nothing e
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -362,6 +362,28 @@ class RefCtx:
         if self._runner is None:
             raise RuntimeError("this context cannot run subgraphs")
         return self._runner(graph, inputs)
+
+
+def run_nodes(nodes: Iterable[Node], env: dict[Value, Any], device: torch.device | None = None,
+              note: Callable[[Value, Any], None] | None = None) -> dict[Value, Any]:
+    """Evaluate `nodes` in order through their references (no subgraphs). `env` holds the values known so far
+    and receives every output; a value missing from it is a constant (its data, or its import-time fold), moved
+    to `device`. `note(value, result)` sees each output as it is made. Returns `env`."""
+    for n in nodes:
+        args = [None if v is None else value_of(v, env, device) for v in n.inputs]
+        for v, r in zip(n.outputs, OPS[n.op].ref(RefCtx(n), args)):
+            env[v] = r
+            if note is not None:
+                note(v, r)
+    return env
+
+
+def value_of(v: Value, env: Mapping[Value, Any], device: torch.device | None = None) -> Any:
+    """`v`'s value in `env`, else its constant (data, or import-time fold) on `device`."""
+    if v in env:
+        return env[v]
+    d = v.data if v.data is not None else v.folded
+    return d.to(device) if isinstance(d, torch.Tensor) and device is not None and d.device != device else d
 
 
 # --- shared inference helpers -------------------------------------------------------------------------

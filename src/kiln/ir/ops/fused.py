@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kiln.ir.graph import ValueType
-from kiln.ir.ops.base import OPS, Attr, AttrKind, InferCtx, RefCtx, register
+from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, value_of
 
 KINDS = ("epilogue", "pointwise", "region")
 
@@ -33,18 +33,8 @@ def _infer(ctx: InferCtx) -> list[ValueType]:
 def _ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     body = c.attrs["body"]
     device = next((x.device for x in xs if isinstance(x, torch.Tensor)), None)
-    env: dict[Any, Any] = dict(zip(body.inputs, xs))
-
-    def value(v: Any) -> Any:
-        if v in env:
-            return env[v]
-        d = v.data
-        return d.to(device) if isinstance(d, torch.Tensor) and device is not None and d.device != device else d
-
-    for n in body.nodes:
-        args = [None if v is None else value(v) for v in n.inputs]
-        env.update(zip(n.outputs, OPS[n.op].ref(RefCtx(n), args)))
-    return [value(v) for v in body.outputs]
+    env = run_nodes(body.nodes, dict(zip(body.inputs, xs)), device)
+    return [value_of(v, env, device) for v in body.outputs]
 
 
 register(
