@@ -15,6 +15,7 @@ Every mode turns into a `step(k)` that runs one inference on pre-made input set 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,10 @@ def _kiln(case: Case) -> Prepared:
         return kiln.build(str(case.onnx_path), config)
 
     engine, cold = timed(build, case.device)
+    spent = engine.plan.stats.get("tuning", {}).get("tactic_seconds", {})
+    top = sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:6]
+    print(f"[{case.spec.name} bs{case.batch} {case.precision}] kiln cold build, seconds by tactic [building, timing]: "
+          + ", ".join(f"{k} {a:.1f}+{b:.1f}" for k, (a, b) in top), file=sys.stderr, flush=True)
     del engine
     _free(case.device)
     engine, warm = timed(build, case.device)  # the same build, its tactic timings now in the cache

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.checks import OutputCheck, worst
 from benchmarks.results import ERROR, FAILED, KILN_GOAL, SKIPPED, CaseResult, ModeResult
+from benchmarks.timing import Stats
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_ERROR_CHARS = 160
@@ -328,3 +329,20 @@ def _case_json(c: CaseResult) -> dict[str, Any]:
     d["best_torch_mode"] = best.mode if best else None
     d["kiln_over_best_torch"] = c.ratio("kiln")
     return d
+
+
+def read_json(path: Path) -> tuple[dict[str, Any], list[CaseResult], bool]:
+    """(environment, cases, interrupted) of a file `write_json` wrote: a run made with --no-results can still be
+    rendered as a RESULTS.md section afterwards (`python -m benchmarks.render`)."""
+    doc = json.loads(path.read_text())
+    cases = []
+    for d in doc["cases"]:
+        modes = [ModeResult(m["mode"], m["status"], Stats(**m["stats"]) if m.get("stats") else None,
+                            dict(m.get("setup_s") or {}), [OutputCheck(**k) for k in m.get("checks") or []],
+                            [OutputCheck(**k) for k in m.get("checks_fp32") or []], m.get("peak_mem_mb"),
+                            m.get("error"), m.get("traceback")) for m in d["modes"]]
+        cases.append(CaseResult(d["model"], d["batch"], d["precision"], d["device"], modes,
+                                [OutputCheck(**k) for k in d.get("eager_vs_fp32") or []], d.get("export_s"),
+                                d.get("min_cosine", 0.0)))
+    return doc["environment"], cases, bool(doc.get("interrupted"))
+

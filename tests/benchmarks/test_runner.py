@@ -110,3 +110,18 @@ def test_compare_one_flags_bad_outputs() -> None:
     assert compare_one("y", torch.full_like(x, math.nan), x).cosine == 0.0
     with pytest.raises(ValueError, match="shape"):
         compare_one("y", x[:2], x)
+
+
+def test_the_json_renders_the_same_section(smoke: tuple[Path, Path, int], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.render import main as render
+
+    results, out, _ = smoke
+    written = results.read_text()[len(INTRO):].strip()
+    assert render([str(out)]) == 0
+    rendered = capsys.readouterr().out.strip()
+    squeeze = lambda t: [line.rstrip() for line in t.splitlines() if line.strip()]  # noqa: E731
+    assert squeeze(rendered) == squeeze(written)  # every number, from the JSON alone
+    target = tmp_path / "R.md"
+    assert render([str(out), "--state", "test state", "--results", str(target)]) == 0
+    assert "\nkiln state: test state\n" in target.read_text()

@@ -156,6 +156,9 @@ def _matmul_model() -> onnx.ModelProto:
 def test_time_budget_and_opt_level_bound_the_timing() -> None:
     tuned = kiln.build(_matmul_model(), BuilderConfig(opt_level=3)).plan.stats["tuning"]
     assert tuned["candidates_timed"] >= 2  # MatMul has several CPU tactics besides the reference
+    spent = tuned["tactic_seconds"]  # where the build's time went, per tactic: [building, timing]
+    assert "reference" in spent and len(spent) >= 2 and spent["reference"][1] > 0
+    assert all(a >= 0 and b >= 0 for a, b in spent.values())  # a candidate that fails is never timed
     for cfg in (BuilderConfig(time_budget_s=0.0), BuilderConfig(opt_level=0)):
         stats = kiln.build(_matmul_model(), cfg).plan.stats["tuning"]
         assert stats["candidates_timed"] == 0

@@ -241,9 +241,11 @@ def pass_lines(passes: list[dict[str, Any]]) -> list[str]:
 
 def _tuning(t: dict[str, Any]) -> str:
     secs = f"{t['seconds']:.2f} s: " if "seconds" in t else ""
+    spent = sorted(t.get("tactic_seconds", {}).items(), key=lambda kv: -sum(kv[1]))
+    where = "; ".join(f"{name} {a + b:.1f} s ({a:.1f} building)" for name, (a, b) in spent[:4] if a + b >= 0.05)
     return (f"{secs}{t.get('timed_nodes', 0)} layers timed ({t.get('candidates_timed', 0)} candidates), "
             f"{t.get('cache_hits', 0)} cache hits, {t.get('single', 0)} with one tactic, "
-            f"{len(t.get('rejected', []))} candidates rejected")
+            f"{len(t.get('rejected', []))} candidates rejected" + (f"; time by tactic: {where}" if where else ""))
 
 
 def precision_of(node: Any) -> str:

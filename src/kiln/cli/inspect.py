@@ -141,9 +141,11 @@ def make_report(engine: Engine, path: str) -> dict[str, Any]:
 
 
 def profile(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the engine `args.runs` times (after one warm-up run) and time every step. Step i's time is from the
-    end of step i-1 to the end of step i, so it includes the runtime's own work between kernels (arena placement,
-    freeing); on a GPU the marks are CUDA events on the current stream."""
+    """Time every step of the engine. On the CPU: `args.runs` runs (after a warm-up), step i's time from the end of
+    step i-1 to the end of step i (the runtime's own work between kernels included). On a GPU, where timing steps
+    in sequence would mostly measure Python's launch gaps, each step is timed alone as the tuner times tactics:
+    its kernels captured in a CUDA graph and replayed with L2 flushed, on the real inputs of a full run; the whole
+    engine (one CUDA-graph replay per run) is timed beside it, so the sum of the steps can be checked against it."""
     from kiln.cli.common import check_names, engine_shapes, make_feeds, random_spec, read_inputs
     from kiln.utils.errors import KilnError
 
@@ -154,12 +156,22 @@ def profile(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     check_names(engine.graph, given, shapes)
     feeds, made = make_feeds(engine.graph.inputs, given, engine_shapes(engine, shapes), random_spec(args))
     ctx = engine.create_context()
-    timer = _StepTimer(engine)
     call = ctx.prepare(feeds)
+    out: dict[str, Any] = {
+        "runs": args.runs, "device": str(engine.device), "profile_index": call.profile,
+        "input_shapes": {k: list(getattr(v, "shape", ())) for k, v in feeds.items()}, "random_inputs": made,
+    }
+    if engine.device.type == "cuda":
+        steps, captured, seen = _gpu_steps(ctx, call, args.runs)
+        out.update(whole_ms_median=_whole_run_ms(ctx, feeds, args.runs), steps_ms_median=steps,
+                   total_ms_median=sum(steps), uncaptured=[i for i, c in enumerate(captured) if not c],
+                   output_shapes={str(i): s for i, s in seen.items()},
+                   timing="each step alone: CUDA graph replays, L2 flushed")
+        return out
+    timer = _StepTimer()
     ctx.execute(call.profile, call.env, call.bindings)  # warm-up: builds kernels and the arena
     per_step: list[list[float]] = [[] for _ in engine.plan.graph.nodes]
     totals = []
-    shapes_seen: dict[int, list[Any]] = {}
     for _ in range(args.runs):
         call = ctx.prepare(feeds)
         timer.start()
@@ -168,45 +180,84 @@ def profile(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         for i, t in enumerate(steps):
             per_step[i].append(t)
         totals.append(sum(steps))
-        shapes_seen = timer.shapes
-    return {
-        "runs": args.runs, "device": str(engine.device), "profile_index": call.profile,
-        "input_shapes": {k: list(getattr(v, "shape", ())) for k, v in feeds.items()}, "random_inputs": made,
-        "total_ms_median": statistics.median(totals) * 1e3,
-        "steps_ms_median": [statistics.median(ts) * 1e3 if ts else None for ts in per_step],
-        "output_shapes": {str(i): s for i, s in shapes_seen.items()},
-        "timing": "CUDA events" if engine.device.type == "cuda" else "host clock",
-    }
+    out.update(total_ms_median=statistics.median(totals) * 1e3,
+               steps_ms_median=[statistics.median(ts) * 1e3 if ts else None for ts in per_step],
+               output_shapes={str(i): s for i, s in timer.shapes.items()}, timing="host clock")
+    return out
+
+
+def _gpu_steps(ctx: Any, call: Any, runs: int) -> tuple[list[float], list[bool], dict[int, list[Any]]]:
+    """(ms per step, whether each step could be captured, output shapes per step): one full run keeps every
+    intermediate, then each step's kernel is timed alone on them (`tune.timer.timed`)."""
+    from kiln.ir.interpreter import tf32_mode
+    from kiln.runtime.engine import to_layout
+    from kiln.tune.timer import timed
+
+    plan = ctx.engine.plan
+    graph = plan.graph
+    seen: dict[Any, Any] = {}
+    shapes: dict[int, list[Any]] = {}
+
+    def keep(i: int, node: Node, outputs: list[Any]) -> None:
+        seen.update(zip(node.outputs, outputs))
+        shapes[i] = [list(o.shape) if hasattr(o, "shape") else None for o in outputs]
+
+    env = dict(call.env)
+    ctx.execute(call.profile, env, call.bindings, hook=keep)  # warm-up too: builds every kernel
+    seen.update((v, env[v]) for v in graph.inputs if v in env)  # as the run placed them (layout)
+    layouts = graph.layouts
+    times, captured = [], []
+    with tf32_mode(ctx.engine.tf32, ctx.device):
+        for node, kernel in zip(graph.nodes, ctx.kernels(call.profile)):
+            args = [None if v is None else (v.data if v.data is not None else seen[v]) for v in node.inputs]
+            convert = [v.name in layouts for v in node.outputs]
+
+            def step(kernel: Any = kernel, args: list[Any] = args, convert: list[bool] = convert) -> None:
+                for c, r in zip(convert, kernel(list(args))):
+                    if c:
+                        to_layout(r)
+
+            t, ok = timed(step, ctx.device, warmup=1, runs=max(runs, 5), max_seconds=0.2)
+            times.append(t * 1e3)
+            captured.append(ok)
+    return times, captured, shapes
+
+
+def _whole_run_ms(ctx: Any, feeds: Any, runs: int) -> float:
+    """The median time of whole runs as users make them (one CUDA-graph replay each), inputs already on the
+    device, with CUDA events."""
+    import torch
+
+    dev = {k: torch.as_tensor(v).to(ctx.device) if not isinstance(v, torch.Tensor) else v.to(ctx.device)
+           for k, v in feeds.items()}
+    for _ in range(3):
+        ctx.run(dev)
+    times = []
+    for _ in range(max(runs, 5)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        ctx.run(dev)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 class _StepTimer:
-    """Marks the end of every step: host clock on the CPU, CUDA events on a GPU (read after the run)."""
+    """Marks the end of every step on the host clock (CPU engines)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.cuda = engine.device.type == "cuda"
+    def __init__(self) -> None:
         self.marks: list[Any] = []
         self.shapes: dict[int, list[Any]] = {}
 
-    def _mark(self) -> Any:
-        if self.cuda:
-            import torch
-
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
     def start(self) -> None:
-        self.marks = [self._mark()]
+        self.marks = [time.perf_counter()]
 
     def hook(self, i: int, node: Node, outputs: list[Any]) -> None:
-        self.marks.append(self._mark())
+        self.marks.append(time.perf_counter())
         self.shapes[i] = [list(o.shape) if hasattr(o, "shape") else None for o in outputs]
 
     def finish(self) -> list[float]:
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
@@ -251,8 +302,16 @@ def print_report(r: dict[str, Any]) -> None:
     if "profile" in r:
         p = r["profile"]
         shapes = ", ".join(f"{k}:{'x'.join(map(str, s))}" for k, s in p["input_shapes"].items())
-        print(f"profiled    {p['runs']} runs on {p['device']} at {shapes} ({p['timing']}): median total "
-              f"{p['total_ms_median']:.4f} ms")
+        if "whole_ms_median" in p:
+            print(f"profiled    on {p['device']} at {shapes} ({p['timing']}): sum of steps "
+                  f"{p['total_ms_median']:.4f} ms; whole engine {p['whole_ms_median']:.4f} ms per run (median of "
+                  f"{max(p['runs'], 5)})")
+            if p["uncaptured"]:
+                print(f"            steps {p['uncaptured']} could not be captured: timed by direct launches "
+                      "(their time includes launch gaps)")
+        else:
+            print(f"profiled    {p['runs']} runs on {p['device']} at {shapes} ({p['timing']}): median total "
+                  f"{p['total_ms_median']:.4f} ms")
     print()
     _print_table(layers, "profile" in r)
 

@@ -58,13 +58,13 @@ class Maker:
 
     def conv(self, dt: DType, x: tuple[int, int, int, int], n: int, kernel: tuple[int, int], *, cl: bool = False,
              stride: tuple[int, int] = (1, 1), pad: tuple[int, int] = (0, 0), dil: tuple[int, int] = (1, 1),
-             bias: bool = True) -> Value:
-        """A Conv of input x [B, C, H, W] to n channels; the weight keeps unit-scale outputs."""
-        c = x[1]
+             bias: bool = True, group: int = 1) -> Value:
+        """A Conv of input x [B, C, H, W] to n channels in `group` groups; the weight keeps unit-scale outputs."""
+        c = x[1] // group
         ins = [self.input("x", x, dt, cl), self.const("w", (n, c, *kernel), dt, (c * kernel[0] * kernel[1]) ** -0.5)]
         if bias:
             ins.append(self.const("b", (n,), dt))
-        attrs = {"strides": stride, "pads": (*pad, *pad), "dilations": dil}
+        attrs = {"strides": stride, "pads": (*pad, *pad), "dilations": dil, "group": group}
         return self.g.add("Conv", ins, attrs, name="conv")[0]
 
     def residual(self, y: Value, dt: DType, cl: bool) -> Value:
@@ -191,11 +191,12 @@ def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
     return run(CASES[name](), device)
 
 
-def run(case: Case, device: str = "cpu", tol: float | None = None) -> dict[str, str | None]:
+def run(case: Case, device: str = "cpu", tol: float | None = None, tactic_name: str = "triton.conv") -> \
+        dict[str, str | None]:
     """{tile: what differs, or None} for every tile of the case, built for CUDA and run on `device` tensors."""
-    tactic = registry.get("triton.conv")
+    tactic = registry.get(tactic_name)
     if not tactic.applicable(case.node, CUDA):
-        return {"applicable": "triton.conv refused the node"}
+        return {"applicable": f"{tactic_name} refused the node"}
     args = inputs(case.node, case.feeds, device)
     want = OPS[case.node.op].ref(RefCtx(case.node), list(args))[0]
     x = case.feeds["x"]

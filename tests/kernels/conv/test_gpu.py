@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kiln.ir import DType, Graph, TensorType
 from kiln.kernels import registry
 from tests.kernels.conv import cases as c
+from tests.kernels.conv import depthwise_cases as d
 from tests.kernels.conv.cases import ALL, CASES, CUDA, F16, F32, Case, bare, conv_add_relu, conv_relu, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.gpu,
 BF16 = DType.BFLOAT16
 
 ShapeMaker = Callable[[DType, int], Case]
-"""(dtype, batch) -> a channels-last case at a ResNet-50 shape, every tile."""
+"""(dtype, batch) -> a channels-last case at one layer shape of a model, every tile."""
 
 RESNET50: dict[str, ShapeMaker] = {
     "stem-7x7-s2": lambda dt, b: conv_relu(dt, (b, 3, 224, 224), 64, (7, 7), ALL, cl=True, stride=(2, 2),
@@ -107,3 +108,47 @@ def test_capture_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+# --- triton.depthwise -------------------------------------------------------------------------------------------
+
+MOBILENET_V3: dict[str, ShapeMaker] = {  # its depthwise layers, channels-last, with their activations
+    "dw3x3-c16-relu": lambda dt, b: d.dw(dt, (b, 16, 112, 112), (3, 3), d.ALL, cl=True, pad=(1, 1)),
+    "dw3x3-s2-c64-relu": lambda dt, b: d.dw(dt, (b, 64, 112, 112), (3, 3), d.ALL, cl=True, stride=(2, 2),
+                                            pad=(1, 1)),
+    "dw5x5-s2-c72-relu": lambda dt, b: d.dw(dt, (b, 72, 56, 56), (5, 5), d.ALL, cl=True, stride=(2, 2), pad=(2, 2)),
+    "dw3x3-c200-hardswish": lambda dt, b: d.dw(dt, (b, 200, 14, 14), (3, 3), d.ALL, act="HardSwish", cl=True,
+                                               pad=(1, 1)),
+    "dw5x5-c960-hardswish": lambda dt, b: d.dw(dt, (b, 960, 7, 7), (5, 5), d.ALL, act="HardSwish", cl=True,
+                                               pad=(2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(d.CASES))
+def test_depthwise_case_on_cuda(name: str) -> None:
+    problems = d.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("batch", [128, 1])
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+@pytest.mark.parametrize("name", list(MOBILENET_V3))
+def test_depthwise_mobilenet_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
+    problems = run(MOBILENET_V3[name](dt, batch), "cuda", tactic_name="triton.depthwise")
+    assert all(p is None for p in problems.values()), problems
+
+
+# --- cuda.patch_conv ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+@pytest.mark.parametrize("batch", [128, 1])
+def test_patch_conv_vit_b16_shape(dt: DType, batch: int, exact_reference: None) -> None:
+    """ViT-B/16's patch embedding (16x16, stride 16, 3 -> 768), with a HardSwish epilogue run in place."""
+    case = c.conv_hardswish(dt, (batch, 3, 224, 224), 768, (16, 16), (), stride=(16, 16))
+    t = registry.get("cuda.patch_conv")
+    assert t.applicable(case.node, CUDA)
+    args = inputs(case.node, case.feeds, "cuda")
+    want = c.OPS[case.node.op].ref(c.RefCtx(case.node), list(args))[0]
+    got = t.build(case.node, {}, CUDA)(list(args))[0]
+    assert c.compare(got, want, c.tolerance(case.node), False) is None

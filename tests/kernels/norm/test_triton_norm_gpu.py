@@ -60,10 +60,10 @@ def test_every_config_compiles_and_matches(dtype: torch.dtype) -> None:
     x[7, 2999] = float("inf")
     for op in ("Softmax", "LogSoftmax"):
         for n in (20000, 3000, 100):
-            # streamed rows (20000 > max_row) sum exp() unrounded: now and then a whole row's total rounds the
-            # other way than the reference's (one unit in the last place, within the tuner's tolerance)
-            _check("triton.softmax", op, [x[:, :n].contiguous()], {}, registry.get("triton.softmax").configs(),
-                   0.9 if n == 20000 else 0.98)
+            # a row's total is rounded to the type as the reference rounds it, but summed in another order (and,
+            # streamed, unrounded between chunks) with the GPU's exp(): now and then a whole row's total rounds the
+            # other way, one unit in the last place (within the tuner's tolerance); one row of 37 is 2.7 %
+            _check("triton.softmax", op, [x[:, :n].contiguous()], {}, registry.get("triton.softmax").configs(), 0.9)
     for n in (20000, 1000):
         ln = [_rand(37, n, dtype=dtype), C(_rand(n, dtype=dtype)), C(_rand(n, dtype=dtype))]
         _check("triton.layernorm", "LayerNormalization", ln, {}, registry.get("triton.layernorm").configs())

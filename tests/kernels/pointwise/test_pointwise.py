@@ -257,3 +257,42 @@ def test_package_imports_without_triton() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_layout_walks_a_channels_last_domain_in_memory_order() -> None:
+    n, c, h, w = 8, 64, 56, 56
+    nhwc = (h * w * c, 1, w * c, c)
+    launch = lay.plan((n, c, h, w), [((n, c, h, w), nhwc), _contig(1, c, 1, 1), ((n, c, h, w), nhwc)], 1024)
+    x, scale, out = launch.layout.accesses
+    assert x.kind == out.kind == "flat"  # coalesced, no index arithmetic (it was a stride-C gather)
+    assert launch.layout.rank == 2 and scale == lay.Access("strided", (lay.Term(1, 1, True, "div"),))
+    assert launch.args == (c,)  # the channel is index % C
+
+
+def test_new_outputs_follow_a_channels_last_input() -> None:
+    from kiln.kernels.pointwise.codegen import _output_order, _strides
+
+    x = torch.empty(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    order = _output_order([x], (2, 8, 5, 6))
+    assert _strides((2, 8, 5, 6), order) == x.stride()
+    assert _output_order([torch.empty(2, 8, 5, 6)], (2, 8, 5, 6)) == [0, 1, 2, 3]
+    assert _output_order([x[:, :, :, ::2]], (2, 8, 5, 3)) == [0, 1, 2, 3]  # not dense: row-major
+
+
+def test_tactic_takes_a_lone_elementwise_node() -> None:
+    from kiln.kernels.pointwise import body_of
+
+    t = TACTICS["triton.pointwise"]
+    g, (x, s) = graph((F16, (8, 64, 56, 56)), (F16, (1, 64, 1, 1)))
+    g.outputs = list(g.add("Mul", [x, s], name="se_scale"))
+    node = g.nodes[0]
+    assert t.applicable(node, torch.device("cuda")) and not t.applicable(node, torch.device("cpu"))
+    body = body_of(node)
+    assert body is not None and [n.op for n in body.nodes] == ["Mul"] and len(body.inputs) == 2
+    assert body.outputs[0].type == node.outputs[0].type
+    g2, (y,) = graph((F32, (4, 5)))
+    clip = g2.add("Clip", [y, None, None], name="clip")[0]
+    grow = g2.add("Expand", [y, g2.add_initializer("shape", torch.tensor([3, 4, 5]))], name="grow")[0]
+    g2.outputs = [clip, grow]
+    for n in g2.nodes:
+        assert not t.applicable(n, torch.device("cuda")), n.op  # an omitted input; a shape-dependent Expand

@@ -307,7 +307,7 @@ class TritonGemm(Tactic):
     """MatMul/Gemm by a constant 2-D weight, with its epilogue, as one Triton kernel (see the module docstring)."""
 
     name = "triton.gemm"
-    min_opt_level = 4  # opt-in until measured on a GPU (it has only run under Triton's interpreter)
+    min_opt_level = 4  # GPU-verified (H100); opt-in for build time: ties cuBLAS at bs128, ~1 us a GEMM faster at bs1
     ops = frozenset({"MatMul", "Gemm", "Fused"})
     devices = frozenset({"cuda"})
     space = {"tile": tuple(TILES)}

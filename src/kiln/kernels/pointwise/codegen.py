@@ -346,8 +346,9 @@ class PointwiseKernel:
     """A graph of elementwise ops as one Triton kernel (see the module docstring).
 
     `__call__(inputs, out=None)`: `inputs` are the graph's input tensors, in order, on one device (inputs only
-    used as Expand shapes may be anything); they are not modified. Outputs are new contiguous tensors of the
-    domain's shape, or the given `out` tensors (one per graph output, the domain's shape and the output's dtype,
+    used as Expand shapes may be anything); they are not modified. Outputs are new tensors of the domain's
+    shape, in the memory order of the first full-shaped input (row-major unless that input is channels-last or
+    otherwise permuted), or the given `out` tensors (one per graph output, the domain's shape and the output's dtype,
     any strides without overlap), which may alias an input of the same shape, dtype and strides. Safe to call
     from several threads: its caches hold only derived data, so a race at worst computes an entry twice.
     """
@@ -383,7 +384,8 @@ class PointwiseKernel:
         domain, launch, fn = found
         if out is None:
             device = reads[0].device if reads else _device(inputs)
-            outs = [torch.empty(domain, dtype=d.torch, device=device) for d in self.out_dtypes]
+            order = _output_order(reads, domain)
+            outs = [_empty(domain, order, d.torch, device) for d in self.out_dtypes]
         else:
             outs = list(out)
         if fn is not None:
@@ -417,7 +419,7 @@ class PointwiseKernel:
                 raise InputError(f"pointwise kernel: an input has dtype {t.dtype}, the graph declares {op.dtype}")
         domain = self._domain(reads)
         if out is None:
-            outs = [(domain, tuple(lay.contiguous(domain))) for _ in self.out_dtypes]
+            outs = [(domain, _strides(domain, _output_order(reads, domain))) for _ in self.out_dtypes]
         else:
             self._check_out(out, domain)
             outs = [(tuple(t.shape), tuple(t.stride())) for t in out]
@@ -443,6 +445,41 @@ class PointwiseKernel:
                 raise InputError(f"pointwise kernel: out tensor {t.dtype}{list(t.shape)}, expected {dt}{list(domain)}")
             if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
                 raise InputError("pointwise kernel: an out tensor overlaps itself (a zero stride)")
+
+
+def _output_order(reads: Sequence[torch.Tensor], domain: tuple[int, ...]) -> list[int]:
+    """The memory order new outputs get: that of the first input of the domain's full shape, when it is dense and
+    not plain row-major (a channels-last activation gives channels-last results, so no conversion follows);
+    row-major otherwise."""
+    for t in reads:
+        if tuple(t.shape) == domain and t.dim() > 1 and not t.is_contiguous() and _dense(t):
+            return lay.memory_order(domain, t.stride())
+    return list(range(len(domain)))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and without gaps, in some order of its dims."""
+    order = lay.memory_order(t.shape, t.stride())
+    expect = 1
+    for d in reversed(order):
+        if t.shape[d] != 1 and t.stride(d) != expect:
+            return False
+        expect *= t.shape[d]
+    return True
+
+
+def _strides(domain: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    inner = lay.contiguous([domain[d] for d in order])
+    out = [0] * len(domain)
+    for pos, d in enumerate(order):
+        out[d] = inner[pos]
+    return tuple(out)
+
+
+def _empty(domain: tuple[int, ...], order: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if order == sorted(order):
+        return torch.empty(domain, dtype=dtype, device=device)
+    return torch.empty_strided(domain, _strides(domain, order), dtype=dtype, device=device)
 
 
 _MAX_PLANS = 1024

@@ -155,10 +155,24 @@ def _value(key: Key, sizes: Sequence[int], strides: Sequence[Sequence[int]], lay
     return strides[a][layout.accesses[a].terms[b].last]
 
 
+def memory_order(sizes: Sequence[int], strides: Sequence[int]) -> list[int]:
+    """The dims from outermost to innermost in memory (largest stride first; ties keep their order): [0, 2, 3, 1]
+    for a channels-last [N, C, H, W] tensor."""
+    return sorted(range(len(sizes)), key=lambda d: -strides[d])
+
+
 def plan(domain: Sequence[int], operands: Sequence[tuple[Sequence[int], Sequence[int]]], block: int) -> Launch:
-    """The launch for a domain and the (shape, strides) of every operand, in kernel argument order."""
+    """The launch for a domain and the (shape, strides) of every operand, in kernel argument order (outputs last).
+
+    The domain's dims are first put in the memory order of the last operand (an output): an elementwise kernel
+    may visit elements in any order, and walking them in memory order makes a channels-last tensor (and any
+    permuted one) "flat" - coalesced, no index arithmetic - instead of a gather with a stride of C."""
     rank = len(domain)
     full = [domain_strides(shape, st, rank) for shape, st in operands]
+    if full and all(st != 0 or n == 1 for n, st in zip(domain, full[-1])):
+        order = memory_order(domain, full[-1])
+        domain = [domain[d] for d in order]
+        full = [[st[d] for d in order] for st in full]
     sizes, strides = collapse(domain, full)
     numel = math.prod(sizes)
     reach = max((sum((n - 1) * s for n, s in zip(sizes, st)) for st in strides), default=0)

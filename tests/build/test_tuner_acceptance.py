@@ -1,0 +1,47 @@
+"""The tuner's acceptance test for candidates: within tolerance of the reference, or - for half-precision results -
+at least about as accurate as the reference itself against the reference computed in float32."""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.ir.ops import get_op
+from kiln.ir.ops.base import RefCtx
+from kiln.tune.tuner import _as_accurate, _close, _Widened
+
+
+def _decode_attention(dt: torch.dtype) -> tuple[object, list[torch.Tensor]]:
+    """One query against a thousand keys, the case where a reference that rounds every step drifts most."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(s, generator=gen).to(dt) for s in ((2, 8, 1, 64), (2, 8, 1000, 64), (2, 8, 1000, 64))]
+    g = Graph()
+    vals = [g.add_input(f"in{i}", TensorType(DType.from_torch(dt), tuple(x.shape))) for i, x in enumerate(xs)]
+    g.outputs.extend(g.add("Attention", list(vals), {}, name="attn", outputs=1))
+    return g.nodes[0], xs
+
+
+def test_a_more_accurate_half_result_is_accepted_where_the_tolerance_alone_rejects_it() -> None:
+    node, xs = _decode_attention(torch.bfloat16)
+    want = get_op("Attention").ref(RefCtx(node), list(xs))[0]
+    widened = _Widened()
+    wide = widened.get(node, xs, 0)
+    assert wide.dtype == torch.float32 and widened.get(node, xs, 9) is None
+    best = wide.to(torch.bfloat16)  # the float32 result rounded once: the best a bfloat16 kernel can give
+    exact = torch.nn.functional.scaled_dot_product_attention(*[x.double() for x in xs])
+    assert (best.double() - exact).abs().max() < (want.double() - exact).abs().max()
+    assert not _close(best, want)  # the reference's own rounding puts it beyond the tolerance
+    assert _as_accurate(best, want, wide)
+
+
+def test_a_less_accurate_or_non_finite_result_stays_rejected() -> None:
+    node, xs = _decode_attention(torch.bfloat16)
+    want = get_op("Attention").ref(RefCtx(node), list(xs))[0]
+    wide = _Widened().get(node, xs, 0)
+    gen = torch.Generator().manual_seed(1)
+    worse = (wide + 0.05 * torch.randn(wide.shape, generator=gen)).to(torch.bfloat16)
+    assert not _as_accurate(worse, want, wide)
+    holed = wide.to(torch.bfloat16)
+    holed[0, 0, 0, 0] = float("nan")
+    assert not _as_accurate(holed, want, wide)
+    assert not _as_accurate(wide, want.float(), wide)  # float32 results: the tolerance alone decides
