@@ -33,7 +33,9 @@ def engine(work: Path) -> Path:
         assert stage in text, text
     assert "4 imported -> 3 after optimization" in text  # the Relu became conv1's epilogue
     assert "epilogue_fusion: 1 epilogues" in text
-    assert "precision   float32 x3" in text
+    assert "precision   layers: float32 x3" in text
+    # conv1 at the opt shape: 2 * (2*4*8*8 outputs) * (3*3*3 taps); fc: 2 * (2*10) * 256
+    assert "FLOPs of the matrix products: float32 100.0 % (37.89 kFLOP at profile 0's opt shapes)" in text
     assert "x 1x3x8x8..4x3x8x8 (opt 2x3x8x8)" in text and "profile 1   x 8x3x8x8" in text
     assert "activation arena" in text and "engine      " in text
     return out

@@ -74,3 +74,40 @@ def test_bad_pins_are_clear_errors(pins: dict[str, str], match: str) -> None:
     g = _overflowing()
     with pytest.raises(PrecisionError, match=match):
         decide(g, DType.FLOAT16, {}, pins)
+
+
+def _overflows_on_large_inputs() -> Graph:
+    """x -> fc (x 400) -> LayerNorm -> y: in range for unit-scale inputs (|x| of a few units), beyond FP16's range
+    for the real data's inputs of magnitude ~1000 (sensor counts, say)."""
+    g = Graph()
+    gen = torch.Generator().manual_seed(3)
+    x = g.add_input("x", TensorType(F32, ("batch", 16)))
+    (h,) = g.add("MatMul", [x, g.add_initializer("w", torch.randn(16, 32, generator=gen) * 25)], name="fc")
+    (y,) = g.add("LayerNormalization", [h, g.add_initializer("s", torch.ones(32))], name="norm", outputs=["y"])
+    g.outputs.append(y)
+    return g
+
+
+def test_fp16_ranges_come_from_the_calibration_data_when_given(tmp_path) -> None:
+    from kiln.build.builder import range_feeds
+    from kiln.runtime.plan import Profile, ShapeRange
+
+    profiles = [Profile({"x": ShapeRange((1, 16), (4, 16), (8, 16))})]
+    g = _overflows_on_large_inputs()
+    feeds, seen_on = range_feeds(g, None, profiles, CPU)
+    assert seen_on == "random inputs at 1 profile opt shape" and len(feeds) == 1
+    assert decide(g, DType.FLOAT16, observe_peaks(g, feeds, CPU), {}).kept == {}  # random inputs miss it
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(tmp_path / f"s{i}.npy", (rng.standard_normal((2, 16)) * 1000).astype(np.float32))
+    feeds, seen_on = range_feeds(g, str(tmp_path), profiles, CPU)
+    assert seen_on == "3 calibration samples" and len(feeds) == 3
+    kept = decide(g, DType.FLOAT16, observe_peaks(g, feeds, CPU), {}).kept
+    assert "fc" in kept and "beyond FP16's range" in kept["fc"]
+
+
+def test_calibration_data_for_an_fp32_build_is_an_error(tmp_path) -> None:
+    from kiln.build.config import BuilderConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="fp32 build"):
+        BuilderConfig(calibration=str(tmp_path))

@@ -23,8 +23,9 @@ from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
 from kiln.precision.accuracy import Target, gate
 from kiln.precision.calibration import CalibrationCache, activation_scales, collect, load_calibration_data
+from kiln.precision.flops import flop_mix
 from kiln.precision.lower import lower_precision
-from kiln.precision.quantize import model_fingerprint, quantizable_inputs, quantize_graph
+from kiln.precision.quantize import fold_quantized, model_fingerprint, quantizable_inputs, quantize_graph
 from kiln.precision.ranges import decide, observe_peaks
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
@@ -127,20 +128,44 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     elif config.precision == "int8":
         say("calibrate", 0, 1)
         graph, lowered = _quantize(graph, config)
+    if any(n.op == "DequantizeLinear" for n in graph.nodes):  # int8 builds, and models quantized before import
+        folded = len(fold_quantized(graph))
+        if folded or lowered is not None:
+            lowered = {**(lowered or {}), "int8_gemm_layers": folded}
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 
+RANGE_SAMPLES = 64
+"""At most this many calibration samples are run to find the values that leave FP16's range."""
+
+
+def range_feeds(graph: Graph, calibration: Any, profiles: list[Profile], device: torch.device) -> \
+        tuple[list[Any], str]:
+    """The inputs an FP16 build runs to find values beyond FP16's range, and what they are: the calibration data
+    when given (up to RANGE_SAMPLES samples), else one random sample at each profile's opt shapes."""
+    if calibration is not None:
+        feeds: list[Any] = load_calibration_data(calibration, graph, limit=RANGE_SAMPLES)
+        return feeds, f"{len(feeds)} calibration sample{'s' if len(feeds) != 1 else ''}"
+    feeds = [sample_inputs(graph, p, device) for p in profiles]
+    return feeds, f"random inputs at {len(feeds)} profile opt shape{'s' if len(feeds) != 1 else ''}"
+
+
 def _lower(graph: Graph, config: BuilderConfig, profiles: list[Profile]) -> dict[str, Any]:
-    """FP16/BF16 everywhere it is safe: values seen on sample inputs of every profile's opt shapes decide which
-    layers stay FP32 (with the user's pins)."""
+    """FP16/BF16 everywhere it is safe: the values seen on the calibration data (when given, else on random
+    inputs of every profile's opt shapes) decide which layers stay FP32 (with the user's pins)."""
     to = LOW_PRECISION[config.precision]
     device = config.torch_device
     peaks = {}
+    seen_on = None
     if to is DType.FLOAT16:
+        feeds, seen_on = range_feeds(graph, config.calibration, profiles, device)
         with tf32_mode(False, device):
-            peaks = observe_peaks(graph, [sample_inputs(graph, p, device) for p in profiles], device)
+            peaks = observe_peaks(graph, feeds, device)
     decision = decide(graph, to, peaks, dict(config.layer_precision))
-    return lower_precision(graph, to, decision.kept).to_json()
+    report = lower_precision(graph, to, decision.kept).to_json()
+    if seen_on is not None:
+        report["ranges_seen_on"] = seen_on
+    return report
 
 
 def _quantize(graph: Graph, config: BuilderConfig) -> tuple[Graph, dict[str, Any]]:
@@ -231,6 +256,7 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     }
     if lowered is not None:
         stats["precision"] = lowered
+    stats["flops"] = flop_mix(graph, {k: tuple(r.opt) for k, r in profiles[0].shapes.items()} if profiles else {})
     meta: dict[str, Any] = {
         "versions": versions(),
         "device": describe(device).to_json(),

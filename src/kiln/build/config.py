@@ -66,7 +66,8 @@ class BuilderConfig:
     calibration / calibrator / calibration_cache: for precision="int8" (Q/DQ on every Conv/Gemm/MatMul input;
         until kiln has int8 kernels the engine computes the int8 results in float: accurate, not faster).
     layer_precision: {layer-name glob: "fp32"} layers kept in FP32 in an fp16/bf16 build. The build also keeps
-        in FP32 every layer whose values leave FP16's range on sample inputs, and reports each with its reason.
+        in FP32 every layer whose values leave FP16's range on the calibration data (when given with fp16, up to
+        64 samples; else on random inputs at the profiles' opt shapes), and reports each with its reason.
     """
 
     precision: str = "fp32"
@@ -81,7 +82,8 @@ class BuilderConfig:
     layer_precision: Mapping[str, str] = field(default_factory=dict)
     """Layer-name glob -> "fp32": layers an fp16/bf16 build keeps in FP32 (besides those it finds overflowing)."""
     calibration: Any = None
-    """INT8: calibration samples - a directory of .npy/.npz files, or an iterable of {input: array} dicts."""
+    """INT8 (scales) or FP16 (ranges that decide FP32 layers): samples - a directory of .npy/.npz files, or an
+    iterable of {input: array} dicts."""
     calibrator: str = "entropy"
     calibration_cache: str | os.PathLike[str] | None = None
     """INT8: a JSON file of tensor scales, written by the first build and reused by later ones."""
@@ -118,6 +120,10 @@ class BuilderConfig:
             # Never build something else when a precision was asked for (TensorRT 11's silent fallback hurts).
             raise ConfigError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(dev)} has no BF16 "
                               f"support", hint="build with precision='fp16' (or 'fp32') on this GPU")
+        if self.calibration is not None and self.precision == "fp32":
+            raise ConfigError("calibration data was given for an fp32 build, which has no ranges to choose",
+                              hint="add --int8 (calibrated int8), or --fp16 (the data decides which layers stay "
+                                   "fp32)")
         if (self.accuracy_check is not None or self.accuracy_target) and self.precision != "int8":
             raise ConfigError("an accuracy check applies to int8 builds", hint="add --int8, or drop the check")
         if self.accuracy_target and self.accuracy_check is None:

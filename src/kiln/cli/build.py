@@ -40,11 +40,12 @@ def add_parser(sub: Any) -> None:
     prec.add_argument("--fp16", action="store_true", help="compute in float16 where it is safe (GPU)")
     prec.add_argument("--bf16", action="store_true", help="compute in bfloat16 where it is safe (GPU)")
     prec.add_argument("--int8", action="store_true",
-                      help="int8 Conv/Gemm/MatMul inputs, calibrated on --calib data (no int8 kernels yet: the "
-                           "engine computes the int8 results in float - int8 accuracy, not int8 speed)")
+                      help="int8 Conv/Gemm/MatMul inputs, calibrated on --calib data (Gemm/MatMul layers on int8 "
+                           "GEMMs where faster; convolutions compute their int8 results in float for now)")
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
     p.add_argument("--calib", default=None, metavar="DIR",
-                   help="int8 calibration samples: a folder of .npy (one input) or .npz (by input name) files")
+                   help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
+                        "scales, or with --fp16 the value ranges that decide which layers stay fp32")
     p.add_argument("--calibrator", default="entropy", choices=("entropy", "percentile", "mse", "minmax"),
                    help="how activation ranges are chosen (default entropy)")
     p.add_argument("--calib-cache", default=None, metavar="FILE",
@@ -190,14 +191,28 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
     for line in pass_lines(stats.get("passes", [])):
         print(f"    {line}")
     precisions = [precision_of(n) for n in plan.graph.nodes]
-    print(f"  precision   {mix(precisions)}")
+    print(f"  precision   layers: {mix(precisions)}")
+    flops = stats.get("flops", {})
+    by = flops.get("by_precision", {})
+    total = sum(by.values())
+    if total:
+        shares = ", ".join(f"{k} {100 * v / total:.1f} %" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+        unknown = f"; {flops['unknown']} of unknown shape" if flops.get("unknown") else ""
+        print(f"              FLOPs of the matrix products: {shares} ({human_flops(total)} at profile 0's opt "
+              f"shapes{unknown})")
     lowered = stats.get("precision", {})
+    if lowered.get("ranges_seen_on"):
+        print(f"    value ranges checked against float16's on {lowered['ranges_seen_on']}")
     for name, why in lowered.get("kept_fp32", {}).items():
         print(f"    kept in float32: {name} ({why})")
+    on_int8 = sum(c.tactic == "cuda.int8_gemm" for c in plan.choices[0]) if plan.choices else 0
+    if lowered.get("int8_gemm_layers") and lowered.get("precision") != "int8":
+        print(f"    int8: {lowered['int8_gemm_layers']} Gemm/MatMul layers quantized in the model (Q/DQ), {on_int8} "
+              f"of them on int8 GEMMs")
     if lowered.get("precision") == "int8":
         print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
-              f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); no int8 kernels yet: "
-              f"they compute the int8 results in float")
+              f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); {on_int8} run on "
+              f"int8 GEMMs, the others compute their int8 results in float (int8 convolution kernels: not yet)")
         for name, why in lowered.get("float_layers", {}).items():
             print(f"    left in float: {name} ({why})")
         acc = lowered.get("accuracy")
@@ -259,6 +274,13 @@ def precision_of(node: Any) -> str:
 def mix(items: Any) -> str:
     counts = Counter(items)
     return ", ".join(f"{k} x{n}" for k, n in counts.most_common()) or "none"
+
+
+def human_flops(n: int) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} FLOP"
 
 
 def human_bytes(n: int) -> str:

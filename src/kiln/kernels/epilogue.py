@@ -85,9 +85,6 @@ def tail(a: Anchored, start: int) -> Callable[[torch.Tensor, list[Any]], torch.T
     steps = a.steps[start:]
     if not steps:
         return lambda acc, xs: acc
-    kernel = _generated(a, start)
-    if kernel is not None:
-        return kernel
     acc_value = a.anchor.outputs[0] if start == 0 else a.steps[start - 1].outputs[0]
     body = a.body
     assert body is not None
@@ -98,7 +95,11 @@ def tail(a: Anchored, start: int) -> Callable[[torch.Tensor, list[Any]], torch.T
         env[acc_value] = acc
         return value_of(out, run_nodes(steps, env, acc.device), acc.device)
 
-    return run
+    kernel = _generated(a, start)
+    if kernel is None:
+        return run
+    generated = kernel
+    return lambda acc, xs: generated(acc, xs) if acc.is_cuda else run(acc, xs)  # Triton kernels run on GPUs
 
 
 @dataclass

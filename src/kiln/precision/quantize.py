@@ -142,3 +142,94 @@ def _int8_weight(graph: Graph, w: Value, axis: int) -> Value:
     zv = _const(graph, f"{w.name}.zero_point", torch.zeros(scale.shape, dtype=torch.int8))
     (dq,) = graph.add("DequantizeLinear", [qv, sv, zv], {"axis": axis}, name=graph.fresh_name(f"{w.name}/dequantize"))
     return dq
+
+
+# --- folding Q/DQ into int8 layers ------------------------------------------------------------------------------
+
+FOLDED = frozenset({"Gemm", "MatMul"})
+"""Anchors whose DQ-fed inputs are folded into one "quantized" node (convolutions: not yet)."""
+
+
+def fold_quantized(graph: Graph) -> list[str]:
+    """Every Gemm/MatMul layer (bare or anchoring an epilogue) whose activation is DequantizeLinear(an int8
+    tensor) and whose weight is DequantizeLinear(a constant int8 tensor) becomes one Fused node of kind
+    "quantized": its inputs are the int8 activation, the int8 weight and their scales and zero points (then the
+    layer's other inputs), its body the two DequantizeLinear nodes followed by the layer's own nodes. The reference
+    runs the body, so results do not change; an int8 GEMM tactic reads the node as int8 x int8 -> int32 plus a
+    dequantizing epilogue. The DequantizeLinear nodes stay in the graph while other layers read them. Returns the
+    folded layers' names."""
+    producers = {o: n for n in graph.nodes for o in n.outputs}
+    folded: list[str] = []
+    for n in list(graph.nodes):
+        found = _anchor(n)
+        if found is None or found[0].op not in FOLDED:
+            continue
+        _, xi, wi = found
+        dx, dw = producers.get(n.inputs[xi]), producers.get(n.inputs[wi])  # type: ignore[arg-type]
+        if not (_int8_dq(dx, constant=False) and _int8_dq(dw, constant=True)):
+            continue
+        assert dx is not None and dw is not None
+        node = _quantized_node(graph, n, xi, wi, dx, dw)
+        at = graph.nodes.index(n)
+        graph.remove_nodes([n])
+        graph.insert_node(node, at)
+        folded.append(node.name)
+    if folded:
+        used = {v for m in graph.nodes for v in m.inputs if v is not None} | set(graph.outputs)
+        graph.remove_nodes([m for m in graph.nodes if m.op == "DequantizeLinear" and m.outputs[0] not in used])
+    return folded
+
+
+def _int8_dq(n: Node | None, constant: bool) -> bool:
+    """A DequantizeLinear of an int8 tensor (a constant one when `constant`) with int8 zero points."""
+    if n is None or n.op != "DequantizeLinear" or len(n.inputs) < 2 or n.inputs[0] is None:
+        return False
+    q = n.inputs[0]
+    if not isinstance(q.type, TensorType) or q.type.dtype is not DType.INT8:
+        return False
+    if constant != isinstance(q.data, torch.Tensor):
+        return False
+    zp = n.inputs[2] if len(n.inputs) > 2 else None
+    return zp is None or (isinstance(zp.type, TensorType) and zp.type.dtype is DType.INT8)
+
+
+def _quantized_node(graph: Graph, n: Node, xi: int, wi: int, dx: Node, dw: Node) -> Node:
+    """The "quantized" Fused node standing for layer `n` (see `fold_quantized`)."""
+    body_inputs: list[Value | None]
+    if n.op == "Fused":
+        inner: Graph = n.attrs["body"]
+        nodes, body_inputs, outputs = list(inner.nodes), list(inner.inputs), list(inner.outputs)
+    else:  # a bare layer: its own one-node body
+        body_inputs = [None if v is None else Value(graph.fresh_name(f"{v.name}.in"), v.type) for v in n.inputs]
+        clone = Node(n.op, list(body_inputs), [Value(graph.fresh_name(f"{o.name}.inner"), o.type)
+                                               for o in n.outputs], dict(n.attrs), n.name)
+        nodes, outputs = [clone], list(clone.outputs)
+    body = Graph(f"{n.name} (int8)", parent=graph)
+    outer: list[Value] = []
+    fresh: list[Value] = []
+
+    def take(v: Value) -> Value:
+        b = Value(graph.fresh_name(f"{v.name}.in"), v.type)
+        outer.append(v)
+        fresh.append(b)
+        return b
+
+    dqs = []
+    for d in (dx, dw):
+        ins = [take(v) if v is not None else None for v in d.inputs]
+        o = Value(graph.fresh_name(f"{d.outputs[0].name}.inner"), d.outputs[0].type)
+        dqs.append(Node("DequantizeLinear", ins, [o], dict(d.attrs), d.name))
+    remap = {body_inputs[xi]: dqs[0].outputs[0], body_inputs[wi]: dqs[1].outputs[0]}
+    for k, (bv, ov) in enumerate(zip(body_inputs, n.inputs)):
+        if k in (xi, wi) or bv is None or ov is None:
+            continue
+        remap[bv] = take(ov)
+    for m in nodes:
+        m.inputs = [remap.get(v, v) if v is not None else None for v in m.inputs]
+    body.inputs = fresh
+    body.nodes = [*dqs, *nodes]
+    body.outputs = outputs
+    for m in body.nodes:
+        for o in m.outputs:
+            o.producer = m
+    return Node("Fused", list[Value | None](outer), list(n.outputs), {"body": body, "kind": "quantized"}, n.name)

@@ -6,6 +6,9 @@ the fused node's inputs. `kind` tells the code generators which template applies
 - "epilogue": an anchor (Conv, ConvTranspose, Gemm, MatMul) followed by elementwise ops on its output (bias, an
   activation, a residual Add, a cast) - rendered by one GEMM/conv template with the epilogue list;
 - "pointwise": a DAG of elementwise ops (with broadcasts and casts) - generated as one kernel;
+- "quantized": DequantizeLinear of an int8 activation, DequantizeLinear of an int8 weight, then an anchor (Gemm,
+  MatMul) and its epilogue steps - an int8 x int8 -> int32 product with the dequantization and the epilogue
+  after it (`kiln.precision.quantize.fold_quantized`);
 - "region": anything else grouped for scheduling.
 
 The reference runs the body node by node through the op table, so every fused node is correct by construction.
@@ -20,7 +23,7 @@ import torch
 from kiln.ir.graph import ValueType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, value_of
 
-KINDS = ("epilogue", "pointwise", "region")
+KINDS = ("epilogue", "pointwise", "quantized", "region")
 
 
 def _infer(ctx: InferCtx) -> list[ValueType]:
