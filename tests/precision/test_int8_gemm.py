@@ -144,3 +144,87 @@ def test_an_int8_build_runs_its_gemms_on_the_int8_tactic(tmp_path) -> None:
     close = np.isclose(got, want, rtol=1e-4, atol=1e-4)
     assert close.mean() > 0.99, close.mean()
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)
+
+
+def _matmul_integer(a_dtype: DType, za: bool) -> tuple[object, list[torch.Tensor | None]]:
+    g = Graph()
+    gen = torch.Generator().manual_seed(4)
+    a = g.add_input("a", TensorType(a_dtype, (3, 24, 64)))
+    w = g.add_initializer("w", torch.randint(-127, 128, (64, 40), generator=gen, dtype=torch.int8))
+    ins = [a, w]
+    if za:
+        ins.append(g.add_input("za", TensorType(a_dtype, ())))
+    g.outputs.extend(g.add("MatMulInteger", ins, name="mmi", outputs=1))
+    lo, hi = (0, 256) if a_dtype is DType.UINT8 else (-128, 128)
+    x = torch.randint(lo, hi, (3, 24, 64), generator=gen).to(a_dtype.torch)
+    args: list[torch.Tensor | None] = [x, w.data]  # type: ignore[list-item]
+    if za:
+        args.append(torch.tensor(131 if a_dtype is DType.UINT8 else -3, dtype=a_dtype.torch))
+    return g.nodes[0], args
+
+
+@pytest.mark.parametrize(("a_dtype", "za"), [(DType.UINT8, True), (DType.UINT8, False), (DType.INT8, True)],
+                         ids=["uint8-zero-point", "uint8", "int8-zero-point"])
+def test_matmul_integer_on_int8_gemms_equals_the_reference(a_dtype: DType, za: bool) -> None:
+    node, args = _matmul_integer(a_dtype, za)
+    t = registry.get("cuda.matmul_integer")
+    assert t.applicable(node, CUDA)
+    want = OPS["MatMulInteger"].ref(RefCtx(node), list(args))[0]
+    got = t.build(node, {}, CPU)(list(args))[0]  # type: ignore[arg-type]
+    assert got.dtype == torch.int32 and torch.equal(got, want)  # an exact int32 identity, no rounding anywhere
+    small = [args[0][:1, :2], *args[1:]]  # type: ignore[index]  # M = 2: the float64 path, still exact
+    assert torch.equal(t.build(node, {}, CPU)(list(small))[0], OPS["MatMulInteger"].ref(RefCtx(node), small)[0])
+
+
+@pytest.mark.parametrize("a_dtype", [DType.UINT8, DType.INT8], ids=str)
+def test_qlinear_matmul_on_int8_gemms_equals_the_reference(a_dtype: DType) -> None:
+    g = Graph()
+    gen = torch.Generator().manual_seed(5)
+    f32 = DType.FLOAT32
+
+    def const(name: str, t: torch.Tensor) -> object:
+        return g.add_initializer(name, t)
+
+    a = g.add_input("a", TensorType(a_dtype, (40, 64)))
+    ins = [a, const("sa", torch.tensor(0.02)), const("za", torch.tensor(120 if a_dtype is DType.UINT8 else -5,
+                                                                         dtype=a_dtype.torch)),
+           const("b", torch.randint(-127, 128, (64, 24), generator=gen, dtype=torch.int8)),
+           const("sb", torch.rand(24, generator=gen) * 0.01 + 0.001), const("zb", torch.zeros(24, dtype=torch.int8)),
+           const("sy", torch.tensor(0.05)), const("zy", torch.tensor(3 if a_dtype is DType.UINT8 else 0,
+                                                                     dtype=a_dtype.torch))]
+    g.outputs.extend(g.add("QLinearMatMul", ins, name="qmm", outputs=1))  # type: ignore[arg-type]
+    node = g.nodes[0]
+    lo, hi = (0, 256) if a_dtype is DType.UINT8 else (-128, 128)
+    x = torch.randint(lo, hi, (40, 64), generator=gen).to(a_dtype.torch)
+    args = [x, *(v.data for v in node.inputs[1:])]  # type: ignore[union-attr]
+    t = registry.get("cuda.matmul_integer")
+    assert t.applicable(node, CUDA) and f32 is DType.FLOAT32
+    want = OPS["QLinearMatMul"].ref(RefCtx(node), list(args))[0]
+    got = t.build(node, {}, CPU)(list(args))[0]
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_tactics_on_the_gpu() -> None:
+    """cuBLASLt's int8 GEMM (M > 16, K and N multiples of 8) against the references, epilogues on the generated
+    kernels."""
+    g = _quantized()
+    fold_quantized(g)
+    values = {g.inputs[0]: torch.from_numpy(_feeds()["x"])}
+    checked = 0
+    for n in g.nodes:
+        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
+        want = OPS[n.op].ref(RefCtx(n), list(args))
+        if n.op == "Fused" and n.attrs["kind"] == "quantized":
+            cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            got = registry.get("cuda.int8_gemm").build(n, {}, CUDA)(cuda_args)[0]
+            torch.testing.assert_close(got.cpu(), want[0], rtol=1e-5, atol=1e-5)
+            checked += 1
+        values.update(zip(n.outputs, want))
+    assert checked == 3
+    for a_dtype in (DType.UINT8, DType.INT8):
+        node, margs = _matmul_integer(a_dtype, True)
+        want = OPS["MatMulInteger"].ref(RefCtx(node), list(margs))[0]
+        got = registry.get("cuda.matmul_integer").build(node, {}, CUDA)([a.cuda() for a in margs])[0]  # type: ignore
+        assert torch.equal(got.cpu(), want)

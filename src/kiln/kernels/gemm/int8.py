@@ -125,3 +125,111 @@ class Int8Gemm(Tactic):
 
 
 register(Int8Gemm())
+
+
+# --- MatMulInteger ------------------------------------------------------------------------------------------------
+
+
+def _matmul_integer(node: Node) -> bool:
+    """MatMulInteger of an int8/uint8 activation [..., K] (per-tensor zero point, any) by a constant int8 [K, N]
+    weight with zero zero points: what dynamic quantization (onnxruntime's quantize_dynamic) produces."""
+    if node.op != "MatMulInteger" or len(node.outputs) != 1:
+        return False
+    a, b = node.inputs[0], node.inputs[1]
+    za = node.inputs[2] if len(node.inputs) > 2 else None
+    zb = node.inputs[3] if len(node.inputs) > 3 else None
+    if a is None or b is None or not isinstance(a.type, TensorType) or a.type.dtype not in (DType.INT8, DType.UINT8):
+        return False
+    if a.rank is None or a.rank < 2 or not isinstance(b.data, torch.Tensor) or b.data.dtype != torch.int8 \
+            or b.data.dim() != 2:
+        return False
+    if za is not None and (not isinstance(za.type, TensorType) or za.rank not in (0, 1)
+                           or (za.shape is not None and za.rank == 1 and za.shape[0] != 1)):
+        return False
+    return zb is None or (isinstance(zb.data, torch.Tensor) and not bool(zb.data.any()))
+
+
+def centered_product(a: torch.Tensor, za: torch.Tensor | None, w: torch.Tensor, colsum: torch.Tensor) -> torch.Tensor:
+    """(a - za) @ w in int32, exactly: `a` int8/uint8 [..., K], `za` its per-tensor zero point (or None), `w` int8
+    [K, N] (column-major for _int_mm), `colsum` w's column sums [1, N] in int32. A uint8 `a` is shifted to int8
+    (a - 128) and the shift returns as (128 - za) x colsum."""
+    k, n = w.shape
+    lead = a.shape[:-1]
+    m = math.prod(lead)
+    a2 = a.reshape(m, k)
+    shift = torch.zeros((), dtype=torch.int32, device=a.device)
+    if a.dtype == torch.uint8:
+        a2 = (a2.to(torch.int16) - 128).to(torch.int8)
+        shift = shift + 128
+    if za is not None:
+        shift = shift - za.reshape(()).to(torch.int32)
+    if m > 16 and k % 8 == 0 and n % 8 == 0:
+        acc = torch._int_mm(a2.contiguous(), w)
+    else:  # shapes _int_mm refuses: exact in float64 while |sum| < 2**53 (K < 2**38 for 8-bit operands)
+        acc = (a2.double() @ w.double()).to(torch.int32)
+    return (acc + shift * colsum).reshape(*lead, n)
+
+
+def _int8_weight(node: Node, at: int, zero_at: int | None) -> bool:
+    """Input `at` is a constant int8 2-D weight whose zero point (input `zero_at`) is absent or all zeros."""
+    b = node.inputs[at] if at < len(node.inputs) else None
+    zb = node.inputs[zero_at] if zero_at is not None and zero_at < len(node.inputs) else None
+    if b is None or not isinstance(b.data, torch.Tensor) or b.data.dtype != torch.int8 or b.data.dim() != 2:
+        return False
+    return zb is None or (isinstance(zb.data, torch.Tensor) and not bool(zb.data.any()))
+
+
+def _per_tensor(v: Value | None) -> bool:
+    return v is None or (isinstance(v.type, TensorType) and v.shape is not None and all(d == 1 for d in v.shape))
+
+
+def _8bit(v: Value | None) -> bool:
+    return v is not None and isinstance(v.type, TensorType) and v.type.dtype in (DType.INT8, DType.UINT8)
+
+
+class MatMulIntegerTactic(Tactic):
+    """MatMulInteger and QLinearMatMul of an int8/uint8 activation (per-tensor zero point) by a constant int8 weight
+    (zero zero points) on `_int_mm` (`centered_product`): results equal the references' exactly (QLinearMatMul
+    requantizes in float64 with the reference's own factor)."""
+
+    name = "cuda.matmul_integer"
+    ops = frozenset({"MatMulInteger", "QLinearMatMul"})
+    devices = frozenset({"cuda", "cpu"})
+    priority = 30
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        if not super().applicable(node, device) or len(node.outputs) != 1:
+            return False
+        ins = node.inputs + [None] * (8 - len(node.inputs))
+        a = ins[0]
+        if not _8bit(a) or a is None or a.rank is None or a.rank < 2:
+            return False
+        if node.op == "MatMulInteger":
+            return _int8_weight(node, 1, 3) and _per_tensor(ins[2])
+        b_scale = ins[4]
+        return (_int8_weight(node, 3, 5) and all(_per_tensor(v) for v in (ins[1], ins[2], ins[6], ins[7]))
+                and _8bit(ins[7]) and b_scale is not None and b_scale.rank in (0, 1))
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        qlinear = node.op == "QLinearMatMul"
+        w_at, za_at = (3, 2) if qlinear else (1, 2)
+        w_kn = prepared(node, w_at, ("cuda.matmul_integer", "kn_colmajor"), lambda w: w.t().contiguous().t())
+        colsum = prepared(node, w_at, ("cuda.matmul_integer", "colsum"),
+                          lambda w: w.sum(0, keepdim=True, dtype=torch.int32))
+
+        def run(xs: list[Any]) -> list[Any]:
+            xs = xs + [None] * (8 - len(xs))
+            acc = centered_product(xs[0], xs[za_at], w_kn(xs[w_at]), colsum(xs[w_at]))
+            if not qlinear:
+                return [acc]
+            a_scale, b_scale, y_scale, y_zero = xs[1], xs[4], xs[6], xs[7]
+            factor = a_scale.reshape(()) * b_scale / y_scale.reshape(())  # in the scales' dtype, as the reference
+            y = acc.to(torch.float64) * factor.to(torch.float64) + y_zero.reshape(()).to(torch.float64)
+            info = torch.iinfo(y_zero.dtype)
+            return [torch.round(y).clamp(info.min, info.max).to(y_zero.dtype)]
+
+        return run
+
+
+register(MatMulIntegerTactic())
