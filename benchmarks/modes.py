@@ -10,6 +10,9 @@ Every mode turns into a `step(k)` that runs one inference on pre-made input set 
   graph-based mode pays the same input copy inside the timed region.
 - kiln: the fp32 ONNX export built with `kiln.build` at the requested precision; a step is `ctx.run(feeds[k])`, the
   feeds already on the device in the ONNX inputs' dtype (casts are done beforehand, not timed).
+- kiln-int8 (opt-in): the same export built with precision="int8", calibrated on the case's input sets (entropy);
+  on a GPU its float layers compute in FP16. Compared with the kiln row for INT8's speed-up, and with eager for
+  its accuracy (its own cosine bar, `checks.MIN_COSINE_INT8`).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from benchmarks.models import ModelSpec
 from benchmarks.timing import Step, timed
 
 TORCH_MODES = ("eager", "cudagraph", "compile", "reduce-overhead", "max-autotune")
-ALL_MODES = (*TORCH_MODES, "kiln")
-DEFAULT_MODES = tuple(m for m in ALL_MODES if m != "max-autotune")
+KILN_MODES = ("kiln", "kiln-int8")
+ALL_MODES = (*TORCH_MODES, *KILN_MODES)
+DEFAULT_MODES = tuple(m for m in ALL_MODES if m not in ("max-autotune", "kiln-int8"))
 GRAPH_MODES = frozenset({"cudagraph", "reduce-overhead", "max-autotune"})
 COMPILE_MODES = {"compile": None, "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune"}
 GRAPH_WARMUP = 3  # eager runs on a side stream before capture (cuDNN/cuBLAS handles and autotuning happen there)
@@ -81,14 +85,14 @@ def prepare(mode: str, case: Case) -> Prepared:
         return _cudagraph(case)
     if mode in COMPILE_MODES:
         return _compiled(case, COMPILE_MODES[mode])
-    if mode == "kiln":
-        return _kiln(case)
+    if mode in KILN_MODES:
+        return _kiln(case, int8=mode == "kiln-int8")
     raise ValueError(f"unknown mode '{mode}'")
 
 
 def grad_mode(mode: str) -> Any:
     """PyTorch modes run under inference_mode; kiln under no_grad (its engine and arena live outside it)."""
-    return torch.no_grad() if mode == "kiln" else torch.inference_mode()
+    return torch.no_grad() if mode in KILN_MODES else torch.inference_mode()
 
 
 def _cudagraph(case: Case) -> Prepared:
@@ -142,39 +146,41 @@ def _compiled(case: Case, mode: str | None) -> Prepared:
     return Prepared(step, {"compile_s": seconds}, reset_compiled)
 
 
-def kiln_cache_path(case: Case) -> Path:
-    name = f"{case.spec.name}-bs{case.batch}-{case.precision}-O{case.kiln.opt_level}.tcache"
+def kiln_cache_path(case: Case, precision: str | None = None) -> Path:
+    name = f"{case.spec.name}-bs{case.batch}-{precision or case.precision}-O{case.kiln.opt_level}.tcache"
     return case.kiln.cache_dir / name
 
 
-def _kiln(case: Case) -> Prepared:
+def _kiln(case: Case, int8: bool = False) -> Prepared:
     import kiln
 
     if case.onnx_path is None:
         raise RuntimeError("no ONNX export to build from")
     names = [i.name for i in case.spec.inputs]
-    cache = kiln_cache_path(case)
+    precision = "int8" if int8 else case.precision
+    cache = kiln_cache_path(case, precision)
+    calibration = [dict(zip(names, s)) for s in case.kiln_sets] if int8 else None
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.unlink(missing_ok=True)  # the first build is cold: no timings to reuse
     profile = {n: tuple(x.shape) for n, x in zip(names, case.kiln_sets[0])}
 
     def build() -> Any:
-        config = kiln.BuilderConfig(device=str(case.device), precision=case.precision, opt_level=case.kiln.opt_level,
+        config = kiln.BuilderConfig(device=str(case.device), precision=precision, opt_level=case.kiln.opt_level,
                                     tf32=case.kiln.tf32, timing_cache=str(cache), profiles=[profile],
-                                    time_budget_s=case.kiln.time_budget_s)
+                                    time_budget_s=case.kiln.time_budget_s, calibration=calibration)
         return kiln.build(str(case.onnx_path), config)
 
     engine, cold = timed(build, case.device)
     spent = engine.plan.stats.get("tuning", {}).get("tactic_seconds", {})
     top = sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:6]
-    print(f"[{case.spec.name} bs{case.batch} {case.precision}] kiln cold build, seconds by tactic [building, timing]: "
+    print(f"[{case.spec.name} bs{case.batch} {precision}] kiln cold build, seconds by tactic [building, timing]: "
           + ", ".join(f"{k} {a:.1f}+{b:.1f}" for k, (a, b) in top), file=sys.stderr, flush=True)
     del engine
     _free(case.device)
     engine, warm = timed(build, case.device)  # the same build, its tactic timings now in the cache
     if case.kiln.save_dir is not None:
         case.kiln.save_dir.mkdir(parents=True, exist_ok=True)
-        engine.save(case.kiln.save_dir / f"{case.spec.name}-bs{case.batch}-{case.precision}.kiln")
+        engine.save(case.kiln.save_dir / f"{case.spec.name}-bs{case.batch}-{precision}.kiln")
     ctx = engine.create_context()
     feeds = [dict(zip(names, s)) for s in case.kiln_sets]
     outputs = list(case.spec.outputs)

@@ -123,7 +123,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
     modes.reset_compiled()
     cpu_model = spec.build()
     onnx_path, export_s, export_error = None, None, None
-    if "kiln" in args.mode_list:
+    if any(m in args.mode_list for m in modes.KILN_MODES):
         try:
             onnx_path, export_s = timed(lambda: export_onnx(spec, cpu_model, args.workdir / f"{name}.onnx"),
                                         torch.device("cpu"))
@@ -182,10 +182,10 @@ def run_case(case: modes.Case, ref32: torch.nn.Module | None, args: argparse.Nam
     if ref_fp32 is not None:
         result.eager_vs_fp32 = checks.compare(names, ref, ref_fp32)
     for mode in args.mode_list:
-        if mode == "kiln" and export_error:
+        if mode in modes.KILN_MODES and export_error:
             result.modes.append(ModeResult(mode, ERROR, error=export_error))
             continue
-        m = run_mode(mode, case, ref, ref_fp32, args, bar)
+        m = run_mode(mode, case, ref, ref_fp32, args, min(bar, checks.MIN_COSINE_INT8) if mode == "kiln-int8" else bar)
         result.modes.append(m)
         log(f"{tag} {mode}: {_progress(m)}")
     return result
@@ -217,7 +217,7 @@ def run_mode(mode: str, case: modes.Case, ref: list[torch.Tensor], ref_fp32: lis
     """Set a mode up, check its outputs, time it. Any failure becomes an error result; the run goes on."""
     result = ModeResult(mode)
     prepared: modes.Prepared | None = None
-    phase = "build" if mode == "kiln" else "setup"
+    phase = "build" if mode in modes.KILN_MODES else "setup"
     try:
         with modes.grad_mode(mode):
             _reset_peak(case.device)

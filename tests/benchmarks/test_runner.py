@@ -125,3 +125,20 @@ def test_the_json_renders_the_same_section(smoke: tuple[Path, Path, int], tmp_pa
     target = tmp_path / "R.md"
     assert render([str(out), "--state", "test state", "--results", str(target)]) == 0
     assert "\nkiln state: test state\n" in target.read_text()
+
+
+def test_the_int8_mode_builds_calibrated_engines_and_reports_the_speedup(tmp_path: Path) -> None:
+    out, results = tmp_path / "int8.json", tmp_path / "R.md"
+    argv = ["--models", "tiny_cnn", "--batch", "2", "--device", "cpu", "--precision", "fp32", "--modes",
+            "eager,kiln,kiln-int8", "--warmup", "1", "--iters", "3", "--results", str(results), "--json", str(out),
+            "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1"]
+    flags = _torch_flags()
+    try:
+        assert main(argv) == 0
+    finally:
+        _set_torch_flags(flags)
+    (case,) = json.loads(out.read_text())["cases"]
+    int8 = next(m for m in case["modes"] if m["mode"] == "kiln-int8")
+    assert int8["status"] == "ok", int8.get("error")
+    assert int8["stats"]["median_ms"] > 0 and int8["checks"][0]["cosine"] > 0.99
+    assert "kiln-int8 / kiln fp32: **" in results.read_text()

@@ -228,3 +228,27 @@ def test_int8_tactics_on_the_gpu() -> None:
         want = OPS["MatMulInteger"].ref(RefCtx(node), list(margs))[0]
         got = registry.get("cuda.matmul_integer").build(node, {}, CUDA)([a.cuda() for a in margs])[0]  # type: ignore
         assert torch.equal(got.cpu(), want)
+
+
+def test_in_a_float16_build_the_folded_layers_compute_in_float16(no_triton: None) -> None:
+    """A GPU int8 build lowers what stays float to FP16 (scales included), then folds: the int8 tactic gives the
+    layer's float16 result, rounded once after a float32 dequantization."""
+    from kiln.precision.lower import lower_precision
+
+    g = _quantized()
+    lower_precision(g, DType.FLOAT16)
+    assert len(fold_quantized(g)) == 3
+    t = registry.get("cuda.int8_gemm")
+    values = {g.inputs[0]: torch.from_numpy(_feeds()["x"])}
+    checked = 0
+    for n in g.nodes:
+        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
+        want = OPS[n.op].ref(RefCtx(n), list(args))
+        if n.op == "Fused" and n.attrs["kind"] == "quantized":
+            assert t.applicable(n, CUDA)
+            got = t.build(n, {}, CPU)(list(args))[0]
+            assert got.dtype == want[0].dtype == torch.float16
+            torch.testing.assert_close(got, want[0], rtol=1e-2, atol=1e-2)  # float16's, as the tuner's tolerance
+            checked += 1
+        values.update(zip(n.outputs, want))
+    assert checked == 3

@@ -128,6 +128,9 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     elif config.precision == "int8":
         say("calibrate", 0, 1)
         graph, lowered = _quantize(graph, config)
+        if config.torch_device.type == "cuda":  # the layers left in float compute in FP16, as TensorRT's --int8 --fp16
+            say("precision", 0, 1)
+            lowered = {**_lower(graph, config, profiles, DType.FLOAT16), **lowered, "float_precision": "fp16"}
     if any(n.op == "DequantizeLinear" for n in graph.nodes):  # int8 builds, and models quantized before import
         folded = len(fold_quantized(graph))
         if folded or lowered is not None:
@@ -150,10 +153,11 @@ def range_feeds(graph: Graph, calibration: Any, profiles: list[Profile], device:
     return feeds, f"random inputs at {len(feeds)} profile opt shape{'s' if len(feeds) != 1 else ''}"
 
 
-def _lower(graph: Graph, config: BuilderConfig, profiles: list[Profile]) -> dict[str, Any]:
-    """FP16/BF16 everywhere it is safe: the values seen on the calibration data (when given, else on random
-    inputs of every profile's opt shapes) decide which layers stay FP32 (with the user's pins)."""
-    to = LOW_PRECISION[config.precision]
+def _lower(graph: Graph, config: BuilderConfig, profiles: list[Profile], to: DType | None = None) -> dict[str, Any]:
+    """FP16/BF16 (`to`, else the config's precision) everywhere it is safe: the values seen on the calibration data
+    (when given, else on random inputs of every profile's opt shapes) decide which layers stay FP32 (with the
+    user's pins)."""
+    to = to or LOW_PRECISION[config.precision]
     device = config.torch_device
     peaks = {}
     seen_on = None

@@ -64,7 +64,9 @@ class BuilderConfig:
     deterministic: same model + same timing cache -> byte-identical engine file (no timestamps or timings
         recorded; choices not in the cache are made without timing).
     calibration / calibrator / calibration_cache: for precision="int8" (Q/DQ on every Conv/Gemm/MatMul input;
-        until kiln has int8 kernels the engine computes the int8 results in float: accurate, not faster).
+        Gemm/MatMul layers run on int8 GEMMs, convolutions compute their int8 results in float for now). On a GPU
+        the layers left in float compute in FP16 (FP32 where their values leave FP16's range), as TensorRT's
+        --int8 --fp16 does; `kiln build` shows the mix.
     layer_precision: {layer-name glob: "fp32"} layers kept in FP32 in an fp16/bf16 build. The build also keeps
         in FP32 every layer whose values leave FP16's range on the calibration data (when given with fp16, up to
         64 samples; else on random inputs at the profiles' opt shapes), and reports each with its reason.

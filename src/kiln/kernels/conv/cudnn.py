@@ -114,3 +114,44 @@ class CudnnConv(Tactic):
 
 
 register(CudnnConv())
+
+
+class PaddedChannelsConv(CudnnConv):
+    """`cuda.conv_padc`: a 2-D ungrouped conv whose input channels are not a multiple of 8 (an RGB stem), run by
+    cuDNN with the input and the weight zero-padded to the next multiple of 8 channels: the same sums (the extra
+    channels add zeros), but cuDNN's float16 tensor-core kernels need 8-aligned channels and fall back to slow ones
+    without. The pad is one extra pass over the input; the tuner weighs it."""
+
+    name = "cuda.conv_padc"
+    priority = 42
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        if not super().applicable(node, device):
+            return False
+        a = Anchored.of(node, ANCHORS)
+        w = a.constant(1) if a is not None else None
+        params = _params(a) if a is not None else None
+        return w is not None and params is not None and params[0] == 2 and params[4] == 1 and w.shape[1] % 8 != 0
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        a = Anchored.of(node, ANCHORS)
+        assert a is not None
+        x_at, w_at = a.arg[0], a.arg[1]
+        assert x_at is not None and w_at is not None
+        w0 = a.constant(1)
+        assert w0 is not None
+        inner = super().build(node, config, device, run_subgraph)
+        extra = -int(w0.shape[1]) % 8
+        wide = prepared(node, w_at, ("cuda.conv_padc", "weight"), lambda w: F.pad(w, (0, 0, 0, 0, 0, extra)))
+
+        def run(xs: list[Any]) -> list[Any]:
+            padded = list(xs)
+            padded[x_at] = F.pad(xs[x_at], (0, 0, 0, 0, 0, extra))  # keeps a channels-last input channels-last
+            padded[w_at] = wide(xs[w_at])
+            return inner(padded)
+
+        return run
+
+
+register(PaddedChannelsConv())

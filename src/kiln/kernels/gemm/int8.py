@@ -4,9 +4,11 @@ an int8 activation, DequantizeLinear of an int8 weight, then a MatMul or Gemm an
 dequantized by one multiply with the per-tensor activation scale times the per-output-channel weight scales, then
 the epilogue steps in place (`kiln.kernels.epilogue.tail`).
 
-Exactness: symmetric scales (zero points 0) make sx * sw[n] * sum_k(xq * wq) the reference's
-sum_k((xq * sx) * (wq * sw[n])) up to float rounding, and the int32 sum is exact. Shapes `_int_mm` does not take
-(M <= 16 rows, K or N not a multiple of 8) run the same arithmetic in float - correct, not faster.
+The product's dtype is the layer's: float32, or float16/bfloat16 when the build lowered the float parts (the
+dequantization runs in float32 and is rounded once). Exactness: symmetric scales (zero points 0) make
+sx * sw[n] * sum_k(xq * wq) the reference's sum_k((xq * sx) * (wq * sw[n])) up to float rounding, and the int32 sum
+is exact. Shapes `_int_mm` does not take (M <= 16 rows, K or N not a multiple of 8) run the same arithmetic in
+float - correct, not faster.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored, tail
 from kiln.kernels.registry import register
+
+FLOATS = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
 
 def _layout(node: Node) -> tuple[int, int, int, int, int, int, int | None] | None:
@@ -64,8 +68,8 @@ def _layout(node: Node) -> tuple[int, int, int, int, int, int, int | None] | Non
         return None
     if anchor.op == "Gemm" and xq.rank != 2:
         return None
-    out = body.outputs[0]
-    if not isinstance(out.type, TensorType) or out.type.dtype is not DType.FLOAT32:
+    out = anchor.outputs[0]
+    if not isinstance(out.type, TensorType) or out.type.dtype not in FLOATS:
         return None
     return at[0], at[1], at[2], at[3], axis, trans_b, None if c is None else ins.index(c)
 
@@ -97,6 +101,7 @@ class Int8Gemm(Tactic):
         body: Graph = node.attrs["body"]
         anchor = body.nodes[2]
         beta = float(anchor.attrs.get("beta", 1.0)) if anchor.op == "Gemm" else 0.0
+        out_dtype = FLOATS[anchor.outputs[0].dtype]  # float32, or float16/bfloat16 in a lowered build
         # the epilogue after the anchor, run on the dequantized product as on any anchor's output
         rest = tail(Anchored(node, anchor, [], body.nodes[3:], body), 0)
         # why: _int_mm multiplies a row-major [M, K] by a column-major [K, N]; the weight is laid out so once
@@ -119,7 +124,7 @@ class Int8Gemm(Tactic):
             y = acc * dequant
             if c_at is not None:
                 y = y + beta * xs[c_at].float()
-            return [rest(y.reshape(*lead, n), xs)]
+            return [rest(y.to(out_dtype).reshape(*lead, n), xs)]  # rounded once, after the float32 dequantization
 
         return run
 
