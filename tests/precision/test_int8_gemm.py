@@ -135,6 +135,9 @@ def test_an_int8_build_runs_its_gemms_on_the_int8_tactic(tmp_path) -> None:
     chosen = [c.tactic for n, c in zip(engine.plan.graph.nodes, engine.plan.choices[0]) if n in quantized]
     assert chosen == ["cuda.int8_gemm", "cuda.int8_gemm"]
     assert engine.plan.stats["flops"]["by_precision"] == {"int8": 2 * 512 * 256 * (256 + 64)}
+    from kiln.cli.build import precision_of
+
+    assert [precision_of(n) for n in quantized] == ["int8", "int8"]  # what kiln build and kiln inspect show
     x = rng.standard_normal((512, 256)).astype(np.float32)
     got = engine.create_context().run({"x": x})["y"]
     want = Interpreter(engine.plan.graph).run({"x": x})["y"]  # the quantized graph through the references

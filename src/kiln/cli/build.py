@@ -264,11 +264,17 @@ def _tuning(t: dict[str, Any]) -> str:
 
 
 def precision_of(node: Any) -> str:
-    """A step's precision: the dtype of its first tensor output."""
+    """A step's precision: "int8" for an int8 layer (int8 x int8 products: a folded "quantized" node,
+    MatMulInteger, QLinearMatMul/QLinearConv, ConvInteger), else the dtype of its first tensor output."""
+    if (node.op == "Fused" and node.attrs.get("kind") == "quantized") or node.op in INT8_OPS:
+        return "int8"
     for v in node.outputs:
         if v.is_tensor:
             return str(v.dtype)
     return "other"
+
+
+INT8_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger"})
 
 
 def mix(items: Any) -> str:
