@@ -69,7 +69,8 @@ def test_int8_accuracy_stays_within_a_point_of_fp32(trained, calibrator: str) ->
     q = engine.plan.stats["precision"]
     assert q["int8_layers"] == 4 and not q["float_layers"], q
     ops = {n.op for n in engine.graph.nodes}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert "QuantizeLinear" in ops and q["int8_folded_layers"] == 4  # every quantized layer is one int8 step
+    assert sum(n.op == "Fused" and n.attrs["kind"] == "quantized" for n in engine.graph.nodes) == 4
     int8 = _predict(engine, xte)
     acc8 = float((int8 == yte).mean())
     assert acc8 >= acc32 - 0.01, (calibrator, acc32, acc8)

@@ -59,7 +59,7 @@ def test_an_ort_quantized_qdq_model_runs_on_int8_gemms(tmp_path: Path) -> None:
     assert len(quantized) == 2, [n.op for n in nodes]
     chosen = {c.tactic for n, c in zip(nodes, engine.plan.choices[0]) if n in quantized}
     assert chosen == {"cuda.int8_gemm"}
-    assert engine.plan.stats["precision"]["int8_gemm_layers"] == 2
+    assert engine.plan.stats["precision"]["int8_folded_layers"] == 2
     assert set(engine.plan.stats["flops"]["by_precision"]) == {"int8"}
 
     x = np.random.default_rng(2).standard_normal((64, 128)).astype(np.float32)

@@ -129,7 +129,7 @@ def test_an_int8_build_runs_its_gemms_on_the_int8_tactic(tmp_path) -> None:
     for i in range(4):
         np.save(tmp_path / f"c{i}.npy", rng.standard_normal((512, 256)).astype(np.float32))
     engine = kiln.build(model, kiln.BuilderConfig(precision="int8", calibration=str(tmp_path), opt_level=0))
-    assert engine.plan.stats["precision"]["int8_gemm_layers"] == 2
+    assert engine.plan.stats["precision"]["int8_folded_layers"] == 2
     quantized = [n for n in engine.plan.graph.nodes if n.op == "Fused" and n.attrs["kind"] == "quantized"]
     assert len(quantized) == 2
     chosen = [c.tactic for n, c in zip(engine.plan.graph.nodes, engine.plan.choices[0]) if n in quantized]

@@ -134,7 +134,7 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     if any(n.op == "DequantizeLinear" for n in graph.nodes):  # int8 builds, and models quantized before import
         folded = len(fold_quantized(graph))
         if folded or lowered is not None:
-            lowered = {**(lowered or {}), "int8_gemm_layers": folded}
+            lowered = {**(lowered or {}), "int8_folded_layers": folded}
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 

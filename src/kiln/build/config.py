@@ -64,7 +64,7 @@ class BuilderConfig:
     deterministic: same model + same timing cache -> byte-identical engine file (no timestamps or timings
         recorded; choices not in the cache are made without timing).
     calibration / calibrator / calibration_cache: for precision="int8" (Q/DQ on every Conv/Gemm/MatMul input;
-        Gemm/MatMul layers run on int8 GEMMs, convolutions compute their int8 results in float for now). On a GPU
+        the layers are folded into int8 GEMM/conv kernels, chosen where the tuner finds them faster). On a GPU
         the layers left in float compute in FP16 (FP32 where their values leave FP16's range), as TensorRT's
         --int8 --fp16 does; `kiln build` shows the mix.
     layer_precision: {layer-name glob: "fp32"} layers kept in FP32 in an fp16/bf16 build. The build also keeps

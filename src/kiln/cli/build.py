@@ -40,8 +40,8 @@ def add_parser(sub: Any) -> None:
     prec.add_argument("--fp16", action="store_true", help="compute in float16 where it is safe (GPU)")
     prec.add_argument("--bf16", action="store_true", help="compute in bfloat16 where it is safe (GPU)")
     prec.add_argument("--int8", action="store_true",
-                      help="int8 Conv/Gemm/MatMul inputs, calibrated on --calib data (Gemm/MatMul layers on int8 "
-                           "GEMMs where faster; convolutions compute their int8 results in float for now)")
+                      help="int8 Conv/Gemm/MatMul inputs, calibrated on --calib data (on int8 GEMM/conv kernels "
+                           "where the tuner finds them faster; float layers in FP16 on a GPU)")
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
@@ -205,14 +205,14 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"    value ranges checked against float16's on {lowered['ranges_seen_on']}")
     for name, why in lowered.get("kept_fp32", {}).items():
         print(f"    kept in float32: {name} ({why})")
-    on_int8 = sum(c.tactic == "cuda.int8_gemm" for c in plan.choices[0]) if plan.choices else 0
-    if lowered.get("int8_gemm_layers") and lowered.get("precision") != "int8":
-        print(f"    int8: {lowered['int8_gemm_layers']} Gemm/MatMul layers quantized in the model (Q/DQ), {on_int8} "
-              f"of them on int8 GEMMs")
+    on_int8 = sum(c.tactic in INT8_TACTICS for c in plan.choices[0]) if plan.choices else 0
+    if lowered.get("int8_folded_layers") and lowered.get("precision") != "int8":
+        print(f"    int8: {lowered['int8_folded_layers']} Gemm/MatMul/Conv layers quantized in the model (Q/DQ), "
+              f"{on_int8} of them on int8 kernels")
     if lowered.get("precision") == "int8":
         print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
               f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); {on_int8} run on "
-              f"int8 GEMMs, the others compute their int8 results in float (int8 convolution kernels: not yet)")
+              f"int8 kernels, the others compute their int8 results in float")
         for name, why in lowered.get("float_layers", {}).items():
             print(f"    left in float: {name} ({why})")
         acc = lowered.get("accuracy")
@@ -275,6 +275,7 @@ def precision_of(node: Any) -> str:
 
 
 INT8_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger"})
+INT8_TACTICS = frozenset({"cuda.int8_gemm", "cuda.matmul_integer", "triton.int8_conv"})
 
 
 def mix(items: Any) -> str:

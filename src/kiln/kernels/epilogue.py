@@ -103,13 +103,21 @@ def tail(a: Anchored, start: int) -> Callable[[torch.Tensor, list[Any]], torch.T
 
 
 @dataclass
-class _Steps:
+class StepsView:
     """steps[start:] in the shape `epilogue_graph` reads: nodes[0] makes the accumulator, nodes[1:] the steps."""
 
     name: str
     nodes: list[Node]
     inputs: list[Value]
     outputs: list[Value]
+
+
+def steps_view(a: Anchored, start: int = 0) -> StepsView:
+    """steps[start:] with the node that makes their accumulator, as a graph-like view for `epilogue_graph` (the
+    anchor need not be the body's first node: a "quantized" body dequantizes before it)."""
+    assert a.body is not None
+    maker = a.anchor if start == 0 else a.steps[start - 1]
+    return StepsView(a.body.name, [maker, *a.steps[start:]], a.body.inputs, a.body.outputs)
 
 
 def _generated(a: Anchored, start: int) -> Callable[[torch.Tensor, list[Any]], torch.Tensor] | None:
@@ -121,9 +129,7 @@ def _generated(a: Anchored, start: int) -> Callable[[torch.Tensor, list[Any]], t
         return None
     if a.body is None or not triton_available():
         return None
-    maker = a.anchor if start == 0 else a.steps[start - 1]
-    view = _Steps(a.body.name, [maker, *a.steps[start:]], a.body.inputs, a.body.outputs)
-    found = epilogue_graph(cast(Graph, view))
+    found = epilogue_graph(cast(Graph, steps_view(a, start)))
     if found is None:
         return None
     graph, sources = found

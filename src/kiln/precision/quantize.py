@@ -4,9 +4,9 @@ weights per output channel (stored as int8, dequantized by a DequantizeLinear th
 alone), symmetric (zero point 0), so the graph computes exactly what int8 x int8 -> int32 GEMMs/convolutions
 with a float dequantizing epilogue compute.
 
-Until the int8 kernels exist (GPU tactics that read the DQ-fed anchors as int8 operands), the engine runs the
-pairs through their references: the results are the INT8 engine's (for accuracy checks), the speed is not.
-Layers without a calibrated scale for their input (or named in `skip`) stay float. Bias and epilogue stay float.
+`fold_quantized` then turns each Q/DQ-fed layer into one "quantized" node that the int8 tactics run as int8 x int8
+-> int32 products (the reference, which runs the same body, stays the yardstick). Layers without a calibrated
+scale for their input (or named in `skip`) stay float. Bias and epilogue stay float.
 """
 
 from __future__ import annotations
@@ -146,18 +146,18 @@ def _int8_weight(graph: Graph, w: Value, axis: int) -> Value:
 
 # --- folding Q/DQ into int8 layers ------------------------------------------------------------------------------
 
-FOLDED = frozenset({"Gemm", "MatMul"})
-"""Anchors whose DQ-fed inputs are folded into one "quantized" node (convolutions: not yet)."""
+FOLDED = frozenset({"Gemm", "MatMul", "Conv"})
+"""Anchors whose DQ-fed inputs are folded into one "quantized" node."""
 
 
 def fold_quantized(graph: Graph) -> list[str]:
-    """Every Gemm/MatMul layer (bare or anchoring an epilogue) whose activation is DequantizeLinear(an int8
+    """Every Gemm/MatMul/Conv layer (bare or anchoring an epilogue) whose activation is DequantizeLinear(an int8
     tensor) and whose weight is DequantizeLinear(a constant int8 tensor) becomes one Fused node of kind
     "quantized": its inputs are the int8 activation, the int8 weight and their scales and zero points (then the
     layer's other inputs), its body the two DequantizeLinear nodes followed by the layer's own nodes. The reference
-    runs the body, so results do not change; an int8 GEMM tactic reads the node as int8 x int8 -> int32 plus a
-    dequantizing epilogue. The DequantizeLinear nodes stay in the graph while other layers read them. Returns the
-    folded layers' names."""
+    runs the body, so results do not change; the int8 tactics (`cuda.int8_gemm`, `triton.int8_conv`) read the node as
+    int8 x int8 -> int32 plus a dequantizing epilogue. The DequantizeLinear nodes stay in the graph while other
+    layers read them. Returns the folded layers' names."""
     producers = {o: n for n in graph.nodes for o in n.outputs}
     folded: list[str] = []
     for n in list(graph.nodes):

@@ -14,6 +14,7 @@ from kiln.ir import DType, Graph, TensorType
 from kiln.kernels import registry
 from tests.kernels.conv import cases as c
 from tests.kernels.conv import depthwise_cases as d
+from tests.kernels.conv import int8_cases as q8
 from tests.kernels.conv.cases import ALL, CASES, CUDA, F16, F32, Case, bare, conv_add_relu, conv_relu, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -152,3 +153,25 @@ def test_patch_conv_vit_b16_shape(dt: DType, batch: int, exact_reference: None) 
     want = c.OPS[case.node.op].ref(c.RefCtx(case.node), list(args))[0]
     got = t.build(case.node, {}, CUDA)(list(args))[0]
     assert c.compare(got, want, c.tolerance(case.node), False) is None
+
+
+# --- triton.int8_conv -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(q8.CASES))
+def test_int8_conv_case_on_cuda(name: str) -> None:
+    problems = q8.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32-out", "fp16-out"])
+@pytest.mark.parametrize(("x", "n", "k", "kw"), [
+    ((128, 64, 56, 56), 64, 3, {"pad": (1, 1)}),
+    ((128, 256, 56, 56), 64, 1, {}),
+    ((1, 512, 7, 7), 512, 3, {"pad": (1, 1)}),
+], ids=["l1-3x3-bs128", "l1-1x1-bs128", "l4-3x3-bs1"])
+def test_int8_conv_resnet50_shapes_every_tile(x: tuple[int, int, int, int], n: int, k: int, kw: dict,
+                                               half: bool) -> None:
+    node, args = q8.quantized(x, n, k, half=half, **kw)
+    problems = q8.run(node, args, q8.ALL, "cuda")
+    assert all(p is None for p in problems.values()), problems

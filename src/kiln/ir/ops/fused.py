@@ -7,7 +7,7 @@ the fused node's inputs. `kind` tells the code generators which template applies
   activation, a residual Add, a cast) - rendered by one GEMM/conv template with the epilogue list;
 - "pointwise": a DAG of elementwise ops (with broadcasts and casts) - generated as one kernel;
 - "quantized": DequantizeLinear of an int8 activation, DequantizeLinear of an int8 weight, then an anchor (Gemm,
-  MatMul) and its epilogue steps - an int8 x int8 -> int32 product with the dequantization and the epilogue
+  MatMul, Conv) and its epilogue steps - an int8 x int8 -> int32 product with the dequantization and the epilogue
   after it (`kiln.precision.quantize.fold_quantized`);
 - "region": anything else grouped for scheduling.
 

@@ -78,6 +78,8 @@ class Spec:
     """The epilogue steps (None: no steps)."""
     sources: tuple[int, ...]
     """Node input index of each epilogue graph input after the accumulator."""
+    dq: tuple[int, int] | None = None
+    """An int8 spec's node input indices of the activation's scale and the weight's per-channel scales."""
 
 
 def spec(node: Node, depthwise: bool = False) -> Spec | None:
@@ -167,7 +169,7 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb,
     x_rows = x_ptr + ob * stride_xb
     w_cols = w_ptr + (offs_n % N)[None, :] * stride_wn
     c_steps = tl.cdiv(C, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
     for step in range(0, KH * KW * c_steps):
         r = step // c_steps
         c0 = (step - r * c_steps) * BLOCK_K
@@ -179,19 +181,19 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb,
         if PADDED:
             inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             if EVEN_C:
-                x = tl.load(x_ptrs, mask=inside[:, None], other=0.0)
+                x = tl.load(x_ptrs, mask=inside[:, None], other={zero})
             else:
-                x = tl.load(x_ptrs, mask=inside[:, None] & (chans < C)[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=inside[:, None] & (chans < C)[None, :], other={zero})
         elif EVEN_C:
             x = tl.load(x_ptrs)
         else:
-            x = tl.load(x_ptrs, mask=(chans < C)[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=(chans < C)[None, :], other={zero})
         if EVEN_C:
             w = tl.load(w_ptrs)
         else:
-            w = tl.load(w_ptrs, mask=(chans < C)[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=(chans < C)[:, None], other={zero})
         acc = tl.dot(x, w, acc{precision})
-    rm = offs_m[:, None]
+{dequant}    rm = offs_m[:, None]
     rn = offs_n[None, :]
     mask = (rm < M) & (rn < N)
 {epilogue}    out_rows = (ob * stride_ob + oh * stride_oh + ow * stride_ow)[:, None]
@@ -200,11 +202,15 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb,
 
 
 def render(s: Spec, tf32: bool) -> str:
-    """The kernel source for `s` (`tf32`: float32 products in TF32)."""
+    """The kernel source for `s` (`tf32`: float32 products in TF32). An int8 spec (a "quantized" node) accumulates
+    in int32 and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`) before its epilogue."""
     e = epilogue(s, "tl.load(b_ptr + (offs_n % N) * stride_b)")
-    precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
-    return _SOURCE.format(what=e.what, pointers=e.pointers, strides=e.strides, precision=precision,
-                          epilogue=e.lines, result=e.result, out=storage(s.out))
+    int8 = s.dtype is DType.INT8
+    precision = "" if s.dtype in NARROW or int8 else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if int8 else ""
+    return _SOURCE.format(what=e.what, pointers=("dq_ptr, " if int8 else "") + e.pointers, strides=e.strides,
+                          precision=precision, epilogue=e.lines, result=e.result, out=storage(s.out),
+                          acc_type="tl.int32" if int8 else "tl.float32", zero="0" if int8 else "0.0", dequant=dequant)
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,15 @@ class SpecKernel:
         """Per operand: the node input it reads, or None for the next body constant."""
         self.consts = [op.data for op in ops if op.data is not None]
         self._on: dict[torch.device, list[torch.Tensor]] = {}
+        self._moved: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _on_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A build-time tensor on the inputs' device (moved once)."""
+        key = (id(t), device)
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = self._moved[key] = t.to(device)
+        return moved
 
     def _out_size(self, h: int, w: int) -> tuple[int, int]:
         s = self.s
@@ -306,6 +321,13 @@ class ConvKernel(SpecKernel):
         # why: K ordered (kh, kw, c) so that one K step reads neighbouring channels of one input pixel
         self.weight = prepared(node, s.w_at, ("triton.conv", "khkwc"),
                                lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous())
+        self.dequant = None
+        if s.dq is not None:  # the activation's scale times each output channel's weight scale, once
+            sx_at, sw_at = s.dq
+            sx, sw = node.inputs[sx_at], node.inputs[sw_at]
+            assert sx is not None and sw is not None
+            assert isinstance(sx.data, torch.Tensor) and isinstance(sw.data, torch.Tensor)
+            self.dequant = (sx.data.float().reshape(()) * sw.data.float().reshape(-1)).contiguous()
 
     def __call__(self, xs: list[Any]) -> list[Any]:
         s = self.s
@@ -327,11 +349,12 @@ class ConvKernel(SpecKernel):
         t = self.tile
         grid = (math.ceil(m / t.block_m) * math.ceil(s.n / t.block_n),)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.pad, s.dilation
-        self.fn[grid](x, w, out, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w.stride(), *out.stride(),
-                      *(st for v in bias + views for st in v.stride()), KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
-                      DH=dh, DW=dw, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-                      PADDED=ph > 0 or pw > 0, EVEN_C=s.c % t.block_k == 0, WIDE=wide, num_warps=t.num_warps,
-                      num_stages=self.stages)
+        dq = [] if self.dequant is None else [self._on_device(self.dequant, x.device)]
+        self.fn[grid](x, w, out, *dq, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w.stride(),
+                      *out.stride(), *(st for v in bias + views for st in v.stride()), KH=kh, KW=kw, SH=sh, SW=sw,
+                      PH=ph, PW=pw, DH=dh, DW=dw, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                      GROUP_M=t.group_m, PADDED=ph > 0 or pw > 0, EVEN_C=s.c % t.block_k == 0, WIDE=wide,
+                      num_warps=t.num_warps, num_stages=self.stages)
         return [out]
 
 
@@ -359,4 +382,75 @@ class TritonConv(Tactic):
         return ConvKernel(node, s, tile, device)
 
 
+def quantized_spec(node: Node) -> Spec | None:
+    """The int8 template's view of a "quantized" Fused node whose anchor is a 2-D ungrouped Conv (int8 activation
+    with a per-tensor scale, int8 weight with per-output-channel scales, zero points 0), or None."""
+    from kiln.kernels.gemm.int8 import _zero
+
+    if node.op != "Fused" or node.attrs.get("kind") != "quantized" or len(node.outputs) != 1:
+        return None
+    body = node.attrs["body"]
+    if len(body.nodes) < 3 or len(body.outputs) != 1:
+        return None
+    dx, dw, anchor = body.nodes[:3]
+    if (dx.op, dw.op, anchor.op) != ("DequantizeLinear", "DequantizeLinear", "Conv") or len(anchor.inputs) < 2 \
+            or anchor.inputs[0] is not dx.outputs[0] or anchor.inputs[1] is not dw.outputs[0]:
+        return None
+    ins = body.inputs
+    bias = anchor.inputs[2] if len(anchor.inputs) > 2 else None
+    try:
+        xq_at, sx_at, wq_at, sw_at = (ins.index(v) for v in (dx.inputs[0], dx.inputs[1], dw.inputs[0], dw.inputs[1]))
+        b_at = None if bias is None else ins.index(bias)
+    except ValueError:
+        return None
+    xq, sx, wq, sw = (node.inputs[i] for i in (xq_at, sx_at, wq_at, sw_at))
+    if xq is None or wq is None or sx is None or sw is None or xq.dtype is not DType.INT8:
+        return None
+    w = wq.data
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 4 or not (_zero(node, dx) and
+                                                                                       _zero(node, dw)):
+        return None
+    if not (isinstance(sx.data, torch.Tensor) and sx.data.numel() == 1 and isinstance(sw.data, torch.Tensor)
+            and sw.data.numel() == w.shape[0] and int(dw.attrs.get("axis", 1)) == 0):
+        return None
+    a = Anchored(node, anchor, [xq_at, wq_at, b_at], body.nodes[3:], body)
+    geometry = _geometry(a)
+    if geometry is None or int(anchor.attrs.get("group", 1)) != 1:
+        return None
+    steps = _steps(a)
+    if steps is None:
+        return None
+    program, sources = steps
+    out = program.result.dtype if program is not None else anchor.outputs[0].dtype
+    if out != node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16):
+        return None
+    stride, pad, dilation = geometry
+    return Spec(xq_at, wq_at, b_at, int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride,
+                pad, dilation, DType.INT8, out, program, sources, dq=(sx_at, sw_at))
+
+
+class TritonInt8Conv(Tactic):
+    """A "quantized" 2-D conv (int8 activation and weight) as the implicit-GEMM template with int8 products into
+    int32, dequantized per output channel in float32, then its epilogue (see `render`)."""
+
+    name = "triton.int8_conv"
+    ops = frozenset({"Fused"})
+    devices = frozenset({"cuda"})
+    # why: the two tiles that won ResNet-50's float convs at batch 128 and 1 on an H100 (every tile is a compile per
+    # conv shape, and an int8 build times every quantized conv); not yet timed in int8
+    space = {"tile": ("128x64x64-w4s4", "64x64x64-w4s4")}
+    priority = 35
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        return super().applicable(node, device) and triton_available() and quantized_spec(node) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        s = quantized_spec(node)
+        if s is None:
+            raise UnsupportedError(f"triton.int8_conv cannot render node '{node.name}'", op=node.op, node=node.name)
+        return ConvKernel(node, s, TILES[config.get("tile", next(iter(TILES)))], device)
+
+
 register(TritonConv())
+register(TritonInt8Conv())

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Node
+from kiln.ir.graph import Graph, Node
 from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
 from kiln.kernels.cpu.common import prepared
-from kiln.kernels.epilogue import Anchored
+from kiln.kernels.epilogue import Anchored, steps_view
 from kiln.kernels.pointwise import triton_available
 from kiln.kernels.pointwise.codegen import epilogue_graph
 from kiln.kernels.pointwise.rules import NARROW, float_text, storage
@@ -136,7 +136,7 @@ def _steps(a: Anchored) -> tuple[TileProgram | None, tuple[int, ...]] | None:
     """(the steps as a tile program or None without steps, their graph inputs' node indices); None: refused."""
     if not a.steps or a.body is None:
         return None, ()
-    found = epilogue_graph(a.body)
+    found = epilogue_graph(cast(Graph, steps_view(a)))
     if found is None:
         return None
     graph, sources = found

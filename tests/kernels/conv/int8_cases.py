@@ -1,0 +1,87 @@
+"""Quantized conv cases for `triton.int8_conv`: a Conv (+ epilogue) quantized by kiln's own Q/DQ placement and
+folded into a "quantized" node, fed an int8 activation; `run` compares every tile with the node's reference (its
+body: dequantize, then the float conv). Shared by the interpreter test (CPU) and the GPU tier."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kiln.ir import DType
+from kiln.ir.graph import Node
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import RefCtx, run_nodes
+from kiln.kernels import registry
+from kiln.kernels.conv.triton_conv import TILES, channels_last
+from kiln.precision.lower import lower_precision
+from kiln.precision.quantize import fold_quantized, quantize_graph
+from tests.kernels.conv.cases import CUDA, F32, Maker, relu
+
+ALL = tuple(TILES)
+
+
+def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, act: bool = True,
+              half: bool = False, **kw: Any) -> tuple[Node, list[Any]]:
+    """The folded node of Conv(x) (+ Relu), min-max scales from a sample, and its inputs with an int8 activation."""
+    m = Maker(21)
+    y = m.conv(F32, x, n, (k, k), cl=cl, **kw)
+    if act:
+        y = relu(m, y)
+    m.g.outputs.append(y)
+    from kiln.passes.epilogue_fusion import epilogue_fusion
+
+    epilogue_fusion(m.g)
+    sample = m.feeds["x"]
+    scale = float(sample.abs().max()) / 127
+    quantize_graph(m.g, {"x": scale})
+    if half:
+        lower_precision(m.g, DType.FLOAT16)
+    assert len(fold_quantized(m.g)) == 1
+    node = next(n for n in m.g.nodes if n.op == "Fused" and n.attrs["kind"] == "quantized")
+    before = m.g.nodes[:m.g.nodes.index(node)]  # the quantize (and casts) feeding it
+    env = run_nodes(before, {m.g.inputs[0]: sample})
+    args = [v.data if v.data is not None else env[v] for v in node.inputs]
+    q = args[0]
+    assert q.dtype == torch.int8
+    args[0] = q.contiguous(memory_format=torch.channels_last) if cl else q.contiguous()
+    return node, args
+
+
+def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str = "cpu") -> dict[str, str | None]:
+    t = registry.get("triton.int8_conv")
+    if not t.applicable(node, CUDA):
+        return {"applicable": "refused"}
+    want = OPS["Fused"].ref(RefCtx(node), list(args))[0]
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    tol = 1e-2 if want.dtype == torch.float16 else 1e-4
+    out: dict[str, str | None] = {}
+    for tile in tiles:
+        got = t.build(node, {"tile": tile}, CUDA)(list(moved))[0].cpu()
+        if got.dtype != want.dtype or got.shape != want.shape:
+            out[tile] = f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
+            continue
+        if channels_last(got) != channels_last(args[0]):
+            out[tile] = f"layout: strides {got.stride()}"
+            continue
+        try:
+            torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+            out[tile] = None
+        except AssertionError as e:
+            out[tile] = str(e)[:800]
+    return out
+
+
+CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
+    "3x3-pad1-relu-cl-every-tile": lambda: quantized((2, 16, 7, 7), 24, 3, pad=(1, 1)),
+    "1x1-s2-bare-nchw": lambda: quantized((1, 8, 9, 9), 16, 1, cl=False, act=False, stride=(2, 2)),
+    "3x3-c70-relu-f16-cl": lambda: quantized((1, 70, 5, 5), 8, 3, half=True, pad=(1, 1)),
+    "stem-7x7-s2-c3-cl": lambda: quantized((1, 3, 11, 11), 8, 7, stride=(2, 2), pad=(3, 3)),
+}
+
+
+def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
+    node, args = CASES[name]()
+    tiles = ALL if name.endswith("every-tile") else ALL[2:3]
+    return run(node, args, tiles, device)
