@@ -385,7 +385,7 @@ class TritonConv(Tactic):
 def quantized_spec(node: Node) -> Spec | None:
     """The int8 template's view of a "quantized" Fused node whose anchor is a 2-D ungrouped Conv (int8 activation
     with a per-tensor scale, int8 weight with per-output-channel scales, zero points 0), or None."""
-    from kiln.kernels.gemm.int8 import _zero
+    from kiln.kernels.gemm.int8 import zero_points_zero
 
     if node.op != "Fused" or node.attrs.get("kind") != "quantized" or len(node.outputs) != 1:
         return None
@@ -407,8 +407,9 @@ def quantized_spec(node: Node) -> Spec | None:
     if xq is None or wq is None or sx is None or sw is None or xq.dtype is not DType.INT8:
         return None
     w = wq.data
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 4 or not (_zero(node, dx) and
-                                                                                       _zero(node, dw)):
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 4:
+        return None
+    if not (zero_points_zero(node, dx) and zero_points_zero(node, dw)):
         return None
     if not (isinstance(sx.data, torch.Tensor) and sx.data.numel() == 1 and isinstance(sw.data, torch.Tensor)
             and sw.data.numel() == w.shape[0] and int(dw.attrs.get("axis", 1)) == 0):

@@ -56,7 +56,9 @@ def _layout(node: Node) -> tuple[int, int, int, int, int, int, int | None] | Non
         return None
     xq, sx, wq, sw = xs
     assert xq is not None and sx is not None and wq is not None and sw is not None
-    if not (_zero(node, dx) and _zero(node, dw)) or not isinstance(wq.data, torch.Tensor) or wq.data.dim() != 2:
+    if not (zero_points_zero(node, dx) and zero_points_zero(node, dw)):
+        return None
+    if not isinstance(wq.data, torch.Tensor) or wq.data.dim() != 2:
         return None
     if not (isinstance(sx.data, torch.Tensor) and sx.data.numel() == 1 and isinstance(sw.data, torch.Tensor)):
         return None
@@ -74,7 +76,7 @@ def _layout(node: Node) -> tuple[int, int, int, int, int, int, int | None] | Non
     return at[0], at[1], at[2], at[3], axis, trans_b, None if c is None else ins.index(c)
 
 
-def _zero(node: Node, dq: Node) -> bool:
+def zero_points_zero(node: Node, dq: Node) -> bool:
     """Whether DequantizeLinear `dq`'s zero point is absent or a constant of zeros."""
     body: Graph = node.attrs["body"]
     zp: Value | None = dq.inputs[2] if len(dq.inputs) > 2 else None
