@@ -255,3 +255,30 @@ def test_in_a_float16_build_the_folded_layers_compute_in_float16(no_triton: None
             checked += 1
         values.update(zip(n.outputs, want))
     assert checked == 3
+
+
+def test_requantizing_epilogues_keep_the_results_and_write_int8(no_triton: None) -> None:
+    """fc1's and fc2's outputs are read only by the quantization for the next layer: that QuantizeLinear becomes
+    their last step, the layers write int8, the reference results do not change."""
+    from kiln.precision.quantize import fuse_requantize
+
+    g = _quantized()
+    fold_quantized(g)
+    before = Interpreter(g).run(_feeds())["y"]
+    assert len(fuse_requantize(g)) == 2
+    assert sum(n.op == "QuantizeLinear" for n in g.nodes) == 1  # only the graph input's is left
+    np.testing.assert_array_equal(Interpreter(g).run(_feeds())["y"], before)
+    t = registry.get("cuda.int8_gemm")
+    values = {g.inputs[0]: torch.from_numpy(_feeds()["x"])}
+    ends_int8 = 0
+    for n in g.nodes:
+        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
+        want = OPS[n.op].ref(RefCtx(n), list(args))
+        if n.op == "Fused" and n.attrs["kind"] == "quantized" and want[0].dtype == torch.int8:
+            assert t.applicable(n, CUDA)
+            got = t.build(n, {}, CPU)(list(args))[0]
+            diff = (got.int() - want[0].int()).abs()
+            assert got.dtype == torch.int8 and int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
+            ends_int8 += 1
+        values.update(zip(n.outputs, want))
+    assert ends_int8 == 2

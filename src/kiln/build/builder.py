@@ -25,7 +25,13 @@ from kiln.precision.accuracy import Target, gate
 from kiln.precision.calibration import CalibrationCache, activation_scales, collect, load_calibration_data
 from kiln.precision.flops import flop_mix
 from kiln.precision.lower import lower_precision
-from kiln.precision.quantize import fold_quantized, model_fingerprint, quantizable_inputs, quantize_graph
+from kiln.precision.quantize import (
+    fold_quantized,
+    fuse_requantize,
+    model_fingerprint,
+    quantizable_inputs,
+    quantize_graph,
+)
 from kiln.precision.ranges import decide, observe_peaks
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
@@ -133,8 +139,9 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
             lowered = {**_lower(graph, config, profiles, DType.FLOAT16), **lowered, "float_precision": "fp16"}
     if any(n.op == "DequantizeLinear" for n in graph.nodes):  # int8 builds, and models quantized before import
         folded = len(fold_quantized(graph))
+        requantized = len(fuse_requantize(graph))
         if folded or lowered is not None:
-            lowered = {**(lowered or {}), "int8_folded_layers": folded}
+            lowered = {**(lowered or {}), "int8_folded_layers": folded, "int8_outputs": requantized}
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 

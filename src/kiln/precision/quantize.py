@@ -233,3 +233,48 @@ def _quantized_node(graph: Graph, n: Node, xi: int, wi: int, dx: Node, dw: Node)
         for o in m.outputs:
             o.producer = m
     return Node("Fused", list[Value | None](outer), list(n.outputs), {"body": body, "kind": "quantized"}, n.name)
+
+
+def fuse_requantize(graph: Graph) -> list[str]:
+    """A QuantizeLinear that is the only reader of a "quantized" layer's output becomes the last step of that
+    layer's body: the layer then writes int8 for the next one (dequantize, bias, activation, requantize in one
+    epilogue) instead of a float tensor that a separate pass reads back to quantize. The reference runs the same
+    ops, so results do not change. Returns the names of the layers that now end in int8."""
+    readers: dict[Value, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                readers.setdefault(v, []).append(n)
+    producers = {o: n for n in graph.nodes for o in n.outputs}
+    fused: list[str] = []
+    for q in list(graph.nodes):
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None:
+            continue
+        v = q.inputs[0]
+        f = producers.get(v)
+        if f is None or f.op != "Fused" or f.attrs.get("kind") != "quantized" or len(f.outputs) != 1:
+            continue
+        if readers.get(v) != [q] or v in graph.outputs:
+            continue
+        body: Graph = f.attrs["body"]
+        inner_out = body.outputs[0]
+        params: list[Value | None] = []
+        for p in q.inputs[1:]:
+            if p is None:
+                params.append(None)
+                continue
+            b = Value(graph.fresh_name(f"{p.name}.in"), p.type)
+            body.inputs.append(b)
+            f.inputs.append(p)
+            params.append(b)
+        out = Value(graph.fresh_name(f"{q.outputs[0].name}.inner"), q.outputs[0].type)
+        step = Node("QuantizeLinear", [inner_out, *params], [out], dict(q.attrs), q.name)
+        out.producer = step
+        body.nodes.append(step)
+        body.outputs = [out]
+        f.outputs = list(q.outputs)
+        for o in f.outputs:
+            o.producer = f
+        graph.remove_nodes([q])
+        fused.append(f.name)
+    return fused

@@ -649,3 +649,14 @@ def run_case(name: str, device: str = "cpu") -> str | None:
         if i != c.alias and not torch.equal(x.nan_to_num(), b.nan_to_num()):
             problems.append(f"input {i} was modified")
     return "; ".join(problems) or None
+
+
+# --- QuantizeLinear (per tensor: int8 outputs of the requantizing epilogues) --------------------------------------
+
+case("QuantizeLinear-float32-int8-saturating")(lambda r: op_case("QuantizeLinear", [
+    r.randn(*SHAPE, scale=60.0), torch.tensor(0.37), torch.tensor(-3, dtype=torch.int8)]))
+case("QuantizeLinear-float16-scale-uint8")(lambda r: op_case("QuantizeLinear", [
+    r.randn(*SHAPE, dtype=F16, scale=4.0), torch.tensor(0.05, dtype=torch.float16),
+    torch.tensor(128, dtype=torch.uint8)]))
+case("QuantizeLinear-ties-no-zero-point")(lambda r: op_case("QuantizeLinear", [
+    r.halves(*SHAPE) * 3, torch.tensor(1.0)]))

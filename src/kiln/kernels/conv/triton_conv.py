@@ -423,7 +423,8 @@ def quantized_spec(node: Node) -> Spec | None:
         return None
     program, sources = steps
     out = program.result.dtype if program is not None else anchor.outputs[0].dtype
-    if out != node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16):
+    if out != node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
+                                                   DType.UINT8):  # int8: it requantizes for the next layer
         return None
     stride, pad, dilation = geometry
     return Spec(xq_at, wq_at, b_at, int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride,

@@ -332,6 +332,49 @@ def _cast(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
     return b.let(f"{rounded(x)}{via}.to({compute(to)})", to)
 
 
+_QRANGE = {D.INT8: (-128, 127), D.UINT8: (0, 255)}
+
+
+def _quantize_precision(n: Node) -> DType:
+    """The type QuantizeLinear divides in: its `precision` attribute, else the scale's (as the reference)."""
+    p = n.attrs.get("precision")
+    return p if p in F32 else n.inputs[1].dtype  # type: ignore[union-attr]
+
+
+def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
+    """y = saturate(round_half_even(x / scale) + zero_point) to int8/uint8, per tensor. The quotient is formed in
+    the precision's type: float32 division of two values of that type rounded once to it is the exactly rounded
+    narrow quotient (float32 carries more than twice their significand bits)."""
+    x, s, out = _x(xs, 0), _x(xs, 1), _out(n)
+    zp = xs[2] if len(xs) > 2 else None
+    prec = _quantize_precision(n)
+
+    def as_prec(e: Expr) -> str:
+        if e.dtype is prec:
+            return rounded(e)
+        return f"{rounded(e)}.to({storage(prec)})" + (".to(tl.float32)" if prec in NARROW else "")
+
+    q = f"({as_prec(x)} / {as_prec(s)})"
+    if prec in NARROW:
+        q = f"{q}.to({storage(prec)}).to(tl.float32)"
+    v = f"km.round_even({q})" + ("" if zp is None else f" + {zp.text}.to(tl.float32)")
+    lo, hi = _QRANGE[out]
+    return b.let(f"tl.minimum(tl.maximum({v}, {lo}.0), {hi}.0).to({storage(out)})", out)
+
+
+def _quantize_check(n: Node) -> str | None:
+    x, scale = n.inputs[0], n.inputs[1]
+    zp = n.inputs[2] if len(n.inputs) > 2 else None
+    if x is None or scale is None or x.dtype not in F32 or scale.dtype not in F32 or n.outputs[0].dtype not in _QRANGE:
+        return "QuantizeLinear is generated from float16/bfloat16/float32 to int8/uint8 only"
+    if int(n.attrs.get("block_size") or 0) or _quantize_precision(n) not in F32:
+        return "blocked or float64 quantization is not generated"
+    for v in (scale, zp):
+        if v is not None and (v.shape is None or math.prod(d if isinstance(d, int) else 2 for d in v.shape) != 1):
+            return "QuantizeLinear is generated with a per-tensor scale and zero point only"
+    return None
+
+
 def _is_inf(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
     x = _x(xs)
     r = rounded(x)
@@ -413,6 +456,7 @@ RULES: dict[str, Rule] = {
                        dtypes(INTS)),
     "Where": Rule(_where, dtypes(SUPPORTED)),
     "Clip": Rule(_clip, dtypes(NUMERIC, extra=_clip_check)),
+    "QuantizeLinear": Rule(_quantize, _quantize_check),
     "PRelu": Rule(_prelu, dtypes(FLOATS | {D.INT32, D.INT64})),
     "IsNaN": Rule(lambda b, n, xs: b.let(f"{_x(xs).text} != {_x(xs).text}", D.BOOL), dtypes(FLOATS, BOOL)),
     "IsInf": Rule(_is_inf, dtypes(FLOATS, BOOL)),
