@@ -28,6 +28,7 @@ from kiln.precision.lower import lower_precision
 from kiln.precision.quantize import (
     fold_quantized,
     fuse_requantize,
+    hoist_quantize,
     model_fingerprint,
     quantizable_inputs,
     quantize_graph,
@@ -139,6 +140,7 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
             lowered = {**_lower(graph, config, profiles, DType.FLOAT16), **lowered, "float_precision": "fp16"}
     if any(n.op == "DequantizeLinear" for n in graph.nodes):  # int8 builds, and models quantized before import
         folded = len(fold_quantized(graph))
+        hoist_quantize(graph)  # before fuse_requantize: a pool's producer can then requantize too
         requantized = len(fuse_requantize(graph))
         if folded or lowered is not None:
             lowered = {**(lowered or {}), "int8_folded_layers": folded, "int8_outputs": requantized}

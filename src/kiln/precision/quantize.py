@@ -278,3 +278,45 @@ def fuse_requantize(graph: Graph) -> list[str]:
         graph.remove_nodes([q])
         fused.append(f.name)
     return fused
+
+
+def hoist_quantize(graph: Graph) -> list[str]:
+    """MaxPool(x) read only by QuantizeLinear(s, z) with a positive per-tensor scale becomes QuantizeLinear(x) then
+    MaxPool on the int8 values: quantizing is monotonic, so the max of the quantized values is the quantized max,
+    exactly. The pool then reads and writes int8, and x's producer can requantize in its epilogue
+    (`fuse_requantize`). Returns the pools moved."""
+    readers: dict[Value, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                readers.setdefault(v, []).append(n)
+    producers = {o: n for n in graph.nodes for o in n.outputs}
+    moved: list[str] = []
+    for q in list(graph.nodes):
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or len(q.inputs) < 2:
+            continue
+        pooled = q.inputs[0]
+        pool = producers.get(pooled)
+        if pool is None or pool.op != "MaxPool" or len(pool.outputs) != 1 or pool.inputs[0] is None:
+            continue
+        if readers.get(pooled) != [q] or pooled in graph.outputs or not _positive_scalar(q.inputs[1]):
+            continue
+        zp = q.inputs[2] if len(q.inputs) > 2 else None
+        if zp is not None and (not isinstance(zp.data, torch.Tensor) or zp.data.numel() != 1):
+            continue
+        x = pool.inputs[0]
+        assert isinstance(x.type, TensorType) and isinstance(q.outputs[0].type, TensorType)
+        xq = Value(graph.fresh_name(f"{x.name}/quantized"), TensorType(q.outputs[0].type.dtype, x.type.shape))
+        early = Node("QuantizeLinear", [x, *q.inputs[1:]], [xq], dict(q.attrs), graph.fresh_name(f"{q.name}/early"))
+        graph.insert_node(early, graph.nodes.index(pool))
+        pool.inputs[0] = xq
+        pool.outputs = list(q.outputs)
+        for o in pool.outputs:
+            o.producer = pool
+        graph.remove_nodes([q])
+        moved.append(pool.name)
+    return moved
+
+
+def _positive_scalar(v: Value | None) -> bool:
+    return v is not None and isinstance(v.data, torch.Tensor) and v.data.numel() == 1 and float(v.data) > 0

@@ -24,7 +24,11 @@ def maxpool(x: tuple[int, int, int, int], dt: DType, **attrs: Any) -> tuple[Node
     v = g.add_input("x", TensorType(dt, x))
     g.outputs.extend(g.add("MaxPool", [v], attrs, name="pool", outputs=1))
     gen = torch.Generator().manual_seed(0)
-    t = torch.randn(x, generator=gen).to(dt.torch).contiguous(memory_format=torch.channels_last)
+    if dt in (DType.INT8, DType.UINT8):
+        lo, hi = (-128, 128) if dt is DType.INT8 else (0, 256)
+        t = torch.randint(lo, hi, x, generator=gen).to(dt.torch).contiguous(memory_format=torch.channels_last)
+    else:
+        t = torch.randn(x, generator=gen).to(dt.torch).contiguous(memory_format=torch.channels_last)
     return g.nodes[0], t
 
 
@@ -54,6 +58,10 @@ CASES: dict[str, Callable[[], tuple[Node, torch.Tensor]]] = {
     "2x2-s2-f32": lambda: maxpool((1, 70, 8, 9), F32, kernel_shape=[2, 2], strides=[2, 2]),
     "3x3-s1-dil2-p2-f16": lambda: maxpool((1, 8, 9, 9), F16, kernel_shape=[3, 3], dilations=[2, 2],
                                           pads=[2, 2, 2, 2]),
+    # quantized activations (precision.quantize.hoist_quantize): padding must never win over -128 / 0
+    "resnet-stem-int8": lambda: maxpool((2, 20, 13, 13), DType.INT8, kernel_shape=[3, 3], strides=[2, 2],
+                                        pads=[1, 1, 1, 1]),
+    "3x3-p1-uint8": lambda: maxpool((1, 24, 6, 6), DType.UINT8, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
 }
 
 

@@ -1,4 +1,5 @@
-"""`triton.maxpool`: a 2-D MaxPool (values only) of a channels-last input as one Triton kernel.
+"""`triton.maxpool`: a 2-D MaxPool (values only) of a channels-last input as one Triton kernel (float16, bfloat16,
+float32, and int8/uint8 for quantized activations: the maximum is taken in float32, exact for every 8-bit value).
 
 A pooling window reads KH x KW pixels of one channel, so in NHWC every tap is a contiguous row of channels: each
 program loads BLOCK_N channels of BLOCK_M output pixels' window taps and keeps the running maximum (NaN wins, as
@@ -22,7 +23,8 @@ from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
 from kiln.utils.errors import InputError, UnsupportedError
 
-FLOATS = frozenset({DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32})
+TYPES = frozenset({DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32, DType.INT8, DType.UINT8})
+"""int8/uint8: a quantized activation pooled before it is dequantized (`precision.quantize.hoist_quantize`)."""
 
 
 class Tile(NamedTuple):
@@ -64,12 +66,16 @@ def kiln_maxpool(x_ptr, out_ptr, M, C, H, W, OH, OW, stride_xb, stride_xh, strid
             iw = iw0 + kw * DW
             inside = row_ok & (iw >= 0) & (iw < W)
             x = tl.load((x_rows + ih * stride_xh + iw * stride_xw)[:, None] + offs_n[None, :],
-                        mask=inside[:, None] & n_ok[None, :], other=float("-inf"))
+                        mask=inside[:, None] & n_ok[None, :], other={lowest})
             acc = tl.maximum(acc, x.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
     out_rows = (ob * stride_ob + oh * stride_oh + ow * stride_ow)[:, None]
     tl.store(out_ptr + out_rows + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 '''
+
+
+LOWEST = {DType.INT8: "-128", DType.UINT8: "0"}
+"""What a padded tap reads: a value no real one is below (-inf for floats)."""
 
 
 class Window(NamedTuple):
@@ -85,7 +91,7 @@ def window(node: Node) -> Window | None:
     x = node.inputs[0]
     if node.op != "MaxPool" or x is None or x.rank != 4 or len(node.outputs) != 1:
         return None
-    if not all(isinstance(v.type, TensorType) and v.type.dtype in FLOATS for v in (x, node.outputs[0])):
+    if not all(isinstance(v.type, TensorType) and v.type.dtype in TYPES for v in (x, node.outputs[0])):
         return None
     if a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return None
@@ -101,10 +107,11 @@ def window(node: Node) -> Window | None:
 
 
 class MaxPoolKernel:
-    def __init__(self, win: Window, tile: Tile) -> None:
+    def __init__(self, win: Window, tile: Tile, dtype: DType) -> None:
         self.win = win
         self.tile = tile
-        self.fn = load_function(_SOURCE, "kiln_maxpool", "kiln_maxpool")
+        source = _SOURCE.replace("{lowest}", LOWEST.get(dtype, 'float("-inf")'))
+        self.fn = load_function(source, "kiln_maxpool", "kiln_maxpool")
 
     def __call__(self, xs: list[Any]) -> list[Any]:
         x = xs[0]
@@ -146,7 +153,9 @@ class TritonMaxPool(Tactic):
         win = window(node)
         if win is None:
             raise UnsupportedError(f"triton.maxpool cannot run node '{node.name}'", op=node.op, node=node.name)
-        return MaxPoolKernel(win, TILES[config.get("tile", next(iter(TILES)))])
+        x = node.inputs[0]
+        assert x is not None
+        return MaxPoolKernel(win, TILES[config.get("tile", next(iter(TILES)))], x.dtype)
 
 
 register(TritonMaxPool())
