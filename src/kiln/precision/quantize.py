@@ -18,6 +18,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType, Value
+from kiln.passes.rewrite import Uses
 from kiln.precision.calibration import weight_scales
 
 ANCHORS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -240,11 +241,7 @@ def fuse_requantize(graph: Graph) -> list[str]:
     layer's body: the layer then writes int8 for the next one (dequantize, bias, activation, requantize in one
     epilogue) instead of a float tensor that a separate pass reads back to quantize. The reference runs the same
     ops, so results do not change. Returns the names of the layers that now end in int8."""
-    readers: dict[Value, list[Node]] = {}
-    for n in graph.nodes:
-        for v in n.inputs:
-            if v is not None:
-                readers.setdefault(v, []).append(n)
+    uses = Uses.of(graph)  # readers inside subgraphs count too
     producers = {o: n for n in graph.nodes for o in n.outputs}
     fused: list[str] = []
     for q in list(graph.nodes):
@@ -254,7 +251,7 @@ def fuse_requantize(graph: Graph) -> list[str]:
         f = producers.get(v)
         if f is None or f.op != "Fused" or f.attrs.get("kind") != "quantized" or len(f.outputs) != 1:
             continue
-        if readers.get(v) != [q] or v in graph.outputs:
+        if uses.only_reader(v) is not q:
             continue
         body: Graph = f.attrs["body"]
         inner_out = body.outputs[0]
@@ -285,11 +282,7 @@ def hoist_quantize(graph: Graph) -> list[str]:
     MaxPool on the int8 values: quantizing is monotonic, so the max of the quantized values is the quantized max,
     exactly. The pool then reads and writes int8, and x's producer can requantize in its epilogue
     (`fuse_requantize`). Returns the pools moved."""
-    readers: dict[Value, list[Node]] = {}
-    for n in graph.nodes:
-        for v in n.inputs:
-            if v is not None:
-                readers.setdefault(v, []).append(n)
+    uses = Uses.of(graph)  # readers inside subgraphs count too
     producers = {o: n for n in graph.nodes for o in n.outputs}
     moved: list[str] = []
     for q in list(graph.nodes):
@@ -299,7 +292,7 @@ def hoist_quantize(graph: Graph) -> list[str]:
         pool = producers.get(pooled)
         if pool is None or pool.op != "MaxPool" or len(pool.outputs) != 1 or pool.inputs[0] is None:
             continue
-        if readers.get(pooled) != [q] or pooled in graph.outputs or not _positive_scalar(q.inputs[1]):
+        if uses.only_reader(pooled) is not q or not _positive_scalar(q.inputs[1]):
             continue
         zp = q.inputs[2] if len(q.inputs) > 2 else None
         if zp is not None and (not isinstance(zp.data, torch.Tensor) or zp.data.numel() != 1):
