@@ -26,16 +26,16 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
-from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.base import Kernel
 from kiln.kernels.conv.cudnn import _params
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored
 from kiln.kernels.gemm.triton_gemm import WIDE_LIMIT, Tile, _stages, _steps
-from kiln.kernels.pointwise import triton_available
 from kiln.kernels.pointwise.rules import NARROW, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
-from kiln.utils.errors import InputError, UnsupportedError
+from kiln.kernels.templates import TemplateTactic
+from kiln.utils.errors import InputError
 
 ANCHORS = frozenset({"Conv"})
 Pair = tuple[int, int]
@@ -358,7 +358,7 @@ class ConvKernel(SpecKernel):
         return [out]
 
 
-class TritonConv(Tactic):
+class TritonConv(TemplateTactic):
     """A 2-D ungrouped Conv with its epilogue as one implicit-GEMM Triton kernel (see the module docstring)."""
 
     name = "triton.conv"
@@ -367,19 +367,15 @@ class TritonConv(Tactic):
     min_opt_level = 4
     ops = frozenset({"Conv", "Fused"})
     devices = frozenset({"cuda"})
+    tiles = TILES
     space = {"tile": tuple(TILES)}
     priority = 60
 
-    def applicable(self, node: Node, device: torch.device) -> bool:
-        return super().applicable(node, device) and triton_available() and spec(node) is not None
+    def view(self, node: Node) -> Spec | None:
+        return spec(node)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device,
-              run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        s = spec(node)
-        if s is None:
-            raise UnsupportedError(f"triton.conv cannot render node '{node.name}'", op=node.op, node=node.name)
-        tile = TILES[config.get("tile", next(iter(TILES)))]
-        return ConvKernel(node, s, tile, device)
+    def make(self, node: Node, view: Spec, tile: Tile, device: torch.device) -> Kernel:
+        return ConvKernel(node, view, tile, device)
 
 
 def quantized_spec(node: Node) -> Spec | None:
@@ -431,27 +427,20 @@ def quantized_spec(node: Node) -> Spec | None:
                 pad, dilation, DType.INT8, out, program, sources, dq=(sx_at, sw_at))
 
 
-class TritonInt8Conv(Tactic):
+class TritonInt8Conv(TritonConv):
     """A "quantized" 2-D conv (int8 activation and weight) as the implicit-GEMM template with int8 products into
     int32, dequantized per output channel in float32, then its epilogue (see `render`)."""
 
     name = "triton.int8_conv"
     ops = frozenset({"Fused"})
-    devices = frozenset({"cuda"})
     # why: the two tiles that won ResNet-50's float convs at batch 128 and 1 on an H100 (every tile is a compile per
     # conv shape, and an int8 build times every quantized conv); not yet timed in int8
     space = {"tile": ("128x64x64-w4s4", "64x64x64-w4s4")}
     priority = 35
+    min_opt_level = 0
 
-    def applicable(self, node: Node, device: torch.device) -> bool:
-        return super().applicable(node, device) and triton_available() and quantized_spec(node) is not None
-
-    def build(self, node: Node, config: dict[str, Any], device: torch.device,
-              run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        s = quantized_spec(node)
-        if s is None:
-            raise UnsupportedError(f"triton.int8_conv cannot render node '{node.name}'", op=node.op, node=node.name)
-        return ConvKernel(node, s, TILES[config.get("tile", next(iter(TILES)))], device)
+    def view(self, node: Node) -> Spec | None:
+        return quantized_spec(node)
 
 
 register(TritonConv())

@@ -25,13 +25,13 @@ from typing import Any, NamedTuple
 import torch
 
 from kiln.ir.graph import Node
-from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.base import Kernel
 from kiln.kernels.conv.triton_conv import WIDE_LIMIT, Spec, SpecKernel, _extent, epilogue, spec
 from kiln.kernels.cpu.common import prepared
-from kiln.kernels.pointwise import triton_available
 from kiln.kernels.pointwise.rules import storage
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
+from kiln.kernels.templates import TemplateTactic
 from kiln.utils.errors import InputError, UnsupportedError
 
 
@@ -145,24 +145,21 @@ class DepthwiseKernel(SpecKernel):
         return [out]
 
 
-class TritonDepthwise(Tactic):
+class TritonDepthwise(TemplateTactic):
     """A 2-D depthwise Conv with its epilogue as one Triton kernel (see the module docstring)."""
 
     name = "triton.depthwise"
     ops = frozenset({"Conv", "Fused"})
     devices = frozenset({"cuda"})
+    tiles = TILES
     space = {"tile": tuple(TILES)}
     priority = 45
 
-    def applicable(self, node: Node, device: torch.device) -> bool:
-        return super().applicable(node, device) and triton_available() and spec(node, depthwise=True) is not None
+    def view(self, node: Node) -> Spec | None:
+        return spec(node, depthwise=True)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device,
-              run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        s = spec(node, depthwise=True)
-        if s is None:
-            raise UnsupportedError(f"triton.depthwise cannot render node '{node.name}'", op=node.op, node=node.name)
-        return DepthwiseKernel(node, s, TILES[config.get("tile", next(iter(TILES)))])
+    def make(self, node: Node, view: Spec, tile: Tile, device: torch.device) -> Kernel:
+        return DepthwiseKernel(node, view, tile)
 
 
 register(TritonDepthwise())

@@ -24,14 +24,14 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node
-from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.base import Kernel
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored, steps_view
-from kiln.kernels.pointwise import triton_available
 from kiln.kernels.pointwise.codegen import epilogue_graph
 from kiln.kernels.pointwise.rules import NARROW, float_text, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function, tile_program
 from kiln.kernels.registry import register
+from kiln.kernels.templates import TemplateTactic
 from kiln.utils.errors import InputError, UnsupportedError
 
 ANCHORS = frozenset({"MatMul", "Gemm"})
@@ -303,26 +303,22 @@ class GemmKernel:
         return [t.expand(shape).reshape(m, n) for t in ts]
 
 
-class TritonGemm(Tactic):
+class TritonGemm(TemplateTactic):
     """MatMul/Gemm by a constant 2-D weight, with its epilogue, as one Triton kernel (see the module docstring)."""
 
     name = "triton.gemm"
     min_opt_level = 4  # GPU-verified (H100); opt-in for build time: ties cuBLAS at bs128, ~1 us a GEMM faster at bs1
     ops = frozenset({"MatMul", "Gemm", "Fused"})
     devices = frozenset({"cuda"})
+    tiles = TILES
     space = {"tile": tuple(TILES)}
     priority = 60
 
-    def applicable(self, node: Node, device: torch.device) -> bool:
-        return super().applicable(node, device) and triton_available() and spec(node) is not None
+    def view(self, node: Node) -> Spec | None:
+        return spec(node)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device,
-              run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        s = spec(node)
-        if s is None:
-            raise UnsupportedError(f"triton.gemm cannot render node '{node.name}'", op=node.op, node=node.name)
-        tile = TILES[config.get("tile", next(iter(TILES)))]
-        return GemmKernel(node, s, tile, device)
+    def make(self, node: Node, view: Spec, tile: Tile, device: torch.device) -> Kernel:
+        return GemmKernel(node, view, tile, device)
 
 
 register(TritonGemm())

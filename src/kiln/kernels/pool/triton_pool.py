@@ -17,10 +17,10 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
-from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
-from kiln.kernels.pointwise import triton_available
+from kiln.kernels.base import Kernel
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
+from kiln.kernels.templates import TemplateTactic
 from kiln.utils.errors import InputError, UnsupportedError
 
 TYPES = frozenset({DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32, DType.INT8, DType.UINT8})
@@ -138,24 +138,21 @@ class MaxPoolKernel:
         return [out]
 
 
-class TritonMaxPool(Tactic):
+class TritonMaxPool(TemplateTactic):
     name = "triton.maxpool"
     ops = frozenset({"MaxPool"})
     devices = frozenset({"cuda"})
+    tiles = TILES
     space = {"tile": tuple(TILES)}
     priority = 50
 
-    def applicable(self, node: Node, device: torch.device) -> bool:
-        return super().applicable(node, device) and triton_available() and window(node) is not None
+    def view(self, node: Node) -> Window | None:
+        return window(node)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device,
-              run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        win = window(node)
-        if win is None:
-            raise UnsupportedError(f"triton.maxpool cannot run node '{node.name}'", op=node.op, node=node.name)
+    def make(self, node: Node, view: Window, tile: Tile, device: torch.device) -> Kernel:
         x = node.inputs[0]
         assert x is not None
-        return MaxPoolKernel(win, TILES[config.get("tile", next(iter(TILES)))], x.dtype)
+        return MaxPoolKernel(view, tile, x.dtype)
 
 
 register(TritonMaxPool())

@@ -1,0 +1,38 @@
+"""What the Triton template tactics share (GEMM, implicit-GEMM and int8 convolution, depthwise convolution, max
+pool): applicable when Triton is installed and the template can render the node, one configuration per tile of a
+named tile table, and a kernel built from the node's rendered view and the chosen tile."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from kiln.ir.graph import Node
+from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.pointwise import triton_available
+from kiln.utils.errors import UnsupportedError
+
+
+class TemplateTactic(Tactic):
+    """Subclasses set `tiles` (name -> tile) and `space = {"tile": ...}` (names from `tiles`), and implement
+    `view` (the node in the template's terms, None when it cannot be rendered) and `make`."""
+
+    tiles: ClassVar[Mapping[str, Any]]
+
+    def view(self, node: Node) -> Any | None:
+        raise NotImplementedError
+
+    def make(self, node: Node, view: Any, tile: Any, device: torch.device) -> Kernel:
+        raise NotImplementedError
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        return super().applicable(node, device) and triton_available() and self.view(node) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        view = self.view(node)
+        if view is None:
+            raise UnsupportedError(f"{self.name} cannot render node '{node.name}'", op=node.op, node=node.name)
+        return self.make(node, view, self.tiles[config.get("tile", self.space["tile"][0])], device)
