@@ -62,6 +62,16 @@ def run_cases(module: str, tmp: Path, shards: int = 1) -> tuple[dict[str, dict[s
     return records, logs
 
 
+def case_result(interpreted: tuple[dict[str, dict[str, Any]], str], name: str) -> Any:
+    """Case `name`'s result from a `run_cases` run; fails the calling test when the worker died before it or the
+    case raised."""
+    results, log = interpreted
+    assert name in results, f"no result for {name} (did the runner die?)\n{log}"
+    rec = results[name]
+    assert "error" not in rec, rec.get("error")
+    return rec["result"]
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)

@@ -18,7 +18,7 @@ from kiln.kernels import registry, templates
 from kiln.kernels.conv import triton_conv
 from kiln.kernels.conv.triton_conv import TILES, spec
 from tests.kernels.conv.cases import ALL, CASES, CUDA, F16, F32, Maker, conv_add_relu, conv_hardswish, relu
-from tests.kernels.interpreted import run_cases
+from tests.kernels.interpreted import case_result, run_cases
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -33,11 +33,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
-    results, log = interpreted
-    assert name in results, f"no result for {name} (did the runner die?)\n{log}"
-    rec = results[name]
-    assert "error" not in rec, rec.get("error")
-    problems = rec["result"]
+    problems = case_result(interpreted, name)
     assert problems and all(p is None for p in problems.values()), problems
 
 

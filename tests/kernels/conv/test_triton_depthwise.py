@@ -16,7 +16,7 @@ from kiln.kernels.conv.triton_depthwise import TILES
 from kiln.utils.errors import UnsupportedError
 from tests.kernels.conv.cases import CUDA, F16, inputs
 from tests.kernels.conv.depthwise_cases import ALL, CASES, dw
-from tests.kernels.interpreted import run_cases
+from tests.kernels.interpreted import case_result, run_cases
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
-    results, log = interpreted
-    assert name in results, f"no result for {name} (did the runner die?)\n{log}"
-    rec = results[name]
-    assert "error" not in rec, rec.get("error")
-    problems = rec["result"]
+    problems = case_result(interpreted, name)
     assert problems and all(p is None for p in problems.values()), problems
 
 

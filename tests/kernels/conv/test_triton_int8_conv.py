@@ -11,7 +11,7 @@ import torch
 from kiln.kernels import registry
 from tests.kernels.conv.cases import CUDA, F32, Maker
 from tests.kernels.conv.int8_cases import CASES
-from tests.kernels.interpreted import run_cases
+from tests.kernels.interpreted import case_result, run_cases
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
-    results, log = interpreted
-    assert name in results, f"no result for {name} (did the runner die?)\n{log}"
-    rec = results[name]
-    assert "error" not in rec, rec.get("error")
-    assert rec["result"] and all(p is None for p in rec["result"].values()), rec["result"]
+    problems = case_result(interpreted, name)
+    assert problems and all(p is None for p in problems.values()), problems
 
 
 def test_applies_to_quantized_convs_only() -> None:

@@ -20,7 +20,7 @@ from kiln.kernels.gemm.triton_gemm import TILES, spec
 from kiln.passes.epilogue_fusion import epilogue_fusion
 from kiln.passes.rewrite import fuse
 from tests.kernels.gemm.cases import ALL, CASES, CUDA, F16, F32, Maker, bias_gelu_residual, local_constants
-from tests.kernels.interpreted import run_cases
+from tests.kernels.interpreted import case_result, run_cases
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -35,11 +35,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
-    results, log = interpreted
-    assert name in results, f"no result for {name} (did the runner die?)\n{log}"
-    rec = results[name]
-    assert "error" not in rec, rec.get("error")
-    problems = rec["result"]
+    problems = case_result(interpreted, name)
     assert problems and all(p is None for p in problems.values()), problems
 
 

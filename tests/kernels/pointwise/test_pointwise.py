@@ -19,7 +19,7 @@ from kiln.kernels.pointwise import layout as lay
 from kiln.kernels.pointwise.codegen import build_program, render
 from kiln.kernels.registry import TACTICS
 from kiln.utils.errors import UnsupportedError
-from tests.kernels.interpreted import run_cases
+from tests.kernels.interpreted import case_result, run_cases
 from tests.kernels.pointwise.cases import CASES, epilogue_body, graph
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -39,11 +39,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
-    results, logs = interpreted
-    assert name in results, f"no result for {name} (did the runner die?)\n{logs}"
-    rec = results[name]
-    assert "error" not in rec, rec["error"]
-    assert rec["result"] is None, rec["result"]
+    result = case_result(interpreted, name)
+    assert result is None, result
 
 
 def test_the_cases_cover_the_brief() -> None:

@@ -11,7 +11,7 @@ import torch
 from kiln.ir import DType
 from kiln.kernels import registry
 from kiln.utils.errors import UnsupportedError
-from tests.kernels.interpreted import run_cases
+from tests.kernels.interpreted import case_result, run_cases
 from tests.kernels.pool.cases import ALL, CASES, CUDA, maxpool, run
 
 
@@ -22,11 +22,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
-    results, log = interpreted
-    assert name in results, f"no result for {name} (did the runner die?)\n{log}"
-    rec = results[name]
-    assert "error" not in rec, rec.get("error")
-    assert rec["result"] and all(p is None for p in rec["result"].values()), rec["result"]
+    problems = case_result(interpreted, name)
+    assert problems and all(p is None for p in problems.values()), problems
 
 
 @pytest.mark.parametrize("attrs", [
