@@ -4,12 +4,16 @@ on them, epilogues included; what it refuses."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 import kiln
 from kiln.ir import DType, Graph, TensorType
+from kiln.ir.graph import Node
 from kiln.ir.interpreter import Interpreter
 from kiln.ir.ops import OPS
 from kiln.ir.ops.base import RefCtx, run_nodes
@@ -54,6 +58,18 @@ def _feeds(seed: int = 2) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((32, 64)).astype(np.float32)}
 
 
+def _quantized_layers(g: Graph) -> Iterator[tuple[Node, list[Any], torch.Tensor]]:
+    """Runs g through the references on _feeds(); yields each "quantized" node with its inputs and its reference
+    output."""
+    values: dict[Any, Any] = {g.inputs[0]: torch.from_numpy(_feeds()["x"])}
+    for n in g.nodes:
+        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
+        want = OPS[n.op].ref(RefCtx(n), list(args))
+        if n.op == "Fused" and n.attrs["kind"] == "quantized":
+            yield n, args, want[0]
+        values.update(zip(n.outputs, want))
+
+
 def test_folding_keeps_the_results_bit_for_bit() -> None:
     g = _quantized()
     before = Interpreter(g).run(_feeds())["y"]
@@ -76,18 +92,12 @@ def test_the_int8_gemm_matches_the_reference_on_every_folded_layer(no_triton: No
     g = _quantized()
     fold_quantized(g)
     t = registry.get("cuda.int8_gemm")
-    env = {"x": torch.from_numpy(_feeds()["x"])}
-    values = {v: env[v.name] for v in g.inputs}
     checked = 0
-    for n in g.nodes:
-        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
-        want = OPS[n.op].ref(RefCtx(n), list(args))
-        if n.op == "Fused" and n.attrs["kind"] == "quantized":
-            assert t.applicable(n, CUDA) and t.applicable(n, CPU)
-            got = t.build(n, {}, CPU)(list(args))[0]
-            torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
-            checked += 1
-        values.update(zip(n.outputs, want))
+    for n, args, want in _quantized_layers(g):
+        assert t.applicable(n, CUDA) and t.applicable(n, CPU)
+        got = t.build(n, {}, CPU)(list(args))[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        checked += 1
     assert checked == 3
 
 
@@ -214,17 +224,12 @@ def test_int8_tactics_on_the_gpu() -> None:
     kernels."""
     g = _quantized()
     fold_quantized(g)
-    values = {g.inputs[0]: torch.from_numpy(_feeds()["x"])}
     checked = 0
-    for n in g.nodes:
-        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
-        want = OPS[n.op].ref(RefCtx(n), list(args))
-        if n.op == "Fused" and n.attrs["kind"] == "quantized":
-            cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-            got = registry.get("cuda.int8_gemm").build(n, {}, CUDA)(cuda_args)[0]
-            torch.testing.assert_close(got.cpu(), want[0], rtol=1e-5, atol=1e-5)
-            checked += 1
-        values.update(zip(n.outputs, want))
+    for n, args, want in _quantized_layers(g):
+        cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        got = registry.get("cuda.int8_gemm").build(n, {}, CUDA)(cuda_args)[0]
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        checked += 1
     assert checked == 3
     for a_dtype in (DType.UINT8, DType.INT8):
         node, margs = _matmul_integer(a_dtype, True)
@@ -242,18 +247,13 @@ def test_in_a_float16_build_the_folded_layers_compute_in_float16(no_triton: None
     lower_precision(g, DType.FLOAT16)
     assert len(fold_quantized(g)) == 3
     t = registry.get("cuda.int8_gemm")
-    values = {g.inputs[0]: torch.from_numpy(_feeds()["x"])}
     checked = 0
-    for n in g.nodes:
-        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
-        want = OPS[n.op].ref(RefCtx(n), list(args))
-        if n.op == "Fused" and n.attrs["kind"] == "quantized":
-            assert t.applicable(n, CUDA)
-            got = t.build(n, {}, CPU)(list(args))[0]
-            assert got.dtype == want[0].dtype == torch.float16
-            torch.testing.assert_close(got, want[0], rtol=1e-2, atol=1e-2)  # float16's, as the tuner's tolerance
-            checked += 1
-        values.update(zip(n.outputs, want))
+    for n, args, want in _quantized_layers(g):
+        assert t.applicable(n, CUDA)
+        got = t.build(n, {}, CPU)(list(args))[0]
+        assert got.dtype == want.dtype == torch.float16
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # float16's, as the tuner's tolerance
+        checked += 1
     assert checked == 3
 
 
@@ -269,16 +269,13 @@ def test_requantizing_epilogues_keep_the_results_and_write_int8(no_triton: None)
     assert sum(n.op == "QuantizeLinear" for n in g.nodes) == 1  # only the graph input's is left
     np.testing.assert_array_equal(Interpreter(g).run(_feeds())["y"], before)
     t = registry.get("cuda.int8_gemm")
-    values = {g.inputs[0]: torch.from_numpy(_feeds()["x"])}
     ends_int8 = 0
-    for n in g.nodes:
-        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
-        want = OPS[n.op].ref(RefCtx(n), list(args))
-        if n.op == "Fused" and n.attrs["kind"] == "quantized" and want[0].dtype == torch.int8:
-            assert t.applicable(n, CUDA)
-            got = t.build(n, {}, CPU)(list(args))[0]
-            diff = (got.int() - want[0].int()).abs()
-            assert got.dtype == torch.int8 and int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
-            ends_int8 += 1
-        values.update(zip(n.outputs, want))
+    for n, args, want in _quantized_layers(g):
+        if want.dtype != torch.int8:
+            continue
+        assert t.applicable(n, CUDA)
+        got = t.build(n, {}, CPU)(list(args))[0]
+        diff = (got.int() - want.int()).abs()
+        assert got.dtype == torch.int8 and int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
+        ends_int8 += 1
     assert ends_int8 == 2
