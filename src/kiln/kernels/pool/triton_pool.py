@@ -18,6 +18,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
 from kiln.kernels.base import Kernel
+from kiln.kernels.conv.triton_depthwise import WINDOW
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
 from kiln.kernels.templates import TemplateTactic
@@ -45,20 +46,7 @@ def kiln_maxpool(x_ptr, out_ptr, M, C, H, W, OH, OW, stride_xb, stride_xh, strid
                  stride_ow, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-    m_ok = offs_m < M
-    n_ok = offs_n < C
-    ob = offs_m // (OH * OW)
-    oh = (offs_m // OW) % OH
-    ow = offs_m % OW
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-    x_rows = x_ptr + ob * stride_xb
-    acc = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
+{window}    acc = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
     for kh in tl.static_range(KH):
         ih = ih0 + kh * DH
         row_ok = m_ok & (ih >= 0) & (ih < H)
@@ -110,7 +98,7 @@ class MaxPoolKernel:
     def __init__(self, win: Window, tile: Tile, dtype: DType) -> None:
         self.win = win
         self.tile = tile
-        source = _SOURCE.replace("{lowest}", LOWEST.get(dtype, 'float("-inf")'))
+        source = _SOURCE.replace("{window}", WINDOW).replace("{lowest}", LOWEST.get(dtype, 'float("-inf")'))
         self.fn = load_function(source, "kiln_maxpool", "kiln_maxpool")
 
     def __call__(self, xs: list[Any]) -> list[Any]:
