@@ -109,7 +109,12 @@ class Int8Gemm(Tactic):
         # why: _int_mm multiplies a row-major [M, K] by a column-major [K, N]; the weight is laid out so once
         w_kn = prepared(node, wq_at, ("cuda.int8_gemm", "kn_colmajor"),
                         lambda w: (w if trans_b else w.t()).contiguous().t())
-        scale = prepared(node, sw_at, ("cuda.int8_gemm", "row"), lambda s: s.float().reshape(1, -1))
+        sx = node.inputs[sx_at]
+        assert sx is not None and isinstance(sx.data, torch.Tensor)  # _layout checked: a constant per-tensor scale
+        sx_value = float(sx.data.float().reshape(()))
+        # the activation's scale times each output channel's weight scale: one [1, N] row, made once
+        dequant_row = prepared(node, sw_at, ("cuda.int8_gemm", "dequant", sx_value),
+                               lambda s: s.float().reshape(1, -1) * sx_value)
 
         def run(xs: list[Any]) -> list[Any]:
             xq = xs[xq_at]
@@ -118,7 +123,7 @@ class Int8Gemm(Tactic):
             lead = xq.shape[:-1]
             m = math.prod(lead)
             x2 = xq.reshape(m, k)
-            dequant = xs[sx_at].float() * scale(xs[sw_at])  # [1, N]
+            dequant = dequant_row(xs[sw_at])  # [1, N]
             if m > 16 and k % 8 == 0 and n % 8 == 0:
                 acc = torch._int_mm(x2.contiguous(), w).float()
             else:  # shapes cuBLASLt's int8 GEMM refuses: the same product in float (int8 values are exact there)
