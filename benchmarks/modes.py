@@ -175,6 +175,10 @@ def _kiln(case: Case, int8: bool = False) -> Prepared:
     top = sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:6]
     print(f"[{case.spec.name} bs{case.batch} {precision}] kiln cold build, seconds by tactic [building, timing]: "
           + ", ".join(f"{k} {a:.1f}+{b:.1f}" for k, (a, b) in top), file=sys.stderr, flush=True)
+    rejected = engine.plan.stats.get("tuning", {}).get("rejected", [])
+    if rejected:  # a candidate that failed or mismatched: a kernel bug or a refusal, worth seeing beside the time
+        print(f"[{case.spec.name} bs{case.batch} {precision}] {len(rejected)} candidates rejected, first: "
+              + " | ".join(r[:300] for r in rejected[:6]), file=sys.stderr, flush=True)
     del engine
     _free(case.device)
     engine, warm = timed(build, case.device)  # the same build, its tactic timings now in the cache

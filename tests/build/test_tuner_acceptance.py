@@ -45,3 +45,29 @@ def test_a_less_accurate_or_non_finite_result_stays_rejected() -> None:
     holed[0, 0, 0, 0] = float("nan")
     assert not _as_accurate(holed, want, wide)
     assert not _as_accurate(wide, want.float(), wide)  # float32 results: the tolerance alone decides
+
+
+def test_a_quantizing_layer_may_round_a_value_one_step_the_other_way() -> None:
+    """A requantizing layer's int8 result: one step off in a few places is a float sum rounding differently at a
+    .5 boundary (accepted, for quantizing nodes only); two steps, or many values off, is a wrong kernel."""
+    from kiln.tune.tuner import _one_step, _quantizes
+
+    want = torch.randint(-128, 127, (64, 64), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    near = want.clone()
+    near[0, :8] += 1  # 8 of 4096 values one step up
+    assert not _close(near, want) and _one_step(near, want)
+    far = want.clone()
+    far[0, 0] += 2
+    assert not _one_step(far, want)
+    many = want.clone()
+    many[:2] += 1  # 128 of 4096 (3 %)
+    assert not _one_step(many, want)
+    assert not _one_step(near.float(), want.float())  # floats have their own tolerance
+
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (4,)))
+    s = g.add_initializer("s", torch.tensor(0.1))
+    (q,) = g.add("QuantizeLinear", [x, s], name="q")
+    (r,) = g.add("Relu", [x], name="relu")
+    g.outputs.extend([q, r])
+    assert _quantizes(g.nodes[0]) and not _quantizes(g.nodes[1])

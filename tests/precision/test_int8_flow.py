@@ -19,13 +19,13 @@ F32 = DType.FLOAT32
 def _cnn() -> Graph:
     g = Graph()
     gen = torch.Generator().manual_seed(0)
-    x = g.add_input("x", TensorType(F32, (2, 3, 16, 16)))
+    x = g.add_input("x", TensorType(F32, (2, 16, 16, 16)))
     conv = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)}
-    (h,) = g.add("Conv", [x, g.add_initializer("w1", torch.randn(8, 3, 3, 3, generator=gen) * 0.3)], conv, name="c1")
+    (h,) = g.add("Conv", [x, g.add_initializer("w1", torch.randn(16, 16, 3, 3, generator=gen) * 0.1)], conv, name="c1")
     (h,) = g.add("Relu", [h], name="r1")
     (h,) = g.add("MaxPool", [h], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, name="pool",
                  outputs=1)
-    (y,) = g.add("Conv", [h, g.add_initializer("w2", torch.randn(4, 8, 3, 3, generator=gen) * 0.2)], conv, name="c2",
+    (y,) = g.add("Conv", [h, g.add_initializer("w2", torch.randn(4, 16, 3, 3, generator=gen) * 0.1)], conv, name="c2",
                  outputs=["y"])
     g.outputs.append(y)
     optimize(g, PassContext(device="cuda"))
@@ -34,7 +34,7 @@ def _cnn() -> Graph:
 
 def test_the_pool_runs_on_int8_and_the_first_conv_requantizes() -> None:
     g = _cnn()
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32))
     env = run_nodes(g.nodes, {g.inputs[0]: x})
     scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
     scales["x"] = float(x.abs().max()) / 127
@@ -48,3 +48,40 @@ def test_the_pool_runs_on_int8_and_the_first_conv_requantizes() -> None:
     first = next(n for n in g.nodes if n.op == "Fused")
     assert first.attrs["body"].nodes[-1].op == "QuantizeLinear" and first.outputs[0].dtype is DType.INT8
     np.testing.assert_array_equal(Interpreter(g).run({"x": x.numpy()})["y"], before)
+
+
+def test_on_gpus_a_three_channel_stem_stays_float_and_says_why() -> None:
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (1, 3, 8, 8)))
+    w = g.add_initializer("w", torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0)))
+    (y,) = g.add("Conv", [x, w], {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)}, name="stem",
+                 outputs=["y"])
+    g.outputs.append(y)
+    from kiln.precision.quantize import MIN_INT8_CHANNELS
+
+    report = quantize_graph(g, {"x": 0.01}, min_channels=MIN_INT8_CHANNELS)  # a GPU build's floor
+    assert report.layers == [] and "3 input channels" in report.float_layers["stem"]
+    assert quantize_graph(g, {"x": 0.01}).layers == ["stem"]  # CPU builds quantize it
+
+
+def test_int8_activations_stay_channels_last_between_quantized_convs() -> None:
+    """The layout decision runs again on the folded graph: the quantized convs count as convs, the per-tensor
+    quantize and the int8 pool as elementwise, so the int8 values between them are channels-last."""
+    from kiln.passes.layout import CHANNELS_LAST, decide_layout
+
+    g = _cnn()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32))
+    env = run_nodes(g.nodes, {g.inputs[0]: x})
+    scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
+    scales["x"] = float(x.abs().max()) / 127
+    quantize_graph(g, scales)
+    fold_quantized(g)
+    hoist_quantize(g)
+    fuse_requantize(g)
+    decide_layout(g, "cuda")
+    pool = next(n for n in g.nodes if n.op == "MaxPool")
+    assert pool.inputs[0].dtype is DType.INT8  # type: ignore[union-attr]
+    for v in (pool.inputs[0], pool.outputs[0]):
+        assert v is not None and g.layouts.get(v.name) == CHANNELS_LAST, v
+    quant = next(n for n in g.nodes if n.op == "QuantizeLinear")  # the graph input's, before the first conv
+    assert g.layouts.get(quant.outputs[0].name) == CHANNELS_LAST

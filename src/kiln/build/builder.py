@@ -26,6 +26,7 @@ from kiln.precision.calibration import CalibrationCache, activation_scales, coll
 from kiln.precision.flops import flop_mix
 from kiln.precision.lower import lower_precision
 from kiln.precision.quantize import (
+    MIN_INT8_CHANNELS,
     fold_quantized,
     fuse_requantize,
     hoist_quantize,
@@ -142,6 +143,8 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
         folded = len(fold_quantized(graph))
         hoist_quantize(graph)  # before fuse_requantize: a pool's producer can then requantize too
         requantized = len(fuse_requantize(graph))
+        if config.torch_device.type == "cuda":  # the Q/DQ values are new: channels-last regions decided again
+            decide_layout(graph, "cuda")
         if folded or lowered is not None:
             lowered = {**(lowered or {}), "int8_folded_layers": folded, "int8_outputs": requantized}
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
@@ -202,14 +205,15 @@ def _quantize(graph: Graph, config: BuilderConfig) -> tuple[Graph, dict[str, Any
         if path is not None:
             CalibrationCache(method=config.calibrator, model=fingerprint, scales=scales).save(path)
     info: dict[str, Any] = {"precision": "int8", "calibrator": config.calibrator, "calibration_cache_used": cached}
+    floor = MIN_INT8_CHANNELS if config.torch_device.type == "cuda" else 1  # why: see MIN_INT8_CHANNELS
     if config.accuracy_check is None:
-        return graph, {**info, **quantize_graph(graph, scales).to_json()}
+        return graph, {**info, **quantize_graph(graph, scales, min_channels=floor).to_json()}
     held = load_calibration_data(config.accuracy_check, graph)
     target = Target.parse(config.accuracy_target) if config.accuracy_target else None
     last: dict[str, Any] = {}
 
     def quantizer(g: Graph, skip: set[str]) -> list[str]:  # the gate quantizes copies, leaving `skip` float
-        report = quantize_graph(g, scales, skip=skip)
+        report = quantize_graph(g, scales, skip=skip, min_channels=floor)
         last.update(report.to_json())
         return report.layers
 

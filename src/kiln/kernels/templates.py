@@ -12,6 +12,7 @@ import torch
 from kiln.ir.graph import Node
 from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
 from kiln.kernels.pointwise import triton_available
+from kiln.kernels.pointwise.tile import TileProgram
 from kiln.utils.errors import UnsupportedError
 
 
@@ -36,3 +37,29 @@ class TemplateTactic(Tactic):
         if view is None:
             raise UnsupportedError(f"{self.name} cannot render node '{node.name}'", op=node.op, node=node.name)
         return self.make(node, view, self.tiles[config.get("tile", self.space["tile"][0])], device)
+
+
+def operand_kinds(node: Node, program: TileProgram | None, sources: tuple[int, ...], channel: int) -> tuple[str, ...]:
+    """How each epilogue operand broadcasts over the output tile, from its static shape: "scalar" (one value,
+    loaded once), "row" (varies only along the output's channels - axis -`channel`: 1 for a GEMM's N, 3 for
+    NCHW - like a bias or a per-channel scale: one load per tile column) or "full" (a residual; also whenever a
+    dimension is symbolic). `sources[k]` is the node input of the epilogue graph's input k + 1."""
+    if program is None:
+        return ()
+    out: list[str] = []
+    for op in program.operands:
+        if op.data is not None:
+            shape: tuple[Any, ...] | None = tuple(op.data.shape)
+        else:
+            assert op.input is not None
+            v = node.inputs[sources[op.input - 1]]
+            shape = v.shape if v is not None else None
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            out.append("full")
+        elif all(d == 1 for d in shape):
+            out.append("scalar")
+        elif len(shape) >= channel and all(d == 1 for i, d in enumerate(shape) if i != len(shape) - channel):
+            out.append("row")
+        else:
+            out.append("full")
+    return tuple(out)

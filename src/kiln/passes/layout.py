@@ -15,13 +15,17 @@ Cases:
 - a residual block (Conv, Conv, Add(x, y)): x, y and the sum in one region;
 - no convolution in a region (a transformer's 4-D attention tensors): left row-major;
 - fewer convolutions than conversions (ViT's patch embedding: one conv, its input and its reshaped output):
-  left row-major.
+  left row-major;
+- an INT8 build: its "quantized" convolutions count as convolutions and per-tensor Quantize/DequantizeLinear as
+  elementwise, so int8 activations stay channels-last from layer to layer (the builder decides again after
+  folding the Q/DQ pairs, since quantization adds values the first decision never saw).
 
 Only for GPU builds (`PassContext.device == "cuda"`); on CPU the tactics choose their own internal layouts.
 """
 
 from __future__ import annotations
 
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType, Value
 from kiln.passes.manager import Pass, PassContext, PassResult
 from kiln.passes.pointwise_fusion import is_elementwise
@@ -32,7 +36,9 @@ CONVS = frozenset({"Conv", "ConvTranspose"})
 
 
 def _4d(v: Value | None) -> bool:
-    return v is not None and isinstance(v.type, TensorType) and v.type.rank == 4 and v.type.dtype.is_float
+    """A 4-D activation: float, or int8/uint8 (a quantized one, between int8 layers)."""
+    return v is not None and isinstance(v.type, TensorType) and v.type.rank == 4 \
+        and (v.type.dtype.is_float or v.type.dtype in (DType.INT8, DType.UINT8))
 
 
 def _conv_data(n: Node) -> Value | None:
@@ -44,7 +50,23 @@ def _conv_data(n: Node) -> Value | None:
         anchor = body.nodes[0]
         if anchor.op in CONVS and anchor.inputs[0] in body.inputs and _4d(anchor.inputs[0]):
             return n.inputs[body.inputs.index(anchor.inputs[0])]
+    if n.op == "Fused" and n.attrs["kind"] == "quantized":  # dequantize x, dequantize w, conv, epilogue
+        body = n.attrs["body"]
+        if len(body.nodes) < 3 or body.nodes[2].op not in CONVS or body.nodes[0].op != "DequantizeLinear":
+            return None
+        xq = body.nodes[0].inputs[0]
+        if xq in body.inputs and body.nodes[2].inputs[0] is body.nodes[0].outputs[0]:
+            x = n.inputs[body.inputs.index(xq)]
+            return x if _4d(x) else None
     return None
+
+
+def _per_tensor_q(n: Node) -> bool:
+    """A QuantizeLinear/DequantizeLinear with one scale: elementwise, whatever the memory format."""
+    if n.op not in ("QuantizeLinear", "DequantizeLinear") or len(n.inputs) < 2:
+        return False
+    scale = n.inputs[1]
+    return scale is not None and scale.shape is not None and all(d == 1 for d in scale.shape)
 
 
 def _members(n: Node) -> list[Value]:
@@ -57,6 +79,7 @@ def _members(n: Node) -> list[Value]:
         return [data, *full, *outs]
     agnostic = (
         (n.op == "Fused" and n.attrs["kind"] == "pointwise") or (n.op != "Fused" and is_elementwise(n))
+        or _per_tensor_q(n)
         or n.op in POOLS or n.op in ("BatchNormalization", "Resize")
         or (n.op == "Concat" and n.outputs[0].rank == 4 and int(n.attrs["axis"]) in (1, -3))
     )

@@ -12,6 +12,7 @@ import torch
 from kiln.ir import DType, Graph, TensorType
 from kiln.kernels import registry
 from tests.kernels.gemm import cases as c
+from tests.kernels.gemm import int8_cases as q8
 from tests.kernels.gemm.cases import ALL, CASES, CUDA, F16, F32, Case, bare, bias_gelu_residual, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -84,3 +85,24 @@ def test_capture_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+# --- triton.int8_gemm -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(q8.CASES))
+def test_int8_case_on_cuda(name: str) -> None:
+    problems = q8.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize(("lead", "k", "n", "kw"), [
+    ((128, 128), 768, 2304, {"act": None, "half": True}),  # BERT-base batch 128: the packed QKV projection
+    ((128, 128), 768, 3072, {"act": "Gelu", "half": True, "requant": True}),  # MLP up, int8 out for MLP down
+    ((128, 128), 3072, 768, {"act": None, "residual": True, "half": True}),  # MLP down + residual
+    ((1, 128), 768, 768, {"act": None, "residual": True, "half": True}),  # batch 1: the attention output
+], ids=["bert-qkv", "bert-up-requant", "bert-down-residual", "bert-b1-out"])
+def test_int8_bert_shapes_every_tile(lead: tuple[int, ...], k: int, n: int, kw: dict) -> None:
+    node, args = q8.quantized(lead, k, n, **kw)
+    problems = q8.run(node, args, q8.ALL, "cuda")
+    assert all(p is None for p in problems.values()), problems

@@ -34,7 +34,7 @@ from kiln.kernels.gemm.triton_gemm import WIDE_LIMIT, Tile, _stages, _steps
 from kiln.kernels.pointwise.rules import NARROW, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
-from kiln.kernels.templates import TemplateTactic
+from kiln.kernels.templates import TemplateTactic, operand_kinds
 from kiln.utils.errors import InputError
 
 ANCHORS = frozenset({"Conv"})
@@ -50,6 +50,15 @@ TILES: dict[str, Tile] = {
 the second for its 64-channel layers, the last two for batch 1 (M of 3136 down to 49), where the grid, not the MMA,
 limits speed. A K step covers BLOCK_K channels of one tap, so convs with few input channels (the RGB stem) waste
 most of each step: cuDNN is expected to keep those."""
+
+INT8_TILES: dict[str, Tile] = {
+    "128x64x64-w4s4": TILES["128x64x64-w4s4"],
+    "64x64x64-w4s4": TILES["64x64x64-w4s4"],
+    "128x64x128-w4s4": Tile(128, 64, 128, 8, 4, 4),
+}
+"""`triton.int8_conv`'s space: the two float tiles that won ResNet-50's convs at batch 128 and 1, and one with a
+128-channel K step (half the loop's steps). Measured on an H100 at batch 128 (2026-11-27): the K-128 tile won 26 of
+ResNet-50's 52 int8 conv shapes (-0.19 ms over the unique shapes); a 128x128x128 8-warp tile won none (dropped)."""
 
 
 # --- what the template takes ---------------------------------------------------------------------------------
@@ -80,6 +89,8 @@ class Spec:
     """Node input index of each epilogue graph input after the accumulator."""
     dq: tuple[int, int] | None = None
     """An int8 spec's node input indices of the activation's scale and the weight's per-channel scales."""
+    kinds: tuple[str, ...] = ()
+    """Per epilogue operand: "scalar", "row" (per output channel) or "full" (`templates.operand_kinds`)."""
 
 
 def spec(node: Node, depthwise: bool = False) -> Spec | None:
@@ -112,7 +123,7 @@ def spec(node: Node, depthwise: bool = False) -> Spec | None:
     b_at = a.arg[2] if b is not None else None
     c = int(w.shape[0]) if depthwise else int(w.shape[1])
     return Spec(x_at, w_at, b_at, c, int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride, pad, dilation, dtype,
-                out, program, sources)
+                out, program, sources, kinds=operand_kinds(node, program, sources, 3))
 
 
 def _geometry(a: Anchored) -> tuple[Pair, Pair, Pair] | None:
@@ -206,7 +217,10 @@ def render(s: Spec, tf32: bool) -> str:
     in int32 and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`) before its epilogue."""
     e = epilogue(s, "tl.load(b_ptr + (offs_n % N) * stride_b)")
     int8 = s.dtype is DType.INT8
-    precision = "" if s.dtype in NARROW or int8 else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+    if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
+        precision = ", out_dtype=tl.int32"
+    else:
+        precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
     dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if int8 else ""
     return _SOURCE.format(what=e.what, pointers=("dq_ptr, " if int8 else "") + e.pointers, strides=e.strides,
                           precision=precision, epilogue=e.lines, result=e.result, out=storage(s.out),
@@ -225,9 +239,10 @@ class Epilogue:
     what: str
 
 
-def epilogue(s: Spec, bias_load: str) -> Epilogue:
+def epilogue(s: Spec, bias_load: str, cols_ok: str = "rn < N") -> Epilogue:
     """`s`'s bias (loaded by `bias_load`, a row of the tile's channels) and steps, rendered for a kernel that
-    names its tile's rows' coordinates `ob`, `oh`, `ow`, its columns `rn`, and its store mask `mask`."""
+    names its tile's rows' coordinates `ob`, `oh`, `ow`, its columns `rn`, its store mask `mask` and its valid
+    columns `cols_ok` ([1, BLOCK_N])."""
     lines: list[str] = []
     pointers, strides = [], []
     if s.b_at is not None:
@@ -240,8 +255,14 @@ def epilogue(s: Spec, bias_load: str) -> Epilogue:
             pointers.append(f"p{j}")
             strides += [f"s{j}_b", f"s{j}_c", f"s{j}_h", f"s{j}_w"]
             up = ".to(tl.float32)" if op.dtype in NARROW else ""
-            rows = f"(ob * s{j}_b + oh * s{j}_h + ow * s{j}_w)[:, None]"
-            lines.append(f"a{j} = tl.load(p{j} + {rows} + rn * s{j}_c, mask=mask, other=0.0){up}")
+            kind = s.kinds[j] if j < len(s.kinds) else "full"
+            if kind == "scalar":  # why: a broadcast load of one value per element costs address math and registers
+                lines.append(f"a{j} = tl.load(p{j}){up}")
+            elif kind == "row":
+                lines.append(f"a{j} = tl.load(p{j} + rn * s{j}_c, mask={cols_ok}, other=0.0){up}")
+            else:
+                rows = f"(ob * s{j}_b + oh * s{j}_h + ow * s{j}_w)[:, None]"
+                lines.append(f"a{j} = tl.load(p{j} + {rows} + rn * s{j}_c, mask=mask, other=0.0){up}")
         lines.extend(s.program.lines)
         result = s.program.result.text
         what = ", ".join([what, *sorted(set(s.program.ops))])
@@ -424,7 +445,8 @@ def quantized_spec(node: Node) -> Spec | None:
         return None
     stride, pad, dilation = geometry
     return Spec(xq_at, wq_at, b_at, int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride,
-                pad, dilation, DType.INT8, out, program, sources, dq=(sx_at, sw_at))
+                pad, dilation, DType.INT8, out, program, sources, dq=(sx_at, sw_at),
+                kinds=operand_kinds(node, program, sources, 3))
 
 
 class TritonInt8Conv(TritonConv):
@@ -433,9 +455,8 @@ class TritonInt8Conv(TritonConv):
 
     name = "triton.int8_conv"
     ops = frozenset({"Fused"})
-    # why: the two tiles that won ResNet-50's float convs at batch 128 and 1 on an H100 (every tile is a compile per
-    # conv shape, and an int8 build times every quantized conv); not yet timed in int8
-    space = {"tile": ("128x64x64-w4s4", "64x64x64-w4s4")}
+    tiles = INT8_TILES
+    space = {"tile": tuple(INT8_TILES)}
     priority = 35
     min_opt_level = 0
 

@@ -104,7 +104,7 @@ def kiln_depthwise(x_ptr, w_ptr, out_ptr, {pointers}M, C, H, W, OH, OW, stride_x
 
 def render(s: Spec) -> str:
     """The kernel source for `s`."""
-    e = epilogue(s, "tl.load(b_ptr + offs_n * stride_b, mask=n_ok, other=0.0)")
+    e = epilogue(s, "tl.load(b_ptr + offs_n * stride_b, mask=n_ok, other=0.0)", "n_ok[None, :]")
     return _SOURCE.format(what=e.what, pointers=e.pointers, strides=e.strides, epilogue=e.lines, result=e.result,
                           out=storage(s.out), window=WINDOW)
 

@@ -28,7 +28,7 @@ from kiln.kernels.registry import register
 FLOATS = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
 
-def _layout(node: Node) -> tuple[int, int, int, int, int, int, int | None] | None:
+def quantized_layout(node: Node) -> tuple[int, int, int, int, int, int, int | None] | None:
     """(node input indices of: xq, x scale, wq, w scale; weight's output-channel axis; 1 if Gemm takes W as [N, K];
     node input index of a Gemm's C or None) for a "quantized" node this tactic runs, else None."""
     if node.op != "Fused" or node.attrs.get("kind") != "quantized":
@@ -93,11 +93,11 @@ class Int8Gemm(Tactic):
     priority = 30
 
     def applicable(self, node: Node, device: torch.device) -> bool:
-        return super().applicable(node, device) and _layout(node) is not None
+        return super().applicable(node, device) and quantized_layout(node) is not None
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        found = _layout(node)
+        found = quantized_layout(node)
         assert found is not None
         xq_at, sx_at, wq_at, sw_at, _, trans_b, c_at = found
         body: Graph = node.attrs["body"]

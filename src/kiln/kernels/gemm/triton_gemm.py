@@ -12,6 +12,12 @@ As in `cuda.linear`, the leading axes of A fold into rows ([batch, seq, K] @ [K,
 laid out once at build time, as [K, N] row-major. Float32 inputs use TF32 exactly when torch's matmuls do
 (`torch.backends.cuda.matmul.allow_tf32`, read at build time). The space is a short list of tiles (`TILES`), each a
 compile on the GPU: large tiles for BERT/ViT-sized M (16K-25K rows), narrow ones for batch-1 (M of 1 to ~200).
+
+`triton.int8_gemm` is the same template on a "quantized" node (`kiln.precision.quantize.fold_quantized`): int8
+activation x int8 weight into an int32 accumulator (exact), one float32 multiply per output channel by the
+activation's scale times the weight's scale, then the epilogue - bias, activation, residual and, for a layer whose
+only reader quantizes it, the QuantizeLinear that writes int8 for the next layer - before the one store. The weight
+is kept [N, K] (K contiguous, as int8 tensor cores read both operands) and the K step is 128 bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from kiln.kernels.pointwise.codegen import epilogue_graph
 from kiln.kernels.pointwise.rules import NARROW, float_text, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function, tile_program
 from kiln.kernels.registry import register
-from kiln.kernels.templates import TemplateTactic
+from kiln.kernels.templates import TemplateTactic, operand_kinds
 from kiln.utils.errors import InputError, UnsupportedError
 
 ANCHORS = frozenset({"MatMul", "Gemm"})
@@ -49,6 +55,8 @@ class Tile:
     group_m: int
     num_warps: int
     num_stages: int
+    tma: bool = False
+    """Operands read through Hopper's tensor memory accelerator (host-made descriptors; int8 only)."""
 
 
 TILES: dict[str, Tile] = {
@@ -63,6 +71,19 @@ TILES: dict[str, Tile] = {
 }
 """The search space (H100, float16): the first three for large M, the middle ones for N or M of a few hundred,
 the last two for batch-1 rows (M from 1 to ~200), where the grid, not the MMA, limits speed."""
+
+INT8_TILES: dict[str, Tile] = {
+    "128x256x128-w8s3": Tile(128, 256, 128, 8, 8, 3),
+    "128x128x128-w8s4": Tile(128, 128, 128, 8, 8, 4),
+    "64x128x128-w4s4": Tile(64, 128, 128, 8, 4, 4),
+    "16x64x256-w4s3": Tile(16, 64, 256, 1, 4, 3),
+    "tma-128x256x128-w8s3": Tile(128, 256, 128, 8, 8, 3, tma=True),
+    "tma-128x128x128-w8s4": Tile(128, 128, 128, 8, 8, 4, tma=True),
+    "tma-64x128x128-w4s4": Tile(64, 128, 128, 8, 4, 4, tma=True),
+}
+"""int8 tiles: the float tiles' shapes with twice the K step (the same bytes per stage); "16x64" for batch 1; the
+"tma-" tiles load both operands with TMA (zero-filled past the edges) where the GPU has it (sm_90+) and the
+operands' rows are 16-byte aligned."""
 
 
 # --- what the template takes ---------------------------------------------------------------------------------
@@ -89,6 +110,11 @@ class Spec:
     """The epilogue steps (None: no steps)."""
     sources: tuple[int, ...]
     """Node input index of each epilogue graph input after the accumulator."""
+    dq: tuple[int, int] | None = None
+    """An int8 spec's node input indices of the activation's scale and the weight's per-channel scales."""
+    kinds: tuple[str, ...] = ()
+    """Per epilogue operand, how it broadcasts over the [M, N] tile: "scalar" (one value: loaded once), "row" (one
+    value per column, e.g. a bias or a per-channel scale: one [1, BLOCK_N] load) or "full" (a residual)."""
 
 
 def spec(node: Node) -> Spec | None:
@@ -117,7 +143,8 @@ def spec(node: Node) -> Spec | None:
     out = program.result.dtype if program is not None else dtype
     if out != node.outputs[0].dtype:
         return None
-    return Spec(x_at, w_at, trans_a, trans_b, alpha, c_at, beta, int(n), int(k), dtype, out, program, sources)
+    return Spec(x_at, w_at, trans_a, trans_b, alpha, c_at, beta, int(n), int(k), dtype, out, program, sources,
+                kinds=operand_kinds(node, program, sources, 1))
 
 
 def _gemm_form(a: Anchored) -> tuple[bool, bool, float, int | None, float] | None:
@@ -159,9 +186,9 @@ INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def kiln_gemm(x_ptr, w_ptr, out_ptr, {pointers}M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
-              stride_om, stride_on, {strides}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, WIDE: tl.constexpr):
+def kiln_gemm({operands}, out_ptr, {pointers}M, N, K, {operand_strides}stride_om, stride_on, {strides}
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+              EVEN_K: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -175,39 +202,54 @@ def kiln_gemm(x_ptr, w_ptr, out_ptr, {pointers}M, N, K, stride_xm, stride_xk, st
     if WIDE:
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    # why: wrapped rows and columns read valid memory, so the loads need no M/N masks; the store drops them
-    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + (offs_n % N)[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            left = K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=offs_k[None, :] < left, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < left, other=0.0)
-        acc = tl.dot(x, w, acc{precision})
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    rm = offs_m[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
+{mainloop}{dequant}    rm = offs_m[:, None]
     rn = offs_n[None, :]
     mask = (rm < M) & (rn < N)
 {epilogue}    tl.store(out_ptr + rm * stride_om + rn * stride_on, {result}.to({out}), mask=mask)
 '''
 
 
-def render(s: Spec, tf32: bool) -> str:
-    """The kernel source for `s` (`tf32`: float32 products in TF32)."""
+_POINTER_LOOP = """    offs_k = tl.arange(0, BLOCK_K)
+    # why: wrapped rows and columns read valid memory, so the loads need no M/N masks; the store drops them
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + (offs_n % N)[None, :] * stride_wn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < left, other={zero})
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < left, other={zero})
+        acc = tl.dot(x, w, acc{precision})
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+"""
+"""The main loop on pointers: A [M, K] and B [K, N] with any strides."""
+
+_TMA_LOOP = """    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        acc = tl.dot(x, w.T, acc{precision})
+"""
+"""The main loop on TMA descriptors: A [M, K] and B kept as [N, K], both K-major, read in whole blocks that the
+hardware zero-fills past M, N and K (no masks, no K tail)."""
+
+
+def render(s: Spec, tf32: bool, tma: bool = False) -> str:
+    """The kernel source for `s` (`tf32`: float32 products in TF32; `tma`: operands through TMA descriptors). An
+    int8 spec accumulates in int32 and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`)
+    before its epilogue."""
+    int8 = s.dtype is DType.INT8
     lines: list[str] = []
-    pointers, strides = [], []
+    pointers, strides = (["dq_ptr"] if int8 else []), []
     if s.alpha != 1.0:
         lines.append(f"acc = acc * {float_text(s.alpha)}")
     if s.c_at is not None:
         pointers.append("c_ptr")
         strides += ["stride_cm", "stride_cn"]
-        up = ".to(tl.float32)" if s.dtype in NARROW else ""
+        up = ".to(tl.float32)" if s.dtype in NARROW or int8 else ""
         lines.append(f"c = tl.load(c_ptr + rm * stride_cm + rn * stride_cn, mask=mask, other=0.0){up}")
         lines.append("acc = acc + c" if s.beta == 1.0 else f"acc = acc + c * {float_text(s.beta)}")
     result, out, what = "acc", storage(s.out), str(s.dtype)
@@ -216,19 +258,35 @@ def render(s: Spec, tf32: bool) -> str:
             pointers.append(f"p{j}")
             strides += [f"s{j}_m", f"s{j}_n"]
             up = ".to(tl.float32)" if op.dtype in NARROW else ""
-            lines.append(f"a{j} = tl.load(p{j} + rm * s{j}_m + rn * s{j}_n, mask=mask, other=0.0){up}")
+            kind = s.kinds[j] if j < len(s.kinds) else "full"
+            if kind == "scalar":  # why: a broadcast load of one value per element costs address math and registers
+                lines.append(f"a{j} = tl.load(p{j}){up}")
+            elif kind == "row":
+                lines.append(f"a{j} = tl.load(p{j} + rn * s{j}_n, mask=rn < N, other=0.0){up}")
+            else:
+                lines.append(f"a{j} = tl.load(p{j} + rm * s{j}_m + rn * s{j}_n, mask=mask, other=0.0){up}")
         lines.extend(s.program.lines)
         result = s.program.result.text
         what = ", ".join([what, *sorted(set(s.program.ops))])
-    precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
-    return _SOURCE.format(what=what, pointers="".join(f"{p}, " for p in pointers),
-                          strides="".join(f"{p}, " for p in strides), precision=precision,
-                          epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out)
+    if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
+        precision = ", out_dtype=tl.int32"
+    else:
+        precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if int8 else ""
+    zero = "0" if int8 else "0.0"
+    mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
+    operands, operand_strides = ("x_desc, w_desc", "") if tma else \
+        ("x_ptr, w_ptr", "stride_xm, stride_xk, stride_wk, stride_wn, ")
+    return _SOURCE.format(what=what + (", TMA" if tma else ""), pointers="".join(f"{p}, " for p in pointers),
+                          strides="".join(f"{p}, " for p in strides), operands=operands,
+                          operand_strides=operand_strides, mainloop=mainloop,
+                          epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out,
+                          acc_type="tl.int32" if int8 else "tl.float32", dequant=dequant)
 
 
-def source(s: Spec) -> str:
+def source(s: Spec, tma: bool = False) -> str:
     """The kernel source for `s`, with float32 products in TF32 exactly when torch's matmuls use it now."""
-    return render(s, bool(torch.backends.cuda.matmul.allow_tf32))
+    return render(s, bool(torch.backends.cuda.matmul.allow_tf32), tma)
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------
@@ -249,6 +307,22 @@ def _extent(shape: tuple[int, int], stride: tuple[int, ...]) -> int:
     return 1 + sum((d - 1) * st for d, st in zip(shape, stride))
 
 
+def _check_tma(s: Spec, device: torch.device) -> None:
+    """TMA tiles: int8 specs (K-major operands) on GPUs that have TMA (sm_90+), K a multiple of 16 bytes."""
+    if s.dq is None:
+        raise UnsupportedError("triton.gemm: TMA tiles are for int8 GEMMs only")
+    if s.k % 16:
+        raise UnsupportedError(f"triton.gemm: TMA needs rows of a multiple of 16 bytes (K = {s.k})")
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (9, 0):
+        raise UnsupportedError("triton.gemm: TMA needs an sm_90 (Hopper) or newer GPU")
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D operand TMA can read: unit stride along K, 16-byte aligned start and row stride."""
+    size = t.element_size()
+    return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 class GemmKernel:
     """`spec` built for one tile: a Kernel (node inputs -> [output]); keeps no per-call state."""
 
@@ -256,11 +330,25 @@ class GemmKernel:
         self.s = s
         self.tile = tile
         self.stages = _stages(tile, s.dtype.torch.itemsize, device)
-        self.source = source(s)
+        if tile.tma:
+            _check_tma(s, device)
+        self.source = source(s, tile.tma)
         self.fn = load_function(self.source, "kiln_gemm", "kiln_gemm")
+        self._pointer_fn: Any = None
+        """For a TMA tile: the pointer kernel, compiled on first need (an operand TMA cannot read)."""
         trans_b = s.trans_b
-        self.weight = prepared(node, s.w_at, ("triton.gemm", trans_b),
-                               lambda w: (w.t() if trans_b else w).contiguous())
+        if s.dq is None:
+            self.weight = prepared(node, s.w_at, ("triton.gemm", trans_b),
+                                   lambda w: (w.t() if trans_b else w).contiguous())
+        else:  # [N, K] with K contiguous, seen as [K, N]: int8 tensor cores take both operands K-major
+            self.weight = prepared(node, s.w_at, ("triton.int8_gemm", trans_b),
+                                   lambda w: (w if trans_b else w.t()).contiguous().t())
+        self.dequant = None
+        if s.dq is not None:  # the activation's scale times each output channel's weight scale, once
+            sx, sw = (node.inputs[i] for i in s.dq)
+            assert sx is not None and sw is not None
+            assert isinstance(sx.data, torch.Tensor) and isinstance(sw.data, torch.Tensor)
+            self.dequant = (sx.data.float().reshape(()) * sw.data.float().reshape(-1)).contiguous()
         ops = s.program.operands if s.program is not None else ()
         self.reads = [None if op.input is None else s.sources[op.input - 1] for op in ops]
         """Per operand: the node input it reads, or None for the next body constant."""
@@ -284,11 +372,30 @@ class GemmKernel:
                     *(_extent((m, n), v.stride()) for v in views)]) >= WIDE_LIMIT
         t = self.tile
         grid = (math.ceil(m / t.block_m) * math.ceil(n / t.block_n),)
-        self.fn[grid](x2, w, out, *views, m, n, s.k, *x2.stride(), *w.stride(), *out.stride(),
-                      *(st for v in views for st in v.stride()), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                      BLOCK_K=t.block_k, GROUP_M=t.group_m, EVEN_K=s.k % t.block_k == 0, WIDE=wide,
-                      num_warps=t.num_warps, num_stages=self.stages)
+        dq = [] if self.dequant is None else [self._on_device(self.dequant, x.device)]
+        consts = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+                      EVEN_K=s.k % t.block_k == 0, WIDE=wide, num_warps=t.num_warps, num_stages=self.stages)
+        tail = [*dq, *views, m, n, s.k]
+        strides = [*out.stride(), *(st for v in views for st in v.stride())]
+        if t.tma and _tma_ready(x2) and _tma_ready(w.t()):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            xd = TensorDescriptor.from_tensor(x2, [t.block_m, t.block_k])
+            wd = TensorDescriptor.from_tensor(w.t(), [t.block_n, t.block_k])  # the [N, K] weight itself
+            self.fn[grid](xd, wd, out, *tail, *strides, **consts)
+        else:
+            fn = self.fn
+            if t.tma:  # e.g. a strided A view: the same arithmetic on pointers
+                if self._pointer_fn is None:
+                    self._pointer_fn = load_function(source(s), "kiln_gemm", "kiln_gemm")
+                fn = self._pointer_fn
+            fn[grid](x2, w, out, *tail, *x2.stride(), *w.stride(), *strides, **consts)
         return [out.view(shape)]
+
+    def _on_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if t.device != device:
+            t = self.dequant = t.to(device)
+        return t
 
     def _operands(self, xs: list[Any], shape: tuple[int, ...], m: int, n: int) -> list[torch.Tensor]:
         """Each epilogue operand as an [M, N] view (a copy only where its broadcast cannot fold into rows)."""
@@ -321,4 +428,56 @@ class TritonGemm(TemplateTactic):
         return GemmKernel(node, view, tile, device)
 
 
+def quantized_spec(node: Node) -> Spec | None:
+    """The int8 template's view of a "quantized" Fused node whose anchor is a MatMul/Gemm (the layouts
+    `cuda.int8_gemm` takes: int8 activation with a per-tensor scale, constant int8 2-D weight with per-output-channel
+    scales, zero points 0), or None."""
+    from kiln.kernels.gemm.int8 import quantized_layout
+
+    found = quantized_layout(node)
+    if found is None:
+        return None
+    xq_at, sx_at, wq_at, sw_at, _, trans_b, c_at = found
+    body: Graph = node.attrs["body"]
+    anchor = body.nodes[2]
+    xq, wq = node.inputs[xq_at], node.inputs[wq_at]
+    assert xq is not None and wq is not None and isinstance(wq.data, torch.Tensor)
+    w = wq.data
+    k, n = (w.shape[1], w.shape[0]) if trans_b else (w.shape[0], w.shape[1])
+    if k == 0 or len(node.outputs) != 1:
+        return None
+    beta = float(anchor.attrs.get("beta", 1.0)) if anchor.op == "Gemm" else 0.0
+    if c_at is not None:
+        c = node.inputs[c_at]
+        if c is None or c.rank is None or c.rank > 2 or beta == 0.0:
+            return None
+    a = Anchored(node, anchor, [xq_at, wq_at, c_at], body.nodes[3:], body)
+    steps = _steps(a)
+    if steps is None:
+        return None
+    program, sources = steps
+    out = program.result.dtype if program is not None else anchor.outputs[0].dtype
+    if out != node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
+                                                   DType.UINT8):  # int8: it requantizes for the next layer
+        return None
+    return Spec(xq_at, wq_at, False, bool(trans_b), 1.0, c_at, beta, int(n), int(k), DType.INT8, out, program,
+                sources, dq=(sx_at, sw_at), kinds=operand_kinds(node, program, sources, 1))
+
+
+class TritonInt8Gemm(TritonGemm):
+    """A "quantized" MatMul/Gemm (int8 activation and weight) as the GEMM template with int8 products into int32,
+    dequantized per output channel in float32, then its epilogue in the same kernel (see the module docstring)."""
+
+    name = "triton.int8_gemm"
+    min_opt_level = 0
+    ops = frozenset({"Fused"})
+    tiles = INT8_TILES
+    space = {"tile": tuple(INT8_TILES)}
+    priority = 25  # before cuda.int8_gemm (30): the fused epilogue saves the int32 round trip through memory
+
+    def view(self, node: Node) -> Spec | None:
+        return quantized_spec(node)
+
+
 register(TritonGemm())
+register(TritonInt8Gemm())

@@ -1,0 +1,109 @@
+"""Quantized GEMM cases for `triton.int8_gemm`: a MatMul/Gemm (+ epilogue) quantized by kiln's own Q/DQ placement
+(min-max scales from the sample) and folded into a "quantized" node, fed its int8 activation; `run` compares every
+tile with the node's reference (its body: dequantize, then the float layer). Shared by the interpreter test (CPU)
+and the GPU tier (`test_gpu.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kiln.ir import DType
+from kiln.ir.graph import Node, Value
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import RefCtx, run_nodes
+from kiln.kernels import registry
+from kiln.kernels.gemm.triton_gemm import INT8_TILES
+from kiln.passes.epilogue_fusion import epilogue_fusion
+from kiln.precision.lower import lower_precision
+from kiln.precision.quantize import fold_quantized, fuse_requantize, quantize_graph
+from tests.kernels.gemm.cases import CUDA, F32, Maker
+
+ALL = tuple(INT8_TILES)
+
+
+def quantized(lead: tuple[int, ...], k: int, n: int, *, act: str | None = "Relu", residual: bool = False,
+              gemm: bool = False, half: bool = False, requant: bool = False,
+              seed: int = 31) -> tuple[Node, list[Any]]:
+    """The folded node of x @ W + b (+ activation, + residual) and its inputs, x quantized to int8. `gemm`: a Gemm
+    with transB and the bias as C (x 2-D); `requant`: a second MatMul reads the output, so the layer ends by
+    quantizing for it (an int8 output); `half`: the float parts lowered to float16 (a GPU int8 build's)."""
+    m = Maker(seed)
+    x = m.input("x", (*lead, k), F32)
+    if gemm:
+        y = m.g.add("Gemm", [x, m.weight(k, n, F32, trans=True), m.const("b", (n,), F32)], {"transB": 1},
+                    name="fc")[0]
+    else:
+        y = m.g.add("MatMul", [x, m.weight(k, n, F32)], name="mm")[0]
+        y = m.g.add("Add", [y, m.const("b", (n,), F32)], name="bias")[0]
+    if act == "Gelu":
+        y = m.g.add("Gelu", [y], name="gelu")[0]
+    elif act is not None:
+        y = m.g.add(act, [y], name="act")[0]
+    if residual:
+        y = m.g.add("Add", [y, m.input("res", (*lead, n), F32)], name="residual")[0]
+    if requant:
+        w2: Value = m.g.add_initializer("w2", torch.randn(n, 8, generator=m.gen) * n ** -0.5)
+        y = m.g.add("MatMul", [y, w2], name="mm2")[0]
+    m.g.outputs.append(y)
+    epilogue_fusion(m.g)
+    env = run_nodes(m.g.nodes, {v: m.feeds[v.name] for v in m.g.inputs})
+    scales = {v.name: max(float(t.abs().max()), 1e-6) / 127 for v, t in env.items()
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    scales.update({name: float(t.abs().max()) / 127 for name, t in m.feeds.items()})
+    quantize_graph(m.g, scales)
+    if half:
+        lower_precision(m.g, DType.FLOAT16)
+    assert len(fold_quantized(m.g)) == (2 if requant else 1)
+    assert len(fuse_requantize(m.g)) == (1 if requant else 0)
+    node = next(nd for nd in m.g.nodes if nd.op == "Fused" and nd.attrs["kind"] == "quantized")
+    before = m.g.nodes[:m.g.nodes.index(node)]  # the quantize (and casts) feeding it
+    env = run_nodes(before, {v: m.feeds[v.name] for v in m.g.inputs})
+    args = [None if v is None else (v.data if v.data is not None else env.get(v, m.feeds.get(v.name)))
+            for v in node.inputs]
+    assert args[0].dtype == torch.int8
+    return node, args
+
+
+def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str = "cpu") -> dict[str, str | None]:
+    t = registry.get("triton.int8_gemm")
+    if not t.applicable(node, CUDA):
+        return {"applicable": "refused"}
+    want = OPS["Fused"].ref(RefCtx(node), list(args))[0]
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    tol = 1e-2 if want.dtype == torch.float16 else 1e-4
+    out: dict[str, str | None] = {}
+    for tile in tiles:
+        got = t.build(node, {"tile": tile}, CUDA)(list(moved))[0].cpu()
+        if got.dtype != want.dtype or got.shape != want.shape:
+            out[tile] = f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
+            continue
+        if not want.is_floating_point():  # requantized: one step at a rounding boundary, rarely (as the tuner)
+            diff = (got.int() - want.int()).abs()
+            share = float((diff == 0).float().mean())
+            out[tile] = None if int(diff.max()) <= 1 and share >= 0.99 else f"int8 max diff {int(diff.max())}, " \
+                                                                               f"{share:.4f} equal"
+            continue
+        try:
+            torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+            out[tile] = None
+        except AssertionError as e:
+            out[tile] = str(e)[:800]
+    return out
+
+
+CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
+    "bias-relu-every-tile": lambda: quantized((2, 65), 256, 96),
+    "bias-gelu-residual-f16": lambda: quantized((130,), 256, 96, act="Gelu", residual=True, half=True),
+    "gemm-transb-bias-ragged-k": lambda: quantized((33,), 200, 40, gemm=True, act=None),
+    "bias-relu-requantize": lambda: quantized((130,), 128, 64, requant=True),
+    "bias-gelu-requantize-f16": lambda: quantized((130,), 128, 64, act="Gelu", requant=True, half=True),
+}
+
+
+def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
+    node, args = CASES[name]()
+    tiles = ALL if name.endswith("every-tile") else ALL[1:2]
+    return run(node, args, tiles, device)

@@ -1,0 +1,74 @@
+"""`triton.int8_gemm`: quantized MatMul/Gemm layers (int8 x int8 -> int32, dequantized per output channel, epilogue
+and requantization in registers) under the Triton CPU interpreter against the folded node's reference; what it
+takes and refuses; its source."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.ir import DType
+from kiln.kernels import registry
+from kiln.kernels.gemm.triton_gemm import INT8_TILES, quantized_spec, source
+from tests.kernels.gemm.cases import CUDA, bare
+from tests.kernels.gemm.int8_cases import CASES, quantized
+from tests.kernels.interpreted import case_result, run_cases
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    return run_cases("tests.kernels.gemm.int8_cases", tmp_path_factory.mktemp("int8gemm"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
+    problems = case_result(interpreted, name)
+    assert problems and all(p is None for p in problems.values()), problems
+
+
+def test_applies_to_quantized_gemms_only_and_before_the_int_mm_tactic() -> None:
+    node, _ = CASES["bias-relu-every-tile"]()
+    t = registry.get("triton.int8_gemm")
+    assert t.applicable(node, CUDA) and not t.applicable(node, torch.device("cpu"))
+    assert t.min_opt_level == 0 and t.priority < registry.get("cuda.int8_gemm").priority
+    assert [c["tile"] for c in t.configs()] == list(INT8_TILES)
+    float_node = bare(DType.FLOAT32, (4,), 8, 8, ("128x128x64-w8s3",)).node
+    assert not t.applicable(float_node, CUDA)  # a float MatMul: triton.gemm's
+    assert not registry.get("triton.gemm").applicable(node, CUDA)
+
+
+def test_the_source_accumulates_in_int32_and_dequantizes_before_the_epilogue() -> None:
+    node, _ = quantized((130,), 128, 64, act="Gelu", requant=True, half=True)
+    s = quantized_spec(node)
+    assert s is not None and s.dq is not None and str(s.out) == "int8"
+    text = source(s)
+    assert "dtype=tl.int32" in text and "out_dtype=tl.int32" in text
+    assert text.index("dq_ptr + offs_n") < text.index("tl.store")
+
+
+def test_refuses_zero_points_and_per_tensor_weight_scales_it_cannot_take() -> None:
+    node, _ = quantized((8,), 16, 8)
+    body = node.attrs["body"]
+    dw = body.nodes[1]
+    sw = node.inputs[body.inputs.index(dw.inputs[1])]
+    assert sw is not None and isinstance(sw.data, torch.Tensor)
+    sw.data = sw.data[:1].clone()  # one scale for 8 output channels: not the per-channel layout
+    assert quantized_spec(node) is None
+
+
+def test_tma_tiles_read_through_descriptors_and_refuse_what_tma_cannot_read() -> None:
+    from kiln.kernels.gemm.triton_gemm import _tma_ready
+    from kiln.utils.errors import UnsupportedError
+
+    node, _ = quantized((130,), 128, 64)
+    s = quantized_spec(node)
+    assert s is not None
+    text = source(s, tma=True)
+    assert "x_desc.load" in text and "w_desc.load" in text and "x_ptrs" not in text
+    ragged, _ = CASES["gemm-transb-bias-ragged-k"]()  # K = 200: rows of 200 bytes are not 16-byte multiples
+    with pytest.raises(UnsupportedError, match="16 bytes"):
+        registry.get("triton.int8_gemm").build(ragged, {"tile": "tma-64x128x128-w4s4"}, CUDA)
+    a = torch.zeros(64, 48, dtype=torch.int8)
+    assert _tma_ready(a) and not _tma_ready(a[:, 1:]) and not _tma_ready(a.t())
