@@ -13,6 +13,7 @@ Every mode turns into a `step(k)` that runs one inference on pre-made input set 
 - kiln-int8 (opt-in): the same export built with precision="int8", calibrated on the case's input sets (entropy);
   on a GPU its float layers compute in FP16. Compared with the kiln row for INT8's speed-up, and with eager for
   its accuracy (its own cosine bar, `checks.MIN_COSINE_INT8`).
+- kiln-fp8 (opt-in): the same with precision="fp8" (float8 E4M3 GEMMs; sm_89+ GPUs), same bar as kiln-int8.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from benchmarks.models import ModelSpec
 from benchmarks.timing import Step, timed
 
 TORCH_MODES = ("eager", "cudagraph", "compile", "reduce-overhead", "max-autotune")
-KILN_MODES = ("kiln", "kiln-int8")
+KILN_MODES = ("kiln", "kiln-int8", "kiln-fp8")
+QUANTIZED_MODES = {"kiln-int8": "int8", "kiln-fp8": "fp8"}
 ALL_MODES = (*TORCH_MODES, *KILN_MODES)
-DEFAULT_MODES = tuple(m for m in ALL_MODES if m not in ("max-autotune", "kiln-int8"))
+DEFAULT_MODES = tuple(m for m in ALL_MODES if m not in ("max-autotune", *QUANTIZED_MODES))
 GRAPH_MODES = frozenset({"cudagraph", "reduce-overhead", "max-autotune"})
 COMPILE_MODES = {"compile": None, "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune"}
 GRAPH_WARMUP = 3  # eager runs on a side stream before capture (cuDNN/cuBLAS handles and autotuning happen there)
@@ -86,7 +88,7 @@ def prepare(mode: str, case: Case) -> Prepared:
     if mode in COMPILE_MODES:
         return _compiled(case, COMPILE_MODES[mode])
     if mode in KILN_MODES:
-        return _kiln(case, int8=mode == "kiln-int8")
+        return _kiln(case, QUANTIZED_MODES.get(mode))
     raise ValueError(f"unknown mode '{mode}'")
 
 
@@ -151,15 +153,15 @@ def kiln_cache_path(case: Case, precision: str | None = None) -> Path:
     return case.kiln.cache_dir / name
 
 
-def _kiln(case: Case, int8: bool = False) -> Prepared:
+def _kiln(case: Case, quantized: str | None = None) -> Prepared:
     import kiln
 
     if case.onnx_path is None:
         raise RuntimeError("no ONNX export to build from")
     names = [i.name for i in case.spec.inputs]
-    precision = "int8" if int8 else case.precision
+    precision = quantized or case.precision
     cache = kiln_cache_path(case, precision)
-    calibration = [dict(zip(names, s)) for s in case.kiln_sets] if int8 else None
+    calibration = [dict(zip(names, s)) for s in case.kiln_sets] if quantized else None
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.unlink(missing_ok=True)  # the first build is cold: no timings to reuse
     profile = {n: tuple(x.shape) for n, x in zip(names, case.kiln_sets[0])}

@@ -258,13 +258,14 @@ def _notes(c: CaseResult) -> list[str]:
                    f"goal <= {KILN_GOAL}: {verdict}.")
     elif k is not None and k.error:
         out.append(f"kiln: {_cell(k.error)}")
-    q = c.mode("kiln-int8")
-    if q is not None and q.stats is not None and k is not None and k.stats is not None:
-        w = worst(q.checks)
-        acc = f"; its min cosine to eager {_cos(w.cosine)}" if w is not None else ""
-        out.append(f"kiln-int8 / kiln {c.precision}: **{_ratio(q.stats.median_ms / k.stats.median_ms)}**{acc}.")
-    elif q is not None and q.error:
-        out.append(f"kiln-int8: {_cell(q.error)}")
+    for name in ("kiln-int8", "kiln-fp8"):
+        q = c.mode(name)
+        if q is not None and q.stats is not None and k is not None and k.stats is not None:
+            w = worst(q.checks)
+            acc = f"; its min cosine to eager {_cos(w.cosine)}" if w is not None else ""
+            out.append(f"{name} / kiln {c.precision}: **{_ratio(q.stats.median_ms / k.stats.median_ms)}**{acc}.")
+        elif q is not None and q.error:
+            out.append(f"{name}: {_cell(q.error)}")
     if k is not None and k.checks:
         out += ["", _checks_table(k, c)]
     if c.eager_vs_fp32:

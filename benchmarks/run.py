@@ -185,7 +185,8 @@ def run_case(case: modes.Case, ref32: torch.nn.Module | None, args: argparse.Nam
         if mode in modes.KILN_MODES and export_error:
             result.modes.append(ModeResult(mode, ERROR, error=export_error))
             continue
-        m = run_mode(mode, case, ref, ref_fp32, args, min(bar, checks.MIN_COSINE_INT8) if mode == "kiln-int8" else bar)
+        mode_bar = min(bar, checks.MIN_COSINE_INT8) if mode in modes.QUANTIZED_MODES else bar
+        m = run_mode(mode, case, ref, ref_fp32, args, mode_bar)
         result.modes.append(m)
         log(f"{tag} {mode}: {_progress(m)}")
     return result

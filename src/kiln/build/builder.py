@@ -133,7 +133,7 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     if config.precision in LOW_PRECISION:
         say("precision", 0, 1)
         lowered = _lower(graph, config, profiles)
-    elif config.precision == "int8":
+    elif config.precision in ("int8", "fp8"):
         say("calibrate", 0, 1)
         graph, lowered = _quantize(graph, config)
         if config.torch_device.type == "cuda":  # the layers left in float compute in FP16, as TensorRT's --int8 --fp16
@@ -204,16 +204,18 @@ def _quantize(graph: Graph, config: BuilderConfig) -> tuple[Graph, dict[str, Any
         scales = activation_scales(hists, config.calibrator)
         if path is not None:
             CalibrationCache(method=config.calibrator, model=fingerprint, scales=scales).save(path)
-    info: dict[str, Any] = {"precision": "int8", "calibrator": config.calibrator, "calibration_cache_used": cached}
+    info: dict[str, Any] = {"precision": config.precision, "calibrator": config.calibrator,
+                            "calibration_cache_used": cached}
     floor = MIN_INT8_CHANNELS if config.torch_device.type == "cuda" else 1  # why: see MIN_INT8_CHANNELS
+    fp8 = config.precision == "fp8"
     if config.accuracy_check is None:
-        return graph, {**info, **quantize_graph(graph, scales, min_channels=floor).to_json()}
+        return graph, {**info, **quantize_graph(graph, scales, min_channels=floor, fp8=fp8).to_json()}
     held = load_calibration_data(config.accuracy_check, graph)
     target = Target.parse(config.accuracy_target) if config.accuracy_target else None
     last: dict[str, Any] = {}
 
     def quantizer(g: Graph, skip: set[str]) -> list[str]:  # the gate quantizes copies, leaving `skip` float
-        report = quantize_graph(g, scales, skip=skip, min_channels=floor)
+        report = quantize_graph(g, scales, skip=skip, min_channels=floor, fp8=fp8)
         last.update(report.to_json())
         return report.layers
 

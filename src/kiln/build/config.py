@@ -12,7 +12,9 @@ import torch
 from kiln.runtime.plan import Profile, ShapeRange
 from kiln.utils.errors import KilnError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+FP8_CAPABILITY = (8, 9)
+"""FP8 (E4M3) tensor cores: Ada (sm_89) and Hopper (sm_90) onwards."""
 
 
 class ConfigError(KilnError):
@@ -66,7 +68,9 @@ class BuilderConfig:
     calibration / calibrator / calibration_cache: for precision="int8" (Q/DQ on every Conv/Gemm/MatMul input;
         the layers are folded into int8 GEMM/conv kernels, chosen where the tuner finds them faster). On a GPU
         the layers left in float compute in FP16 (FP32 where their values leave FP16's range), as TensorRT's
-        --int8 --fp16 does; `kiln build` shows the mix.
+        --int8 --fp16 does; `kiln build` shows the mix. precision="fp8" is the same with FP8 E4M3 (per-tensor
+        activation and weight scales, GEMMs on FP8 tensor cores); refused on GPUs older than sm_89; on the CPU
+        it runs through torch's FP8 matmul (correct, not fast).
     layer_precision: {layer-name glob: "fp32"} layers kept in FP32 in an fp16/bf16 build. The build also keeps
         in FP32 every layer whose values leave FP16's range on the calibration data (when given with fp16, up to
         64 samples; else on random inputs at the profiles' opt shapes), and reports each with its reason.
@@ -109,15 +113,21 @@ class BuilderConfig:
         if self.precision in ("fp16", "bf16") and dev.type == "cpu":
             raise ConfigError(f"precision {self.precision} needs a GPU; kiln's CPU tactics compute in fp32",
                               hint="use precision='fp32' on CPU")
-        if self.precision == "int8":
+        if self.precision in ("int8", "fp8"):
             from kiln.precision.calibration import CALIBRATORS
 
             if self.calibrator not in CALIBRATORS:
                 raise ConfigError(f"calibrator must be one of {', '.join(CALIBRATORS)}, got '{self.calibrator}'")
             if self.calibration is None and (self.calibration_cache is None
                                              or not os.path.exists(self.calibration_cache)):
-                raise ConfigError("an int8 build needs calibration data (or an existing calibration cache)",
-                                  hint="kiln build --int8 --calib DIR (a folder of .npy/.npz input samples)")
+                raise ConfigError(f"an {self.precision} build needs calibration data (or an existing calibration "
+                                  f"cache)", hint=f"kiln build --{self.precision} --calib DIR (a folder of .npy/.npz "
+                                                  f"input samples)")
+        if self.precision == "fp8" and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < FP8_CAPABILITY:
+            major, minor = torch.cuda.get_device_capability(dev)
+            raise ConfigError(f"precision fp8 was asked for, but {torch.cuda.get_device_name(dev)} (sm_{major}{minor}) "
+                              f"has no FP8 tensor cores (sm_89 and newer: Ada, Hopper)",
+                              hint="build with --int8 or --fp16 on this GPU")
         if self.precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             # Never build something else when a precision was asked for (TensorRT 11's silent fallback hurts).
             raise ConfigError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(dev)} has no BF16 "
@@ -126,8 +136,9 @@ class BuilderConfig:
             raise ConfigError("calibration data was given for an fp32 build, which has no ranges to choose",
                               hint="add --int8 (calibrated int8), or --fp16 (the data decides which layers stay "
                                    "fp32)")
-        if (self.accuracy_check is not None or self.accuracy_target) and self.precision != "int8":
-            raise ConfigError("an accuracy check applies to int8 builds", hint="add --int8, or drop the check")
+        if (self.accuracy_check is not None or self.accuracy_target) and self.precision not in ("int8", "fp8"):
+            raise ConfigError("an accuracy check applies to int8 and fp8 builds",
+                              hint="add --int8 (or --fp8), or drop the check")
         if self.accuracy_target and self.accuracy_check is None:
             raise ConfigError(f"accuracy target '{self.accuracy_target}' needs held-out data to check it on",
                               hint="kiln build --int8 --calib DIR --accuracy-check DIR2 --accuracy-target ...")

@@ -42,6 +42,9 @@ def add_parser(sub: Any) -> None:
     prec.add_argument("--int8", action="store_true",
                       help="int8 Conv/Gemm/MatMul inputs, calibrated on --calib data (on int8 GEMM/conv kernels "
                            "where the tuner finds them faster; float layers in FP16 on a GPU)")
+    prec.add_argument("--fp8", action="store_true",
+                      help="float8 E4M3 Gemm/MatMul inputs (per-tensor scales from --calib data) on FP8 GEMMs; "
+                           "needs an sm_89+ GPU (Ada, Hopper); float layers in FP16")
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace, device: str) -> Any:
     from kiln.build.config import BuilderConfig
 
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "int8" if args.int8 else "fp32"
+    precision = ("fp16" if args.fp16 else "bf16" if args.bf16 else "int8" if args.int8 else "fp8" if args.fp8
+                 else "fp32")
     pins = {}
     for spec in args.layer_precision:
         name, sep, prec = spec.rpartition(":")
@@ -209,6 +213,11 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
     if lowered.get("int8_folded_layers") and lowered.get("precision") != "int8":
         print(f"    int8: {lowered['int8_folded_layers']} Gemm/MatMul/Conv layers quantized in the model (Q/DQ), "
               f"{on_int8} of them on int8 kernels")
+    if lowered.get("precision") == "fp8":
+        print(f"    fp8: {lowered['fp8_layers']} layers quantized to float8 E4M3 ({lowered['calibrator']} calibration"
+              f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); "
+              f"{sum(c.tactic == 'cuda.fp8_gemm' for c in plan.choices[0]) if plan.choices else 0} run on FP8 "
+              f"GEMMs, the others compute their results in float")
     if lowered.get("precision") == "int8":
         print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
               f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); {on_int8} run on "
@@ -267,7 +276,10 @@ def _tuning(t: dict[str, Any]) -> str:
 def precision_of(node: Any) -> str:
     """A step's precision: "int8" for an int8 layer (int8 x int8 products: a folded "quantized" node,
     MatMulInteger, QLinearMatMul/QLinearConv, ConvInteger), else the dtype of its first tensor output."""
-    if (node.op == "Fused" and node.attrs.get("kind") == "quantized") or node.op in INT8_OPS:
+    if node.op == "Fused" and node.attrs.get("kind") == "quantized":
+        x = node.inputs[0] if node.inputs else None
+        return "fp8" if x is not None and str(x.dtype) == "float8_e4m3fn" else "int8"
+    if node.op in INT8_OPS:
         return "int8"
     for v in node.outputs:
         if v.is_tensor:

@@ -3,8 +3,8 @@
 precision, for `kiln build`'s precision mix. Elementwise work, norms and pooling are left out: next to the
 products they are noise in FLOPs (not in time).
 
-A product's precision is the dtype of its first input, or "int8" when that input is dequantized from int8
-(a DequantizeLinear of an int8 tensor feeds it), as an int8 build's quantized layers are.
+A product's precision is the dtype of its first input, or "int8" ("fp8") when that input is dequantized from int8
+(float8 E4M3) - a DequantizeLinear of such a tensor feeds it - as an int8 (fp8) build's quantized layers are.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def _label(node: Node, producers: Mapping[Value, Node]) -> str:
     q = src.inputs[0] if src is not None and src.op == "DequantizeLinear" and src.inputs else None
     if q is not None and isinstance(q.type, TensorType) and q.type.dtype in (DType.INT8, DType.UINT8):
         return "int8"
+    if q is not None and isinstance(q.type, TensorType) and q.type.dtype is DType.FLOAT8_E4M3FN:
+        return "fp8"
     return str(x.type.dtype) if x is not None and isinstance(x.type, TensorType) else "other"
 
 

@@ -19,9 +19,13 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType, Value
 from kiln.passes.rewrite import Uses
-from kiln.precision.calibration import weight_scales
+from kiln.precision.calibration import QMAX, SCALE_FLOOR, weight_scales
 
 ANCHORS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+FP8_MAX = 448.0
+"""The largest finite float8 E4M3 (fn) value: FP8 scales are amax / FP8_MAX."""
 
 
 @dataclass
@@ -30,9 +34,10 @@ class QuantReport:
     """Layers whose inputs were quantized."""
     float_layers: dict[str, str] = field(default_factory=dict)
     """Anchoring layers left in float, with why."""
+    fp8: bool = False
 
     def to_json(self) -> dict[str, object]:
-        return {"int8_layers": len(self.layers), "float_layers": dict(self.float_layers)}
+        return {"fp8_layers" if self.fp8 else "int8_layers": len(self.layers), "float_layers": dict(self.float_layers)}
 
 
 def _anchor(n: Node) -> tuple[Node, int, int] | None:
@@ -80,10 +85,12 @@ def model_fingerprint(graph: Graph) -> str:
 
 
 def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Collection[str] = (),
-                   min_channels: int = 1) -> QuantReport:
+                   min_channels: int = 1, fp8: bool = False) -> QuantReport:
     """Place Q/DQ pairs (in place). `act_scales`: activation value name -> scale (symmetric int8); convs with fewer
-    than `min_channels` input channels per group stay float (`MIN_INT8_CHANNELS` for GPU builds)."""
-    report = QuantReport()
+    than `min_channels` input channels per group stay float (`MIN_INT8_CHANNELS` for GPU builds). `fp8`: float8
+    E4M3 instead of int8, per tensor for weights too (FP8 GEMMs scale whole operands): the same calibrated range
+    (threshold = int8 scale x 127) mapped onto E4M3's +-448."""
+    report = QuantReport(fp8=fp8)
     shared: dict[str, Value] = {}
     for n in list(graph.nodes):
         found = _anchor(n)
@@ -96,10 +103,11 @@ def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Colle
             continue
         x, w = n.inputs[xi], n.inputs[wi]
         assert x is not None and w is not None and isinstance(w.data, torch.Tensor)
-        dq_x = shared.get(x.name) or _fake_quant(graph, x, act_scales[x.name])
+        scale = act_scales[x.name] * (QMAX / FP8_MAX if fp8 else 1.0)
+        dq_x = shared.get(x.name) or _fake_quant(graph, x, scale, fp8)
         shared[x.name] = dq_x
         n.inputs[xi] = dq_x
-        n.inputs[wi] = _int8_weight(graph, w, _weight_axis(anchor))  # type: ignore[arg-type]
+        n.inputs[wi] = _fp8_weight(graph, w) if fp8 else _int8_weight(graph, w, _weight_axis(anchor))  # type: ignore[arg-type]
         report.layers.append(n.name)
     graph.toposort()
     return report
@@ -135,9 +143,10 @@ def _const(graph: Graph, hint: str, data: torch.Tensor) -> Value:
     return graph.add_initializer(graph.fresh_name(hint), data)
 
 
-def _fake_quant(graph: Graph, x: Value, scale: float) -> Value:
+def _fake_quant(graph: Graph, x: Value, scale: float, fp8: bool = False) -> Value:
     s = _const(graph, f"{x.name}.scale", torch.tensor(float(scale), dtype=torch.float32))
-    zp = _const(graph, f"{x.name}.zero_point", torch.tensor(0, dtype=torch.int8))
+    zero = torch.zeros((), dtype=torch.float8_e4m3fn) if fp8 else torch.tensor(0, dtype=torch.int8)
+    zp = _const(graph, f"{x.name}.zero_point", zero)  # its type is the quantized type (ONNX)
     (q,) = graph.add("QuantizeLinear", [x, s, zp], name=graph.fresh_name(f"{x.name}/quantize"))
     (dq,) = graph.add("DequantizeLinear", [q, s, zp], name=graph.fresh_name(f"{x.name}/dequantize"))
     return dq
@@ -154,6 +163,19 @@ def _int8_weight(graph: Graph, w: Value, axis: int) -> Value:
     sv = _const(graph, f"{w.name}.scale", scale)
     zv = _const(graph, f"{w.name}.zero_point", torch.zeros(scale.shape, dtype=torch.int8))
     (dq,) = graph.add("DequantizeLinear", [qv, sv, zv], {"axis": axis}, name=graph.fresh_name(f"{w.name}/dequantize"))
+    return dq
+
+
+def _fp8_weight(graph: Graph, w: Value) -> Value:
+    """w as float8 E4M3 with one scale (amax / 448), rounded to nearest even and saturated, + its DequantizeLinear."""
+    data = w.data
+    assert isinstance(data, torch.Tensor)
+    scale = torch.tensor(max(float(data.detach().float().abs().max()) / FP8_MAX, SCALE_FLOOR), dtype=torch.float32)
+    q = (data.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    qv = _const(graph, f"{w.name}.fp8", q)
+    sv = _const(graph, f"{w.name}.scale", scale)
+    zv = _const(graph, f"{w.name}.zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
+    (dq,) = graph.add("DequantizeLinear", [qv, sv, zv], name=graph.fresh_name(f"{w.name}/dequantize"))
     return dq
 
 
@@ -182,6 +204,9 @@ def fold_quantized(graph: Graph) -> list[str]:
         if not (_int8_dq(dx, constant=False) and _int8_dq(dw, constant=True)):
             continue
         assert dx is not None and dw is not None
+        if dx.inputs[0].dtype is not dw.inputs[0].dtype:  # type: ignore[union-attr]
+            continue  # int8 x int8 or fp8 x fp8 only
+        assert dx is not None and dw is not None
         node = _quantized_node(graph, n, xi, wi, dx, dw)
         at = graph.nodes.index(n)
         graph.remove_nodes([n])
@@ -193,17 +218,21 @@ def fold_quantized(graph: Graph) -> list[str]:
     return folded
 
 
+FOLDED_TYPES = frozenset({DType.INT8, DType.FLOAT8_E4M3FN})
+
+
 def _int8_dq(n: Node | None, constant: bool) -> bool:
-    """A DequantizeLinear of an int8 tensor (a constant one when `constant`) with int8 zero points."""
+    """A DequantizeLinear of an int8 (or float8 E4M3) tensor - a constant one when `constant` - with zero points
+    of that type."""
     if n is None or n.op != "DequantizeLinear" or len(n.inputs) < 2 or n.inputs[0] is None:
         return False
     q = n.inputs[0]
-    if not isinstance(q.type, TensorType) or q.type.dtype is not DType.INT8:
+    if not isinstance(q.type, TensorType) or q.type.dtype not in FOLDED_TYPES:
         return False
     if constant != isinstance(q.data, torch.Tensor):
         return False
     zp = n.inputs[2] if len(n.inputs) > 2 else None
-    return zp is None or (isinstance(zp.type, TensorType) and zp.type.dtype is DType.INT8)
+    return zp is None or (isinstance(zp.type, TensorType) and zp.type.dtype is q.type.dtype)
 
 
 def _quantized_node(graph: Graph, n: Node, xi: int, wi: int, dx: Node, dw: Node) -> Node:
@@ -257,7 +286,7 @@ def fuse_requantize(graph: Graph) -> list[str]:
     producers = {o: n for n in graph.nodes for o in n.outputs}
     fused: list[str] = []
     for q in list(graph.nodes):
-        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None:
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or not _to_8bit_int(q):
             continue
         v = q.inputs[0]
         f = producers.get(v)
@@ -298,7 +327,8 @@ def hoist_quantize(graph: Graph) -> list[str]:
     producers = {o: n for n in graph.nodes for o in n.outputs}
     moved: list[str] = []
     for q in list(graph.nodes):
-        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or len(q.inputs) < 2:
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or len(q.inputs) < 2 \
+                or not _to_8bit_int(q):
             continue
         pooled = q.inputs[0]
         pool = producers.get(pooled)
@@ -321,6 +351,13 @@ def hoist_quantize(graph: Graph) -> list[str]:
         graph.remove_nodes([q])
         moved.append(pool.name)
     return moved
+
+
+def _to_8bit_int(q: Node) -> bool:
+    """A QuantizeLinear to int8/uint8 (the kernels that requantize in their epilogue, and the int8 max pool, write
+    those; an FP8 quantize stays its own step)."""
+    out = q.outputs[0]
+    return isinstance(out.type, TensorType) and out.type.dtype in (DType.INT8, DType.UINT8)
 
 
 def _positive_scalar(v: Value | None) -> bool:

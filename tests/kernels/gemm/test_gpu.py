@@ -106,3 +106,13 @@ def test_int8_bert_shapes_every_tile(lead: tuple[int, ...], k: int, n: int, kw: 
     node, args = q8.quantized(lead, k, n, **kw)
     problems = q8.run(node, args, q8.ALL, "cuda")
     assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="float8 conversion needs sm_89+")
+@pytest.mark.parametrize("name", ["fp16-saturate-nan", "fp32-ragged"])
+def test_fp8_quantize_on_cuda_is_exact(name: str) -> None:
+    from tests.kernels.gemm import fp8_cases
+
+    problems = fp8_cases.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems

@@ -72,3 +72,4 @@ def test_tma_tiles_read_through_descriptors_and_refuse_what_tma_cannot_read() ->
         registry.get("triton.int8_gemm").build(ragged, {"tile": "tma-64x128x128-w4s4"}, CUDA)
     a = torch.zeros(64, 48, dtype=torch.int8)
     assert _tma_ready(a) and not _tma_ready(a[:, 1:]) and not _tma_ready(a.t())
+

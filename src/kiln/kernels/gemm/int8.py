@@ -83,7 +83,7 @@ def zero_points_zero(node: Node, dq: Node) -> bool:
     if zp is None:
         return True
     outer = node.inputs[body.inputs.index(zp)] if zp in body.inputs else zp
-    return outer is not None and isinstance(outer.data, torch.Tensor) and not bool(outer.data.any())
+    return outer is not None and isinstance(outer.data, torch.Tensor) and not bool((outer.data.float() != 0).any())
 
 
 class Int8Gemm(Tactic):

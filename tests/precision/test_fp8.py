@@ -1,0 +1,139 @@
+"""FP8 builds (`precision="fp8"`): float8 E4M3 Q/DQ with per-tensor scales on every Gemm/MatMul input, folded into
+"quantized" nodes that `cuda.fp8_gemm` runs as torch's `_scaled_mm` (CPU here; cuBLASLt on sm_89+ GPUs in the GPU
+test), QuantizeLinear to float8 on `triton.fp8_quantize`; refused on GPUs without FP8."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.build.config import ConfigError
+from kiln.ir import DType
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import RefCtx, run_nodes
+from kiln.kernels import registry
+from kiln.precision.quantize import FP8_MAX, fold_quantized, quantize_graph
+from tests.precision.test_int8_gemm import _mlp
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+FP8 = DType.FLOAT8_E4M3FN
+
+
+def _calib(n: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((32, 64)).astype(np.float32)} for _ in range(n)]
+
+
+def _quantized_fp8() -> Any:
+    g = _mlp()
+    x = torch.from_numpy(_calib(1)[0]["x"])
+    env = run_nodes(g.nodes, {g.inputs[0]: x})
+    scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
+    scales["x"] = float(x.abs().max()) / 127
+    report = quantize_graph(g, scales, fp8=True)
+    assert len(report.layers) == 3 and report.to_json()["fp8_layers"] == 3
+    return g, x
+
+
+def test_fp8_placement_uses_one_scale_per_operand_and_float8_values() -> None:
+    g, _ = _quantized_fp8()
+    dqs = [n for n in g.nodes if n.op == "DequantizeLinear"]
+    weights = [n for n in dqs if n.inputs[0] is not None and n.inputs[0].data is not None]
+    assert len(weights) == 3
+    for n in weights:
+        q, s = n.inputs[0], n.inputs[1]
+        assert q is not None and s is not None and isinstance(q.data, torch.Tensor)
+        assert q.data.dtype == torch.float8_e4m3fn and s.data.numel() == 1  # type: ignore[union-attr]
+        assert float(q.data.float().abs().max()) == FP8_MAX  # the largest weight maps onto E4M3's largest value
+    quants = [n for n in g.nodes if n.op == "QuantizeLinear"]
+    assert quants and all(n.outputs[0].dtype is FP8 for n in quants)
+
+
+def test_folded_fp8_layers_run_on_scaled_mm_like_their_reference() -> None:
+    g, x = _quantized_fp8()
+    assert len(fold_quantized(g)) == 3
+    t = registry.get("cuda.fp8_gemm")
+    values: dict[Any, Any] = {g.inputs[0]: x}
+    checked = 0
+    for n in g.nodes:
+        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
+        want = OPS[n.op].ref(RefCtx(n), list(args))
+        if n.op == "Fused" and n.attrs["kind"] == "quantized":
+            assert t.applicable(n, CPU) and not registry.get("cuda.int8_gemm").applicable(n, CPU)
+            got = t.build(n, {}, CPU)(list(args))[0]
+            torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)  # the same float8 products, float32 sums
+            checked += 1
+        values.update(zip(n.outputs, want))
+    assert checked == 3
+
+
+def test_an_fp8_build_reports_its_layers_and_stays_close_to_fp32() -> None:
+    e = kiln.build(_mlp(), kiln.BuilderConfig(device="cpu", precision="fp8", calibration=_calib()))
+    lowered = e.plan.stats["precision"]
+    assert lowered["precision"] == "fp8" and lowered["fp8_layers"] == 3
+    assert [c.tactic for c in e.plan.choices[0]].count("cuda.fp8_gemm") == 3
+    x = np.random.default_rng(5).standard_normal((32, 64)).astype(np.float32)
+    y = e.create_context().run({"x": x})["y"]
+    y32 = kiln.build(_mlp(), kiln.BuilderConfig(device="cpu")).create_context().run({"x": x})["y"]
+    cos = float((y * y32).sum() / np.linalg.norm(y) / np.linalg.norm(y32))
+    assert cos >= 0.995, cos  # 3 layers of 3-bit mantissas, per-tensor scales
+
+
+def test_fp8_needs_calibration_and_an_fp8_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="fp8 build needs calibration data"):
+        kiln.BuilderConfig(device="cpu", precision="fp8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"A100-SXM4-80GB \(sm_80\) has no FP8 tensor cores") as e:
+        kiln.BuilderConfig(device="cuda", precision="fp8", calibration=_calib())
+    assert "--int8" in (e.value.hint or "")
+
+
+def test_the_tuner_accepts_float8_results_one_code_apart() -> None:
+    from kiln.tune.tuner import _one_step
+
+    want = (torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 10).to(torch.float8_e4m3fn)
+    bits = want.view(torch.uint8).clone()
+    bits[0, :8] = torch.where((bits[0, :8] & 127) < 126, bits[0, :8] + 1, bits[0, :8])  # next code, same sign
+    near = bits.view(torch.float8_e4m3fn)
+    assert _one_step(near, want)
+    far = want.view(torch.uint8).clone()
+    far[0, 0] = far[0, 0] ^ 128  # the sign flipped
+    assert not (far[0, 0] & 127 <= 1) and not _one_step(far.view(torch.float8_e4m3fn), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs an FP8 GPU (sm_89+)")
+def test_fp8_on_the_gpu() -> None:
+    """cuBLASLt's FP8 GEMM and the float8 quantize kernel against the references, then a whole FP16+FP8 build."""
+    g, x = _quantized_fp8()
+    fold_quantized(g)
+    values: dict[Any, Any] = {g.inputs[0]: x}
+    gemms = quants = 0
+    for n in g.nodes:
+        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
+        want = OPS[n.op].ref(RefCtx(n), list(args))
+        cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        if n.op == "Fused" and n.attrs["kind"] == "quantized":
+            got = registry.get("cuda.fp8_gemm").build(n, {}, CUDA)(cuda_args)[0]
+            torch.testing.assert_close(got.cpu(), want[0], rtol=1e-3, atol=1e-3)
+            gemms += 1
+        if n.op == "QuantizeLinear":
+            t = registry.get("triton.fp8_quantize")
+            assert t.applicable(n, CUDA)
+            got = t.build(n, {}, CUDA)(cuda_args)[0]
+            assert torch.equal(got.cpu().view(torch.uint8), want[0].view(torch.uint8))  # RNE + saturation, exactly
+            quants += 1
+        values.update(zip(n.outputs, want))
+    assert gemms == 3 and quants >= 1
+    e = kiln.build(_mlp(), kiln.BuilderConfig(device="cuda", precision="fp8", calibration=_calib()))
+    tactics = [c.tactic for c in e.plan.choices[0]]
+    assert tactics.count("cuda.fp8_gemm") == 3, tactics
+    y = e.create_context().run({"x": _calib(1)[0]["x"]})["y"]
+    assert np.isfinite(y).all()
