@@ -46,7 +46,8 @@ def observe_peaks(graph: Graph, feeds: Iterable[Mapping[str, Any]], device: torc
 
     def note(v: Value, x: Any) -> None:
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-            a = x.detach().abs().max()
+            y = x.detach()
+            a = (y.float() if y.element_size() == 1 else y).abs().max()  # why: CUDA has no abs for float8
             m = float(a) if bool(torch.isfinite(a)) else float("inf")
             peaks[v] = max(peaks.get(v, 0.0), m)
 
