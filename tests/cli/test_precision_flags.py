@@ -36,6 +36,22 @@ def test_int8_build_from_a_folder_of_samples_says_what_it_did(tmp_path) -> None:
     assert "scales from the cache" in again
 
 
+def test_fp8_build_quantizes_the_matmuls_and_keeps_convs_float(tmp_path) -> None:
+    import numpy as np
+
+    from tests.cli.helpers import ok
+
+    model = tiny_cnn(tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(calib / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    out = ok(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--fp8", "--calib", str(calib),
+                      "-o", str(tmp_path / "m.kiln")))
+    assert "fp8: 1 layers quantized to float8 E4M3 (entropy calibration); 1 run on FP8 GEMMs" in out, out
+
+
 def test_int8_without_samples_is_refused(tmp_path) -> None:
     model = tiny_cnn(tmp_path / "m.onnx")
     user_error(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--int8"), "calibration data")

@@ -83,6 +83,19 @@ def test_an_fp8_build_reports_its_layers_and_stays_close_to_fp32() -> None:
     assert cos >= 0.995, cos  # 3 layers of 3-bit mantissas, per-tensor scales
 
 
+def test_fp8_keeps_convolutions_float() -> None:
+    from kiln.ir import Graph, TensorType
+
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (1, 16, 8, 8)))
+    w = g.add_initializer("w", torch.randn(8, 16, 3, 3, generator=torch.Generator().manual_seed(0)))
+    (y,) = g.add("Conv", [x, w], {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)}, name="conv",
+                 outputs=["y"])
+    g.outputs.append(y)
+    report = quantize_graph(g, {"x": 0.01}, fp8=True)
+    assert report.layers == [] and "no FP8 convolution kernel" in report.float_layers["conv"]
+
+
 def test_fp8_needs_calibration_and_an_fp8_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="fp8 build needs calibration data"):
         kiln.BuilderConfig(device="cpu", precision="fp8")
