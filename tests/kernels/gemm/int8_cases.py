@@ -80,6 +80,9 @@ def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str =
         if got.dtype != want.dtype or got.shape != want.shape:
             out[tile] = f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
             continue
+        if want.dim() == 4 and not got.is_contiguous(memory_format=torch.channels_last):
+            out[tile] = f"a conv's output is written channels-last; strides {got.stride()}"
+            continue
         if not want.is_floating_point():  # requantized: one step at a rounding boundary, rarely (as the tuner)
             diff = (got.int() - want.int()).abs()
             share = float((diff == 0).float().mean())
@@ -100,7 +103,17 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
     "gemm-transb-bias-ragged-k": lambda: quantized((33,), 200, 40, gemm=True, act=None),
     "bias-relu-requantize": lambda: quantized((130,), 128, 64, requant=True),
     "bias-gelu-requantize-f16": lambda: quantized((130,), 128, 64, act="Gelu", requant=True, half=True),
+    # 1x1 stride-1 convs read as GEMMs (`Spec.conv`): channels-last and NCHW inputs, a requantizing one in float16
+    "conv1x1-relu-cl": lambda: _conv1x1((2, 32, 5, 7), 24),
+    "conv1x1-bare-nchw": lambda: _conv1x1((1, 48, 3, 3), 16, cl=False, act=False),
+    "conv1x1-relu-requantize-f16": lambda: _conv1x1((2, 32, 5, 5), 24, requant=True, half=True),
 }
+
+
+def _conv1x1(x: tuple[int, int, int, int], n: int, **kw: Any) -> tuple[Node, list[Any]]:
+    from tests.kernels.conv.int8_cases import quantized as quantized_conv
+
+    return quantized_conv(x, n, 1, **kw)
 
 
 def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:

@@ -116,3 +116,14 @@ def test_fp8_quantize_on_cuda_is_exact(name: str) -> None:
 
     problems = fp8_cases.run_case(name, "cuda")
     assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize(("x", "n", "kw"), [
+    ((128, 256, 56, 56), 64, {"half": True, "requant": True}),  # ResNet-50 layer1 conv1: requantizes for the 3x3
+    ((128, 64, 56, 56), 256, {"half": True}),  # layer1 conv3 (float16 out, the residual add's input)
+    ((1, 2048, 7, 7), 512, {"half": True}),  # batch 1, layer4
+], ids=["l1-reduce-requant", "l1-expand", "l4-b1"])
+def test_int8_conv1x1_resnet50_shapes_every_tile(x: tuple[int, int, int, int], n: int, kw: dict) -> None:
+    node, args = q8._conv1x1(x, n, **kw)
+    problems = q8.run(node, args, q8.ALL, "cuda")
+    assert all(p is None for p in problems.values()), problems

@@ -115,6 +115,9 @@ class Spec:
     kinds: tuple[str, ...] = ()
     """Per epilogue operand, how it broadcasts over the [M, N] tile: "scalar" (one value: loaded once), "row" (one
     value per column, e.g. a bias or a per-channel scale: one [1, BLOCK_N] load) or "full" (a residual)."""
+    conv: bool = False
+    """A 1x1 stride-1 convolution read as a GEMM: A is the channels-last input seen as [N*H*W, C], B the weight
+    [K, C], C the conv's bias; the output is written channels-last."""
 
 
 def spec(node: Node) -> Spec | None:
@@ -250,7 +253,10 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
         pointers.append("c_ptr")
         strides += ["stride_cm", "stride_cn"]
         up = ".to(tl.float32)" if s.dtype in NARROW or int8 else ""
-        lines.append(f"c = tl.load(c_ptr + rm * stride_cm + rn * stride_cn, mask=mask, other=0.0){up}")
+        if s.conv:  # the conv's bias: one value per output channel
+            lines.append(f"c = tl.load(c_ptr + rn * stride_cn, mask=rn < N, other=0.0){up}")
+        else:
+            lines.append(f"c = tl.load(c_ptr + rm * stride_cm + rn * stride_cn, mask=mask, other=0.0){up}")
         lines.append("acc = acc + c" if s.beta == 1.0 else f"acc = acc + c * {float_text(s.beta)}")
     result, out, what = "acc", storage(s.out), str(s.dtype)
     if s.program is not None:
@@ -340,6 +346,9 @@ class GemmKernel:
         if s.dq is None:
             self.weight = prepared(node, s.w_at, ("triton.gemm", trans_b),
                                    lambda w: (w.t() if trans_b else w).contiguous())
+        elif s.conv:  # [K, C, 1, 1] is already [N, K] with K contiguous
+            self.weight = prepared(node, s.w_at, ("triton.int8_gemm", "conv1x1"),
+                                   lambda w: w.reshape(w.shape[0], -1).contiguous().t())
         else:  # [N, K] with K contiguous, seen as [K, N]: int8 tensor cores take both operands K-major
             self.weight = prepared(node, s.w_at, ("triton.int8_gemm", trans_b),
                                    lambda w: (w if trans_b else w.t()).contiguous().t())
@@ -356,6 +365,8 @@ class GemmKernel:
         self._on: dict[torch.device, list[torch.Tensor]] = {}
 
     def __call__(self, xs: list[Any]) -> list[Any]:
+        if self.s.conv:
+            return self._conv(xs)
         s = self.s
         x = xs[s.x_at]
         w = self.weight(xs[s.w_at])
@@ -367,12 +378,37 @@ class GemmKernel:
         out = torch.empty((m, n), dtype=s.out.torch, device=x.device)
         if m == 0 or n == 0:
             return [out.view(shape)]
+        self._launch(xs, x2, w, out, shape)
+        return [out.view(shape)]
+
+    def _conv(self, xs: list[Any]) -> list[Any]:
+        """A 1x1 stride-1 conv: the channels-last input as rows of C channels, the output channels-last."""
+        s = self.s
+        x = xs[s.x_at]
+        if x.dim() != 4 or x.shape[1] != s.k:
+            raise InputError(f"triton.int8_gemm: the conv input is {list(x.shape)}, the weight expects "
+                             f"[N, {s.k}, H, W]")
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        batch, c, h, wd = x.shape
+        m = batch * h * wd
+        x2 = x.permute(0, 2, 3, 1).reshape(m, c)  # a view: channels are the innermost axis
+        out = torch.empty((batch, h, wd, s.n), dtype=s.out.torch, device=x.device)
+        if m:
+            self._launch(xs, x2, self.weight(xs[s.w_at]), out.view(m, s.n), (batch, s.n, h, wd))
+        return [out.permute(0, 3, 1, 2)]
+
+    def _launch(self, xs: list[Any], x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+                shape: tuple[int, ...]) -> None:
+        """Runs the kernel: A [m, K] (`x2`), B [K, N], `out` [m, N]; epilogue operands of logical `shape`."""
+        s = self.s
+        m, n = out.shape
         views = ([xs[s.c_at].expand(m, n)] if s.c_at is not None else []) + self._operands(xs, shape, m, n)
         wide = max([_extent((m, s.k), x2.stride()), w.numel(), out.numel(),
                     *(_extent((m, n), v.stride()) for v in views)]) >= WIDE_LIMIT
         t = self.tile
         grid = (math.ceil(m / t.block_m) * math.ceil(n / t.block_n),)
-        dq = [] if self.dequant is None else [self._on_device(self.dequant, x.device)]
+        dq = [] if self.dequant is None else [self._on_device(self.dequant, x2.device)]
         consts = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                       EVEN_K=s.k % t.block_k == 0, WIDE=wide, num_warps=t.num_warps, num_stages=self.stages)
         tail = [*dq, *views, m, n, s.k]
@@ -390,7 +426,6 @@ class GemmKernel:
                     self._pointer_fn = load_function(source(s), "kiln_gemm", "kiln_gemm")
                 fn = self._pointer_fn
             fn[grid](x2, w, out, *tail, *x2.stride(), *w.stride(), *strides, **consts)
-        return [out.view(shape)]
 
     def _on_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         if t.device != device:
@@ -407,6 +442,8 @@ class GemmKernel:
             consts = self._on[device] = [c.to(device) for c in self.consts]
         it = iter(consts)
         ts = [xs[i] if i is not None else next(it) for i in self.reads]
+        if self.s.conv:  # NCHW logical operands, read in the output's channels-last order
+            return [t.expand(shape).permute(0, 2, 3, 1).reshape(m, n) for t in ts]
         return [t.expand(shape).reshape(m, n) for t in ts]
 
 
@@ -464,6 +501,18 @@ def quantized_spec(node: Node) -> Spec | None:
                 sources, dq=(sx_at, sw_at), kinds=operand_kinds(node, program, sources, 1))
 
 
+def conv1x1_spec(node: Node) -> Spec | None:
+    """A "quantized" 1x1 conv with stride 1, no padding, one group (ResNet's bottleneck convs) in the GEMM
+    template's terms (`Spec.conv`), or None."""
+    from kiln.kernels.conv.triton_conv import quantized_spec as conv_spec
+
+    cs = conv_spec(node)
+    if cs is None or cs.kernel != (1, 1) or cs.stride != (1, 1) or cs.pad != (0, 0) or cs.dilation != (1, 1):
+        return None
+    return Spec(cs.x_at, cs.w_at, False, True, 1.0, cs.b_at, 1.0, cs.n, cs.c, DType.INT8, cs.out, cs.program,
+                cs.sources, dq=cs.dq, kinds=cs.kinds, conv=True)
+
+
 class TritonInt8Gemm(TritonGemm):
     """A "quantized" MatMul/Gemm (int8 activation and weight) as the GEMM template with int8 products into int32,
     dequantized per output channel in float32, then its epilogue in the same kernel (see the module docstring)."""
@@ -476,7 +525,7 @@ class TritonInt8Gemm(TritonGemm):
     priority = 25  # before cuda.int8_gemm (30): the fused epilogue saves the int32 round trip through memory
 
     def view(self, node: Node) -> Spec | None:
-        return quantized_spec(node)
+        return quantized_spec(node) or conv1x1_spec(node)
 
 
 register(TritonGemm())
