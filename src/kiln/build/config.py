@@ -48,6 +48,14 @@ def as_profile(p: Profile | Mapping[str, Any]) -> Profile:
     return Profile(shapes)
 
 
+def default_calibrator(precision: str) -> str:
+    """How activation ranges are chosen when the user does not say: entropy for int8 (clipping rare outliers buys
+    resolution for the 255 levels), the observed maximum for fp8 (E4M3's exponent covers the range; clipping only
+    loses). Measured on all-MiniLM-L6-v2 (CPU, fp8, 25 layers): minmax embeddings cosine 0.9970 to FP32,
+    percentile 0.9922, entropy 0.7101."""
+    return "minmax" if precision == "fp8" else "entropy"
+
+
 @dataclass
 class BuilderConfig:
     """How to build an engine.
@@ -90,7 +98,8 @@ class BuilderConfig:
     calibration: Any = None
     """INT8 (scales) or FP16 (ranges that decide FP32 layers): samples - a directory of .npy/.npz files, or an
     iterable of {input: array} dicts."""
-    calibrator: str = "entropy"
+    calibrator: str | None = None
+    """None: "entropy" for int8, "minmax" for fp8 (see `default_calibrator`)."""
     calibration_cache: str | os.PathLike[str] | None = None
     """INT8: a JSON file of tensor scales, written by the first build and reused by later ones."""
     accuracy_check: Any = None
@@ -113,6 +122,8 @@ class BuilderConfig:
         if self.precision in ("fp16", "bf16") and dev.type == "cpu":
             raise ConfigError(f"precision {self.precision} needs a GPU; kiln's CPU tactics compute in fp32",
                               hint="use precision='fp32' on CPU")
+        if self.calibrator is None:
+            self.calibrator = default_calibrator(self.precision)
         if self.precision in ("int8", "fp8"):
             from kiln.precision.calibration import CALIBRATORS
 
@@ -170,6 +181,6 @@ class BuilderConfig:
             "precision": self.precision, "tf32": self.tf32, "device": self.device, "opt_level": self.opt_level,
             "time_budget_s": self.time_budget_s, "memory_limit_bytes": self.memory_limit_bytes,
             "deterministic": self.deterministic, "layer_precision": dict(self.layer_precision),
-            "calibrator": self.calibrator if self.precision == "int8" else None,
+            "calibrator": self.calibrator if self.precision in ("int8", "fp8") else None,
             "profiles": [p.to_json() for p in self.profiles],  # type: ignore[union-attr]
         }

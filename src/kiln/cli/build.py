@@ -49,8 +49,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
                         "scales, or with --fp16 the value ranges that decide which layers stay fp32")
-    p.add_argument("--calibrator", default="entropy", choices=("entropy", "percentile", "mse", "minmax"),
-                   help="how activation ranges are chosen (default entropy)")
+    p.add_argument("--calibrator", default=None, choices=("entropy", "percentile", "mse", "minmax"),
+                   help="how activation ranges are chosen (default: entropy for --int8, minmax for --fp8)")
     p.add_argument("--calib-cache", default=None, metavar="FILE",
                    help="int8 scales as JSON: written by the first build, reused by the next ones")
     p.add_argument("--accuracy-check", default=None, metavar="DIR",
@@ -210,7 +210,7 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
     for name, why in lowered.get("kept_fp32", {}).items():
         print(f"    kept in float32: {name} ({why})")
     on_int8 = sum(c.tactic in INT8_TACTICS for c in plan.choices[0]) if plan.choices else 0
-    if lowered.get("int8_folded_layers") and lowered.get("precision") != "int8":
+    if lowered.get("int8_folded_layers") and lowered.get("precision") not in ("int8", "fp8"):
         print(f"    int8: {lowered['int8_folded_layers']} Gemm/MatMul/Conv layers quantized in the model (Q/DQ), "
               f"{on_int8} of them on int8 kernels")
     if lowered.get("precision") == "fp8":
