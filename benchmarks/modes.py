@@ -53,6 +53,10 @@ class KilnOptions:
     time_budget_s: float | None = None
     save_dir: Path | None = None
     """Where to save each built engine (for `kiln inspect --profile`); None: not saved."""
+    calibrator: str | None = None
+    """kiln-int8/kiln-fp8: the calibrator (None: kiln's default for the precision)."""
+    accuracy_target: str | None = None
+    """kiln-int8/kiln-fp8: an accuracy gate target ("cosine>=0.99"); the last input set is held out to check it."""
 
 
 @dataclass
@@ -161,7 +165,13 @@ def _kiln(case: Case, quantized: str | None = None) -> Prepared:
     names = [i.name for i in case.spec.inputs]
     precision = quantized or case.precision
     cache = kiln_cache_path(case, precision)
-    calibration = [dict(zip(names, s)) for s in case.kiln_sets] if quantized else None
+    sets = [dict(zip(names, s)) for s in case.kiln_sets]
+    calibration = sets if quantized else None
+    held = None
+    if quantized and case.kiln.accuracy_target:
+        if len(sets) < 2:
+            raise RuntimeError("an accuracy target needs at least 2 input sets (--rotate): one is held out")
+        calibration, held = sets[:-1], sets[-1:]
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.unlink(missing_ok=True)  # the first build is cold: no timings to reuse
     profile = {n: tuple(x.shape) for n, x in zip(names, case.kiln_sets[0])}
@@ -169,7 +179,9 @@ def _kiln(case: Case, quantized: str | None = None) -> Prepared:
     def build() -> Any:
         config = kiln.BuilderConfig(device=str(case.device), precision=precision, opt_level=case.kiln.opt_level,
                                     tf32=case.kiln.tf32, timing_cache=str(cache), profiles=[profile],
-                                    time_budget_s=case.kiln.time_budget_s, calibration=calibration)
+                                    time_budget_s=case.kiln.time_budget_s, calibration=calibration,
+                                    calibrator=case.kiln.calibrator if quantized else None, accuracy_check=held,
+                                    accuracy_target=case.kiln.accuracy_target if held else None)
         return kiln.build(str(case.onnx_path), config)
 
     engine, cold = timed(build, case.device)
@@ -177,6 +189,11 @@ def _kiln(case: Case, quantized: str | None = None) -> Prepared:
     top = sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:6]
     print(f"[{case.spec.name} bs{case.batch} {precision}] kiln cold build, seconds by tactic [building, timing]: "
           + ", ".join(f"{k} {a:.1f}+{b:.1f}" for k, (a, b) in top), file=sys.stderr, flush=True)
+    gate = engine.plan.stats.get("precision", {}).get("accuracy")
+    if gate:  # what the accuracy gate kept float to meet its target
+        print(f"[{case.spec.name} bs{case.batch} {precision}] accuracy gate {gate.get('target')}: "
+              f"{'met' if gate.get('met') else 'NOT met'} ({gate.get('metrics')}); {len(gate.get('kept_float', []))} "
+              f"layers kept float", file=sys.stderr, flush=True)
     rejected = engine.plan.stats.get("tuning", {}).get("rejected", [])
     if rejected:  # a candidate that failed or mismatched: a kernel bug or a refusal, worth seeing beside the time
         print(f"[{case.spec.name} bs{case.batch} {precision}] {len(rejected)} candidates rejected, first: "

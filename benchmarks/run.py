@@ -54,6 +54,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="ONNX exports, kiln timing caches, the fresh inductor cache (default benchmarks/work)")
     p.add_argument("--kiln-opt-level", type=int, default=3, help="kiln BuilderConfig.opt_level (default 3)")
     p.add_argument("--kiln-time-budget", type=float, default=None, help="kiln BuilderConfig.time_budget_s")
+    p.add_argument("--kiln-calibrator", default=None, choices=("entropy", "percentile", "mse", "minmax"),
+                   help="kiln-int8/kiln-fp8: the calibrator (default: kiln's, entropy for int8, minmax for fp8)")
+    p.add_argument("--kiln-accuracy-target", default=None, metavar="METRIC>=X",
+                   help="kiln-int8/kiln-fp8: e.g. cosine>=0.99; calibrates on all input sets but the last, checks "
+                        "on the last, and keeps the layers most responsible for the loss float until it holds")
     p.add_argument("--kiln-save", type=Path, default=None, metavar="DIR",
                    help="save every kiln engine built here (to profile it with `kiln inspect --profile`)")
     p.add_argument("--min-cosine", type=float, default=None,
@@ -94,7 +99,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             "precision": args.precision, "warmup": args.warmup, "iters": args.iters, "seconds": args.seconds,
             "rotate": args.rotate, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark,
             "channels_last": args.channels_last, "kiln_opt_level": args.kiln_opt_level,
-            "kiln_time_budget_s": args.kiln_time_budget,
+            "kiln_time_budget_s": args.kiln_time_budget, "kiln_calibrator": args.kiln_calibrator,
+            "kiln_accuracy_target": args.kiln_accuracy_target,
             "min_cosine": args.min_cosine or checks.MIN_COSINE[args.precision],
             "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
@@ -165,7 +171,8 @@ def _case(spec: ModelSpec, model: torch.nn.Module, batch: int, args: argparse.Na
     sets = [[x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
              for x in make_inputs(spec, batch, k)] for k in range(args.rotate)]
     kiln_sets = [[x.to(onnx_dtypes.get(i.name, x.dtype)) for i, x in zip(spec.inputs, s)] for s in sets]
-    options = modes.KilnOptions(args.kiln_opt_level, args.tf32, args.workdir, args.kiln_time_budget, args.kiln_save)
+    options = modes.KilnOptions(args.kiln_opt_level, args.tf32, args.workdir, args.kiln_time_budget, args.kiln_save,
+                                args.kiln_calibrator, args.kiln_accuracy_target)
     return modes.Case(spec, model, sets, device, batch, args.precision, onnx_path, kiln_sets, options)
 
 

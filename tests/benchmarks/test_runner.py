@@ -142,3 +142,23 @@ def test_the_int8_mode_builds_calibrated_engines_and_reports_the_speedup(tmp_pat
     assert int8["status"] == "ok", int8.get("error")
     assert int8["stats"]["median_ms"] > 0 and int8["checks"][0]["cosine"] > 0.99
     assert "kiln-int8 / kiln fp32: **" in results.read_text()
+
+
+def test_quantized_modes_take_a_calibrator_and_an_accuracy_target(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "gate.json"
+    argv = ["--models", "tiny_cnn", "--batch", "2", "--device", "cpu", "--precision", "fp32", "--modes",
+            "kiln,kiln-int8,kiln-fp8", "--warmup", "1", "--iters", "3", "--no-results", "--json", str(out),
+            "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1", "--kiln-calibrator", "minmax",
+            "--kiln-accuracy-target", "cosine>=0.9999"]
+    flags = _torch_flags()
+    try:
+        assert main(argv) == 0
+    finally:
+        _set_torch_flags(flags)
+    (case,) = json.loads(out.read_text())["cases"]
+    for name in ("kiln-int8", "kiln-fp8"):
+        m = next(m for m in case["modes"] if m["mode"] == name)
+        assert m["status"] == "ok", m.get("error")
+    err = capsys.readouterr().err
+    assert "int8] accuracy gate cosine>=0.9999: met" in err and "fp8] accuracy gate cosine>=0.9999: met" in err, err
