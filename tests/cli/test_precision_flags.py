@@ -48,7 +48,7 @@ def test_fp8_build_quantizes_the_matmuls_and_keeps_convs_float(tmp_path) -> None
     for i in range(4):
         np.save(calib / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
     out = ok(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--fp8", "--calib", str(calib),
-                      "-o", str(tmp_path / "m.kiln")))
+                      "--opt-level", "0", "-o", str(tmp_path / "m.kiln")))  # tactic order, not CPU timings
     assert "fp8: 1 layers quantized to float8 E4M3 (minmax calibration); 1 run on FP8 GEMMs" in out, out
     assert "quantized in the model" not in out  # that line is for models quantized before import
 

@@ -72,7 +72,8 @@ def test_folded_fp8_layers_run_on_scaled_mm_like_their_reference() -> None:
 
 
 def test_an_fp8_build_reports_its_layers_and_stays_close_to_fp32() -> None:
-    e = kiln.build(_mlp(), kiln.BuilderConfig(device="cpu", precision="fp8", calibration=_calib()))
+    # opt_level 0: the tactics' order decides, not CPU timings (on a CPU the reference may time faster)
+    e = kiln.build(_mlp(), kiln.BuilderConfig(device="cpu", precision="fp8", calibration=_calib(), opt_level=0))
     lowered = e.plan.stats["precision"]
     assert lowered["precision"] == "fp8" and lowered["fp8_layers"] == 3
     assert [c.tactic for c in e.plan.choices[0]].count("cuda.fp8_gemm") == 3
