@@ -4,11 +4,35 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "src") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "src"))
+
+BIG_GPU_MEMORY_LOCK = os.path.join(tempfile.gettempdir(), "kiln-tests-big-gpu-memory.lock")
+
+
+@pytest.fixture(autouse=True)
+def _one_big_gpu_test_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked big_gpu_memory (tens of GiB on the card) hold an exclusive file lock while they run: under
+    `pytest -n N` two of them at once ran the card out of memory (2026-11-27, H100, -n 8)."""
+    if request.node.get_closest_marker("big_gpu_memory") is None:
+        yield
+        return
+    import fcntl
+
+    with open(BIG_GPU_MEMORY_LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
 
 CONFORMANCE_GOAL = 1800
 _outcomes: dict[str, dict[str, int]] = {}

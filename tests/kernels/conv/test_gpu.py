@@ -83,6 +83,7 @@ def test_float32_with_and_without_tf32(tf32: bool) -> None:
     assert all(p is None for p in problems.values()), problems
 
 
+@pytest.mark.big_gpu_memory
 def test_offsets_past_2_31() -> None:
     shape = (32, 64, 1040, 1040)  # 2.2e9 elements in and out: int64 index math
     g = Graph()

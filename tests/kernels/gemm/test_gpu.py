@@ -59,6 +59,7 @@ def test_float32_with_and_without_tf32(tf32: bool) -> None:
     assert all(p is None for p in problems.values()), problems
 
 
+@pytest.mark.big_gpu_memory
 def test_offsets_past_2_31() -> None:
     m, k, n = 2_800_000, 64, 768  # an output of 2.15e9 elements: int64 index math
     g = Graph()

@@ -88,6 +88,7 @@ def test_as_fast_as_eager(name: str) -> None:
     assert ours <= 1.25 * eager, f"{name}: {ours * 1e3:.1f} us against eager {eager * 1e3:.1f} us"
 
 
+@pytest.mark.big_gpu_memory
 @pytest.mark.parametrize("op", ["Softmax", "LayerNormalization", "GroupNormalization"])
 def test_offsets_past_2_to_the_31(op: str) -> None:
     """More than 2**31 elements (4.3 GB of float16): the last rows are right (checked on a slice, since rows and

@@ -107,6 +107,7 @@ def test_epilogue_in_place_on_a_gemm_output() -> None:
     assert compare(acc.cpu(), want) is None
 
 
+@pytest.mark.big_gpu_memory
 def test_domain_past_int32() -> None:
     n = 2**31 + 4099
     if torch.cuda.get_device_properties(0).total_memory < 3 * 2 * n:
