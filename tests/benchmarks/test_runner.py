@@ -127,17 +127,23 @@ def test_the_json_renders_the_same_section(smoke: tuple[Path, Path, int], tmp_pa
     assert "\nkiln state: test state\n" in target.read_text()
 
 
-def test_the_int8_mode_builds_calibrated_engines_and_reports_the_speedup(tmp_path: Path) -> None:
-    out, results = tmp_path / "int8.json", tmp_path / "R.md"
-    argv = ["--models", "tiny_cnn", "--batch", "2", "--device", "cpu", "--precision", "fp32", "--modes",
-            "eager,kiln,kiln-int8", "--warmup", "1", "--iters", "3", "--results", str(results), "--json", str(out),
-            "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1"]
+def _one_case(argv: list[str], out: Path) -> dict:
+    """Runs the runner (restoring torch's global flags after) and returns the one case of its JSON file `out`."""
     flags = _torch_flags()
     try:
         assert main(argv) == 0
     finally:
         _set_torch_flags(flags)
     (case,) = json.loads(out.read_text())["cases"]
+    return case
+
+
+def test_the_int8_mode_builds_calibrated_engines_and_reports_the_speedup(tmp_path: Path) -> None:
+    out, results = tmp_path / "int8.json", tmp_path / "R.md"
+    argv = ["--models", "tiny_cnn", "--batch", "2", "--device", "cpu", "--precision", "fp32", "--modes",
+            "eager,kiln,kiln-int8", "--warmup", "1", "--iters", "3", "--results", str(results), "--json", str(out),
+            "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1"]
+    case = _one_case(argv, out)
     int8 = next(m for m in case["modes"] if m["mode"] == "kiln-int8")
     assert int8["status"] == "ok", int8.get("error")
     assert int8["stats"]["median_ms"] > 0 and int8["checks"][0]["cosine"] > 0.99
@@ -151,12 +157,7 @@ def test_quantized_modes_take_a_calibrator_and_an_accuracy_target(tmp_path: Path
             "kiln,kiln-int8,kiln-fp8", "--warmup", "1", "--iters", "3", "--no-results", "--json", str(out),
             "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1", "--kiln-calibrator", "minmax",
             "--kiln-accuracy-target", "cosine>=0.9999"]
-    flags = _torch_flags()
-    try:
-        assert main(argv) == 0
-    finally:
-        _set_torch_flags(flags)
-    (case,) = json.loads(out.read_text())["cases"]
+    case = _one_case(argv, out)
     for name in ("kiln-int8", "kiln-fp8"):
         m = next(m for m in case["modes"] if m["mode"] == name)
         assert m["status"] == "ok", m.get("error")

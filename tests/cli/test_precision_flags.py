@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.cli.helpers import kiln_cli, tiny_cnn, user_error
 
 
@@ -16,17 +18,22 @@ def test_a_malformed_pin_is_refused(tmp_path) -> None:
     user_error(kiln_cli("build", model, "--shapes", "x:1x3x8x8", "--layer-precision", "conv1"), "NAME:PRECISION")
 
 
-def test_int8_build_from_a_folder_of_samples_says_what_it_did(tmp_path) -> None:
+def _samples(folder: Path) -> Path:
+    """Four random tiny_cnn inputs, one .npy file each."""
     import numpy as np
 
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(folder / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    return folder
+
+
+def test_int8_build_from_a_folder_of_samples_says_what_it_did(tmp_path) -> None:
     from tests.cli.helpers import ok
 
     model = tiny_cnn(tmp_path / "m.onnx")
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        np.save(calib / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    calib = _samples(tmp_path / "calib")
     out = ok(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--int8", "--calib", str(calib),
                       "--calib-cache", str(tmp_path / "scales.json"), "-o", str(tmp_path / "m.kiln")))
     assert "int8: 2 layers quantized (entropy calibration)" in out, out
@@ -37,16 +44,10 @@ def test_int8_build_from_a_folder_of_samples_says_what_it_did(tmp_path) -> None:
 
 
 def test_fp8_build_quantizes_the_matmuls_and_keeps_convs_float(tmp_path) -> None:
-    import numpy as np
-
     from tests.cli.helpers import ok
 
     model = tiny_cnn(tmp_path / "m.onnx")
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        np.save(calib / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    calib = _samples(tmp_path / "calib")
     out = ok(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--fp8", "--calib", str(calib),
                       "--opt-level", "0", "-o", str(tmp_path / "m.kiln")))  # tactic order, not CPU timings
     assert "fp8: 1 layers quantized to float8 E4M3 (minmax calibration); 1 run on FP8 GEMMs" in out, out

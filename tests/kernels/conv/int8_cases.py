@@ -56,7 +56,17 @@ def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, 
 
 
 def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str = "cpu") -> dict[str, str | None]:
-    t = registry.get("triton.int8_conv")
+    def layout(got: torch.Tensor) -> str | None:  # the output keeps the input's memory format
+        return None if channels_last(got) == channels_last(args[0]) else f"layout: strides {got.stride()}"
+
+    return run_tiles("triton.int8_conv", node, args, tiles, device, layout)
+
+
+def run_tiles(tactic: str, node: Node, args: list[Any], tiles: tuple[str, ...], device: str,
+              layout: Callable[[torch.Tensor], str | None]) -> dict[str, str | None]:
+    """{tile: what differs from the folded node's reference, or None} for the int8 `tactic` built for CUDA and run
+    on `device` tensors; `layout` checks the output's memory format."""
+    t = registry.get(tactic)
     if not t.applicable(node, CUDA):
         return {"applicable": "refused"}
     want = OPS["Fused"].ref(RefCtx(node), list(args))[0]
@@ -68,8 +78,9 @@ def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str =
         if got.dtype != want.dtype or got.shape != want.shape:
             out[tile] = f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
             continue
-        if channels_last(got) != channels_last(args[0]):
-            out[tile] = f"layout: strides {got.stride()}"
+        wrong = layout(got)
+        if wrong is not None:
+            out[tile] = wrong
             continue
         if not want.is_floating_point():  # requantized: a float sum that differs in its last bits may round the
             # other way at a .5 boundary - one step, rarely; anything more is a bug

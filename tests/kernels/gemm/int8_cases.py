@@ -12,14 +12,14 @@ import torch
 
 from kiln.ir import DType
 from kiln.ir.graph import Node, Value
-from kiln.ir.ops import OPS
-from kiln.ir.ops.base import RefCtx, run_nodes
-from kiln.kernels import registry
+from kiln.ir.ops.base import run_nodes
 from kiln.kernels.gemm.triton_gemm import INT8_TILES
 from kiln.passes.epilogue_fusion import epilogue_fusion
 from kiln.precision.lower import lower_precision
 from kiln.precision.quantize import fold_quantized, fuse_requantize, quantize_graph
-from tests.kernels.gemm.cases import CUDA, F32, Maker
+from tests.kernels.conv.int8_cases import quantized as quantized_conv
+from tests.kernels.conv.int8_cases import run_tiles
+from tests.kernels.gemm.cases import F32, Maker
 
 ALL = tuple(INT8_TILES)
 
@@ -68,33 +68,12 @@ def quantized(lead: tuple[int, ...], k: int, n: int, *, act: str | None = "Relu"
 
 
 def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str = "cpu") -> dict[str, str | None]:
-    t = registry.get("triton.int8_gemm")
-    if not t.applicable(node, CUDA):
-        return {"applicable": "refused"}
-    want = OPS["Fused"].ref(RefCtx(node), list(args))[0]
-    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    tol = 1e-2 if want.dtype == torch.float16 else 1e-4
-    out: dict[str, str | None] = {}
-    for tile in tiles:
-        got = t.build(node, {"tile": tile}, CUDA)(list(moved))[0].cpu()
-        if got.dtype != want.dtype or got.shape != want.shape:
-            out[tile] = f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
-            continue
-        if want.dim() == 4 and not got.is_contiguous(memory_format=torch.channels_last):
-            out[tile] = f"a conv's output is written channels-last; strides {got.stride()}"
-            continue
-        if not want.is_floating_point():  # requantized: one step at a rounding boundary, rarely (as the tuner)
-            diff = (got.int() - want.int()).abs()
-            share = float((diff == 0).float().mean())
-            out[tile] = None if int(diff.max()) <= 1 and share >= 0.99 else f"int8 max diff {int(diff.max())}, " \
-                                                                               f"{share:.4f} equal"
-            continue
-        try:
-            torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
-            out[tile] = None
-        except AssertionError as e:
-            out[tile] = str(e)[:800]
-    return out
+    def layout(got: torch.Tensor) -> str | None:  # a 1x1 conv read as a GEMM writes channels-last
+        if got.dim() == 4 and not got.is_contiguous(memory_format=torch.channels_last):
+            return f"a conv's output is written channels-last; strides {got.stride()}"
+        return None
+
+    return run_tiles("triton.int8_gemm", node, args, tiles, device, layout)
 
 
 CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
@@ -111,8 +90,6 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
 
 
 def _conv1x1(x: tuple[int, int, int, int], n: int, **kw: Any) -> tuple[Node, list[Any]]:
-    from tests.kernels.conv.int8_cases import quantized as quantized_conv
-
     return quantized_conv(x, n, 1, **kw)
 
 

@@ -30,7 +30,7 @@ from kiln.kernels.base import Kernel
 from kiln.kernels.conv.cudnn import _params
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored
-from kiln.kernels.gemm.triton_gemm import WIDE_LIMIT, Tile, _stages, _steps
+from kiln.kernels.gemm.triton_gemm import WIDE_LIMIT, Tile, _stages, _steps, quantized_steps
 from kiln.kernels.pointwise.rules import NARROW, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
@@ -435,14 +435,10 @@ def quantized_spec(node: Node) -> Spec | None:
     geometry = _geometry(a)
     if geometry is None or int(anchor.attrs.get("group", 1)) != 1:
         return None
-    steps = _steps(a)
-    if steps is None:
+    found = quantized_steps(a)
+    if found is None:
         return None
-    program, sources = steps
-    out = program.result.dtype if program is not None else anchor.outputs[0].dtype
-    if out != node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
-                                                   DType.UINT8):  # int8: it requantizes for the next layer
-        return None
+    program, sources, out = found
     stride, pad, dilation = geometry
     return Spec(xq_at, wq_at, b_at, int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride,
                 pad, dilation, DType.INT8, out, program, sources, dq=(sx_at, sw_at),

@@ -24,7 +24,7 @@ from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored, tail
 from kiln.kernels.gemm.cublas import _bias_step
-from kiln.kernels.gemm.int8 import FLOATS, zero_points_zero
+from kiln.kernels.gemm.int8 import FLOATS, quantized_layout
 from kiln.kernels.registry import register
 
 FP8 = DType.FLOAT8_E4M3FN
@@ -34,45 +34,11 @@ FP8_MAX = 448.0
 def fp8_layout(node: Node) -> tuple[int, int, int, int, bool, int | None] | None:
     """(node input indices of: fp8 activation, its scale, fp8 weight, its scale; whether a Gemm takes W as [N, K];
     node input index of a Gemm's C or None) for a "quantized" FP8 MatMul/Gemm node, else None."""
-    if node.op != "Fused" or node.attrs.get("kind") != "quantized" or len(node.outputs) != 1:
+    found = quantized_layout(node, FP8)
+    if found is None:
         return None
-    body: Graph = node.attrs["body"]
-    if len(body.nodes) < 3 or len(body.outputs) != 1:
-        return None
-    dx, dw, anchor = body.nodes[:3]
-    if dx.op != "DequantizeLinear" or dw.op != "DequantizeLinear" or anchor.op not in ("MatMul", "Gemm"):
-        return None
-    if anchor.inputs[0] is not dx.outputs[0] or anchor.inputs[1] is not dw.outputs[0]:
-        return None
-    if anchor.op == "Gemm" and (anchor.attrs.get("transA", 0) or float(anchor.attrs.get("alpha", 1.0)) != 1.0):
-        return None
-    c = anchor.inputs[2] if anchor.op == "Gemm" and len(anchor.inputs) > 2 else None
-    if c is not None and c not in body.inputs:
-        return None
-    try:
-        at = [body.inputs.index(v) for v in (dx.inputs[0], dx.inputs[1], dw.inputs[0], dw.inputs[1])]  # type: ignore[arg-type]
-    except ValueError:
-        return None
-    xq, sx, wq, sw = (node.inputs[i] for i in at)
-    if xq is None or sx is None or wq is None or sw is None:
-        return None
-    if not (zero_points_zero(node, dx) and zero_points_zero(node, dw)):
-        return None
-    if not isinstance(xq.type, TensorType) or xq.type.dtype is not FP8 or xq.rank is None or xq.rank < 2:
-        return None
-    if anchor.op == "Gemm" and xq.rank != 2:
-        return None
-    w = wq.data
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.float8_e4m3fn or w.dim() != 2:
-        return None
-    for s in (sx, sw):
-        if not isinstance(s.data, torch.Tensor) or s.data.numel() != 1:
-            return None  # one scale per operand: what _scaled_mm's tensor-wise scaling takes
-    out = anchor.outputs[0]
-    if not isinstance(out.type, TensorType) or out.type.dtype not in FLOATS:
-        return None
-    trans_b = bool(anchor.op == "Gemm" and anchor.attrs.get("transB", 0))
-    return at[0], at[1], at[2], at[3], trans_b, None if c is None else body.inputs.index(c)
+    xq_at, sx_at, wq_at, sw_at, _, trans_b, c_at = found
+    return xq_at, sx_at, wq_at, sw_at, bool(trans_b), c_at
 
 
 class Fp8Gemm(Tactic):

@@ -28,9 +28,11 @@ from kiln.kernels.registry import register
 FLOATS = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
 
-def quantized_layout(node: Node) -> tuple[int, int, int, int, int, int, int | None] | None:
+def quantized_layout(node: Node, dtype: DType = DType.INT8) -> tuple[int, int, int, int, int, int, int | None] | None:
     """(node input indices of: xq, x scale, wq, w scale; weight's output-channel axis; 1 if Gemm takes W as [N, K];
-    node input index of a Gemm's C or None) for a "quantized" node this tactic runs, else None."""
+    node input index of a Gemm's C or None) for a "quantized" MatMul/Gemm node of `dtype`, else None: int8 with
+    per-output-channel weight scales, or float8 E4M3 with one weight scale (what FP8 GEMMs take); one activation
+    scale, zero points 0."""
     if node.op != "Fused" or node.attrs.get("kind") != "quantized":
         return None
     body: Graph = node.attrs["body"]
@@ -58,15 +60,17 @@ def quantized_layout(node: Node) -> tuple[int, int, int, int, int, int, int | No
     assert xq is not None and sx is not None and wq is not None and sw is not None
     if not (zero_points_zero(node, dx) and zero_points_zero(node, dw)):
         return None
-    if not isinstance(wq.data, torch.Tensor) or wq.data.dim() != 2:
+    if not isinstance(wq.data, torch.Tensor) or wq.data.dim() != 2 or wq.data.dtype != dtype.torch:
         return None
     if not (isinstance(sx.data, torch.Tensor) and sx.data.numel() == 1 and isinstance(sw.data, torch.Tensor)):
         return None
     trans_b = int(anchor.op == "Gemm" and anchor.attrs.get("transB", 0))
     axis = int(dw.attrs.get("axis", 1)) % 2
-    if axis != (0 if trans_b else 1) or sw.data.numel() != wq.data.shape[axis]:
-        return None  # scales per output channel only
-    if not isinstance(xq.type, TensorType) or xq.type.dtype is not DType.INT8 or xq.rank is None or xq.rank < 2:
+    if dtype is DType.INT8 and (axis != (0 if trans_b else 1) or sw.data.numel() != wq.data.shape[axis]):
+        return None  # int8: scales per output channel only
+    if dtype is not DType.INT8 and sw.data.numel() != 1:
+        return None  # float8: one scale, as _scaled_mm's tensor-wise scaling takes
+    if not isinstance(xq.type, TensorType) or xq.type.dtype is not dtype or xq.rank is None or xq.rank < 2:
         return None
     if anchor.op == "Gemm" and xq.rank != 2:
         return None

@@ -465,6 +465,20 @@ class TritonGemm(TemplateTactic):
         return GemmKernel(node, view, tile, device)
 
 
+def quantized_steps(a: Anchored) -> tuple[TileProgram | None, tuple[int, ...], DType] | None:
+    """A "quantized" node's epilogue (after the dequantized product) as (tile program or None, its inputs' node
+    indices, the output dtype: float, or int8/uint8 when it requantizes for the next layer), or None."""
+    steps = _steps(a)
+    if steps is None:
+        return None
+    program, sources = steps
+    out = program.result.dtype if program is not None else a.anchor.outputs[0].dtype
+    if out != a.node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
+                                                     DType.UINT8):
+        return None
+    return program, sources, out
+
+
 def quantized_spec(node: Node) -> Spec | None:
     """The int8 template's view of a "quantized" Fused node whose anchor is a MatMul/Gemm (the layouts
     `cuda.int8_gemm` takes: int8 activation with a per-tensor scale, constant int8 2-D weight with per-output-channel
@@ -489,14 +503,10 @@ def quantized_spec(node: Node) -> Spec | None:
         if c is None or c.rank is None or c.rank > 2 or beta == 0.0:
             return None
     a = Anchored(node, anchor, [xq_at, wq_at, c_at], body.nodes[3:], body)
-    steps = _steps(a)
+    steps = quantized_steps(a)
     if steps is None:
         return None
-    program, sources = steps
-    out = program.result.dtype if program is not None else anchor.outputs[0].dtype
-    if out != node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
-                                                   DType.UINT8):  # int8: it requantizes for the next layer
-        return None
+    program, sources, out = steps
     return Spec(xq_at, wq_at, False, bool(trans_b), 1.0, c_at, beta, int(n), int(k), DType.INT8, out, program,
                 sources, dq=(sx_at, sw_at), kinds=operand_kinds(node, program, sources, 1))
 
