@@ -11,8 +11,9 @@ torch's nn.MultiheadAttention (and so torchvision's ViT) exports a sequence-firs
 
 Rewrite cases (each checked, not assumed: a chain of pure data movement is run on an index tensor - arange
 over the source - and must place every element where the rewritten form puts it):
-- Attention whose Q/K/V are data-movement chains of one MatMul(Transpose?(X), W) (+ a constant bias vector; W
-  constant, the transpose keeping the last axis), each equal to a head split of a column block of MatMul(X, W)
+- Attention whose Q/K/V are data-movement chains of one MatMul(T, W) (+ a constant bias vector; W constant), T
+  being X [B, S, E] or whole rows of it moved (the sequence-first Transpose; at batch 1 a Reshape, as no-op
+  removal leaves it), each equal to a head split of a column block of MatMul(X, W)
       -> Split(MatMul(X, W)) -> Attention(packed, q_num_heads=H, kv_num_heads=Hkv), the 4-D output restored by
          Transpose(Reshape(.)) for the existing readers (the second case removes them);
 - MatMul/Gemm with a constant weight whose 2-D input is a row permutation of a tensor T (by data movement) and
@@ -73,9 +74,10 @@ def _run(chain: Sequence[Node], source: Value, x: torch.Tensor, target: Value) -
 # --- Q/K/V: head splits of one projection ----------------------------------------------------------------
 
 
-def _projection(y: Value) -> tuple[Node, Value, tuple[int, ...] | None, Value | None] | None:
-    """y = MatMul(Transpose?(X), W) (+ bias): the MatMul, X, the transpose's perm (None without one) and the
-    bias (a constant vector over the output features, or None)."""
+def _projection(y: Value) -> tuple[Node, Value, torch.Tensor, Value | None] | None:
+    """y = MatMul(T, W) (+ bias) where T is X [B, S, E] itself or whole rows of it moved by data movement (the
+    sequence-first Transpose; a Reshape where B is 1): the MatMul, X, y's elements as indices into Z = X @ W
+    ([B, S, N] numbered in order) and the bias (a constant vector over the output features, or None)."""
     mm, bias = y.producer, None
     if mm is not None and mm.op == "Add":
         for i in (0, 1):
@@ -91,11 +93,22 @@ def _projection(y: Value) -> tuple[Node, Value, tuple[int, ...] | None, Value | 
     if w is None or w.dim() != 2:
         return None
     t = mm.inputs[0]
-    if t.producer is not None and t.producer.op == "Transpose":
-        perm = tuple(t.producer.attrs["perm"])
-        if len(perm) == 3 and perm[-1] == 2 and t.producer.inputs[0] is not None:
-            return mm, t.producer.inputs[0], perm, bias
-    return mm, t, None, bias
+    n = int(w.shape[1])
+    _, chain = _walk_up(t)
+    for cut in range(len(chain) + 1):  # the highest 3-D source whose rows T takes whole
+        src = chain[cut].inputs[0] if cut < len(chain) else t
+        xs = _shape(src)
+        if src is None or xs is None or len(xs) != 3:
+            continue
+        idx = torch.arange(xs[0] * xs[1] * xs[2]).reshape(xs)
+        rows = _run(chain[cut:], src, idx, t) if cut < len(chain) else idx
+        if rows is None or rows.dim() < 1 or rows.shape[-1] != xs[2]:
+            continue
+        first = rows[..., :1]
+        if not torch.equal(rows, first + torch.arange(xs[2])) or bool((first % xs[2]).any()):
+            continue
+        return mm, src, (first // xs[2]) * n + torch.arange(n), bias
+    return None
 
 
 def _head_block(got: torch.Tensor, z: tuple[int, ...]) -> int | None:
@@ -122,17 +135,13 @@ def _pack(graph: Graph, att: Node, uses: Uses) -> str | None:
     found = _projection(y)
     if found is None:
         return None
-    mm, x, perm, bias = found
+    mm, x, probe, bias = found
     xs, ys = _shape(x), _shape(y)
-    if xs is None or ys is None or len(xs) != 3:
+    if xs is None or ys is None or tuple(probe.shape) != ys:
         return None
     w = const(mm.inputs[1])
     assert w is not None
     z = (xs[0], xs[1], int(w.shape[1]))
-    idx = torch.arange(z[0] * z[1] * z[2]).reshape(z)
-    probe = idx.permute(perm) if perm is not None else idx
-    if tuple(probe.shape) != ys:
-        return None
     starts = []
     for (_, chain), v in zip(bases, att.inputs[:3]):
         got = _run(chain, y, probe, v)  # type: ignore[arg-type]
