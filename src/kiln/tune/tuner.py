@@ -225,6 +225,13 @@ def _call(kernel: Kernel, args: list[Any]) -> Callable[[], Any]:
     return lambda: kernel(list(args))
 
 
+def _in_space(tactics: list[Tactic], entry: dict[str, Any]) -> bool:
+    """Whether a cached choice is still a configuration of its tactic (a cache written before a tactic's space
+    changed may name a tile that no longer exists: that node is timed again)."""
+    tactic = next(t for t in tactics if t.name == entry.get("tactic"))
+    return entry.get("config", {}) in tactic.configs()
+
+
 SMALL_SPACE = 16
 """At the default level, spaces up to this many configurations are searched whole (the first one otherwise)."""
 
@@ -291,7 +298,7 @@ class _ProfileTuner:
         key = cache_key(signature(node, args, self.s.device))
         entry = self.cache.get(key)
         names = {t.name for t in self.cands[i]}
-        if entry is not None and entry.get("tactic") in names:
+        if entry is not None and entry.get("tactic") in names and _in_space(self.cands[i], entry):
             self.report.cache_hits += 1
             return Choice(entry["tactic"], entry.get("config", {}))
         if self.s.deterministic or (self.deadline is not None and time.perf_counter() > self.deadline):

@@ -62,8 +62,8 @@ class Maker:
         return Case(node, self.feeds, tiles)
 
 
-ALL = ("128x256x64-w8s3", "128x128x64-w8s3", "128x128x64-w4s4", "128x64x64-w4s4", "64x128x64-w4s4",
-       "64x64x64-w4s4", "32x64x128-w4s4", "16x32x256-w4s3")
+ALL = ("tma-128x256x64-w8s4", "tma-128x256x64-w8s3", "128x256x64-w8s3", "128x128x64-w4s4", "64x128x64-w4s4",
+       "64x64x64-w4s4", "32x64x128-w4s4", "16x64x256-w4s3")
 
 
 def bias_gelu_residual(dt: DType, approximate: str, tiles: tuple[str, ...], lead: tuple[int, ...] = (2, 65),
@@ -166,23 +166,25 @@ def local_constants(dt: DType, tiles: tuple[str, ...]) -> Case:
 
 CASES: dict[str, Callable[[], Case]] = {
     "bias-gelu-erf-residual-f32-every-tile": lambda: bias_gelu_residual(F32, "none", ALL),
-    "bias-gelu-tanh-residual-f16": lambda: bias_gelu_residual(F16, "tanh", ("128x128x64-w4s4", "16x32x256-w4s3")),
-    "bias-gelu-erf-residual-f16-m1": lambda: bias_gelu_residual(F16, "none", ("16x32x256-w4s3",), lead=(1,)),
-    "gemm-transb-alpha-bias-f32": lambda: gemm_trans_b_alpha_bias(F32, ("64x64x64-w4s4", "16x32x256-w4s3")),
+    "bias-gelu-tanh-residual-f16": lambda: bias_gelu_residual(F16, "tanh", ("128x128x64-w4s4", "16x64x256-w4s3")),
+    "bias-gelu-erf-residual-f16-m1": lambda: bias_gelu_residual(F16, "none", ("16x64x256-w4s3",), lead=(1,)),
+    "bias-gelu-erf-residual-f16-tma": lambda: bias_gelu_residual(
+        F16, "none", ("tma-128x256x64-w8s4", "tma-128x256x64-w8s3"), k=96),
+    "gemm-transb-alpha-bias-f32": lambda: gemm_trans_b_alpha_bias(F32, ("64x64x64-w4s4", "16x64x256-w4s3")),
     "gemm-transb-alpha-bias-f16": lambda: gemm_trans_b_alpha_bias(F16, ("32x64x128-w4s4",)),
-    "gemm-transa-full-c-relu-f32": lambda: gemm_trans_a_full_c_relu(F32, ("32x64x128-w4s4", "128x64x64-w4s4")),
+    "gemm-transa-full-c-relu-f32": lambda: gemm_trans_a_full_c_relu(F32, ("32x64x128-w4s4", "tma-128x256x64-w8s3")),
     "gemm-transa-full-c-relu-f16": lambda: gemm_trans_a_full_c_relu(F16, ("64x128x64-w4s4",)),
     "gemm-column-c-beta-f32": lambda: gemm_column_c(F32, 0.5, ("32x64x128-w4s4",)),
-    "gemm-column-c-beta-f16": lambda: gemm_column_c(F16, -1.0, ("128x64x64-w4s4",)),
+    "gemm-column-c-beta-f16": lambda: gemm_column_c(F16, -1.0, ("128x128x64-w4s4",)),
     "gemm-beta0-ignores-c-f32": lambda: gemm_column_c(F32, 0.0, ("64x128x64-w4s4",)),
-    "vector-a-sigmoid-f32": lambda: vector_a(F32, ("16x32x256-w4s3", "128x256x64-w8s3")),
-    "bare-m1-f16": lambda: bare(F16, (1, 1), 100, 96, ("16x32x256-w4s3", "64x64x64-w4s4")),
-    "bare-m7-n5-k3-f32": lambda: bare(F32, (7,), 3, 5, ("128x128x64-w8s3",)),
-    "bare-m130-f32": lambda: bare(F32, (130,), 100, 96, ("128x64x64-w4s4",)),
+    "vector-a-sigmoid-f32": lambda: vector_a(F32, ("16x64x256-w4s3", "128x256x64-w8s3")),
+    "bare-m1-f16": lambda: bare(F16, (1, 1), 100, 96, ("16x64x256-w4s3", "64x64x64-w4s4")),
+    "bare-m7-n5-k3-f32": lambda: bare(F32, (7,), 3, 5, ("128x128x64-w4s4",)),
+    "bare-m130-f32": lambda: bare(F32, (130,), 100, 96, ("tma-128x256x64-w8s4",)),
     "row-and-batch-operands-f32": lambda: row_and_batch_operands(F32, ("64x64x64-w4s4",)),
     "row-and-batch-operands-f16": lambda: row_and_batch_operands(F16, ("32x64x128-w4s4",)),
-    "cast-out-f16-to-f32": lambda: cast_out(("128x128x64-w8s3", "64x128x64-w4s4")),
-    "ragged-k3-tanh-f32": lambda: ragged_k3(F32, ("128x256x64-w8s3", "16x32x256-w4s3")),
+    "cast-out-f16-to-f32": lambda: cast_out(("tma-128x256x64-w8s3", "64x128x64-w4s4")),
+    "ragged-k3-tanh-f32": lambda: ragged_k3(F32, ("128x256x64-w8s3", "16x64x256-w4s3")),
     "local-constants-f32": lambda: local_constants(F32, ("64x64x64-w4s4",)),
     "local-constants-f16": lambda: local_constants(F16, ("128x128x64-w4s4",)),
 }

@@ -182,3 +182,19 @@ def test_float32_products_follow_torchs_tf32_setting(tf32: bool) -> None:
     finally:
         flags.allow_tf32 = before
     assert ('input_precision="tf32"' if tf32 else 'input_precision="ieee"') in src
+
+
+def test_float_tma_tiles_read_the_weight_k_major_and_refuse_rows_tma_cannot_read() -> None:
+    from kiln.utils.errors import UnsupportedError
+
+    case = bias_gelu_residual(F16, "none", (), k=96)
+    s = spec(case.node)
+    assert s is not None
+    text = triton_gemm.source(s, tma=True)
+    assert "x_desc.load" in text and "w_desc.load" in text and "tl.dot(x, w.T, acc)" in text and "x_ptrs" not in text
+    kernel = registry.get("triton.gemm").build(case.node, {"tile": "tma-128x256x64-w8s4"}, torch.device("cpu"))
+    w = kernel.weight(case.node.inputs[s.w_at].data)  # type: ignore[attr-defined,union-attr]
+    assert tuple(w.shape) == (96, 96) and w.t().is_contiguous()  # [K, N] view of an [N, K] weight
+    ragged = bias_gelu_residual(F16, "none", (), k=100).node  # rows of 200 bytes: not 16-byte multiples
+    with pytest.raises(UnsupportedError, match="16 bytes"):
+        registry.get("triton.gemm").build(ragged, {"tile": "tma-128x256x64-w8s4"}, CUDA)

@@ -34,7 +34,7 @@ def test_applies_to_quantized_gemms_only_and_before_the_int_mm_tactic() -> None:
     assert t.applicable(node, CUDA) and not t.applicable(node, torch.device("cpu"))
     assert t.min_opt_level == 0 and t.priority < registry.get("cuda.int8_gemm").priority
     assert [c["tile"] for c in t.configs()] == list(INT8_TILES)
-    float_node = bare(DType.FLOAT32, (4,), 8, 8, ("128x128x64-w8s3",)).node
+    float_node = bare(DType.FLOAT32, (4,), 8, 8, ("128x128x64-w4s4",)).node
     assert not t.applicable(float_node, CUDA)  # a float MatMul: triton.gemm's
     assert not registry.get("triton.gemm").applicable(node, CUDA)
 
