@@ -111,3 +111,50 @@ def test_calibration_data_for_an_fp32_build_is_an_error(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="fp32 build"):
         BuilderConfig(calibration=str(tmp_path))
+
+
+def _masked_attention(extra_reader: bool = False, positive: bool = False) -> Graph:
+    """transformers' padding mask: keep = ids >= 0; mask = Where(keep, 0, finfo.min) (+finfo.max with `positive`)
+    as Attention's additive mask; `extra_reader`: the mask also goes to the output."""
+    g = Graph()
+    gen = torch.Generator().manual_seed(3)
+    q = g.add_input("q", TensorType(F32, (2, 2, 5, 4)))
+    ids = g.add_input("ids", TensorType(DType.INT64, (2, 1, 1, 5)))
+    zero = g.add_initializer("zero", torch.tensor(0, dtype=torch.int64))
+    (keep,) = g.add("GreaterOrEqual", [ids, zero], name="keep")
+    big = torch.finfo(torch.float32).max * (1 if positive else -1)
+    (mask,) = g.add("Where", [keep, g.add_initializer("open", torch.tensor(0.0)),
+                              g.add_initializer("shut", torch.tensor(big))], name="mask")
+    k = g.add_initializer("k", torch.randn(2, 2, 5, 4, generator=gen))
+    (y,) = g.add("Attention", [q, k, k, mask], name="attn", outputs=["y"])
+    g.outputs.append(y)
+    if extra_reader:
+        (m2,) = g.add("Identity", [mask], outputs=["m"])
+        g.outputs.append(m2)
+    return g
+
+
+def _mask_feeds() -> dict[str, np.ndarray]:
+    ids = np.array([[1, 2, 3, -1, -1], [4, 5, 6, 7, -1]], dtype=np.int64).reshape(2, 1, 1, 5)
+    return {"q": np.random.default_rng(4).standard_normal((2, 2, 5, 4)).astype(np.float32), "ids": ids}
+
+
+def test_a_padding_mask_of_float32_min_keeps_nothing_in_fp32_and_still_hides_the_keys() -> None:
+    g = _masked_attention()
+    want = Interpreter(_masked_attention()).run(_mask_feeds())["y"]
+    highs: dict = {}
+    peaks = observe_peaks(g, [_mask_feeds()], CPU, highs)
+    assert decide(g, DType.FLOAT16, peaks, {}).kept.keys() == {"mask", "attn"}  # magnitudes alone: both kept
+    assert decide(g, DType.FLOAT16, peaks, {}, highs).kept == {}
+    report = lower_precision(g, DType.FLOAT16, {})
+    assert report.clamped  # -3.4e38 became -65504
+    got = Interpreter(g).run(_mask_feeds())["y"]
+    np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("extra_reader, positive", [(True, False), (False, True)])
+def test_a_large_mask_read_elsewhere_or_positive_is_still_kept(extra_reader: bool, positive: bool) -> None:
+    g = _masked_attention(extra_reader, positive)
+    highs: dict = {}
+    peaks = observe_peaks(g, [_mask_feeds()], CPU, highs)
+    assert "mask" in decide(g, DType.FLOAT16, peaks, {}, highs).kept

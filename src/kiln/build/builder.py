@@ -171,13 +171,20 @@ def _lower(graph: Graph, config: BuilderConfig, profiles: list[Profile], to: DTy
     user's pins)."""
     to = to or LOW_PRECISION[config.precision]
     device = config.torch_device
-    peaks = {}
-    seen_on = None
+    feeds, seen_on = range_feeds(graph, config.calibration, profiles, device) if to is DType.FLOAT16 else ([], None)
+    return lower_graph(graph, to, feeds, device, dict(config.layer_precision), seen_on)
+
+
+def lower_graph(graph: Graph, to: DType, feeds: list[Any], device: torch.device, pins: dict[str, str],
+                seen_on: str | None = None) -> dict[str, Any]:
+    """The optimized `graph` lowered to `to` in place, the layers whose values on `feeds` leave FP16's range (and
+    the `pins`) kept FP32; returns the lowering report (`seen_on` says what the feeds were)."""
+    peaks: dict[Any, float] = {}
+    highs: dict[Any, float] = {}
     if to is DType.FLOAT16:
-        feeds, seen_on = range_feeds(graph, config.calibration, profiles, device)
         with tf32_mode(False, device):
-            peaks = observe_peaks(graph, feeds, device)
-    decision = decide(graph, to, peaks, dict(config.layer_precision))
+            peaks = observe_peaks(graph, feeds, device, highs)
+    decision = decide(graph, to, peaks, pins, highs)
     report = lower_precision(graph, to, decision.kept).to_json()
     if seen_on is not None:
         report["ranges_seen_on"] = seen_on
