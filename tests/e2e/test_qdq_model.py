@@ -111,3 +111,48 @@ def test_an_ort_qoperator_model_runs_qlinear_matmul_on_int8_gemms(tmp_path: Path
     ours_err, int8_err = np.abs(ours - theirs).max(), np.abs(theirs - floats).max()
     assert ours_err <= 0.5 * int8_err, (ours_err, int8_err)
     assert np.isclose(ours, theirs, rtol=1e-4, atol=1e-4).mean() > 0.95
+
+
+def _cnn(path: Path) -> None:
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32), "w2"),
+             numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2])]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+class _Images(quantization.CalibrationDataReader):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        rng = np.random.default_rng(6)
+        self.data = iter([{"x": rng.standard_normal((4, 3, 16, 16)).astype(np.float32)} for _ in range(8)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.data, None)
+
+
+def test_an_ort_qoperator_cnn_runs_qlinear_conv_on_int8_gemms(tmp_path: Path) -> None:
+    """QOperator format with convolutions: QLinearConv (uint8 activations with zero points, int8 per-channel
+    weights) runs on `cuda.conv_integer` (an exact int8 GEMM over the patches) instead of the float64 reference."""
+    float_model, q_model = tmp_path / "cnn.onnx", tmp_path / "cnn.qop.onnx"
+    _cnn(float_model)
+    quantization.quantize_static(str(float_model), str(q_model), _Images(),
+                                 quant_format=quantization.QuantFormat.QOperator, op_types_to_quantize=["Conv"],
+                                 weight_type=quantization.QuantType.QInt8, per_channel=True)
+    assert "QLinearConv" in {n.op_type for n in onnx.load(q_model).graph.node}
+    engine = kiln.build(str(q_model), kiln.BuilderConfig(profiles=[{"x": ((1, 3, 16, 16), (4, 3, 16, 16),
+                                                                           (4, 3, 16, 16))}], opt_level=0))
+    chosen = [c.tactic for n, c in zip(engine.plan.graph.nodes, engine.plan.choices[0]) if n.op == "QLinearConv"]
+    assert len(chosen) == 2 and set(chosen) == {"cuda.conv_integer"}
+    x = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    ours = engine.create_context().run({"x": x})["y"]
+    theirs = ort.InferenceSession(str(q_model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    floats = ort.InferenceSession(str(float_model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ours_err, int8_err = np.abs(ours - theirs).max(), np.abs(theirs - floats).max()
+    assert ours_err <= 0.5 * int8_err, (ours_err, int8_err)
+    assert np.isclose(ours, theirs, rtol=1e-4, atol=1e-4).mean() > 0.95
