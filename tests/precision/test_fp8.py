@@ -154,6 +154,34 @@ def test_the_tuner_accepts_float8_results_one_code_apart() -> None:
     assert not (far[0, 0] & 127 <= 1) and not _one_step(far.view(torch.float8_e4m3fn), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=str)
+def test_the_tuner_accepts_8bit_results_as_close_to_float32_as_the_reference(dtype: torch.dtype) -> None:
+    """An FP16 build's reference rounds to float16 before quantizing; a kernel rounding elsewhere flips other codes.
+    Judged against the layer computed in float32: as close as the reference (one step, at most twice as often plus
+    1 %) passes; a wrong kernel (6 % off, or two steps) does not."""
+    from kiln.tune.tuner import _codes, _codes_as_accurate, _one_step
+
+    gen = torch.Generator().manual_seed(1)
+    wide = (torch.randn(100, 100, generator=gen) * 20).to(dtype)
+    if dtype == torch.int8:
+        wide = (torch.randn(100, 100, generator=gen) * 30).round().clamp(-120, 120).to(dtype)
+
+    def moved(t: torch.Tensor, share: float, step: int = 1, seed: int = 2) -> torch.Tensor:
+        pick = torch.rand(t.shape, generator=torch.Generator().manual_seed(seed)) < share
+        if t.dtype == torch.int8:
+            return torch.where(pick, t.int() + step, t.int()).to(t.dtype)
+        bits = t.view(torch.uint8).int()
+        nudged = torch.where((bits & 127) < 120, bits + step, bits)  # the next larger magnitude, same sign
+        return torch.where(pick, nudged, bits).to(torch.uint8).view(torch.float8_e4m3fn)
+
+    ref = moved(wide, 0.015, seed=3)
+    good = moved(wide, 0.02, seed=4)
+    assert not _one_step(good, ref) and _codes_as_accurate(good, ref, wide)
+    assert not _codes_as_accurate(moved(wide, 0.06, seed=5), ref, wide)
+    assert not _codes_as_accurate(moved(wide, 0.01, step=2, seed=6), ref, wide)
+    assert int((_codes(good) - _codes(wide)).abs().max()) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs an FP8 GPU (sm_89+)")

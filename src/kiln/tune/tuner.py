@@ -176,6 +176,33 @@ def _one_step(got: Any, ref: Any) -> bool:
     return int(diff.max()) <= 1 and float((diff == 0).float().mean()) >= 0.99
 
 
+def _codes(t: torch.Tensor) -> torch.Tensor:
+    """8-bit results as integers that are one apart for neighbouring values (float8: sign and magnitude bits)."""
+    if t.dtype != torch.float8_e4m3fn:
+        return t.int()
+    b = t.view(torch.uint8).int()
+    return torch.where(b >= 128, -(b & 127), b)
+
+
+def _codes_as_accurate(got: Any, ref: Any, wide: Any) -> bool:
+    """Whether a quantized (8-bit) result that misses `_one_step`'s 99 % agreement with the reference is as close to
+    `wide` (the same layer computed from float32-widened inputs) as the reference itself: within one step of it
+    everywhere, and off it at most twice as often as the reference (plus 1 %). A reference that rounds to
+    float16 before quantizing to float8's 3-bit mantissa flips codes on its own; a candidate rounding elsewhere
+    flips others."""
+    if not all(isinstance(x, torch.Tensor) for x in (got, ref, wide)) \
+            or ref.dtype not in (torch.int8, torch.uint8, torch.float8_e4m3fn):
+        return False
+    if got.shape != ref.shape or wide.shape != ref.shape or got.dtype != ref.dtype or wide.dtype != ref.dtype:
+        return False
+    if got.numel() == 0:
+        return True
+    g, r, w = _codes(got), _codes(ref), _codes(wide)
+    if int((g - w).abs().max()) > 1:
+        return False
+    return float((g != w).float().mean()) <= 2 * float((r != w).float().mean()) + 0.01
+
+
 def _as_accurate(got: Any, ref: Any, wide: Any) -> bool:
     """Whether a half-precision result that misses the reference's tolerance is still at least about as accurate
     as the reference itself, measured against `wide` (the reference computed in float32). A reference that rounds
@@ -321,6 +348,7 @@ class _ProfileTuner:
                     quantizes = _quantizes(node)
                     if len(got) < n or not all(_close(g, r) or (quantizes and _one_step(g, r))
                                                or _as_accurate(g, r, high.get(node, args, k))
+                                               or (quantizes and _codes_as_accurate(g, r, high.get(node, args, k)))
                                                for k, (g, r) in enumerate(zip(got[:n], results[:n]))):
                         timings[label] = "mismatch"
                         self.report.rejected.append(f"{node.name}: {label} (outputs differ from the reference)")
