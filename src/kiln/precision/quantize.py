@@ -306,8 +306,10 @@ def fuse_requantize(graph: Graph) -> list[str]:
             if p is None:
                 params.append(None)
                 continue
-            if _to_fp8(q) and isinstance(p.data, torch.Tensor):  # why: generated epilogues read float8 only as
-                params.append(body.add_initializer(graph.fresh_name(f"{p.name}.c"), p.data.clone()))  # a constant
+            if _to_fp8(q) and p.dtype is DType.FLOAT8_E4M3FN and isinstance(p.data, torch.Tensor):
+                # why: generated epilogues read float8 only as a constant (the zero point, 0); the scale stays an
+                # input, which the tuner's float32 second opinion widens with the layer's other inputs
+                params.append(body.add_initializer(graph.fresh_name(f"{p.name}.c"), p.data.clone()))
                 continue
             b = Value(graph.fresh_name(f"{p.name}.in"), p.type)
             body.inputs.append(b)
