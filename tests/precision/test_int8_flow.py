@@ -3,7 +3,10 @@ it is monotonic), and the first conv then requantizes in its own epilogue. The g
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from kiln.ir import DType, Graph, TensorType
@@ -64,10 +67,13 @@ def test_on_gpus_a_three_channel_stem_stays_float_and_says_why() -> None:
     assert quantize_graph(g, {"x": 0.01}).layers == ["stem"]  # CPU builds quantize it
 
 
-def test_int8_activations_stay_channels_last_between_quantized_convs() -> None:
-    """The layout decision runs again on the folded graph: the quantized convs count as convs, the per-tensor
-    quantize and the int8 pool as elementwise, so the int8 values between them are channels-last."""
-    from kiln.passes.layout import CHANNELS_LAST, decide_layout
+def test_int8_activations_stay_channels_last_between_quantized_convs(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post-quantization pass list (`precision.pipeline`) decides layouts again on the folded graph: the
+    quantized convs count as convs, the per-tensor quantize and the int8 pool as elementwise, so the int8 values
+    between them are channels-last. Each rewrite is recorded and, with KILN_DUMP_GRAPHS, written out."""
+    from kiln.passes.layout import CHANNELS_LAST
+    from kiln.precision.pipeline import QUANTIZED, optimize_quantized
 
     g = _cnn()
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32))
@@ -75,10 +81,13 @@ def test_int8_activations_stay_channels_last_between_quantized_convs() -> None:
     scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
     scales["x"] = float(x.abs().max()) / 127
     quantize_graph(g, scales)
-    fold_quantized(g)
-    hoist_quantize(g)
-    fuse_requantize(g)
-    decide_layout(g, "cuda")
+    monkeypatch.setenv("KILN_DUMP_GRAPHS", str(tmp_path))
+    records = optimize_quantized(g, PassContext(device="cuda"))
+    assert [r.name for r in records] == [name for name, _ in QUANTIZED]
+    assert {r.name: r.result.counts for r in records}["fold_quantized"] == {"folded": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "quantized_00_start.txt", "quantized_01_fold_quantized.txt", "quantized_02_hoist_quantize.txt",
+        "quantized_03_fuse_requantize.txt", "quantized_04_layout.txt"]
     pool = next(n for n in g.nodes if n.op == "MaxPool")
     assert pool.inputs[0].dtype is DType.INT8  # type: ignore[union-attr]
     for v in (pool.inputs[0], pool.outputs[0]):

@@ -25,11 +25,9 @@ from kiln.precision.accuracy import Target, gate
 from kiln.precision.calibration import CalibrationCache, activation_scales, collect, load_calibration_data
 from kiln.precision.flops import flop_mix
 from kiln.precision.lower import lower_precision
+from kiln.precision.pipeline import optimize_quantized
 from kiln.precision.quantize import (
     MIN_INT8_CHANNELS,
-    fold_quantized,
-    fuse_requantize,
-    hoist_quantize,
     model_fingerprint,
     quantizable_inputs,
     quantize_graph,
@@ -128,7 +126,8 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     nodes_in = len(graph.nodes)
     profiles = resolve_profiles(graph, list(config.profiles))  # type: ignore[arg-type]
     say("passes", 0, 1)
-    records = optimize(graph, PassContext(static_dims=static_dims(graph, profiles), device=config.torch_device.type))
+    context = PassContext(static_dims=static_dims(graph, profiles), device=config.torch_device.type)
+    records = optimize(graph, context)
     lowered = None
     if config.precision in LOW_PRECISION:
         say("precision", 0, 1)
@@ -140,13 +139,13 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
             say("precision", 0, 1)
             lowered = {**_lower(graph, config, profiles, DType.FLOAT16), **lowered, "float_precision": "fp16"}
     if any(n.op == "DequantizeLinear" for n in graph.nodes):  # int8 builds, and models quantized before import
-        folded = len(fold_quantized(graph))
-        hoist_quantize(graph)  # before fuse_requantize: a pool's producer can then requantize too
-        requantized = len(fuse_requantize(graph))
-        if config.torch_device.type == "cuda":  # the Q/DQ values are new: channels-last regions decided again
-            decide_layout(graph, "cuda")
+        quantized = optimize_quantized(graph, context)
+        records = records + quantized
+        done = {r.name: r.result.counts for r in quantized}
+        folded = done["fold_quantized"]["folded"]
         if folded or lowered is not None:
-            lowered = {**(lowered or {}), "int8_folded_layers": folded, "int8_outputs": requantized}
+            lowered = {**(lowered or {}), "int8_folded_layers": folded,
+                       "int8_outputs": done["fuse_requantize"]["requantized"]}
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 

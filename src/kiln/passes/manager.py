@@ -49,11 +49,13 @@ class PassRecord:
     nodes_after: int
 
 
-def run_passes(graph: Graph, passes: Sequence[tuple[str, Pass]]) -> list[PassRecord]:
+def run_passes(graph: Graph, passes: Sequence[tuple[str, Pass]], stage: str = "") -> list[PassRecord]:
+    """`stage` names a later pass list (its dumps are `STAGE_NN_name.txt`, after the first list's `NN_name.txt`)."""
     dump = env().dump_graphs
+    prefix = f"{stage}_" if stage else ""
     if dump:
         os.makedirs(dump, exist_ok=True)
-        _write(dump, 0, "imported", graph)
+        _write(dump, 0, "start" if stage else "imported", graph, prefix)
     records = []
     for i, (name, fn) in enumerate(passes, start=1):
         t0 = time.perf_counter()
@@ -63,10 +65,10 @@ def run_passes(graph: Graph, passes: Sequence[tuple[str, Pass]]) -> list[PassRec
             verify(graph)
         records.append(PassRecord(name, result, time.perf_counter() - t0, len(graph.nodes)))
         if dump:
-            _write(dump, i, name, graph)
+            _write(dump, i, name, graph, prefix)
     return records
 
 
-def _write(folder: str, i: int, name: str, graph: Graph) -> None:
-    with open(os.path.join(folder, f"{i:02d}_{name}.txt"), "w") as f:
+def _write(folder: str, i: int, name: str, graph: Graph, prefix: str = "") -> None:
+    with open(os.path.join(folder, f"{prefix}{i:02d}_{name}.txt"), "w") as f:
         f.write(format_graph(graph, max_initializers=1000) + "\n")
