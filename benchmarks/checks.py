@@ -16,12 +16,14 @@ MIN_COSINE_INT8 = 0.99
 
 @dataclass
 class OutputCheck:
-    """One output against its reference: max |got - ref|, ||got - ref|| / ||ref|| and cosine similarity."""
+    """One output against its reference: max |got - ref|, ||got - ref|| / ||ref||, cosine similarity and, for
+    [batch, classes] outputs (a classifier's logits), the share of rows whose top-1 class is the reference's."""
 
     output: str
     max_abs: float
     rel_l2: float
     cosine: float
+    top1: float | None = None
 
 
 def compare(names: Sequence[str], got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> list[OutputCheck]:
@@ -37,7 +39,10 @@ def compare_one(name: str, got: torch.Tensor, ref: torch.Tensor) -> OutputCheck:
     max_abs = float(diff.abs().max()) if diff.numel() else 0.0
     ref_norm = float(r.norm())
     rel = float(diff.norm()) / ref_norm if ref_norm > 0 else (0.0 if max_abs == 0 else math.inf)
-    return OutputCheck(name, max_abs, rel, cosine(g, r))
+    top1 = None
+    if got.dim() == 2 and got.shape[0] > 0 and got.shape[1] > 1:
+        top1 = float((got.detach().cpu().argmax(-1) == ref.detach().cpu().argmax(-1)).double().mean())
+    return OutputCheck(name, max_abs, rel, cosine(g, r), top1)
 
 
 def cosine(g: torch.Tensor, r: torch.Tensor) -> float:

@@ -245,7 +245,13 @@ def _check_text(m: ModeResult) -> str:
     if w is None:
         return "—"
     verdict = "**FAILED**" if m.status == FAILED else "ok"
-    return f"{verdict}: min cos {_cos(w.cosine)}, max abs {max(c.max_abs for c in m.checks):.3g}"
+    return f"{verdict}: min cos {_cos(w.cosine)}, max abs {max(c.max_abs for c in m.checks):.3g}{_top1(m.checks)}"
+
+
+def _top1(checks: list[OutputCheck]) -> str:
+    """", top-1 as eager 99.2 %" for classifier outputs (the lowest share), else ""."""
+    shares = [c.top1 for c in checks if c.top1 is not None]
+    return f", top-1 as eager {100 * min(shares):.1f} %" if shares else ""
 
 
 def _notes(c: CaseResult) -> list[str]:
@@ -262,7 +268,7 @@ def _notes(c: CaseResult) -> list[str]:
         q = c.mode(name)
         if q is not None and q.stats is not None and k is not None and k.stats is not None:
             w = worst(q.checks)
-            acc = f"; its min cosine to eager {_cos(w.cosine)}" if w is not None else ""
+            acc = f"; its min cosine to eager {_cos(w.cosine)}{_top1(q.checks)}" if w is not None else ""
             out.append(f"{name} / kiln {c.precision}: **{_ratio(q.stats.median_ms / k.stats.median_ms)}**{acc}.")
         elif q is not None and q.error:
             out.append(f"{name}: {_cell(q.error)}")

@@ -101,6 +101,17 @@ def test_results_append(tmp_path: Path) -> None:
     assert text.count(INTRO) == 1 and text.index("## first") < text.index("## second")
 
 
+def test_classifier_outputs_get_top1_agreement() -> None:
+    import torch
+
+    ref = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    got = ref.clone()
+    got[3] = torch.tensor([0.1, 0.7, 0.2])  # one row of four changes its top class
+    assert compare_one("logits", got, ref).top1 == pytest.approx(0.75)
+    assert compare_one("logits", ref, ref).top1 == 1.0
+    assert compare_one("hidden", torch.ones(2, 3, 4), torch.ones(2, 3, 4)).top1 is None  # not [batch, classes]
+
+
 def test_compare_one_flags_bad_outputs() -> None:
     import torch
 
