@@ -194,3 +194,31 @@ def test_profile_times_each_step_alone_and_the_sum_matches_the_whole_run(tmp_pat
     assert p["uncaptured"] == []  # every GPU tactic here runs inside a CUDA graph
     # each step alone (L2 flushed) vs the whole graph replay: the same work, so the same order of magnitude
     assert 0.3 < p["total_ms_median"] / p["whole_ms_median"] < 3, p
+
+
+def test_a_token_id_past_the_vocabulary_is_an_input_error_and_the_context_survives() -> None:
+    """On a GPU an out-of-range Gather index is flagged on the device and raised when the results reach the host
+    (InputError naming the node), through the CUDA graph too; the CUDA context stays usable (a device-side
+    assertion would break it for good)."""
+    from onnx import numpy_helper
+
+    from kiln.utils.errors import InputError
+
+    emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), "emb")
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["y"], name="lookup")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], [emb])
+    engine = kiln.build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                        kiln.BuilderConfig(device="cuda", opt_level=0))
+    assert "cuda.gather" in [c.tactic for c in engine.plan.choices[0]]
+    ctx = engine.create_context()
+    good, table = np.array([[1, 2, 3], [4, 5, -1]]), numpy_helper.to_array(emb)
+    for _ in range(3):  # eager first run, then the captured graph
+        np.testing.assert_allclose(ctx.run({"ids": good})["y"], table[good])
+    with pytest.raises(InputError, match="node 'lookup' \\(Gather\\): an index is out of range"):
+        ctx.run({"ids": np.array([[1, 2, 3], [4, 10, 0]])})
+    np.testing.assert_allclose(ctx.run({"ids": good})["y"], table[good])
+    ids = torch.tensor([[1, 2, 3], [4, 5, 99]], device="cuda")
+    ctx.run({"ids": ids})  # device tensors in and out: nothing waits for the device here
+    with pytest.raises(InputError, match="lookup"):
+        ctx.check()

@@ -26,6 +26,34 @@ SubgraphRunner = Callable[[Any, list[Any]], list[Any]]
 """Runs a subgraph (If/Loop/Scan bodies) with given input values; supplied by the runtime."""
 
 
+class DeferredCheck:
+    """A condition on data a GPU kernel finds without stopping (a device-side assertion would leave the CUDA
+    context unusable) and without waiting for the host (which would keep it out of CUDA graphs): the kernel
+    records it in a one-element flag on its device, carries on with safe values, and the runtime raises `message`
+    once the run's results reach the host (`raised`). A kernel that keeps one lists it in its `checks` attribute;
+    kernels are built per execution context, so the flag is that context's."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self._flags: dict[torch.device, torch.Tensor] = {}
+
+    def record(self, bad: torch.Tensor) -> None:
+        """Set the flag where any element of the boolean `bad` is true (stays set until `raised` reads it)."""
+        flag = self._flags.get(bad.device)
+        if flag is None:  # why: made on a kernel's first call, which is never inside a CUDA graph capture
+            flag = self._flags[bad.device] = torch.zeros((), dtype=torch.bool, device=bad.device)
+        torch.logical_or(flag, bad.any(), out=flag)
+
+    def raised(self) -> str | None:
+        """The message if the flag was set since the last call (and clear it), else None; reads the device."""
+        hit = False
+        for flag in self._flags.values():
+            if bool(flag):
+                hit = True
+                flag.zero_()
+        return self.message if hit else None
+
+
 class Tactic(ABC):
     """One implementation of some ops. Subclasses set the class attributes and implement `build`.
 

@@ -34,7 +34,7 @@ from kiln.runtime import engine_file
 from kiln.runtime.cuda_graphs import GraphCache
 from kiln.runtime.device import DeviceInfo, describe
 from kiln.runtime.plan import Plan
-from kiln.utils.errors import EngineFileError, ExecutionError, KilnError
+from kiln.utils.errors import EngineFileError, ExecutionError, InputError, KilnError
 from kiln.utils.version import __version__
 
 ARENA_ALIGN = 256
@@ -203,7 +203,22 @@ class ExecutionContext:
         results = self._replay(call) if self.graphs is not None else None
         if results is None:
             results = self.execute(call.profile, call.env, call.bindings)
-        return self.finish(call, results)
+        out = self.finish(call, results)
+        if not (call.torch_in and call.out_device is not None and call.out_device.type != "cpu"):
+            self.check()  # the results are on the host: the device has finished, reading its flags costs nothing
+        return out
+
+    def check(self) -> None:
+        """Raise what kernels found wrong in the data of the runs so far (`kernels.base.DeferredCheck`: e.g. a
+        Gather index out of range on a GPU). Runs whose results come back to the host check by themselves; a run
+        on device tensors is checked by the next such run or by calling this (which waits for the device)."""
+        for kernels in self._kernels.values():
+            for kernel in kernels:
+                for deferred in getattr(kernel, "checks", ()):
+                    message = deferred.raised()
+                    if message is not None:
+                        raise InputError(message, hint="check the input data (token ids within the vocabulary, "
+                                                       "indices within the gathered axis)")
 
     def _replay(self, call: Call) -> dict[Value, Any] | None:
         """The run through the CUDA graph captured for these input shapes; None when it cannot be captured."""

@@ -245,15 +245,49 @@ def test_host_shapes_needs_constant_shape_inputs() -> None:
     assert not registry.get("cuda.host_shapes").applicable(node, CUDA)
 
 
-def test_gather_wraps_negative_indices_and_refuses_out_of_range_ones() -> None:
+def test_gather_wraps_negative_indices_and_flags_out_of_range_ones() -> None:
+    """An index out of range is recorded on the device (a DeferredCheck) and clamped, not a device-side assertion
+    that would break the CUDA context; the flag reads once, then clears."""
     table = torch.randn(10, 4)
     node, feeds = _one("Gather", [table, torch.tensor([[1, -1], [0, 9]])])
     _check(node, feeds, "cuda.gather", [{}])
     kernel = registry.get("cuda.gather").build(node, {}, CUDA)
-    with pytest.raises(RuntimeError):  # a device-side assertion on the GPU; raised at once on the CPU
-        kernel([table, torch.tensor([[1, 10]])])
+    (check,) = kernel.checks  # type: ignore[attr-defined]
+    kernel([table, torch.tensor([[1, -1]])])
+    assert check.raised() is None
+    got = kernel([table, torch.tensor([[1, 10], [-11, 2]])])[0]
+    assert torch.equal(got, table[torch.tensor([[1, 9], [0, 2]])])  # clamped lookups: valid memory only
+    message = check.raised()
+    assert message is not None and "node 'gather' (Gather): an index is out of range" in message
+    assert check.raised() is None
     node, feeds = _one("Gather", [torch.randn(3, 5), ("c", torch.tensor([4, -5]))], {"axis": 1})
     _check(node, feeds, "cuda.gather", [{}])
+
+
+def test_a_run_raises_what_its_kernels_flagged_naming_the_node() -> None:
+    """The runtime reads the kernels' deferred checks when a run's results reach the host: a token id past the
+    vocabulary gives an InputError naming the Gather, and the context keeps working for valid ids."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    import kiln
+    from kiln.runtime.plan import Choice
+    from kiln.utils.errors import InputError
+
+    emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), "emb")
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["y"], name="lookup")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], [emb])
+    engine = kiln.build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                        kiln.BuilderConfig(opt_level=0))
+    at = next(i for i, n in enumerate(engine.plan.graph.nodes) if n.op == "Gather")
+    engine.plan.choices[0][at] = Choice("cuda.gather", {})  # the GPU tactic, on CPU tensors
+    ctx = engine.create_context()
+    good = np.array([[1, 2, 3], [4, 5, -1]])
+    np.testing.assert_array_equal(ctx.run({"ids": good})["y"], numpy_helper.to_array(emb)[good])
+    with pytest.raises(InputError, match="node 'lookup' \\(Gather\\): an index is out of range"):
+        ctx.run({"ids": np.array([[1, 2, 3], [4, 10, 0]])})
+    np.testing.assert_array_equal(ctx.run({"ids": good})["y"], numpy_helper.to_array(emb)[good])
 
 
 @pytest.mark.parametrize("op,attrs", [

@@ -1,9 +1,10 @@
 """`cuda.gather`: Gather (embedding lookups, constant-index selections) without a host round trip.
 
 The reference checks the index range on the host, which synchronizes the device and keeps the plan out of CUDA
-graphs. Here negative indices wrap on the device and the range check is a device-side assertion: an index out
-of range still stops the run with that message (the CUDA context is then unusable, as with any device-side
-assertion), but a run with valid indices never waits for the host.
+graphs. Here negative indices wrap on the device and the range check is a `DeferredCheck`: an index out of
+range is recorded on the device and clamped (so the lookup reads valid memory), and the run raises an
+IndexError naming the node when its results reach the host - the CUDA context stays usable (a device-side
+assertion would leave it broken), and a run with valid indices never waits for the host.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
-from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.base import DeferredCheck, Kernel, SubgraphRunner, Tactic
 from kiln.kernels.registry import register
 
 
@@ -52,6 +53,8 @@ class CudaGather(Tactic):
                 found = ready[(dev, n)] = i.to(dev)
             return found
 
+        check = DeferredCheck(f"{where} (indices must lie in [-size, size) of the gathered axis)")
+
         def run(xs: list[Any]) -> list[Any]:
             x, idx = xs
             a = axis % x.dim()
@@ -61,11 +64,15 @@ class CudaGather(Tactic):
             else:
                 i = idx.to(torch.int64)
                 i = torch.where(i < 0, i + n, i)
+                if i.numel() and n == 0:
+                    raise IndexError(f"{where}: the gathered axis is empty")
                 if i.numel():
-                    torch._assert_async(((i >= 0) & (i < n)).all(), where)
+                    check.record((i < 0) | (i >= n))
+                    i = i.clamp(0, max(n - 1, 0))  # why: an out-of-range lookup would be a device-side fault
             out = x.index_select(a, i.reshape(-1))
             return [out.reshape(x.shape[:a] + i.shape + x.shape[a + 1:])]
 
+        run.checks = [check]  # type: ignore[attr-defined]
         return run
 
 
