@@ -89,6 +89,7 @@ def test_minilm_fp16_plan_keeps_embeddings_within_0_999_with_no_layer_kept_fp32(
     calib = [M.tokenize(CALIBRATION[i:i + 2]) for i in range(0, len(CALIBRATION), 2)]
     report = lower_graph(graph, DType.FLOAT16, calib, torch.device("cpu"), {})
     assert report["kept_fp32"] == {} and report["precision"] == "float16"
+    assert len(report["hiding_masks"]) == 1  # transformers' one padding mask, shared by the 6 layers (reported)
     assert any(n.outputs[0].type.dtype is DType.FLOAT16 for n in graph.nodes if n.op == "Attention")
     out = Interpreter(graph).run(feeds)["last_hidden_state"]
     assert _cos(M.mean_pool(out, feeds["attention_mask"]), fp32).min() >= 0.999

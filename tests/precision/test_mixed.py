@@ -145,7 +145,8 @@ def test_a_padding_mask_of_float32_min_keeps_nothing_in_fp32_and_still_hides_the
     highs: dict = {}
     peaks = observe_peaks(g, [_mask_feeds()], CPU, highs)
     assert decide(g, DType.FLOAT16, peaks, {}).kept.keys() == {"mask", "attn"}  # magnitudes alone: both kept
-    assert decide(g, DType.FLOAT16, peaks, {}, highs).kept == {}
+    d = decide(g, DType.FLOAT16, peaks, {}, highs)
+    assert d.kept == {} and d.masks == [n.outputs[0].name for n in g.nodes if n.name == "mask"]
     report = lower_precision(g, DType.FLOAT16, {})
     assert report.clamped  # -3.4e38 became -65504
     got = Interpreter(g).run(_mask_feeds())["y"]

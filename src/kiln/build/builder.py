@@ -185,6 +185,8 @@ def lower_graph(graph: Graph, to: DType, feeds: list[Any], device: torch.device,
             peaks = observe_peaks(graph, feeds, device, highs)
     decision = decide(graph, to, peaks, pins, highs)
     report = lower_precision(graph, to, decision.kept).to_json()
+    if decision.masks:
+        report["hiding_masks"] = decision.masks
     if seen_on is not None:
         report["ranges_seen_on"] = seen_on
     return report

@@ -209,6 +209,9 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"    value ranges checked against float16's on {lowered['ranges_seen_on']}")
     for name, why in lowered.get("kept_fp32", {}).items():
         print(f"    kept in float32: {name} ({why})")
+    for name in lowered.get("hiding_masks", []):
+        print(f"    in float16 although beyond its range: {name} (an attention mask whose large values are all "
+              f"negative: at -65504 it hides the same keys)")
     on_int8 = sum(c.tactic in INT8_TACTICS for c in plan.choices[0]) if plan.choices else 0
     if lowered.get("int8_folded_layers") and lowered.get("precision") not in ("int8", "fp8"):
         print(f"    int8: {lowered['int8_folded_layers']} Gemm/MatMul/Conv layers quantized in the model (Q/DQ), "

@@ -42,6 +42,8 @@ class Decision:
     """Layer name -> why it stays FP32."""
     peaks: dict[str, float] = field(default_factory=dict)
     """Value name -> the largest finite magnitude seen (for the report)."""
+    masks: list[str] = field(default_factory=list)
+    """Values beyond FP16's range that only hide attention keys, lowered anyway (`hiding_masks`)."""
 
 
 def observe_peaks(graph: Graph, feeds: Iterable[Mapping[str, Any]], device: torch.device,
@@ -113,6 +115,7 @@ def decide(graph: Graph, to: DType, peaks: Mapping[Value, float], pins: Mapping[
         return d
     limit = HEADROOM * FP16_MAX
     masks = hiding_masks(graph, peaks, highs, limit) if highs is not None else set()
+    d.masks = sorted(v.name for v in masks)
     for n in graph.nodes:
         if n.name in d.kept:
             continue
