@@ -72,7 +72,8 @@ TILES: dict[str, Tile] = {
     "16x64x256-w4s3": Tile(16, 64, 256, 1, 4, 3),
 }
 """The search space (H100, float16). Large M (BERT/ViT at batch 128: 16K-25K rows): the two TMA tiles (weight kept
-[N, K]); measured on an H100 (2026-11-27, L2 flushed) against cuBLAS plus kiln's separate epilogue pass: BERT-base
+[N, K]); measured on an H100 (2026-11-27, triton.testing.do_bench medians, L2 flushed; `tests/kernels/gemm/
+bench_gpu.py` times every tile against cuda.linear in-repo) against cuBLAS plus kiln's separate epilogue pass: BERT-base
 attention-output + residual 53 vs 65 us, FFN-down + residual 127 vs 140 us, FFN-up + erf GELU 198 vs 199 us; the
 main loop alone is still 10-25 % slower than cuBLAS (QKV + bias 109-123 vs 97 us), so a bias-only GEMM stays with
 cuBLAS. The pointer 128x256 / 128x128 tiles serve GPUs without TMA. Small M (batch 1: M of ~1-200) the last four,
