@@ -176,6 +176,8 @@ class ExecutionContext:
         self.graphs = GraphCache(self.device) if self.device.type == "cuda" and cuda_graphs else None
         self._pinned: dict[str, torch.Tensor] = {}
         self._kernels: dict[int, list[Kernel]] = {}
+        self._checks: list[Any] = []
+        """The built kernels' `DeferredCheck`s (read after runs whose results reach the host)."""
         self._arena: torch.Tensor | None = None
         self._scope = Scope(device=self.device if self.device.type != "cpu" else None)  # subgraph values
         self._bindings: dict[str, int] = {}
@@ -212,13 +214,11 @@ class ExecutionContext:
         """Raise what kernels found wrong in the data of the runs so far (`kernels.base.DeferredCheck`: e.g. a
         Gather index out of range on a GPU). Runs whose results come back to the host check by themselves; a run
         on device tensors is checked by the next such run or by calling this (which waits for the device)."""
-        for kernels in self._kernels.values():
-            for kernel in kernels:
-                for deferred in getattr(kernel, "checks", ()):
-                    message = deferred.raised()
-                    if message is not None:
-                        raise InputError(message, hint="check the input data (token ids within the vocabulary, "
-                                                       "indices within the gathered axis)")
+        for deferred in self._checks:
+            message = deferred.raised()
+            if message is not None:
+                raise InputError(message, hint="check the input data (token ids within the vocabulary, indices "
+                                               "within the gathered axis)")
 
     def _replay(self, call: Call) -> dict[Value, Any] | None:
         """The run through the CUDA graph captured for these input shapes; None when it cannot be captured."""
@@ -292,6 +292,7 @@ class ExecutionContext:
                 tactic = registry.get(choice.tactic)
                 built.append(tactic.build(node, dict(choice.config), self.device, self._run_subgraph))
             self._kernels[profile] = built
+            self._checks += [c for k in built for c in getattr(k, "checks", ())]
         return self._kernels[profile]
 
     def _run_subgraph(self, g: Graph, xs: list[Any]) -> list[Any]:
