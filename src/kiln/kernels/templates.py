@@ -12,6 +12,7 @@ import torch
 from kiln.ir.graph import Node
 from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
 from kiln.kernels.pointwise import triton_available
+from kiln.kernels.pointwise.rules import NARROW
 from kiln.kernels.pointwise.tile import TileProgram
 from kiln.utils.errors import UnsupportedError
 
@@ -63,3 +64,23 @@ def operand_kinds(node: Node, program: TileProgram | None, sources: tuple[int, .
         else:
             out.append("full")
     return tuple(out)
+
+
+def operand_loads(program: TileProgram, kinds: tuple[str, ...], channel_stride: str, rows: str, cols_ok: str) \
+        -> list[str]:
+    """The lines loading each epilogue operand `a{j}` (pointer `p{j}`) into a template's [BLOCK_M, BLOCK_N] tile by
+    its broadcast kind (`operand_kinds`): once for a scalar, one [1, BLOCK_N] row masked by `cols_ok` for a per-
+    channel operand, the full tile (store mask `mask`) otherwise. `channel_stride` and `rows` are format strings
+    of `j`: the operand's stride along the tile's columns (`rn`) and its offset term for the tile's rows."""
+    lines = []
+    for j, op in enumerate(program.operands):
+        up = ".to(tl.float32)" if op.dtype in NARROW else ""
+        kind = kinds[j] if j < len(kinds) else "full"
+        col = f"rn * {channel_stride.format(j=j)}"
+        if kind == "scalar":  # why: a broadcast load of one value per element costs address math and registers
+            lines.append(f"a{j} = tl.load(p{j}){up}")
+        elif kind == "row":
+            lines.append(f"a{j} = tl.load(p{j} + {col}, mask={cols_ok}, other=0.0){up}")
+        else:
+            lines.append(f"a{j} = tl.load(p{j} + {rows.format(j=j)} + {col}, mask=mask, other=0.0){up}")
+    return lines

@@ -34,7 +34,7 @@ from kiln.kernels.gemm.triton_gemm import WIDE_LIMIT, Tile, _stages, _steps, qua
 from kiln.kernels.pointwise.rules import NARROW, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
-from kiln.kernels.templates import TemplateTactic, operand_kinds
+from kiln.kernels.templates import TemplateTactic, operand_kinds, operand_loads
 from kiln.utils.errors import InputError
 
 ANCHORS = frozenset({"Conv"})
@@ -251,18 +251,11 @@ def epilogue(s: Spec, bias_load: str, cols_ok: str = "rn < N") -> Epilogue:
         lines.append(f"acc = acc + {bias_load}.to(tl.float32)[None, :]")
     result, what = "acc", str(s.dtype)
     if s.program is not None:
-        for j, op in enumerate(s.program.operands):
+        for j in range(len(s.program.operands)):
             pointers.append(f"p{j}")
             strides += [f"s{j}_b", f"s{j}_c", f"s{j}_h", f"s{j}_w"]
-            up = ".to(tl.float32)" if op.dtype in NARROW else ""
-            kind = s.kinds[j] if j < len(s.kinds) else "full"
-            if kind == "scalar":  # why: a broadcast load of one value per element costs address math and registers
-                lines.append(f"a{j} = tl.load(p{j}){up}")
-            elif kind == "row":
-                lines.append(f"a{j} = tl.load(p{j} + rn * s{j}_c, mask={cols_ok}, other=0.0){up}")
-            else:
-                rows = f"(ob * s{j}_b + oh * s{j}_h + ow * s{j}_w)[:, None]"
-                lines.append(f"a{j} = tl.load(p{j} + {rows} + rn * s{j}_c, mask=mask, other=0.0){up}")
+        lines += operand_loads(s.program, s.kinds, "s{j}_c", "(ob * s{j}_b + oh * s{j}_h + ow * s{j}_w)[:, None]",
+                               cols_ok)
         lines.extend(s.program.lines)
         result = s.program.result.text
         what = ", ".join([what, *sorted(set(s.program.ops))])

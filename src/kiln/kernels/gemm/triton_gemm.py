@@ -38,7 +38,7 @@ from kiln.kernels.pointwise.codegen import epilogue_graph
 from kiln.kernels.pointwise.rules import NARROW, float_text, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function, tile_program
 from kiln.kernels.registry import register
-from kiln.kernels.templates import TemplateTactic, operand_kinds
+from kiln.kernels.templates import TemplateTactic, operand_kinds, operand_loads
 from kiln.utils.errors import InputError, UnsupportedError
 
 ANCHORS = frozenset({"MatMul", "Gemm"})
@@ -267,17 +267,10 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
         lines.append("acc = acc + c" if s.beta == 1.0 else f"acc = acc + c * {float_text(s.beta)}")
     result, out, what = "acc", storage(s.out), str(s.dtype)
     if s.program is not None:
-        for j, op in enumerate(s.program.operands):
+        for j in range(len(s.program.operands)):
             pointers.append(f"p{j}")
             strides += [f"s{j}_m", f"s{j}_n"]
-            up = ".to(tl.float32)" if op.dtype in NARROW else ""
-            kind = s.kinds[j] if j < len(s.kinds) else "full"
-            if kind == "scalar":  # why: a broadcast load of one value per element costs address math and registers
-                lines.append(f"a{j} = tl.load(p{j}){up}")
-            elif kind == "row":
-                lines.append(f"a{j} = tl.load(p{j} + rn * s{j}_n, mask=rn < N, other=0.0){up}")
-            else:
-                lines.append(f"a{j} = tl.load(p{j} + rm * s{j}_m + rn * s{j}_n, mask=mask, other=0.0){up}")
+        lines += operand_loads(s.program, s.kinds, "s{j}_n", "rm * s{j}_m", "rn < N")
         lines.extend(s.program.lines)
         result = s.program.result.text
         what = ", ".join([what, *sorted(set(s.program.ops))])
