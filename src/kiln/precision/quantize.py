@@ -312,10 +312,7 @@ def fuse_requantize(graph: Graph) -> list[str]:
         out.producer = step
         body.nodes.append(step)
         body.outputs = [out]
-        f.outputs = list(q.outputs)
-        for o in f.outputs:
-            o.producer = f
-        graph.remove_nodes([q])
+        _take_outputs(graph, f, q)
         fused.append(f.name)
     return fused
 
@@ -347,12 +344,17 @@ def hoist_quantize(graph: Graph) -> list[str]:
         early = Node("QuantizeLinear", [x, *q.inputs[1:]], [xq], dict(q.attrs), graph.fresh_name(f"{q.name}/early"))
         graph.insert_node(early, graph.nodes.index(pool))
         pool.inputs[0] = xq
-        pool.outputs = list(q.outputs)
-        for o in pool.outputs:
-            o.producer = pool
-        graph.remove_nodes([q])
+        _take_outputs(graph, pool, q)
         moved.append(pool.name)
     return moved
+
+
+def _take_outputs(graph: Graph, node: Node, q: Node) -> None:
+    """`node` now makes what the QuantizeLinear `q` made (its readers are untouched); `q` leaves the graph."""
+    node.outputs = list(q.outputs)
+    for o in node.outputs:
+        o.producer = node
+    graph.remove_nodes([q])
 
 
 def _to_8bit_int(q: Node) -> bool:
