@@ -14,9 +14,10 @@ import kiln
 from kiln.build.config import ConfigError
 from kiln.ir import DType
 from kiln.ir.ops import OPS
-from kiln.ir.ops.base import RefCtx, run_nodes
+from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
 from kiln.precision.quantize import FP8_MAX, fold_quantized, quantize_graph
+from tests.precision.scales import minmax_scales
 from tests.precision.test_int8_gemm import _mlp
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -31,10 +32,7 @@ def _calib(n: int = 4) -> list[dict[str, np.ndarray]]:
 def _quantized_fp8() -> Any:
     g = _mlp()
     x = torch.from_numpy(_calib(1)[0]["x"])
-    env = run_nodes(g.nodes, {g.inputs[0]: x})
-    scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
-    scales["x"] = float(x.abs().max()) / 127
-    report = quantize_graph(g, scales, fp8=True)
+    report = quantize_graph(g, minmax_scales(g, x), fp8=True)
     assert len(report.layers) == 3 and report.to_json()["fp8_layers"] == 3
     return g, x
 

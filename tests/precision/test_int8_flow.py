@@ -11,10 +11,10 @@ import torch
 
 from kiln.ir import DType, Graph, TensorType
 from kiln.ir.interpreter import Interpreter
-from kiln.ir.ops.base import run_nodes
 from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
 from kiln.precision.quantize import fold_quantized, fuse_requantize, hoist_quantize, quantize_graph
+from tests.precision.scales import minmax_scales
 
 F32 = DType.FLOAT32
 
@@ -38,9 +38,7 @@ def _cnn() -> Graph:
 def test_the_pool_runs_on_int8_and_the_first_conv_requantizes() -> None:
     g = _cnn()
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32))
-    env = run_nodes(g.nodes, {g.inputs[0]: x})
-    scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
-    scales["x"] = float(x.abs().max()) / 127
+    scales = minmax_scales(g, x)
     assert len(quantize_graph(g, scales).layers) == 2
     before = Interpreter(g).run({"x": x.numpy()})["y"]
     assert len(fold_quantized(g)) == 2
@@ -77,9 +75,7 @@ def test_int8_activations_stay_channels_last_between_quantized_convs(tmp_path: P
 
     g = _cnn()
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32))
-    env = run_nodes(g.nodes, {g.inputs[0]: x})
-    scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
-    scales["x"] = float(x.abs().max()) / 127
+    scales = minmax_scales(g, x)
     quantize_graph(g, scales)
     monkeypatch.setenv("KILN_DUMP_GRAPHS", str(tmp_path))
     records = optimize_quantized(g, PassContext(device="cuda"))

@@ -16,11 +16,12 @@ from kiln.ir import DType, Graph, TensorType
 from kiln.ir.graph import Node
 from kiln.ir.interpreter import Interpreter
 from kiln.ir.ops import OPS
-from kiln.ir.ops.base import RefCtx, run_nodes
+from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
 from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize
 from kiln.precision.quantize import fold_quantized, quantize_graph
+from tests.precision.scales import minmax_scales
 
 F32 = DType.FLOAT32
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -48,9 +49,7 @@ def _mlp(batch: object = 32) -> Graph:
 def _quantized() -> Graph:
     g = _mlp()
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32))
-    env = run_nodes(g.nodes, {g.inputs[0]: x})  # every activation, for min-max scales
-    scales = {v.name: float(t.abs().max()) / 127 for v, t in env.items() if isinstance(t, torch.Tensor)}
-    assert len(quantize_graph(g, scales).layers) == 3
+    assert len(quantize_graph(g, minmax_scales(g, x)).layers) == 3
     return g
 
 
