@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from kiln.ir import DType
-from kiln.ir.graph import Node
+from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.ops import OPS
 from kiln.ir.ops.base import RefCtx, run_nodes
 from kiln.kernels import registry
@@ -39,19 +39,26 @@ def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, 
     from kiln.passes.epilogue_fusion import epilogue_fusion
 
     epilogue_fusion(m.g)
-    sample = m.feeds["x"]
-    quantize_graph(m.g, scales)  # every channel count: the kernel takes any (a model quantized before import may)
+    # every channel count: the kernel takes any (a model quantized before import may)
+    node, args = folded_layer(m.g, scales, {m.g.inputs[0]: m.feeds["x"]}, half, requant)
+    args[0] = args[0].contiguous(memory_format=torch.channels_last) if cl else args[0].contiguous()
+    return node, args
+
+
+def folded_layer(g: Graph, scales: dict[str, float], feeds: dict[Value, torch.Tensor], half: bool,
+                 requant: bool) -> tuple[Node, list[Any]]:
+    """Q/DQ placed with `scales` (the float parts lowered to float16 with `half`, as a GPU int8 build does), folded
+    into one "quantized" layer (two with `requant`, the first then ending in a requantize), and that first layer
+    with its inputs computed from `feeds` (an int8 activation first)."""
+    quantize_graph(g, scales)
     if half:
-        lower_precision(m.g, DType.FLOAT16)
-    assert len(fold_quantized(m.g)) == (2 if requant else 1)
-    assert len(fuse_requantize(m.g)) == (1 if requant else 0)
-    node = next(n for n in m.g.nodes if n.op == "Fused" and n.attrs["kind"] == "quantized")
-    before = m.g.nodes[:m.g.nodes.index(node)]  # the quantize (and casts) feeding it
-    env = run_nodes(before, {m.g.inputs[0]: sample})
-    args = [v.data if v.data is not None else env[v] for v in node.inputs]
-    q = args[0]
-    assert q.dtype == torch.int8
-    args[0] = q.contiguous(memory_format=torch.channels_last) if cl else q.contiguous()
+        lower_precision(g, DType.FLOAT16)
+    assert len(fold_quantized(g)) == (2 if requant else 1)
+    assert len(fuse_requantize(g)) == (1 if requant else 0)
+    node = next(n for n in g.nodes if n.op == "Fused" and n.attrs["kind"] == "quantized")
+    env = run_nodes(g.nodes[:g.nodes.index(node)], feeds)  # the quantize (and casts) feeding it
+    args = [None if v is None else (v.data if v.data is not None else env[v]) for v in node.inputs]
+    assert args[0].dtype == torch.int8
     return node, args
 
 

@@ -10,15 +10,12 @@ from typing import Any
 
 import torch
 
-from kiln.ir import DType
 from kiln.ir.graph import Node, Value
 from kiln.ir.ops.base import run_nodes
 from kiln.kernels.gemm.triton_gemm import INT8_TILES
 from kiln.passes.epilogue_fusion import epilogue_fusion
-from kiln.precision.lower import lower_precision
-from kiln.precision.quantize import fold_quantized, fuse_requantize, quantize_graph
+from tests.kernels.conv.int8_cases import folded_layer, run_tiles
 from tests.kernels.conv.int8_cases import quantized as quantized_conv
-from tests.kernels.conv.int8_cases import run_tiles
 from tests.kernels.gemm.cases import F32, Maker
 
 ALL = tuple(INT8_TILES)
@@ -53,18 +50,7 @@ def quantized(lead: tuple[int, ...], k: int, n: int, *, act: str | None = "Relu"
     scales = {v.name: max(float(t.abs().max()), 1e-6) / 127 for v, t in env.items()
               if isinstance(t, torch.Tensor) and t.is_floating_point()}
     scales.update({name: float(t.abs().max()) / 127 for name, t in m.feeds.items()})
-    quantize_graph(m.g, scales)
-    if half:
-        lower_precision(m.g, DType.FLOAT16)
-    assert len(fold_quantized(m.g)) == (2 if requant else 1)
-    assert len(fuse_requantize(m.g)) == (1 if requant else 0)
-    node = next(nd for nd in m.g.nodes if nd.op == "Fused" and nd.attrs["kind"] == "quantized")
-    before = m.g.nodes[:m.g.nodes.index(node)]  # the quantize (and casts) feeding it
-    env = run_nodes(before, {v: m.feeds[v.name] for v in m.g.inputs})
-    args = [None if v is None else (v.data if v.data is not None else env.get(v, m.feeds.get(v.name)))
-            for v in node.inputs]
-    assert args[0].dtype == torch.int8
-    return node, args
+    return folded_layer(m.g, scales, {v: m.feeds[v.name] for v in m.g.inputs}, half, requant)
 
 
 def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str = "cpu") -> dict[str, str | None]:
