@@ -16,7 +16,7 @@ from kiln.ir import DType
 from kiln.ir.ops import OPS
 from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
-from kiln.precision.quantize import FP8_MAX, fold_quantized, quantize_graph
+from kiln.precision.quantize import FP8_MAX, fold_quantized, fuse_requantize, quantize_graph
 from tests.precision.scales import minmax_scales
 from tests.precision.test_int8_gemm import _mlp
 
@@ -69,18 +69,49 @@ def test_folded_fp8_layers_run_on_scaled_mm_like_their_reference() -> None:
     assert checked == 3
 
 
+def _requantized_fp8() -> tuple[Any, torch.Tensor, list[str]]:
+    g, x = _quantized_fp8()
+    fold_quantized(g)
+    return g, x, fuse_requantize(g)
+
+
+def test_fp8_layers_write_float8_for_the_next_one_with_the_same_results() -> None:
+    """The QuantizeLinear to float8 after fc1 and fc2 (each the only reader of the layer's output) becomes the last
+    step of that layer: its epilogue writes float8 (the generated kernel saturates and stores E4M3), no separate
+    quantize pass, and the reference gives the same values bit for bit."""
+    from kiln.kernels.epilogue import Anchored, steps_view
+    from kiln.kernels.pointwise.codegen import build_program, epilogue_graph
+
+    g0, x = _quantized_fp8()
+    fold_quantized(g0)
+    want = run_nodes(g0.nodes, {g0.inputs[0]: x})[g0.outputs[0]]
+    g, _, fused = _requantized_fp8()
+    assert len(fused) == 2 and not [n for n in g.nodes if n.op == "QuantizeLinear" and n.inputs[0] is not g.inputs[0]]
+    got = run_nodes(g.nodes, {g.inputs[0]: x})[g.outputs[0]]
+    assert torch.equal(got, want)
+    layer = next(n for n in g.nodes if n.name in fused)
+    assert layer.outputs[0].dtype is FP8
+    body = layer.attrs["body"]
+    a = Anchored(layer, body.nodes[2], [], body.nodes[3:], body)
+    found = epilogue_graph(steps_view(a))  # type: ignore[arg-type]
+    assert found is not None
+    program = build_program(found[0])
+    assert "448.0" in program.lines[-1] and found[0].outputs[0].dtype is FP8
+
+
 def test_an_fp8_build_reports_its_layers_and_stays_close_to_fp32(tmp_path: Any) -> None:
     # opt_level 0: the tactics' order decides, not CPU timings (on a CPU the reference may time faster)
     e = kiln.build(_mlp(), kiln.BuilderConfig(device="cpu", precision="fp8", calibration=_calib(), opt_level=0))
     lowered = e.plan.stats["precision"]
     assert lowered["precision"] == "fp8" and lowered["fp8_layers"] == 3
+    assert lowered["int8_outputs"] == 2  # fc1 and fc2 write float8 for the next layer (the name predates FP8)
     assert [c.tactic for c in e.plan.choices[0]].count("cuda.fp8_gemm") == 3
     x = np.random.default_rng(5).standard_normal((32, 64)).astype(np.float32)
     y = e.create_context().run({"x": x})["y"]
     y32 = kiln.build(_mlp(), kiln.BuilderConfig(device="cpu")).create_context().run({"x": x})["y"]
     cos = float((y * y32).sum() / np.linalg.norm(y) / np.linalg.norm(y32))
     assert cos >= 0.995, cos  # 3 layers of 3-bit mantissas, per-tensor scales
-    e.save(tmp_path / "fp8.kiln")  # float8 weights and constants travel in the engine file
+    e.save(tmp_path / "fp8.kiln")  # the float8 constants of the requantizing epilogues travel in the file
     assert np.array_equal(kiln.load(tmp_path / "fp8.kiln").create_context().run({"x": x})["y"], y)
 
 
@@ -174,6 +205,21 @@ def test_fp8_on_the_gpu() -> None:
             quants += 1
         values.update(zip(n.outputs, want))
     assert gemms == 3 and quants >= 1
+    from kiln.tune.tuner import _one_step
+
+    g, x, fused = _requantized_fp8()  # fc1 and fc2 write float8 from their generated epilogue
+    values = {g.inputs[0]: x}
+    written = 0
+    for n in g.nodes:
+        args = [None if v is None else (v.data if v.data is not None else values[v]) for v in n.inputs]
+        want = OPS[n.op].ref(RefCtx(n), list(args))
+        if n.name in fused:
+            cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            got = registry.get("cuda.fp8_gemm").build(n, {}, CUDA)(cuda_args)[0].cpu()
+            assert got.dtype == torch.float8_e4m3fn and _one_step(got, want[0])  # a float16 GEMM rounding apart
+            written += 1
+        values.update(zip(n.outputs, want))
+    assert written == 2
     e = kiln.build(_mlp(), kiln.BuilderConfig(device="cuda", precision="fp8", calibration=_calib()))
     tactics = [c.tactic for c in e.plan.choices[0]]
     assert tactics.count("cuda.fp8_gemm") == 3, tactics

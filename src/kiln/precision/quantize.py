@@ -281,19 +281,22 @@ def _quantized_node(graph: Graph, n: Node, xi: int, wi: int, dx: Node, dw: Node)
 
 def fuse_requantize(graph: Graph) -> list[str]:
     """A QuantizeLinear that is the only reader of a "quantized" layer's output becomes the last step of that
-    layer's body: the layer then writes int8 for the next one (dequantize, bias, activation, requantize in one
-    epilogue) instead of a float tensor that a separate pass reads back to quantize. The reference runs the same
-    ops, so results do not change. Returns the names of the layers that now end in int8."""
+    layer's body: the layer then writes int8 (or, an FP8 layer, float8) for the next one (dequantize, bias,
+    activation, requantize in one epilogue) instead of a float tensor that a separate pass reads back to quantize.
+    The reference runs the same ops, so results do not change. Returns the names of the layers that now end in
+    8-bit values."""
     uses = Uses.of(graph)  # readers inside subgraphs count too
     producers = {o: n for n in graph.nodes for o in n.outputs}
     fused: list[str] = []
     for q in list(graph.nodes):
-        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or not _to_8bit_int(q):
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or not (_to_8bit_int(q) or _to_fp8(q)):
             continue
         v = q.inputs[0]
         f = producers.get(v)
         if f is None or f.op != "Fused" or f.attrs.get("kind") != "quantized" or len(f.outputs) != 1:
             continue
+        if _to_fp8(q) and not _fp8_layer(f):
+            continue  # float8 outputs are written by FP8 layers' epilogues only
         if uses.only_reader(v) is not q:
             continue
         body: Graph = f.attrs["body"]
@@ -302,6 +305,11 @@ def fuse_requantize(graph: Graph) -> list[str]:
         for p in q.inputs[1:]:
             if p is None:
                 params.append(None)
+                continue
+            if _to_fp8(q) and p.dtype is DType.FLOAT8_E4M3FN and isinstance(p.data, torch.Tensor):
+                # why: generated epilogues read float8 only as a constant (the zero point, 0); the scale stays an
+                # input, which the tuner's float32 second opinion widens with the layer's other inputs
+                params.append(body.add_initializer(graph.fresh_name(f"{p.name}.c"), p.data.clone()))
                 continue
             b = Value(graph.fresh_name(f"{p.name}.in"), p.type)
             body.inputs.append(b)
@@ -359,9 +367,29 @@ def _take_outputs(graph: Graph, node: Node, q: Node) -> None:
 
 def _to_8bit_int(q: Node) -> bool:
     """A QuantizeLinear to int8/uint8 (the kernels that requantize in their epilogue, and the int8 max pool, write
-    those; an FP8 quantize stays its own step)."""
+    those)."""
     out = q.outputs[0]
     return isinstance(out.type, TensorType) and out.type.dtype in (DType.INT8, DType.UINT8)
+
+
+def _to_fp8(q: Node) -> bool:
+    """A saturating QuantizeLinear to float8 E4M3 with one scale and a zero point of 0: what an FP8 layer's
+    generated epilogue writes (the next FP8 GEMM's input)."""
+    out, scale = q.outputs[0], q.inputs[1] if len(q.inputs) > 1 else None
+    zp = q.inputs[2] if len(q.inputs) > 2 else None
+    if not isinstance(out.type, TensorType) or out.type.dtype is not DType.FLOAT8_E4M3FN or scale is None:
+        return False
+    if int(q.attrs.get("saturate", 1)) != 1 or scale.shape is None or any(d != 1 for d in scale.shape):
+        return False
+    return zp is None or (isinstance(zp.data, torch.Tensor) and not bool((zp.data.float() != 0).any()))
+
+
+def _fp8_layer(f: Node) -> bool:
+    """A "quantized" layer whose activation is float8 (its first body node dequantizes a float8 input)."""
+    body: Graph = f.attrs["body"]
+    first = body.nodes[0] if body.nodes else None
+    x = first.inputs[0] if first is not None and first.op == "DequantizeLinear" and first.inputs else None
+    return x is not None and isinstance(x.type, TensorType) and x.type.dtype is DType.FLOAT8_E4M3FN
 
 
 def _positive_scalar(v: Value | None) -> bool:

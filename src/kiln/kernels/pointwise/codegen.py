@@ -34,7 +34,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Shape, TensorType, Value
 from kiln.kernels.pointwise import layout as lay
-from kiln.kernels.pointwise.rules import NARROW, SUPPORTED, Expr, compute, float_text, reason, storage
+from kiln.kernels.pointwise.rules import FP8, NARROW, SUPPORTED, Expr, compute, float_text, reason, storage
 from kiln.utils.env import env
 from kiln.utils.errors import InputError, KilnError, UnsupportedError
 
@@ -94,6 +94,8 @@ class _Body:
         return e
 
     def _leaf(self, v: Value) -> Expr:
+        if v.type.dtype is FP8 and isinstance(v.data, torch.Tensor) and v.data.numel() == 1:  # type: ignore[union-attr]
+            return self.lit(float(v.data.float().reshape(())), DType.FLOAT32)  # a float8 zero point (checked 0)
         _check_type(v)
         if v in self.positions:
             return self._operand(Operand(v.dtype, input=self.positions[v]))
@@ -114,7 +116,7 @@ class _Body:
         rule = _rule(n.op)
         data = range(len(n.inputs)) if rule.data is None else rule.data
         args = [self.value(v) if v is not None and i in data else None for i, v in enumerate(n.inputs)]
-        _check_type(n.outputs[0])
+        _check_type(n.outputs[0], n.op)
         self.env[n.outputs[0]] = rule.emit(self, n, args)
         self.data.append(n.outputs[0])
         if n.op == "Expand":
@@ -128,10 +130,12 @@ def _rule(op: str) -> Any:
     return RULES[op]
 
 
-def _check_type(v: Value) -> None:
+def _check_type(v: Value, made_by: str | None = None) -> None:
+    """`made_by`: the op computing `v` in the group (float8 values are generated only as QuantizeLinear's output;
+    the rules refuse every op reading one)."""
     if not isinstance(v.type, TensorType) or v.type.shape is None:
         raise _Refused(f"value '{v.name}' is not a tensor of known rank")
-    if v.type.dtype not in SUPPORTED:
+    if v.type.dtype not in SUPPORTED and not (v.type.dtype is FP8 and made_by == "QuantizeLinear"):
         raise _Refused(f"value '{v.name}' has dtype {v.type.dtype}, which is not generated")
 
 

@@ -37,8 +37,11 @@ SUPPORTED = NUMERIC | BOOL
 _TL = {
     D.FLOAT16: "tl.float16", D.BFLOAT16: "tl.bfloat16", D.FLOAT32: "tl.float32", D.FLOAT64: "tl.float64",
     D.INT8: "tl.int8", D.INT16: "tl.int16", D.INT32: "tl.int32", D.INT64: "tl.int64", D.UINT8: "tl.uint8",
-    D.BOOL: "tl.int1",
+    D.BOOL: "tl.int1", D.FLOAT8_E4M3FN: "tl.float8e4nv",
 }
+FP8 = D.FLOAT8_E4M3FN
+"""Generated only as QuantizeLinear's output (the last step of an FP8 layer's epilogue), never read."""
+FP8_MAX = 448.0
 _NAN_MAX = "tl.PropagateNan.ALL"
 
 
@@ -357,6 +360,9 @@ def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
     q = f"({as_prec(x)} / {as_prec(s)})"
     if prec in NARROW:
         q = f"{q}.to({storage(prec)}).to(tl.float32)"
+    if out is FP8:  # saturate to +-448 (NaN stays NaN); the store's conversion rounds to nearest even
+        m, t = float_text(FP8_MAX), b.let(q, D.FLOAT32).text
+        return b.let(f"tl.where({t} != {t}, {t}, tl.minimum(tl.maximum({t}, -{m}), {m}))", out, False)
     v = f"km.round_even({q})" + ("" if zp is None else f" + {zp.text}.to(tl.float32)")
     lo, hi = _QRANGE[out]
     return b.let(f"tl.minimum(tl.maximum({v}, {lo}.0), {hi}.0).to({storage(out)})", out)
@@ -365,14 +371,22 @@ def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
 def _quantize_check(n: Node) -> str | None:
     x, scale = n.inputs[0], n.inputs[1]
     zp = n.inputs[2] if len(n.inputs) > 2 else None
-    if x is None or scale is None or x.dtype not in F32 or scale.dtype not in F32 or n.outputs[0].dtype not in _QRANGE:
-        return "QuantizeLinear is generated from float16/bfloat16/float32 to int8/uint8 only"
+    out = n.outputs[0].dtype
+    if x is None or scale is None or x.dtype not in F32 or scale.dtype not in F32 or (out not in _QRANGE
+                                                                                      and out is not FP8):
+        return "QuantizeLinear is generated from float16/bfloat16/float32 to int8/uint8/float8 E4M3 only"
+    if out is FP8 and (int(n.attrs.get("saturate", 1)) != 1 or not _zero_constant(zp)):
+        return "QuantizeLinear to float8 is generated saturating, with a zero point of 0 only"
     if int(n.attrs.get("block_size") or 0) or _quantize_precision(n) not in F32:
         return "blocked or float64 quantization is not generated"
     for v in (scale, zp):
         if v is not None and (v.shape is None or math.prod(d if isinstance(d, int) else 2 for d in v.shape) != 1):
             return "QuantizeLinear is generated with a per-tensor scale and zero point only"
     return None
+
+
+def _zero_constant(v: Value | None) -> bool:
+    return v is None or (isinstance(v.data, torch.Tensor) and not bool((v.data.float() != 0).any()))
 
 
 def _is_inf(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
