@@ -21,7 +21,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType
 from kiln.ir.interpreter import Interpreter
 from kiln.ir.ops import get_op
-from kiln.ir.ops.base import RefCtx
+from kiln.ir.ops.base import RefCtx, tf32_mode
 from kiln.kernels import registry
 from kiln.kernels.base import Kernel, Tactic
 from kiln.runtime.device import describe
@@ -168,12 +168,28 @@ def _one_step(got: Any, ref: Any) -> bool:
         return False
     if got.numel() == 0:
         return True
-    if got.dtype == torch.float8_e4m3fn:  # one step = neighbouring codes: same sign, magnitude bits 1 apart
-        g, r = got.view(torch.uint8).int(), ref.view(torch.uint8).int()
-        near = ((g >> 7) == (r >> 7)) & (((g & 127) - (r & 127)).abs() <= 1) | (((g & 127) <= 1) & ((r & 127) <= 1))
-        return bool(near.all()) and float((g == r).float().mean()) >= 0.99
-    diff = (got.int() - ref.int()).abs()
-    return int(diff.max()) <= 1 and float((diff == 0).float().mean()) >= 0.99
+    return bool(_near(got, ref).all()) and float((_codes(got) == _codes(ref)).float().mean()) >= 0.99
+
+
+FLOAT8_FLOOR = 2.0 ** -10
+"""Float8 results may also differ by this share of the reference's largest magnitude, however many codes apart:
+float8 codes crowd around zero (E4M3's subnormal step is 2^-9 where the top step is 32), and Hopper's FP8 tensor
+cores sum products with about 14 significant bits (cuBLASLt promotes to float32 only between k-blocks), so a
+value that cancels to near zero lands several codes from the exact result while off by a few 1e-5 of the range
+(measured on an H100: 5 codes, 0.0097 against a largest value of 384). A wrong kernel is off by far more."""
+
+
+def _near(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Where `got` is within one step of `ref` (float8: neighbouring codes of one sign, or within
+    `FLOAT8_FLOOR` of the largest magnitude)."""
+    g, r = _codes(got), _codes(ref)
+    near = (g - r).abs() <= 1
+    if got.dtype == torch.float8_e4m3fn:
+        gf, rf = got.float(), ref.float()
+        finite = rf[rf.isfinite()]
+        top = float(finite.abs().max()) if finite.numel() else 0.0
+        near |= ((gf - rf).abs() <= FLOAT8_FLOOR * top) | (gf.isnan() & rf.isnan())
+    return near
 
 
 def _codes(t: torch.Tensor) -> torch.Tensor:
@@ -187,7 +203,8 @@ def _codes(t: torch.Tensor) -> torch.Tensor:
 def _codes_as_accurate(got: Any, ref: Any, wide: Any) -> bool:
     """Whether a quantized (8-bit) result that misses `_one_step`'s 99 % agreement with the reference is as close to
     `wide` (the same layer computed from float32-widened inputs) as the reference itself: within one step of it
-    everywhere, and off it at most twice as often as the reference (plus 1 %). A reference that rounds to
+    everywhere, and off it at most twice as often as the reference (plus 1 %; float8 `FLOAT8_SLACK`). A reference
+    that rounds to
     float16 before quantizing to float8's 3-bit mantissa flips codes on its own; a candidate rounding elsewhere
     flips others."""
     if not all(isinstance(x, torch.Tensor) for x in (got, ref, wide)) \
@@ -197,10 +214,20 @@ def _codes_as_accurate(got: Any, ref: Any, wide: Any) -> bool:
         return False
     if got.numel() == 0:
         return True
-    g, r, w = _codes(got), _codes(ref), _codes(wide)
-    if int((g - w).abs().max()) > 1:
+    if not bool(_near(got, wide).all()):
         return False
-    return float((g != w).float().mean()) <= 2 * float((r != w).float().mean()) + 0.01
+    g, r, w = _codes(got), _codes(ref), _codes(wide)
+    slack = FLOAT8_SLACK if got.dtype == torch.float8_e4m3fn else 0.01
+    return float((g != w).float().mean()) <= 2 * float((r != w).float().mean()) + slack
+
+
+FLOAT8_SLACK = 0.02
+"""Float8 codes off the float32 result a candidate may have beyond twice the reference's. E4M3 keeps 3 mantissa
+bits, so a value's rounding flips once its error reaches 1/16-1/8 of it: a relative error d flips about 11 d of the
+codes. Hopper's FP8 tensor cores sum with about 14 significant bits between cuBLASLt's float32 promotions, a few
+1e-4 of the result after cancellation, which flips 1-2 % of the codes (measured on an H100, BERT-base's FFN-up
++ GELU + quantize, K=768: 1.39-1.61 % against the reference's 0.17-0.19 %). The same GEMM with a float16 output
+passes the float16 tolerance; the fused quantize only makes its error countable. A wrong kernel flips far more."""
 
 
 def _as_accurate(got: Any, ref: Any, wide: Any) -> bool:
@@ -235,8 +262,10 @@ class _Widened:
     def get(self, node: Node, args: list[Any], k: int) -> Any:
         if self.outputs is None and not self.failed:
             wide = [a.float() if isinstance(a, torch.Tensor) and a.dtype in TOLERANCE else a for a in args]
+            device = next((a.device for a in wide if isinstance(a, torch.Tensor)), None)
             try:
-                self.outputs = list(get_op(node.op).ref(RefCtx(node), wide))
+                with tf32_mode(False, device):  # the second opinion in IEEE float32, as the reference runs
+                    self.outputs = list(get_op(node.op).ref(RefCtx(node), wide))
             except Exception:  # a reference that insists on its declared dtypes: no second opinion
                 self.failed = True
         return None if self.outputs is None or k >= len(self.outputs) else self.outputs[k]
