@@ -251,7 +251,7 @@ def test_fp8_on_the_gpu() -> None:
     assert written == 2
     e = kiln.build(_mlp(), kiln.BuilderConfig(device="cuda", precision="fp8", calibration=_calib()))
     tactics = [c.tactic for c in e.plan.choices[0]]
-    assert tactics.count("cuda.fp8_gemm") == 3, tactics
+    assert sum(t in ("cuda.fp8_gemm", "triton.fp8_gemm") for t in tactics) == 3, tactics
     y = e.create_context().run({"x": _calib(1)[0]["x"]})["y"]
     assert np.isfinite(y).all()
 

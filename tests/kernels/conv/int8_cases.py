@@ -46,11 +46,11 @@ def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, 
 
 
 def folded_layer(g: Graph, scales: dict[str, float], feeds: dict[Value, torch.Tensor], half: bool,
-                 requant: bool) -> tuple[Node, list[Any]]:
+                 requant: bool, fp8: bool = False) -> tuple[Node, list[Any]]:
     """Q/DQ placed with `scales` (the float parts lowered to float16 with `half`, as a GPU int8 build does), folded
     into one "quantized" layer (two with `requant`, the first then ending in a requantize), and that first layer
-    with its inputs computed from `feeds` (an int8 activation first)."""
-    quantize_graph(g, scales)
+    with its inputs computed from `feeds` (an int8 activation first; float8 E4M3 with `fp8`)."""
+    quantize_graph(g, scales, fp8=fp8)
     if half:
         lower_precision(g, DType.FLOAT16)
     assert len(fold_quantized(g)) == (2 if requant else 1)
@@ -58,7 +58,7 @@ def folded_layer(g: Graph, scales: dict[str, float], feeds: dict[Value, torch.Te
     node = next(n for n in g.nodes if n.op == "Fused" and n.attrs["kind"] == "quantized")
     env = run_nodes(g.nodes[:g.nodes.index(node)], feeds)  # the quantize (and casts) feeding it
     args = [None if v is None else (v.data if v.data is not None else env[v]) for v in node.inputs]
-    assert args[0].dtype == torch.int8
+    assert args[0].dtype == (torch.float8_e4m3fn if fp8 else torch.int8)
     return node, args
 
 

@@ -22,11 +22,12 @@ ALL = tuple(INT8_TILES)
 
 
 def quantized(lead: tuple[int, ...], k: int, n: int, *, act: str | None = "Relu", residual: bool = False,
-              gemm: bool = False, half: bool = False, requant: bool = False,
+              gemm: bool = False, half: bool = False, requant: bool = False, fp8: bool = False,
               seed: int = 31) -> tuple[Node, list[Any]]:
     """The folded node of x @ W + b (+ activation, + residual) and its inputs, x quantized to int8. `gemm`: a Gemm
     with transB and the bias as C (x 2-D); `requant`: a second MatMul reads the output, so the layer ends by
-    quantizing for it (an int8 output); `half`: the float parts lowered to float16 (a GPU int8 build's)."""
+    quantizing for it (an int8 output); `half`: the float parts lowered to float16 (a GPU int8 build's); `fp8`:
+    float8 E4M3 instead of int8 (per-tensor weight scale)."""
     m = Maker(seed)
     x = m.input("x", (*lead, k), F32)
     if gemm:
@@ -50,7 +51,7 @@ def quantized(lead: tuple[int, ...], k: int, n: int, *, act: str | None = "Relu"
     scales = {v.name: max(float(t.abs().max()), 1e-6) / 127 for v, t in env.items()
               if isinstance(t, torch.Tensor) and t.is_floating_point()}
     scales.update({name: float(t.abs().max()) / 127 for name, t in m.feeds.items()})
-    return folded_layer(m.g, scales, {v: m.feeds[v.name] for v in m.g.inputs}, half, requant)
+    return folded_layer(m.g, scales, {v: m.feeds[v.name] for v in m.g.inputs}, half, requant, fp8)
 
 
 def run(node: Node, args: list[Any], tiles: tuple[str, ...] = ALL, device: str = "cpu") -> dict[str, str | None]:

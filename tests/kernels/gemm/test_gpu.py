@@ -119,6 +119,22 @@ def test_fp8_quantize_on_cuda_is_exact(name: str) -> None:
     assert all(p is None for p in problems.values()), problems
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="float8 GEMMs need sm_89+")
+@pytest.mark.parametrize(("lead", "k", "n", "kw"), [
+    ((128, 128), 768, 3072, {"act": "Gelu", "half": True, "requant": True}),  # BERT-base FFN up, float8 out
+    ((128, 128), 3072, 768, {"act": None, "residual": True, "half": True}),  # FFN down + residual, float16 out
+    ((1, 128), 768, 2304, {"act": None, "half": True}),  # batch 1, the packed QKV projection
+    ((33,), 200, 40, {"gemm": True, "act": None}),  # float32, a Gemm with transB, K not a multiple of the step
+], ids=["bert-up-gelu-fp8-out", "bert-down-residual", "bert-b1-qkv", "gemm-ragged-f32"])
+def test_fp8_gemm_every_tile(lead: tuple[int, ...], k: int, n: int, kw: dict) -> None:
+    from tests.kernels.gemm import fp8_cases
+
+    node, args = fp8_cases.fp8_layer(lead, k, n, **kw)
+    problems = fp8_cases.run_gemm(node, args, q8.ALL)
+    assert problems and all(p is None for p in problems.values()), problems
+
+
 @pytest.mark.parametrize(("x", "n", "kw"), [
     ((128, 256, 56, 56), 64, {"half": True, "requant": True}),  # ResNet-50 layer1 conv1: requantizes for the 3x3
     ((128, 64, 56, 56), 256, {"half": True}),  # layer1 conv3 (float16 out, the residual add's input)

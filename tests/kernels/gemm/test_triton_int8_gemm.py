@@ -73,3 +73,21 @@ def test_tma_tiles_read_through_descriptors_and_refuse_what_tma_cannot_read() ->
     a = torch.zeros(64, 48, dtype=torch.int8)
     assert _tma_ready(a) and not _tma_ready(a[:, 1:]) and not _tma_ready(a.t())
 
+
+
+def test_float8_layers_take_the_fp8_template_with_float32_sums_and_a_float8_store() -> None:
+    """`triton.fp8_gemm` takes the float8 layers (one weight scale) and `triton.int8_gemm` the int8 ones; the float8
+    source sums in float32 (no int32 accumulator), multiplies by the two scales before the epilogue and, for a layer
+    that quantizes for the next one, stores float8. Its numbers are checked on the GPU (tests/kernels/gemm/test_gpu.py):
+    the Triton interpreter's float8 conversion is wrong."""
+    f8, _ = quantized((130,), 128, 64, act="Gelu", requant=True, half=True, fp8=True)
+    i8, _ = quantized((130,), 128, 64, act="Gelu", requant=True, half=True)
+    t8, ti = registry.get("triton.fp8_gemm"), registry.get("triton.int8_gemm")
+    assert t8.applicable(f8, CUDA) and not t8.applicable(i8, CUDA) and not t8.applicable(f8, torch.device("cpu"))
+    assert ti.applicable(i8, CUDA) and not ti.applicable(f8, CUDA)
+    assert t8.priority < registry.get("cuda.fp8_gemm").priority
+    s = quantized_spec(f8, DType.FLOAT8_E4M3FN)
+    assert s is not None and s.out is DType.FLOAT8_E4M3FN and s.dtype is DType.FLOAT8_E4M3FN
+    text = source(s)
+    assert "int32" not in text and "tl.float8e4nv" in text and "input_precision" not in text
+    assert text.index("dq_ptr + offs_n") < text.index("tl.erf") < text.index("448.0") < text.index("tl.store")

@@ -19,6 +19,8 @@ activation x int8 weight into an int32 accumulator (exact), one float32 multiply
 activation's scale times the weight's scale, then the epilogue - bias, activation, residual and, for a layer whose
 only reader quantizes it, the QuantizeLinear that writes int8 for the next layer - before the one store. The weight
 is kept [N, K] (K contiguous, as int8 tensor cores read both operands) and the K step is 128 bytes.
+`triton.fp8_gemm` is the same on float8 E4M3 layers (`precision="fp8"`): float32 sums, the two per-tensor scales
+in the one multiply, and an epilogue that may end in the QuantizeLinear writing float8.
 """
 
 from __future__ import annotations
@@ -252,14 +254,15 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     int8 spec accumulates in int32 and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`)
     before its epilogue."""
     int8 = s.dtype is DType.INT8
+    scaled = s.dq is not None  # int8 or float8 products: dequantized by one multiply per output channel
     lines: list[str] = []
-    pointers, strides = (["dq_ptr"] if int8 else []), []
+    pointers, strides = (["dq_ptr"] if scaled else []), []
     if s.alpha != 1.0:
         lines.append(f"acc = acc * {float_text(s.alpha)}")
     if s.c_at is not None:
         pointers.append("c_ptr")
         strides += ["stride_cm", "stride_cn"]
-        up = ".to(tl.float32)" if s.dtype in NARROW or int8 else ""
+        up = ".to(tl.float32)" if s.dtype in NARROW or scaled else ""
         if s.conv:  # the conv's bias: one value per output channel
             lines.append(f"c = tl.load(c_ptr + rn * stride_cn, mask=rn < N, other=0.0){up}")
         else:
@@ -276,9 +279,9 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
         what = ", ".join([what, *sorted(set(s.program.ops))])
     if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
         precision = ", out_dtype=tl.int32"
-    else:
-        precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
-    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if int8 else ""
+    else:  # float8 products sum in float32 on their own
+        precision = "" if s.dtype in NARROW or scaled else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if scaled else ""
     zero = "0" if int8 else "0.0"
     mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
     operands, operand_strides = ("x_desc, w_desc", "") if tma else \
@@ -358,7 +361,8 @@ class GemmKernel:
             sx, sw = (node.inputs[i] for i in s.dq)
             assert sx is not None and sw is not None
             assert isinstance(sx.data, torch.Tensor) and isinstance(sw.data, torch.Tensor)
-            self.dequant = (sx.data.float().reshape(()) * sw.data.float().reshape(-1)).contiguous()
+            per_channel = sw.data.float().reshape(-1).expand(s.n)  # float8: one weight scale for every channel
+            self.dequant = (sx.data.float().reshape(()) * per_channel).contiguous()
         ops = s.program.operands if s.program is not None else ()
         self.reads = [None if op.input is None else s.sources[op.input - 1] for op in ops]
         """Per operand: the node input it reads, or None for the next body constant."""
@@ -475,18 +479,19 @@ def quantized_steps(a: Anchored) -> tuple[TileProgram | None, tuple[int, ...], D
     program, sources = steps
     out = program.result.dtype if program is not None else a.anchor.outputs[0].dtype
     if out != a.node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
-                                                     DType.UINT8):
+                                                     DType.UINT8, DType.FLOAT8_E4M3FN):
         return None
     return program, sources, out
 
 
-def quantized_spec(node: Node) -> Spec | None:
+def quantized_spec(node: Node, dtype: DType = DType.INT8) -> Spec | None:
     """The int8 template's view of a "quantized" Fused node whose anchor is a MatMul/Gemm (the layouts
     `cuda.int8_gemm` takes: int8 activation with a per-tensor scale, constant int8 2-D weight with per-output-channel
-    scales, zero points 0), or None."""
+    scales, zero points 0), or None. `dtype` FLOAT8_E4M3FN: the float8 layers `cuda.fp8_gemm` takes (one weight
+    scale)."""
     from kiln.kernels.gemm.int8 import quantized_layout
 
-    found = quantized_layout(node)
+    found = quantized_layout(node, dtype)
     if found is None:
         return None
     xq_at, sx_at, wq_at, sw_at, _, trans_b, c_at = found
@@ -508,7 +513,9 @@ def quantized_spec(node: Node) -> Spec | None:
     if steps is None:
         return None
     program, sources, out = steps
-    return Spec(xq_at, wq_at, False, bool(trans_b), 1.0, c_at, beta, int(n), int(k), DType.INT8, out, program,
+    if out is DType.FLOAT8_E4M3FN and dtype is DType.INT8:
+        return None
+    return Spec(xq_at, wq_at, False, bool(trans_b), 1.0, c_at, beta, int(n), int(k), dtype, out, program,
                 sources, dq=(sx_at, sw_at), kinds=operand_kinds(node, program, sources, 1))
 
 
@@ -539,5 +546,24 @@ class TritonInt8Gemm(TritonGemm):
         return quantized_spec(node) or conv1x1_spec(node)
 
 
+class TritonFp8Gemm(TritonGemm):
+    """A "quantized" float8 E4M3 MatMul/Gemm (`precision="fp8"`) as the GEMM template: float8 products summed in
+    float32 by the tensor cores, one multiply by the two scales, then the epilogue in the same kernel - up to the
+    QuantizeLinear that writes float8 for the next layer (an FFN's bias + GELU + quantize in one pass over the
+    tile, where `cuda.fp8_gemm` writes float16 and runs them as a second kernel). The int8 tiles (same bytes per
+    K step). GPU-tested only: the Triton interpreter's float8 conversion is wrong."""
+
+    name = "triton.fp8_gemm"
+    min_opt_level = 0
+    ops = frozenset({"Fused"})
+    tiles = INT8_TILES
+    space = {"tile": tuple(INT8_TILES)}
+    priority = 25  # before cuda.fp8_gemm (30)
+
+    def view(self, node: Node) -> Spec | None:
+        return quantized_spec(node, DType.FLOAT8_E4M3FN)
+
+
 register(TritonGemm())
 register(TritonInt8Gemm())
+register(TritonFp8Gemm())
