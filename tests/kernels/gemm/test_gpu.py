@@ -131,7 +131,8 @@ def test_fp8_gemm_every_tile(lead: tuple[int, ...], k: int, n: int, kw: dict) ->
     from tests.kernels.gemm import fp8_cases
 
     node, args = fp8_cases.fp8_layer(lead, k, n, **kw)
-    problems = fp8_cases.run_gemm(node, args, q8.ALL)
+    tiles = q8.ALL if k % 16 == 0 else tuple(t for t in q8.ALL if not t.startswith("tma"))  # TMA: 16-byte rows
+    problems = fp8_cases.run_gemm(node, args, tiles)
     assert problems and all(p is None for p in problems.values()), problems
 
 

@@ -90,4 +90,5 @@ def test_float8_layers_take_the_fp8_template_with_float32_sums_and_a_float8_stor
     assert s is not None and s.out is DType.FLOAT8_E4M3FN and s.dtype is DType.FLOAT8_E4M3FN
     text = source(s)
     assert "int32" not in text and "tl.float8e4nv" in text and "input_precision" not in text
+    assert "max_num_imprecise_acc=128" in text  # float32 partial sums every 128 products, as cuBLASLt
     assert text.index("dq_ptr + offs_n") < text.index("tl.erf") < text.index("448.0") < text.index("tl.store")

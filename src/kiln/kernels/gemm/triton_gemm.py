@@ -249,6 +249,10 @@ _TMA_LOOP = """    for k in range(0, tl.cdiv(K, BLOCK_K)):
 hardware zero-fills past M, N and K (no masks, no K tail)."""
 
 
+FP8_PROMOTE = 128
+"""Float8 products a tensor-core accumulation takes before its partial sum is added into the float32 accumulator."""
+
+
 def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     """The kernel source for `s` (`tf32`: float32 products in TF32; `tma`: operands through TMA descriptors). An
     int8 spec accumulates in int32 and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`)
@@ -279,8 +283,12 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
         what = ", ".join([what, *sorted(set(s.program.ops))])
     if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
         precision = ", out_dtype=tl.int32"
-    else:  # float8 products sum in float32 on their own
-        precision = "" if s.dtype in NARROW or scaled else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+    elif s.dtype is DType.FLOAT8_E4M3FN:  # why: on sm_90 Triton otherwise sums a whole K loop in the tensor cores'
+        # ~14-bit accumulator (over K=3072 the result drifts past float16's tolerance); 128 products at a time into
+        # the float32 accumulator is what cuBLASLt does without fast accumulation
+        precision = f", max_num_imprecise_acc={FP8_PROMOTE}"
+    else:
+        precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
     dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if scaled else ""
     zero = "0" if int8 else "0.0"
     mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
