@@ -325,6 +325,74 @@ def fuse_requantize(graph: Graph) -> list[str]:
     return fused
 
 
+NORMS = frozenset({"LayerNormalization", "RMSNormalization"})
+
+
+def fuse_norm_quantize(graph: Graph) -> list[str]:
+    """A LayerNormalization / RMSNormalization whose result a per-tensor QuantizeLinear (int8, uint8 or float8 E4M3,
+    constant scale and zero point) reads becomes one Fused node of kind "norm" (body: the norm, then the
+    quantize): the norm kernel writes the 8-bit values itself, and its float result only when something else reads
+    it (a transformer's residual add). That saves the quantize pass's read of the whole tensor. The reference runs
+    the same ops, so results do not change. Returns the fused norms' names."""
+    uses = Uses.of(graph)  # readers inside subgraphs count too
+    producers = {o: n for n in graph.nodes for o in n.outputs}
+    fused: list[str] = []
+    for q in list(graph.nodes):
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or not (_to_8bit_int(q) or _to_fp8(q)):
+            continue
+        y = q.inputs[0]
+        norm = producers.get(y)
+        if norm is None or norm.op not in NORMS or norm.outputs[0] is not y or not _constant_scalars(q) \
+                or norm.name in fused:  # a second QuantizeLinear of the same result stays a pass
+            continue
+        if any(uses.readers.get(o) or o in uses.outputs for o in norm.outputs[1:]):
+            continue  # the statistics outputs are read: left alone
+        keep_y = bool([r for r in uses.readers.get(y, []) if r is not q]) or y in uses.outputs
+        node = _norm_quantize_node(graph, norm, q, keep_y)
+        at = graph.nodes.index(norm)
+        graph.remove_nodes([norm, q])
+        graph.insert_node(node, at)
+        fused.append(node.name)
+    return fused
+
+
+def _norm_quantize_node(graph: Graph, norm: Node, q: Node, keep_y: bool) -> Node:
+    """The "norm" Fused node standing for `norm` then `q` (see `fuse_norm_quantize`); `keep_y`: it also outputs
+    the norm's float result."""
+    body = Graph(f"{norm.name} (quantized)", parent=graph)
+    inner: dict[Value, Value] = {}
+
+    def take(v: Value | None) -> Value | None:
+        if v is None:
+            return None
+        if v not in inner:
+            inner[v] = Value(graph.fresh_name(f"{v.name}.in"), v.type)
+        return inner[v]
+
+    y, yq = norm.outputs[0], q.outputs[0]
+    y_in = Value(graph.fresh_name(f"{y.name}.inner"), y.type)
+    q_in = Value(graph.fresh_name(f"{yq.name}.inner"), yq.type)
+    body.nodes = [Node(norm.op, [take(v) for v in norm.inputs], [y_in], dict(norm.attrs), norm.name),
+                  Node("QuantizeLinear", [y_in, *(take(v) for v in q.inputs[1:])], [q_in], dict(q.attrs), q.name)]
+    body.inputs = list(inner.values())
+    body.outputs = [y_in, q_in] if keep_y else [q_in]
+    for m in body.nodes:
+        for o in m.outputs:
+            o.producer = m
+    node = Node("Fused", list[Value | None](inner), [y, yq] if keep_y else [yq], {"body": body, "kind": "norm"},
+                norm.name)
+    for o in node.outputs:
+        o.producer = node
+    return node
+
+
+def _constant_scalars(q: Node) -> bool:
+    """A QuantizeLinear with a constant positive one-value scale and a constant one-value zero point (or none)."""
+    zp = q.inputs[2] if len(q.inputs) > 2 else None
+    return _positive_scalar(q.inputs[1] if len(q.inputs) > 1 else None) and (
+        zp is None or (isinstance(zp.data, torch.Tensor) and zp.data.numel() == 1))
+
+
 def hoist_quantize(graph: Graph) -> list[str]:
     """MaxPool(x) read only by QuantizeLinear(s, z) with a positive per-tensor scale becomes QuantizeLinear(x) then
     MaxPool on the int8 values: quantizing is monotonic, so the max of the quantized values is the quantized max,

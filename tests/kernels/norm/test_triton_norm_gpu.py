@@ -111,3 +111,16 @@ def test_offsets_past_2_to_the_31(op: str) -> None:
     tail = [args[0][-1:], *args[1:]]
     want = get_op(op).ref(RefCtx(node), tail)[0]
     assert close(got, want)[0]
+
+
+@pytest.mark.parametrize("name", ["ln-f16-int8-keep-y", "ln-f16-uint8-zero128-looped", "rms-f32-int8-keep-y",
+                                  "ln-f16-fp8-keep-y", "ln-f32-fp8-only-q-looped"])
+def test_norm_quantize_on_cuda(name: str) -> None:
+    """`triton.norm_quantize` (fused and separate) against the "norm" node's reference; float8 only here (the
+    interpreter's float8 conversion is wrong)."""
+    from tests.kernels.norm import quantize_cases
+
+    if "fp8" in name and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm_89+")
+    problems = quantize_cases.run_case(name, "cuda")
+    assert len(problems) == 4 and all(p is None for p in problems.values()), problems

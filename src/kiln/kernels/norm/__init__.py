@@ -1,11 +1,12 @@
 """Norm-family tactics for the GPU: generated Triton kernels for (Log)Softmax, LayerNormalization,
-RMSNormalization, GroupNormalization and InstanceNormalization. They load without triton (and then apply to
+RMSNormalization (also quantizing their result, `triton.norm_quantize`), GroupNormalization and
+InstanceNormalization. They load without triton (and then apply to
 nothing); the kernels themselves live in `triton_kernels`, imported when a tactic is built."""
 
 from kiln.kernels.norm.groupnorm import TritonGroupNorm
-from kiln.kernels.norm.layernorm import TritonLayerNorm, TritonRMSNorm
+from kiln.kernels.norm.layernorm import TritonLayerNorm, TritonNormQuantize, TritonRMSNorm
 from kiln.kernels.norm.softmax import TritonSoftmax
 from kiln.kernels.registry import register
 
-for _t in (TritonSoftmax(), TritonLayerNorm(), TritonRMSNorm(), TritonGroupNorm()):
+for _t in (TritonSoftmax(), TritonLayerNorm(), TritonRMSNorm(), TritonNormQuantize(), TritonGroupNorm()):
     register(_t)

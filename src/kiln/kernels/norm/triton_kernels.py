@@ -10,6 +10,7 @@ float32 rounding noise. Offsets are int64: row index times row length may pass 2
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.norm.common import grid_rows, next_pow2, plan, promote, warps
+from kiln.kernels.pointwise import mathlib as km
 
 TL: dict[torch.dtype, Any] = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 NO_FUSION = {"enable_fp_fusion": False}
@@ -143,9 +145,24 @@ def _affine(v, w, b, RMS: tl.constexpr, HAS_B: tl.constexpr, XD: tl.constexpr, P
 
 
 @triton.jit
-def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n, eps, RMS: tl.constexpr,
-                    HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr, PD: tl.constexpr, QD: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _quantized(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr,
+               QHI: tl.constexpr):
+    """QuantizeLinear of the norm's result y (float32 holding Y's values) as the reference computes it: Y / scale
+    in the scale's type SD (a float32 quotient rounded once to SD is SD's exactly rounded quotient), then
+    QUANT 1: round half to even, + zero, clamped to [QLO, QHI] (int8/uint8); QUANT 2: saturated to float8 E4M3's
+    +-448, NaN kept (the caller's float8 store rounds to nearest even)."""
+    q = _rd(tl.div_rn(_rd(_rd(y, YD), SD), tl.zeros_like(y) + scale), SD)
+    if QUANT == 2:
+        return tl.where(q != q, q, tl.minimum(tl.maximum(q, -448.0), 448.0))
+    return tl.minimum(tl.maximum(km.round_even(q) + zero, QLO), QHI)
+
+
+@triton.jit
+def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_zero, n_rows, n, eps,
+                    RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr, PD: tl.constexpr,
+                    QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr, QUANT: tl.constexpr,
+                    SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     live = rows < n_rows
@@ -168,13 +185,19 @@ def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n, e
             tl.store(mean_ptr + rows, mean, mask=live)
             tl.store(rstd_ptr + rows, rstd, mask=live)
     y = _affine(v, w, b, RMS, HAS_B, XD, PD, QD)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if QUANT > 0:
+        yq = _quantized(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
+        tl.store(q_ptr + offs, yq.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n, eps, RMS: tl.constexpr,
-                      HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr, PD: tl.constexpr,
-                      QD: tl.constexpr, BLOCK: tl.constexpr):
+def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_zero, n, eps,
+                      RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr,
+                      PD: tl.constexpr, QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
+                      QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n
     cols = tl.arange(0, BLOCK)
@@ -203,31 +226,60 @@ def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n, eps, RM
         else:
             v = (x - mean) * scale
         y = _affine(v, w, b, RMS, HAS_B, XD, PD, QD)
-        tl.store(y_ptr + base + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if STORE_Y:
+            tl.store(y_ptr + base + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if QUANT > 0:
+            yq = _quantized(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
+            tl.store(q_ptr + base + c, yq.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+QUANT_RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.float8_e4m3fn: (-448, 448)}
+"""The 8-bit types a norm writes itself (`Quantize.out`) and their ranges."""
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """QuantizeLinear of the norm's result, computed by the norm kernel: Y / scale in `precision`, rounded to
+    `out` (int8/uint8: + zero and clamped; float8 E4M3: saturated). `keep_y`: Y is written too."""
+
+    scale: float
+    zero: float
+    out: torch.dtype
+    precision: torch.dtype
+    keep_y: bool
 
 
 def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int, eps: float, rms: bool, stats: bool,
-              config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+              config: dict[str, Any], quant: Quantize | None = None) \
+        -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """LayerNormalization (or RMSNormalization) over the trailing `n` elements of non-empty x; `w` and `b` hold
-    exactly `n` elements. Returns Y and, when `stats`, per-row Mean and InvStdDev (float32, flat)."""
+    exactly `n` elements. Returns Y (None when `quant` drops it), per-row Mean and InvStdDev (float32, flat) when
+    `stats`, and the quantized Y when `quant` is given."""
     x, w = x.contiguous(), w.contiguous()
     b = None if b is None else b.contiguous()
     rows = x.numel() // n
     xd, pd = x.dtype, promote(x.dtype, w.dtype)
     qd = pd if b is None else promote(pd, b.dtype)
-    y = torch.empty(x.shape, dtype=w.dtype if rms else xd, device=x.device)
+    yd = w.dtype if rms else xd
+    keep_y = quant is None or quant.keep_y
+    q = None if quant is None else torch.empty(x.shape, dtype=quant.out, device=x.device)
+    y = torch.empty(x.shape if keep_y else (1,), dtype=yd, device=x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device) if stats else y
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device) if stats else y
-    flags = dict(RMS=rms, HAS_B=b is not None, STATS=stats, XD=TL[xd], PD=TL[w.dtype if rms else pd], QD=TL[qd])
+    lo, hi = QUANT_RANGES[quant.out] if quant is not None else (0, 0)
+    flags = dict(RMS=rms, HAS_B=b is not None, STATS=stats, XD=TL[xd], PD=TL[w.dtype if rms else pd], QD=TL[qd],
+                 STORE_Y=keep_y, YD=TL[yd], QUANT=0 if quant is None else 2 if quant.out == torch.float8_e4m3fn else 1,
+                 SD=TL[quant.precision if quant is not None else torch.float32], QLO=float(lo), QHI=float(hi))
+    scalars = (y if q is None else q, 1.0 if quant is None else quant.scale, 0.0 if quant is None else quant.zero)
     p = plan(n, config)
     bias = w if b is None else b
     if p.looped:
-        _layernorm_looped[(rows,)](x, w, bias, y, mean, rstd, n, eps, **flags, BLOCK=p.block, num_warps=p.num_warps,
-                                   **NO_FUSION)
+        _layernorm_looped[(rows,)](x, w, bias, y, mean, rstd, *scalars, n, eps, **flags, BLOCK=p.block,
+                                   num_warps=p.num_warps, **NO_FUSION)
     else:
-        _layernorm_rows[grid_rows(rows, p)](x, w, bias, y, mean, rstd, rows, n, eps, **flags, ROWS=p.rows,
-                                            BLOCK=p.block, num_warps=p.num_warps, **NO_FUSION)
-    return y, (mean if stats else None), (rstd if stats else None)
+        _layernorm_rows[grid_rows(rows, p)](x, w, bias, y, mean, rstd, *scalars, rows, n, eps, **flags,
+                                            ROWS=p.rows, BLOCK=p.block, num_warps=p.num_warps, **NO_FUSION)
+    return (y if keep_y else None), (mean if stats else None), (rstd if stats else None), q
 
 
 # --- group norm / instance norm ------------------------------------------------------------------------------
