@@ -4,6 +4,7 @@ it is monotonic), and the first conv then requantizes in its own epilogue. The g
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,3 +91,54 @@ def test_int8_activations_stay_channels_last_between_quantized_convs(tmp_path: P
         assert v is not None and g.layouts.get(v.name) == CHANNELS_LAST, v
     quant = next(n for n in g.nodes if n.op == "QuantizeLinear")  # the graph input's, before the first conv
     assert g.layouts.get(quant.outputs[0].name) == CHANNELS_LAST
+
+
+def _residual_block(matmul: bool = False) -> Graph:
+    """h = relu(conv1(x)); y = relu(conv3(relu(conv2(h))) + h): h is read by the next conv (through its quantize)
+    and by the residual add, as a ResNet block's output is. `matmul`: the same with MatMuls on [N, C] rows."""
+    g = Graph()
+    gen = torch.Generator().manual_seed(2)
+    shape = (6, 16) if matmul else (2, 16, 8, 8)
+    x = g.add_input("x", TensorType(F32, shape))
+    conv = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)}
+
+    def layer(v: Any, name: str) -> Any:
+        if matmul:
+            return g.add("MatMul", [v, g.add_initializer(f"w_{name}", torch.randn(16, 16, generator=gen) * 0.2)],
+                         name=name)[0]
+        w = g.add_initializer(f"w_{name}", torch.randn(16, 16, 3, 3, generator=gen) * 0.1)
+        return g.add("Conv", [v, w], conv, name=name)[0]
+
+    (h,) = g.add("Relu", [layer(x, "c1")], name="r1")
+    (t,) = g.add("Relu", [layer(h, "c2")], name="r2")
+    (s,) = g.add("Add", [layer(t, "c3"), h], name="skip")
+    (y,) = g.add("Relu", [s], name="r3", outputs=["y"])
+    g.outputs.append(y)
+    optimize(g, PassContext(device="cuda"))
+    return g
+
+
+def test_a_conv_read_by_a_quantize_and_a_residual_writes_its_float_result_and_an_int8_copy() -> None:
+    """fuse_requantize's dual output: the first conv's float result feeds the residual add, its int8 copy the next
+    conv (no quantize pass between them); results unchanged. A MatMul layer (whose int8 kernels write one output)
+    keeps the quantize pass."""
+    from kiln.precision.pipeline import optimize_quantized
+
+    g = _residual_block()
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 16, 8, 8)).astype(np.float32))
+    quantize_graph(g, minmax_scales(g, x))
+    before = Interpreter(g).run({"x": x})["y"]
+    optimize_quantized(g, PassContext(device="cuda"))
+    first = next(n for n in g.nodes if n.op == "Fused" and "c1" in n.name)
+    assert [v.dtype for v in first.outputs] == [F32, DType.INT8]
+    assert first.attrs["body"].nodes[-1].op == "QuantizeLinear"
+    assert not [n for n in g.nodes if n.op == "QuantizeLinear" and n.inputs[0] is first.outputs[0]]
+    assert torch.equal(Interpreter(g).run({"x": x})["y"], before)
+
+    g = _residual_block(matmul=True)
+    x2 = torch.from_numpy(np.random.default_rng(3).standard_normal((6, 16)).astype(np.float32))
+    quantize_graph(g, minmax_scales(g, x2))
+    optimize_quantized(g, PassContext(device="cuda"))
+    first = next(n for n in g.nodes if n.op == "Fused" and "c1" in n.name)
+    assert len(first.outputs) == 1 and [n for n in g.nodes if n.op == "QuantizeLinear" and n.inputs[0] is
+                                        first.outputs[0]]

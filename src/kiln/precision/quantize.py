@@ -283,8 +283,10 @@ def fuse_requantize(graph: Graph) -> list[str]:
     """A QuantizeLinear that is the only reader of a "quantized" layer's output becomes the last step of that
     layer's body: the layer then writes int8 (or, an FP8 layer, float8) for the next one (dequantize, bias,
     activation, requantize in one epilogue) instead of a float tensor that a separate pass reads back to quantize.
-    The reference runs the same ops, so results do not change. Returns the names of the layers that now end in
-    8-bit values."""
+    Where others read the float result too (a ResNet block's output: the next block's residual add), an int8
+    conv layer writes both: the float result and, as a second output, its int8 copy (`_dual_output`). The
+    reference runs the same ops, so results do not change. Returns the names of the layers that now write 8-bit
+    values."""
     uses = Uses.of(graph)  # readers inside subgraphs count too
     producers = {o: n for n in graph.nodes for o in n.outputs}
     fused: list[str] = []
@@ -297,7 +299,8 @@ def fuse_requantize(graph: Graph) -> list[str]:
             continue
         if _to_fp8(q) and not _fp8_layer(f):
             continue  # float8 outputs are written by FP8 layers' epilogues only
-        if uses.only_reader(v) is not q:
+        dual = uses.only_reader(v) is not q
+        if dual and not (_to_8bit_int(q) and _dual_output(f)):
             continue
         body: Graph = f.attrs["body"]
         inner_out = body.outputs[0]
@@ -319,10 +322,22 @@ def fuse_requantize(graph: Graph) -> list[str]:
         step = Node("QuantizeLinear", [inner_out, *params], [out], dict(q.attrs), q.name)
         out.producer = step
         body.nodes.append(step)
-        body.outputs = [out]
-        _take_outputs(graph, f, q)
+        body.outputs = [inner_out, out] if dual else [out]
+        _take_outputs(graph, f, q, keep=dual)
         fused.append(f.name)
     return fused
+
+
+def _dual_output(f: Node) -> bool:
+    """Whether a "quantized" layer may write its float result and an int8 copy: a 2-D, ungrouped int8 Conv (what
+    the Triton int8 conv templates store twice); the int8 GEMMs (cuBLAS, Triton MatMul) write one output."""
+    body: Graph = f.attrs["body"]
+    if len(body.nodes) < 3 or body.nodes[2].op != "Conv" or int(body.nodes[2].attrs.get("group", 1)) != 1:
+        return False
+    w = body.nodes[1].inputs[0]
+    data = f.inputs[body.inputs.index(w)] if w in body.inputs else None
+    return data is not None and isinstance(data.data, torch.Tensor) and data.data.dim() == 4 \
+        and data.data.dtype == torch.int8
 
 
 NORMS = frozenset({"LayerNormalization", "RMSNormalization"})
@@ -425,9 +440,10 @@ def hoist_quantize(graph: Graph) -> list[str]:
     return moved
 
 
-def _take_outputs(graph: Graph, node: Node, q: Node) -> None:
-    """`node` now makes what the QuantizeLinear `q` made (its readers are untouched); `q` leaves the graph."""
-    node.outputs = list(q.outputs)
+def _take_outputs(graph: Graph, node: Node, q: Node, keep: bool = False) -> None:
+    """`node` now makes what the QuantizeLinear `q` made (its readers are untouched) - after its own output when
+    `keep`; `q` leaves the graph."""
+    node.outputs = [*node.outputs, *q.outputs] if keep else list(q.outputs)
     for o in node.outputs:
         o.producer = node
     graph.remove_nodes([q])

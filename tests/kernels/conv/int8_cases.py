@@ -23,15 +23,19 @@ ALL = tuple(INT8_TILES)
 
 
 def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, act: bool = True,
-              half: bool = False, requant: bool = False, **kw: Any) -> tuple[Node, list[Any]]:
+              half: bool = False, requant: bool = False, dual: bool = False, **kw: Any) -> tuple[Node, list[Any]]:
     """The folded node of Conv(x) (+ Relu), min-max scales from a sample, and its inputs with an int8 activation.
-    `requant`: a 1x1 conv reads its output, so it ends by quantizing for that conv (an int8 output)."""
+    `requant`: a 1x1 conv reads its output, so it ends by quantizing for that conv (an int8 output); `dual`: the
+    float result is read too (a graph output, as a ResNet block's output is by the next residual add), so the
+    layer writes both."""
     m = Maker(21)
     y = m.conv(F32, x, n, (k, k), cl=cl, **kw)
     if act:
         y = relu(m, y)
+    if dual:
+        m.g.outputs.append(y)
     scales = {"x": float(m.feeds["x"].abs().max()) / 127}
-    if requant:
+    if requant or dual:
         scales[y.name] = 0.05
         w2 = m.const("w2", (4, n, 1, 1), F32, n ** -0.5)
         y = m.g.add("Conv", [y, w2], {"strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1)}, name="conv2")[0]
@@ -40,7 +44,7 @@ def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, 
 
     epilogue_fusion(m.g)
     # every channel count: the kernel takes any (a model quantized before import may)
-    node, args = folded_layer(m.g, scales, {m.g.inputs[0]: m.feeds["x"]}, half, requant)
+    node, args = folded_layer(m.g, scales, {m.g.inputs[0]: m.feeds["x"]}, half, requant or dual)
     args[0] = args[0].contiguous(memory_format=torch.channels_last) if cl else args[0].contiguous()
     return node, args
 
@@ -76,32 +80,36 @@ def run_tiles(tactic: str, node: Node, args: list[Any], tiles: tuple[str, ...], 
     t = registry.get(tactic)
     if not t.applicable(node, CUDA):
         return {"applicable": "refused"}
-    want = OPS["Fused"].ref(RefCtx(node), list(args))[0]
+    wants = OPS["Fused"].ref(RefCtx(node), list(args))
     moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    tol = 1e-2 if want.dtype == torch.float16 else 1e-4
     out: dict[str, str | None] = {}
     for tile in tiles:
-        got = t.build(node, {"tile": tile}, CUDA)(list(moved))[0].cpu()
-        if got.dtype != want.dtype or got.shape != want.shape:
-            out[tile] = f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
-            continue
-        wrong = layout(got)
-        if wrong is not None:
-            out[tile] = wrong
-            continue
-        if not want.is_floating_point():  # requantized: a float sum that differs in its last bits may round the
-            # other way at a .5 boundary - one step, rarely; anything more is a bug
-            diff = (got.int() - want.int()).abs()
-            share = float((diff == 0).float().mean())
-            out[tile] = None if int(diff.max()) <= 1 and share >= 0.99 else f"int8 max diff {int(diff.max())}, " \
-                                                                               f"{share:.4f} equal"
-            continue
-        try:
-            torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
-            out[tile] = None
-        except AssertionError as e:
-            out[tile] = str(e)[:800]
+        gots = [g.cpu() for g in t.build(node, {"tile": tile}, CUDA)(list(moved))]
+        problems = [_differs(got, want, layout) for got, want in zip(gots, wants)]
+        if len(gots) != len(wants):
+            problems.append(f"{len(gots)} outputs, expected {len(wants)}")
+        out[tile] = "; ".join(p for p in problems if p) or None
     return out
+
+
+def _differs(got: torch.Tensor, want: torch.Tensor, layout: Callable[[torch.Tensor], str | None]) -> str | None:
+    """What is wrong with one output, or None."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return f"got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
+    wrong = layout(got)
+    if wrong is not None:
+        return wrong
+    if not want.is_floating_point():  # requantized: a float sum that differs in its last bits may round the
+        # other way at a .5 boundary - one step, rarely; anything more is a bug
+        diff = (got.int() - want.int()).abs()
+        share = float((diff == 0).float().mean())
+        return None if int(diff.max()) <= 1 and share >= 0.99 else f"int8 max diff {int(diff.max())}, {share:.4f} equal"
+    tol = 1e-2 if want.dtype == torch.float16 else 1e-4
+    try:
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+        return None
+    except AssertionError as e:
+        return str(e)[:800]
 
 
 CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
@@ -111,6 +119,9 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
     "stem-7x7-s2-c3-cl": lambda: quantized((1, 3, 11, 11), 8, 7, stride=(2, 2), pad=(3, 3)),
     "3x3-relu-requantize-cl": lambda: quantized((2, 16, 7, 7), 24, 3, requant=True, pad=(1, 1)),
     "3x3-relu-requantize-f16-cl": lambda: quantized((2, 16, 7, 7), 24, 3, requant=True, half=True, pad=(1, 1)),
+    # the float result and its int8 copy (a ResNet block's output: the residual add reads one, the next conv the other)
+    "3x3-relu-dual-f16-cl": lambda: quantized((2, 16, 7, 7), 24, 3, dual=True, half=True, pad=(1, 1)),
+    "3x3-relu-dual-nchw": lambda: quantized((1, 16, 6, 5), 24, 3, dual=True, cl=False, pad=(1, 1)),
 }
 
 

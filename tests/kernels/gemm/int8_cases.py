@@ -73,6 +73,7 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
     "conv1x1-relu-cl": lambda: _conv1x1((2, 32, 5, 7), 24),
     "conv1x1-bare-nchw": lambda: _conv1x1((1, 48, 3, 3), 16, cl=False, act=False),
     "conv1x1-relu-requantize-f16": lambda: _conv1x1((2, 32, 5, 5), 24, requant=True, half=True),
+    "conv1x1-relu-dual-f16": lambda: _conv1x1((2, 32, 5, 5), 24, dual=True, half=True),
 }
 
 

@@ -92,6 +92,11 @@ class Spec:
     kinds: tuple[str, ...] = ()
     """Per epilogue operand: "scalar", "row" (per output channel) or "full" (`templates.operand_kinds`)."""
 
+    @property
+    def out2(self) -> DType | None:
+        """The second output's dtype (the epilogue's `also`: the 8-bit copy of the float result), or None."""
+        return self.program.also[0].dtype if self.program is not None and self.program.also else None
+
 
 def spec(node: Node, depthwise: bool = False) -> Spec | None:
     """The template's view of `node`, or None when it cannot be rendered exactly. `depthwise`: the node must be a
@@ -209,7 +214,7 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb,
     mask = (rm < M) & (rn < N)
 {epilogue}    out_rows = (ob * stride_ob + oh * stride_oh + ow * stride_ow)[:, None]
     tl.store(out_ptr + out_rows + rn * stride_oc, {result}.to({out}), mask=mask)
-'''
+{also}'''
 
 
 def render(s: Spec, tf32: bool) -> str:
@@ -222,9 +227,14 @@ def render(s: Spec, tf32: bool) -> str:
     else:
         precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
     dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if int8 else ""
-    return _SOURCE.format(what=e.what, pointers=("dq_ptr, " if int8 else "") + e.pointers, strides=e.strides,
+    also = "" if s.program is None or s.out2 is None else \
+        f"    tl.store(out2_ptr + out_rows + rn * stride_oc, {s.program.also[0].text}.to({storage(s.out2)}), " \
+        f"mask=mask)\n"
+    pointers = ("out2_ptr, " if also else "") + ("dq_ptr, " if int8 else "") + e.pointers
+    return _SOURCE.format(what=e.what, pointers=pointers, strides=e.strides,
                           precision=precision, epilogue=e.lines, result=e.result, out=storage(s.out),
-                          acc_type="tl.int32" if int8 else "tl.float32", zero="0" if int8 else "0.0", dequant=dequant)
+                          acc_type="tl.int32" if int8 else "tl.float32", zero="0" if int8 else "0.0", dequant=dequant,
+                          also=also)
 
 
 @dataclass(frozen=True)
@@ -353,10 +363,12 @@ class ConvKernel(SpecKernel):
         oh, ow = self._out_size(h, wd)
         shape = (batch, s.n, oh, ow)
         fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
-        out = torch.empty(shape, dtype=s.out.torch, device=x.device, memory_format=fmt)
+        outs = [torch.empty(shape, dtype=d.torch, device=x.device, memory_format=fmt) for d in (s.out, s.out2)
+                if d is not None]
+        out = outs[0]
         m = batch * oh * ow
         if m == 0:
-            return [out]
+            return outs
         bias = [xs[s.b_at]] if s.b_at is not None else []
         views = self._operands(xs, shape)
         wide = max([_extent(x), w.numel(), _extent(out), *(_extent(v) for v in views)]) >= WIDE_LIMIT
@@ -364,12 +376,12 @@ class ConvKernel(SpecKernel):
         grid = (math.ceil(m / t.block_m) * math.ceil(s.n / t.block_n),)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.pad, s.dilation
         dq = [] if self.dequant is None else [self._on_device(self.dequant, x.device)]
-        self.fn[grid](x, w, out, *dq, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w.stride(),
+        self.fn[grid](x, w, out, *outs[1:], *dq, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w.stride(),
                       *out.stride(), *(st for v in bias + views for st in v.stride()), KH=kh, KW=kw, SH=sh, SW=sw,
                       PH=ph, PW=pw, DH=dh, DW=dw, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                       GROUP_M=t.group_m, PADDED=ph > 0 or pw > 0, EVEN_C=s.c % t.block_k == 0, WIDE=wide,
                       num_warps=t.num_warps, num_stages=self.stages)
-        return [out]
+        return outs
 
 
 class TritonConv(TemplateTactic):
@@ -397,10 +409,10 @@ def quantized_spec(node: Node) -> Spec | None:
     with a per-tensor scale, int8 weight with per-output-channel scales, zero points 0), or None."""
     from kiln.kernels.gemm.int8 import zero_points_zero
 
-    if node.op != "Fused" or node.attrs.get("kind") != "quantized" or len(node.outputs) != 1:
+    if node.op != "Fused" or node.attrs.get("kind") != "quantized" or len(node.outputs) > 2:
         return None
     body = node.attrs["body"]
-    if len(body.nodes) < 3 or len(body.outputs) != 1:
+    if len(body.nodes) < 3 or len(body.outputs) != len(node.outputs):
         return None
     dx, dw, anchor = body.nodes[:3]
     if (dx.op, dw.op, anchor.op) != ("DequantizeLinear", "DequantizeLinear", "Conv") or len(anchor.inputs) < 2 \

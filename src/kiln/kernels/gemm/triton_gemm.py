@@ -128,6 +128,12 @@ class Spec:
     """A 1x1 stride-1 convolution read as a GEMM: A is the channels-last input seen as [N*H*W, C], B the weight
     [K, C], C the conv's bias; the output is written channels-last."""
 
+    @property
+    def out2(self) -> DType | None:
+        """The dtype of the second output (the epilogue's `also`: a layer that writes its float result and the
+        8-bit copy for the next layer), or None."""
+        return self.program.also[0].dtype if self.program is not None and self.program.also else None
+
 
 def spec(node: Node) -> Spec | None:
     """The template's view of `node`, or None when it cannot be rendered exactly."""
@@ -219,7 +225,7 @@ def kiln_gemm({operands}, out_ptr, {pointers}M, N, K, {operand_strides}stride_om
     rn = offs_n[None, :]
     mask = (rm < M) & (rn < N)
 {epilogue}    tl.store(out_ptr + rm * stride_om + rn * stride_on, {result}.to({out}), mask=mask)
-'''
+{also}'''
 
 
 _POINTER_LOOP = """    offs_k = tl.arange(0, BLOCK_K)
@@ -260,7 +266,7 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     int8 = s.dtype is DType.INT8
     scaled = s.dq is not None  # int8 or float8 products: dequantized by one multiply per output channel
     lines: list[str] = []
-    pointers, strides = (["dq_ptr"] if scaled else []), []
+    pointers, strides = (["out2_ptr"] if s.out2 is not None else []) + (["dq_ptr"] if scaled else []), []
     if s.alpha != 1.0:
         lines.append(f"acc = acc * {float_text(s.alpha)}")
     if s.c_at is not None:
@@ -294,11 +300,14 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
     operands, operand_strides = ("x_desc, w_desc", "") if tma else \
         ("x_ptr, w_ptr", "stride_xm, stride_xk, stride_wk, stride_wn, ")
+    also = "" if s.program is None or s.out2 is None else \
+        f"    tl.store(out2_ptr + rm * stride_om + rn * stride_on, {s.program.also[0].text}.to({storage(s.out2)}), " \
+        f"mask=mask)\n"
     return _SOURCE.format(what=what + (", TMA" if tma else ""), pointers="".join(f"{p}, " for p in pointers),
                           strides="".join(f"{p}, " for p in strides), operands=operands,
                           operand_strides=operand_strides, mainloop=mainloop,
                           epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out,
-                          acc_type="tl.int32" if int8 else "tl.float32", dequant=dequant)
+                          acc_type="tl.int32" if int8 else "tl.float32", dequant=dequant, also=also)
 
 
 def source(s: Spec, tma: bool = False) -> str:
@@ -388,11 +397,10 @@ class GemmKernel:
             raise InputError(f"triton.gemm: A has {x2.shape[1]} columns, the weight {s.k} rows")
         m, n = x2.shape[0], s.n
         shape = (m, n) if s.trans_a else (*x.shape[:-1], n)
-        out = torch.empty((m, n), dtype=s.out.torch, device=x.device)
-        if m == 0 or n == 0:
-            return [out.view(shape)]
-        self._launch(xs, x2, w, out, shape)
-        return [out.view(shape)]
+        outs = [torch.empty((m, n), dtype=d.torch, device=x.device) for d in (s.out, s.out2) if d is not None]
+        if m and n:
+            self._launch(xs, x2, w, outs, shape)
+        return [o.view(shape) for o in outs]
 
     def _conv(self, xs: list[Any]) -> list[Any]:
         """A 1x1 stride-1 conv: the channels-last input as rows of C channels, the output channels-last."""
@@ -406,15 +414,18 @@ class GemmKernel:
         batch, c, h, wd = x.shape
         m = batch * h * wd
         x2 = x.permute(0, 2, 3, 1).reshape(m, c)  # a view: channels are the innermost axis
-        out = torch.empty((batch, h, wd, s.n), dtype=s.out.torch, device=x.device)
+        outs = [torch.empty((batch, h, wd, s.n), dtype=d.torch, device=x.device) for d in (s.out, s.out2)
+                if d is not None]
         if m:
-            self._launch(xs, x2, self.weight(xs[s.w_at]), out.view(m, s.n), (batch, s.n, h, wd))
-        return [out.permute(0, 3, 1, 2)]
+            self._launch(xs, x2, self.weight(xs[s.w_at]), [o.view(m, s.n) for o in outs], (batch, s.n, h, wd))
+        return [o.permute(0, 3, 1, 2) for o in outs]
 
-    def _launch(self, xs: list[Any], x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+    def _launch(self, xs: list[Any], x2: torch.Tensor, w: torch.Tensor, outs: list[torch.Tensor],
                 shape: tuple[int, ...]) -> None:
-        """Runs the kernel: A [m, K] (`x2`), B [K, N], `out` [m, N]; epilogue operands of logical `shape`."""
+        """Runs the kernel: A [m, K] (`x2`), B [K, N], `outs` [m, N] (the result, then the second output when the
+        spec has one, laid out alike); epilogue operands of logical `shape`."""
         s = self.s
+        out = outs[0]
         m, n = out.shape
         views = ([xs[s.c_at].expand(m, n)] if s.c_at is not None else []) + self._operands(xs, shape, m, n)
         wide = max([_extent((m, s.k), x2.stride()), w.numel(), out.numel(),
@@ -424,7 +435,7 @@ class GemmKernel:
         dq = [] if self.dequant is None else [self._on_device(self.dequant, x2.device)]
         consts = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                       EVEN_K=s.k % t.block_k == 0, WIDE=wide, num_warps=t.num_warps, num_stages=self.stages)
-        tail = [*dq, *views, m, n, s.k]
+        tail = [*outs[1:], *dq, *views, m, n, s.k]
         strides = [*out.stride(), *(st for v in views for st in v.stride())]
         if t.tma and _tma_ready(x2) and _tma_ready(w.t()):
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -489,6 +500,10 @@ def quantized_steps(a: Anchored) -> tuple[TileProgram | None, tuple[int, ...], D
     if out != a.node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
                                                      DType.UINT8, DType.FLOAT8_E4M3FN):
         return None
+    also = [] if program is None else [e.dtype for e in program.also]
+    if len(a.node.outputs) != 1 + len(also) or len(also) > 1 \
+            or any(d not in (DType.INT8, DType.UINT8) or d != o.dtype for d, o in zip(also, a.node.outputs[1:])):
+        return None  # a second output: the 8-bit copy of the float result (`fuse_requantize`)
     return program, sources, out
 
 

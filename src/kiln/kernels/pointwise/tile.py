@@ -36,6 +36,9 @@ class TileProgram:
     lines: tuple[str, ...]
     result: Expr
     ops: tuple[str, ...]
+    also: tuple[Expr, ...] = ()
+    """The graph's further outputs, each stored by the caller to an output of its own (a layer that writes its
+    float result and the 8-bit copy the next layer reads)."""
 
 
 class _TileBody(codegen._Body):
@@ -56,8 +59,9 @@ class _TileBody(codegen._Body):
 
 
 def tile_program(graph: Graph, *, acc: str, tile: str) -> TileProgram:
-    """The epilogue `graph` (one output, every value broadcasting into the accumulator's shape) as tile text;
-    raises UnsupportedError naming what cannot be generated."""
+    """The epilogue `graph` (every value broadcasting into the accumulator's shape; outputs of the accumulator's
+    shape, the first as `result`, the others as `also`) as tile text; raises UnsupportedError naming what cannot be
+    generated."""
     try:
         return _build(graph, acc, tile)
     except codegen._Refused as e:
@@ -65,23 +69,24 @@ def tile_program(graph: Graph, *, acc: str, tile: str) -> TileProgram:
 
 
 def _build(graph: Graph, acc: str, tile: str) -> TileProgram:
-    if not graph.inputs or len(graph.outputs) != 1:
-        raise codegen._Refused("an epilogue tile needs the accumulator as input 0 and exactly one output")
+    if not graph.inputs or not graph.outputs:
+        raise codegen._Refused("an epilogue tile needs the accumulator as input 0 and an output")
     codegen._check_type(graph.inputs[0])
     domain = _shape(graph.inputs[0])
     body = _TileBody(graph, acc, tile)
     for n in graph.nodes:
         body.node(n)
-    result = body.value(graph.outputs[0])
-    if _shape(graph.outputs[0]) != domain:
-        raise codegen._Refused(f"the epilogue's output shape {_shape(graph.outputs[0])} is not the accumulator's "
-                               f"{domain}")
+    results = [body.value(o) for o in graph.outputs]
+    for o in graph.outputs:
+        if _shape(o) != domain:
+            raise codegen._Refused(f"the epilogue's output shape {_shape(o)} is not the accumulator's {domain}")
     for v in body.data:
         if not codegen._fits(_shape(v), domain):
             raise codegen._Refused(f"value '{v.name}' of shape {_shape(v)} does not broadcast into {domain}")
     if body.prog.grows:
         raise codegen._Refused("Expand does not fit a tile epilogue")
-    return TileProgram(tuple(body.prog.operands), tuple(body.prog.lines), result, tuple(body.prog.ops))
+    return TileProgram(tuple(body.prog.operands), tuple(body.prog.lines), results[0], tuple(body.prog.ops),
+                       tuple(results[1:]))
 
 
 # --- loading -------------------------------------------------------------------------------------------------
