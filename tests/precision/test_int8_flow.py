@@ -84,7 +84,7 @@ def test_int8_activations_stay_channels_last_between_quantized_convs(tmp_path: P
     assert {r.name: r.result.counts for r in records}["fold_quantized"] == {"folded": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "quantized_00_start.txt", "quantized_01_fold_quantized.txt", "quantized_02_hoist_quantize.txt",
-        "quantized_03_fuse_requantize.txt", "quantized_04_fuse_norm_quantize.txt", "quantized_05_layout.txt"]
+        "quantized_03_fuse_requantize.txt", "quantized_04_fuse_output_quantize.txt", "quantized_05_layout.txt"]
     pool = next(n for n in g.nodes if n.op == "MaxPool")
     assert pool.inputs[0].dtype is DType.INT8  # type: ignore[union-attr]
     for v in (pool.inputs[0], pool.outputs[0]):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from kiln.ir.graph import Graph
 from kiln.passes.layout import layout
 from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, PassResult, run_passes
-from kiln.precision.quantize import fold_quantized, fuse_norm_quantize, fuse_requantize, hoist_quantize
+from kiln.precision.quantize import fold_quantized, fuse_output_quantize, fuse_requantize, hoist_quantize
 
 
 def _plain(fn: Pass) -> PassFactory:
@@ -30,9 +30,10 @@ def _requantize(graph: Graph) -> PassResult:
     return PassResult.of(requantized=len(fuse_requantize(graph)))
 
 
-def _norm_quantize(ctx: PassContext) -> Pass:
-    # why: only the GPU has a kernel for the fused node (triton.norm_quantize); a CPU build keeps its norm tactic
-    return lambda graph: PassResult.of(norms_quantizing=len(fuse_norm_quantize(graph)) if ctx.device == "cuda" else 0)
+def _output_quantize(ctx: PassContext) -> Pass:
+    # why: only the GPU has kernels for the fused node (Triton norms and attention); a CPU build keeps its tactics
+    return lambda graph: PassResult.of(outputs_quantized=len(fuse_output_quantize(graph)) if ctx.device == "cuda"
+                                       else 0)
 
 
 QUANTIZED: list[tuple[str, PassFactory]] = [
@@ -43,9 +44,9 @@ QUANTIZED: list[tuple[str, PassFactory]] = [
     ("hoist_quantize", _plain(_hoist)),
     # A layer whose only reader quantizes it writes int8 itself.
     ("fuse_requantize", _plain(_requantize)),
-    # A LayerNorm/RMSNorm read by a QuantizeLinear writes the 8-bit values itself (and its float result when
-    # something else reads it). GPU builds only.
-    ("fuse_norm_quantize", _norm_quantize),
+    # A LayerNorm/RMSNorm/Attention read by a QuantizeLinear writes the 8-bit values itself (and its float result
+    # when something else reads it). GPU builds only.
+    ("fuse_output_quantize", _output_quantize),
     # Last: the Q/DQ values are new, so channels-last regions are decided again (GPU builds only).
     ("layout", layout),
 ]

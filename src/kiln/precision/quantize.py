@@ -340,15 +340,16 @@ def _dual_output(f: Node) -> bool:
         and data.data.dtype == torch.int8
 
 
-NORMS = frozenset({"LayerNormalization", "RMSNormalization"})
+QUANTIZING = frozenset({"LayerNormalization", "RMSNormalization", "Attention"})
+"""Ops whose GPU kernels can quantize their own result (`triton.norm_quantize`, `triton.flash_attention`)."""
 
 
-def fuse_norm_quantize(graph: Graph) -> list[str]:
-    """A LayerNormalization / RMSNormalization whose result a per-tensor QuantizeLinear (int8, uint8 or float8 E4M3,
-    constant scale and zero point) reads becomes one Fused node of kind "norm" (body: the norm, then the
-    quantize): the norm kernel writes the 8-bit values itself, and its float result only when something else reads
-    it (a transformer's residual add). That saves the quantize pass's read of the whole tensor. The reference runs
-    the same ops, so results do not change. Returns the fused norms' names."""
+def fuse_output_quantize(graph: Graph) -> list[str]:
+    """A LayerNormalization / RMSNormalization / Attention whose (first) result a per-tensor QuantizeLinear (int8,
+    uint8 or float8 E4M3, constant scale and zero point) reads becomes one Fused node of kind "quantizing" (body:
+    the op, then the quantize): its kernel writes the 8-bit values itself, and its float result only when something
+    else reads it (a transformer's residual add). That saves the quantize pass's read of the whole tensor. The
+    reference runs the same ops, so results do not change. Returns the fused ops' names."""
     uses = Uses.of(graph)  # readers inside subgraphs count too
     producers = {o: n for n in graph.nodes for o in n.outputs}
     fused: list[str] = []
@@ -357,13 +358,13 @@ def fuse_norm_quantize(graph: Graph) -> list[str]:
             continue
         y = q.inputs[0]
         norm = producers.get(y)
-        if norm is None or norm.op not in NORMS or norm.outputs[0] is not y or not _constant_scalars(q) \
+        if norm is None or norm.op not in QUANTIZING or norm.outputs[0] is not y or not _constant_scalars(q) \
                 or norm.name in fused:  # a second QuantizeLinear of the same result stays a pass
             continue
         if any(uses.readers.get(o) or o in uses.outputs for o in norm.outputs[1:]):
-            continue  # the statistics outputs are read: left alone
+            continue  # its other outputs (a norm's statistics, an attention's cache) are read: left alone
         keep_y = bool([r for r in uses.readers.get(y, []) if r is not q]) or y in uses.outputs
-        node = _norm_quantize_node(graph, norm, q, keep_y)
+        node = _quantizing_node(graph, norm, q, keep_y)
         at = graph.nodes.index(norm)
         graph.remove_nodes([norm, q])
         graph.insert_node(node, at)
@@ -371,9 +372,9 @@ def fuse_norm_quantize(graph: Graph) -> list[str]:
     return fused
 
 
-def _norm_quantize_node(graph: Graph, norm: Node, q: Node, keep_y: bool) -> Node:
-    """The "norm" Fused node standing for `norm` then `q` (see `fuse_norm_quantize`); `keep_y`: it also outputs
-    the norm's float result."""
+def _quantizing_node(graph: Graph, norm: Node, q: Node, keep_y: bool) -> Node:
+    """The "quantizing" Fused node standing for `norm` (a norm or an attention) then `q` (see
+    `fuse_output_quantize`); `keep_y`: it also outputs the float result."""
     body = Graph(f"{norm.name} (quantized)", parent=graph)
     inner: dict[Value, Value] = {}
 
@@ -394,7 +395,7 @@ def _norm_quantize_node(graph: Graph, norm: Node, q: Node, keep_y: bool) -> Node
     for m in body.nodes:
         for o in m.outputs:
             o.producer = m
-    node = Node("Fused", list[Value | None](inner), [y, yq] if keep_y else [yq], {"body": body, "kind": "norm"},
+    node = Node("Fused", list[Value | None](inner), [y, yq] if keep_y else [yq], {"body": body, "kind": "quantizing"},
                 norm.name)
     for o in node.outputs:
         o.producer = node

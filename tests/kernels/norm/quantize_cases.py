@@ -1,5 +1,5 @@
 """`triton.norm_quantize` cases: a LayerNormalization / RMSNormalization whose result a per-tensor QuantizeLinear
-reads, fused by `fuse_norm_quantize` into one "norm" node, against that node's reference (the body: the norm,
+reads, fused by `fuse_output_quantize` into one "quantizing" node, against that node's reference (the body: the norm,
 then the quantize). Shared by the interpreter test (CPU; int8/uint8 only: the interpreter's float8 conversion is
 wrong) and the GPU tier (float8 too)."""
 
@@ -15,7 +15,7 @@ from kiln.ir.graph import Node
 from kiln.ir.ops import OPS
 from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
-from kiln.precision.quantize import fuse_norm_quantize
+from kiln.precision.quantize import fuse_output_quantize
 
 CUDA = torch.device("cuda")
 SMALL = {"tile": 256, "per_thread": 8, "max_row": 512}
@@ -45,7 +45,7 @@ def norm_quantize(rows: int, n: int, dt: torch.dtype, out: DType, *, rms: bool =
     g.outputs.append(yq)
     if keep_y:
         g.outputs.append(y)
-    assert fuse_norm_quantize(g) == ["norm"]
+    assert fuse_output_quantize(g) == ["norm"]
     node = g.nodes[0]
     data = torch.randn(rows, n, generator=gen) * 2.0 + 0.3
     return node, [data.to(dt) if v is x else v.data for v in node.inputs]  # type: ignore[union-attr]

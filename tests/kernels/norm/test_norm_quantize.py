@@ -1,4 +1,4 @@
-"""`triton.norm_quantize`: a "norm" Fused node (a LayerNorm/RMSNorm and the QuantizeLinear of its result) as one
+"""`triton.norm_quantize`: a "quantizing" Fused node (a LayerNorm/RMSNorm and the QuantizeLinear of its result) as one
 kernel writing the 8-bit values (and the float result when the node outputs it), or, as the space's other choice,
 the norm kernel then the quantize's own kernel - against the node's reference under Triton's CPU interpreter
 (int8/uint8; float8 on the GPU tier: the interpreter's float8 conversion is wrong)."""

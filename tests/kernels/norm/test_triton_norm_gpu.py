@@ -116,7 +116,7 @@ def test_offsets_past_2_to_the_31(op: str) -> None:
 @pytest.mark.parametrize("name", ["ln-f16-int8-keep-y", "ln-f16-uint8-zero128-looped", "rms-f32-int8-keep-y",
                                   "ln-f16-fp8-keep-y", "ln-f32-fp8-only-q-looped"])
 def test_norm_quantize_on_cuda(name: str) -> None:
-    """`triton.norm_quantize` (fused and separate) against the "norm" node's reference; float8 only here (the
+    """`triton.norm_quantize` (fused and separate) against the "quantizing" node's reference; float8 only here (the
     interpreter's float8 conversion is wrong)."""
     from tests.kernels.norm import quantize_cases
 

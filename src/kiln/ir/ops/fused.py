@@ -9,9 +9,9 @@ the fused node's inputs. `kind` tells the code generators which template applies
 - "quantized": DequantizeLinear of an int8 activation, DequantizeLinear of an int8 weight, then an anchor (Gemm,
   MatMul, Conv) and its epilogue steps - an int8 x int8 -> int32 product with the dequantization and the epilogue
   after it (`kiln.precision.quantize.fold_quantized`);
-- "norm": a LayerNormalization / RMSNormalization and the QuantizeLinear of its result - one pass that writes the
-  8-bit values for the next layer (and the float result too, when something else reads it)
-  (`kiln.precision.quantize.fuse_norm_quantize`);
+- "quantizing": an op whose kernel can quantize its own result (LayerNormalization, RMSNormalization, Attention)
+  and the QuantizeLinear of that result - one kernel that writes the 8-bit values for the next layer (and the float
+  result too, when something else reads it) (`kiln.precision.quantize.fuse_output_quantize`);
 - "region": anything else grouped for scheduling.
 
 The reference runs the body node by node through the op table, so every fused node is correct by construction.
@@ -26,7 +26,7 @@ import torch
 from kiln.ir.graph import ValueType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, tf32_mode, value_of
 
-KINDS = ("epilogue", "pointwise", "quantized", "norm", "region")
+KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "region")
 
 
 def _infer(ctx: InferCtx) -> list[ValueType]:

@@ -36,7 +36,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType, Value
 from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
-from kiln.kernels.norm.common import next_pow2, reference, triton_available
+from kiln.kernels.norm.common import next_pow2, quantizing_view, reference, separate_quantize, triton_available
 from kiln.kernels.registry import register
 
 FLOATS = frozenset({DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16})
@@ -70,6 +70,7 @@ keys, and within the register and shared-memory budgets for large heads or float
 # --- the kernel (plain Python until _kernel() wraps it; `tl` is bound there) -------------------------------------
 
 tl: Any = None
+quantize_tile: Any = None  # `triton_kernels.quantize_tile`, bound by _kernel()
 
 
 def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W, skn, skd, svn, svd,
@@ -115,11 +116,12 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
     return acc, l_i, m_new
 
 
-def _flash_fwd(Q, K, V, M, O, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
-               sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m, HEAD_D: tl.constexpr,
+def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_zero, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+               smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m, HEAD_D: tl.constexpr,
                HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ROUND: tl.constexpr,
-               UNITS: tl.constexpr, PREC: tl.constexpr):
+               UNITS: tl.constexpr, PREC: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
+               QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr):
     pid = tl.program_id(0)
     pid_m = pid % num_m
     if CAUSAL:  # why: the last query blocks have the most keys; starting them first shortens the tail
@@ -159,8 +161,12 @@ def _flash_fwd(Q, K, V, M, O, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     offs_dv = tl.arange(0, BLOCK_DV)
     o_ok = (offs_m < SQ)[:, None] & (offs_dv < HEAD_DV)[None, :]
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_ok)
+    o_at = b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    if STORE_Y:
+        tl.store(O + o_at, out.to(O.dtype.element_ty), mask=o_ok)
+    if QUANT > 0:  # the quantizing form: QO is laid out as O
+        tl.store(QO + o_at, quantize_tile(out, q_scale, q_zero, YD, QUANT, SD, QLO, QHI).to(QO.dtype.element_ty),
+                 mask=o_ok)
 
 
 @functools.cache
@@ -169,8 +175,11 @@ def _kernel() -> Any:
     import triton
     import triton.language
 
+    from kiln.kernels.norm.triton_kernels import quantize_tile
+
     g = globals()
     g["tl"] = triton.language
+    g["quantize_tile"] = quantize_tile
     # why: the kernel body calls `_attend` by its global name, which must then be a jitted function
     g["_attend"] = triton.jit(_attend)
     return triton.jit(_flash_fwd)
@@ -240,9 +249,11 @@ def _check_offsets(named: Sequence[tuple[str, torch.Tensor]]) -> None:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                     causal: bool, scale: float | None, heads: tuple[int | None, int | None],
-                    config: dict[str, Any]) -> torch.Tensor:
+                    config: dict[str, Any], quant: Any = None) -> list[torch.Tensor]:
     """Attention of non-empty Q/K/V, 4-D [B, H, S, D] or packed 3-D [B, S, H*D] (`heads` = (H, Hkv) then); the
-    output has Q's dtype and the reference's layout: [B, H, Sq, Dv], or [B, Sq, H*Dv] for packed inputs."""
+    output has Q's dtype and the reference's layout: [B, H, Sq, Dv], or [B, Sq, H*Dv] for packed inputs. With
+    `quant` (a `triton_kernels.Quantize`), also that output quantized (and the float output only if it keeps Y):
+    returns [Y] or [Y, Y quantized] or [Y quantized]."""
     packed = q.dim() == 3
     if packed:
         qh, kvh = heads
@@ -255,8 +266,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         raise ValueError(f"Q {list(q.shape)}, K {list(k.shape)} and V {list(v.shape)} do not fit together")
     if hkv == 0 or h % hkv or max(d, dv) > MAX_HEAD:
         raise ValueError(f"needs H ({h}) a multiple of Hkv ({hkv}) and head sizes <= {MAX_HEAD} (got {d}, {dv})")
-    out = torch.empty((b, sq, h * dv) if packed else (b, h, sq, dv), dtype=q.dtype, device=q.device)
-    o = _heads_view(out, h) if packed else out
+    from kiln.kernels.norm.triton_kernels import quantize_flags
+
+    shape = (b, sq, h * dv) if packed else (b, h, sq, dv)
+    keep_y = quant is None or quant.keep_y
+    made = ([torch.empty(shape, dtype=q.dtype, device=q.device)] if keep_y else []) + \
+        ([] if quant is None else [torch.empty(shape, dtype=quant.out, device=q.device)])
+    views = [_heads_view(t, h) if packed else t for t in made]
+    o, qo = views[0], views[-1]  # the float output (or, without it, the quantized one: same strides)
     if mask is None:
         m4, width, kind = q, 0, NO_MASK  # why: any pointer; the kernel reads no mask then
         m_strides: tuple[int, ...] = (0, 0, 0, 0)
@@ -274,12 +291,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     units = LOG2E if kind == FLOAT_MASK else 1.0
     q_mul = scale if kind == FLOAT_MASK else scale * LOG2E
     _kernel()[(num_m * b * h,)](
-        q, k, v, m4, o, *q.stride(), *k.stride(), *v.stride(), *m_strides, *o.stride(),
+        q, k, v, m4, o, qo, 1.0 if quant is None else quant.scale, 0.0 if quant is None else quant.zero,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *o.stride(),
         h, h // hkv, sq, skv, width, q_mul, num_m,
         HEAD_D=d, HEAD_DV=dv, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         CAUSAL=causal, MASK_KIND=kind, ROUND=half and kind == FLOAT_MASK, UNITS=units,
-        PREC="tf32" if half else "tf32x3", num_warps=p.num_warps, num_stages=p.num_stages)
-    return out
+        PREC="tf32" if half else "tf32x3", STORE_Y=keep_y, **quantize_flags(quant, q.dtype),
+        num_warps=p.num_warps, num_stages=p.num_stages)
+    return made
 
 
 # --- the tactic --------------------------------------------------------------------------------------------------
@@ -354,9 +373,60 @@ class TritonFlashAttention(Tactic):
             mask = xs[3] if len(xs) > 3 else None
             if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
                 return fallback(xs)  # why: an empty grid or an empty softmax; the reference defines both
-            return [flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config)]
+            return flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config)
 
         return run
 
 
-register(TritonFlashAttention())
+class TritonFlashAttentionQuantize(Tactic):
+    """A "quantizing" Fused node (`kiln.precision.quantize.fuse_output_quantize`): an Attention that
+    `triton.flash_attention` takes and the per-tensor QuantizeLinear of its output, as the flash kernel storing the
+    8-bit values (int8, uint8 or float8 E4M3; and the float output when the node has it): the next layer's input
+    without a quantize pass over the attention's output. `quantize` "separate" runs the flash kernel, then the
+    QuantizeLinear's own kernel (what the graph ran before the fusion), so the tuner always has that choice."""
+
+    name = "triton.flash_attention_quantize"
+    ops = frozenset({"Fused"})
+    devices = frozenset({"cuda"})
+    space: ClassVar[dict[str, Sequence[Any]]] = {**TritonFlashAttention.space, "quantize": ["fused", "separate"]}
+    priority = 60
+
+    def configs(self) -> list[dict[str, Any]]:  # 12: few enough that the default level times them all
+        return [{**c, "quantize": how} for how in ("fused", "separate") for c in CONFIGS]
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        view = quantizing_view(node, ("Attention",))
+        return view is not None and _FLASH.applicable(view.op, device)
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        from kiln.kernels.norm.triton_kernels import Quantize
+
+        view = quantizing_view(node, ("Attention",))
+        assert view is not None
+        att = view.op
+        a = att.attrs
+        causal, scale = bool(a["is_causal"]), a["scale"]
+        heads = (a["q_num_heads"], a["kv_num_heads"])
+        at = [None if v is None else view.at[v] for v in att.inputs[:4]]
+        quant = Quantize(view.scale, view.zero, view.quantize.outputs[0].dtype.torch, view.precision, view.keep_y)
+        separate = separate_quantize(view, device) if config.get("quantize") == "separate" else None
+        fallback = reference(node)
+
+        def run(xs: list[Any]) -> list[Any]:
+            q, k, v = (xs[i] for i in at[:3])  # type: ignore[index]
+            mask = xs[at[3]] if len(at) > 3 and at[3] is not None else None
+            if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+                return fallback(xs)
+            if separate is None:
+                return flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config,
+                                       quant=quant)
+            (y,) = flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config)
+            return ([y] if view.keep_y else []) + separate([y])
+
+        return run
+
+
+_FLASH = TritonFlashAttention()
+register(_FLASH)
+register(TritonFlashAttentionQuantize())

@@ -149,3 +149,84 @@ def reference(node: Node) -> Kernel:
     ref = get_op(node.op).ref
     ctx = RefCtx(node)
     return lambda xs: list(ref(ctx, xs))
+
+
+# --- an op that quantizes its own result ("quantizing" Fused nodes) -----------------------------------------------
+
+WRITTEN = frozenset({DType.INT8, DType.UINT8, DType.FLOAT8_E4M3FN})
+"""The 8-bit types the kernels write for a "quantizing" node (`triton_kernels.QUANT_RANGES`)."""
+
+
+@dataclass(frozen=True)
+class QuantizedOutput:
+    """A "quantizing" Fused node (`kiln.precision.quantize.fuse_output_quantize`) in a kernel's terms: the op and
+    the QuantizeLinear body nodes, the node input index of each body input, whether the node outputs the float
+    result too, and the quantize's scale, zero point and division type (`precision`)."""
+
+    op: Node
+    quantize: Node
+    at: dict[Value, int]
+    keep_y: bool
+    scale: float
+    zero: float
+    precision: torch.dtype
+
+
+def quantizing_view(node: Node, ops: Sequence[str]) -> QuantizedOutput | None:
+    """The view of a "quantizing" Fused node whose op is one of `ops`, its QuantizeLinear per tensor with a constant
+    positive scale and zero point, to a type in `WRITTEN` (float8 saturating, zero point 0); else None."""
+    if node.op != "Fused" or node.attrs.get("kind") != "quantizing":
+        return None
+    body = node.attrs["body"]
+    if len(body.nodes) != 2 or body.nodes[0].op not in ops:
+        return None
+    op, q = body.nodes
+    if q.op != "QuantizeLinear" or q.inputs[0] is not op.outputs[0] or len(op.outputs) != 1:
+        return None
+    at = {v: i for i, v in enumerate(body.inputs)}
+    values: list[float] = []
+    for v in q.inputs[1:3]:
+        c = node.inputs[at[v]] if v is not None and v in at else None
+        if v is not None and (c is None or not isinstance(c.data, torch.Tensor) or c.data.numel() != 1):
+            return None  # per-channel or computed scales: the quantize pass keeps them
+        values.append(0.0 if c is None else float(c.data.float().reshape(())))  # type: ignore[union-attr]
+    if not values or not values[0] > 0:
+        return None
+    zero = values[1] if len(values) > 1 else 0.0
+    out = q.outputs[0].dtype
+    if out not in WRITTEN or (out is DType.FLOAT8_E4M3FN and (int(q.attrs.get("saturate", 1)) != 1 or zero != 0)):
+        return None
+    keep = body.outputs == [op.outputs[0], q.outputs[0]]
+    if not keep and body.outputs != [q.outputs[0]]:
+        return None
+    p = q.attrs.get("precision") or q.inputs[1].dtype  # the reference divides in this type
+    precision = p.torch if p in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16) else torch.float32
+    return QuantizedOutput(op, q, at, keep, values[0], zero, precision)
+
+
+def separate_quantize(view: QuantizedOutput, device: torch.device) -> Kernel:
+    """The node's QuantizeLinear alone (a one-node graph with its constants) on its best-ranked GPU tactic, as a
+    kernel [Y] -> [Y quantized]: what ran before the fusion, kept as the tuner's other choice."""
+    from kiln.ir.graph import Graph
+    from kiln.kernels import registry
+
+    q = view.quantize
+    g = Graph()
+    y = g.add_input("y", q.inputs[0].type)  # type: ignore[union-attr]
+    s = g.add_initializer("scale", torch.tensor(view.scale, dtype=q.inputs[1].dtype.torch))  # type: ignore[union-attr]
+    ins = [y, s]
+    if len(q.inputs) > 2 and q.inputs[2] is not None:
+        ins.append(g.add_initializer("zero", torch.tensor(view.zero).to(q.inputs[2].dtype.torch)))
+    (out,) = g.add("QuantizeLinear", ins, dict(q.attrs), name=q.name)
+    g.outputs.append(out)
+    alone = g.nodes[0]
+    tactic = next(t for t in registry.candidates(alone, device) if t.name != "reference")
+    kernel = tactic.build(alone, {}, device)
+    consts: dict[torch.device, list[torch.Tensor]] = {}
+
+    def run(xs: list[Any]) -> list[Any]:  # the constants follow Y to its device
+        x = xs[0]
+        on = consts.get(x.device) or consts.setdefault(x.device, [v.data.to(x.device) for v in ins[1:]])  # type: ignore[union-attr]
+        return kernel([x, *on])
+
+    return run

@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.graph import Node
 from kiln.kernels.base import Kernel, SubgraphRunner
-from kiln.kernels.norm.common import SPACE, TritonTactic, floats, norm_axis, present, reference, shape, static_ints
+from kiln.kernels.norm.common import (
+    SPACE,
+    QuantizedOutput,
+    TritonTactic,
+    floats,
+    norm_axis,
+    present,
+    quantizing_view,
+    reference,
+    separate_quantize,
+    shape,
+    static_ints,
+)
 
 
 def _drop_leading_ones(dims: Sequence[Any]) -> tuple[Any, ...]:
@@ -102,57 +113,17 @@ def _kernel(node: Node, config: dict[str, Any], rms: bool) -> Kernel:
 # --- a norm that quantizes its result ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NormQuantize:
-    """A "norm" Fused node in the kernel's terms: the norm and QuantizeLinear body nodes, the node input index
-    of each body input, and whether the node outputs the float result too."""
-
-    norm: Node
-    quantize: Node
-    at: dict[Value, int]
-    keep_y: bool
-    scale: float
-    zero: float
-
-
-def norm_quantize_view(node: Node) -> NormQuantize | None:
-    """The view of a "norm" Fused node (`kiln.precision.quantize.fuse_norm_quantize`) whose norm the Triton kernels
-    take and whose QuantizeLinear has a constant scale and zero point, or None."""
-    if node.op != "Fused" or node.attrs.get("kind") != "norm":
+def norm_quantize_view(node: Node) -> QuantizedOutput | None:
+    """The view of a "quantizing" Fused node (`kiln.precision.quantize.fuse_output_quantize`) whose norm the Triton
+    norm kernels take, or None."""
+    view = quantizing_view(node, ("LayerNormalization", "RMSNormalization"))
+    if view is None or not _supported(view.op, [0, 1, 2] if view.op.op == "LayerNormalization" else [0, 1]):
         return None
-    body: Graph = node.attrs["body"]
-    if len(body.nodes) != 2 or body.nodes[0].op not in ("LayerNormalization", "RMSNormalization"):
-        return None
-    norm, q = body.nodes
-    if q.op != "QuantizeLinear" or q.inputs[0] is not norm.outputs[0] or len(norm.outputs) != 1:
-        return None
-    if not _supported(norm, [0, 1, 2] if norm.op == "LayerNormalization" else [0, 1]):
-        return None
-    at = {v: i for i, v in enumerate(body.inputs)}
-    values: list[float] = []
-    for v in q.inputs[1:3]:
-        c = node.inputs[at[v]] if v is not None and v in at else None
-        if v is not None and (c is None or not isinstance(c.data, torch.Tensor) or c.data.numel() != 1):
-            return None  # per-channel or computed scales: the quantize pass keeps them
-        values.append(0.0 if c is None else float(c.data.float().reshape(())))  # type: ignore[union-attr]
-    if len(values) < 1 or not values[0] > 0:
-        return None
-    zero = values[1] if len(values) > 1 else 0.0
-    out = q.outputs[0].dtype
-    if out not in WRITTEN or (out is DType.FLOAT8_E4M3FN and (int(q.attrs.get("saturate", 1)) != 1 or zero != 0)):
-        return None
-    keep = body.outputs == [norm.outputs[0], q.outputs[0]]
-    if not keep and body.outputs != [q.outputs[0]]:
-        return None
-    return NormQuantize(norm, q, at, keep, values[0], zero)
-
-
-WRITTEN = frozenset({DType.INT8, DType.UINT8, DType.FLOAT8_E4M3FN})
-"""The 8-bit types the norm kernels write (`triton_kernels.QUANT_RANGES`)."""
+    return view
 
 
 class TritonNormQuantize(TritonTactic):
-    """A "norm" Fused node: LayerNormalization / RMSNormalization and the per-tensor QuantizeLinear of its result
+    """A "quantizing" Fused node: LayerNormalization / RMSNormalization and the per-tensor QuantizeLinear of its result
     (int8, uint8 or float8 E4M3) in one kernel that writes the 8-bit values (and the float result when the node
     outputs it) - under the rules of `triton.layernorm`. The space adds `quantize`: "fused" (one kernel) or
     "separate" (the norm kernel, then the QuantizeLinear's own best kernel: what the graph ran before the fusion,
@@ -174,7 +145,7 @@ class TritonNormQuantize(TritonTactic):
 
         view = norm_quantize_view(node)
         assert view is not None
-        norm, q = view.norm, view.quantize
+        norm, q = view.op, view.quantize
         rms = norm.op == "RMSNormalization"
         axis = _axis(norm)
         assert axis is not None
@@ -182,8 +153,8 @@ class TritonNormQuantize(TritonTactic):
         x_at, w_at = view.at[norm.inputs[0]], view.at[norm.inputs[1]]  # type: ignore[index]
         bias = norm.inputs[2] if len(norm.inputs) > 2 else None
         b_at = None if bias is None else view.at[bias]
-        quant = tk.Quantize(view.scale, view.zero, q.outputs[0].dtype.torch, _quantize_precision(q), view.keep_y)
-        separate = _separate(q, quant, device) if config.get("quantize") == "separate" else None
+        quant = tk.Quantize(view.scale, view.zero, q.outputs[0].dtype.torch, view.precision, view.keep_y)
+        separate = separate_quantize(view, device) if config.get("quantize") == "separate" else None
         fallback = reference(node)
 
         def run(xs: list[Any]) -> list[Any]:
@@ -201,35 +172,3 @@ class TritonNormQuantize(TritonTactic):
             return [y, yq] if view.keep_y else [yq]
 
         return run
-
-
-def _quantize_precision(q: Node) -> torch.dtype:
-    """The type QuantizeLinear divides in (its `precision`, else the scale's type), as the op table's reference."""
-    p = q.attrs.get("precision") or q.inputs[1].dtype  # type: ignore[union-attr]
-    return p.torch if p in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16) else torch.float32
-
-
-def _separate(q: Node, quant: Any, device: torch.device) -> Kernel:
-    """The QuantizeLinear alone (a one-node graph with its constants) on its best-ranked GPU tactic."""
-    from kiln.ir.graph import Graph as G
-    from kiln.kernels import registry
-
-    g = G()
-    y = g.add_input("y", q.inputs[0].type)  # type: ignore[union-attr]
-    s = g.add_initializer("scale", torch.tensor(quant.scale, dtype=q.inputs[1].dtype.torch))  # type: ignore[union-attr]
-    ins = [y, s]
-    if len(q.inputs) > 2 and q.inputs[2] is not None:
-        ins.append(g.add_initializer("zero", torch.tensor(quant.zero).to(q.inputs[2].dtype.torch)))
-    (out,) = g.add("QuantizeLinear", ins, dict(q.attrs), name=q.name)
-    g.outputs.append(out)
-    alone = g.nodes[0]
-    tactic = next(t for t in registry.candidates(alone, device) if t.name != "reference")
-    kernel = tactic.build(alone, {}, device)
-    consts: dict[torch.device, list[torch.Tensor]] = {}
-
-    def run(xs: list[Any]) -> list[Any]:  # [Y] -> [Y quantized]; the constants follow Y to its device
-        y = xs[0]
-        on = consts.get(y.device) or consts.setdefault(y.device, [v.data.to(y.device) for v in ins[1:]])  # type: ignore[union-attr]
-        return kernel([y, *on])
-
-    return run

@@ -145,12 +145,12 @@ def _affine(v, w, b, RMS: tl.constexpr, HAS_B: tl.constexpr, XD: tl.constexpr, P
 
 
 @triton.jit
-def _quantized(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr,
-               QHI: tl.constexpr):
-    """QuantizeLinear of the norm's result y (float32 holding Y's values) as the reference computes it: Y / scale
-    in the scale's type SD (a float32 quotient rounded once to SD is SD's exactly rounded quotient), then
-    QUANT 1: round half to even, + zero, clamped to [QLO, QHI] (int8/uint8); QUANT 2: saturated to float8 E4M3's
-    +-448, NaN kept (the caller's float8 store rounds to nearest even)."""
+def quantize_tile(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr,
+                  QHI: tl.constexpr):
+    """QuantizeLinear of a kernel's result y (float32 holding Y's values; shared with the quantizing attention) as
+    the reference computes it: Y / scale in the scale's type SD (a float32 quotient rounded once to SD is SD's
+    exactly rounded quotient), then QUANT 1: round half to even, + zero, clamped to [QLO, QHI] (int8/uint8);
+    QUANT 2: saturated to float8 E4M3's +-448, NaN kept (the caller's float8 store rounds to nearest even)."""
     q = _rd(tl.div_rn(_rd(_rd(y, YD), SD), tl.zeros_like(y) + scale), SD)
     if QUANT == 2:
         return tl.where(q != q, q, tl.minimum(tl.maximum(q, -448.0), 448.0))
@@ -188,7 +188,7 @@ def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_sca
     if STORE_Y:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if QUANT > 0:
-        yq = _quantized(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
+        yq = quantize_tile(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
         tl.store(q_ptr + offs, yq.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -229,7 +229,7 @@ def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_s
         if STORE_Y:
             tl.store(y_ptr + base + c, y.to(y_ptr.dtype.element_ty), mask=mask)
         if QUANT > 0:
-            yq = _quantized(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
+            yq = quantize_tile(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
             tl.store(q_ptr + base + c, yq.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -249,6 +249,13 @@ class Quantize:
     keep_y: bool
 
 
+def quantize_flags(quant: Quantize | None, y_dtype: torch.dtype) -> dict[str, Any]:
+    """The constexpr arguments of `quantize_tile` (QUANT 0: no quantized output)."""
+    lo, hi = QUANT_RANGES[quant.out] if quant is not None else (0, 0)
+    return dict(YD=TL[y_dtype], QUANT=0 if quant is None else 2 if quant.out == torch.float8_e4m3fn else 1,
+                SD=TL[quant.precision if quant is not None else torch.float32], QLO=float(lo), QHI=float(hi))
+
+
 def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int, eps: float, rms: bool, stats: bool,
               config: dict[str, Any], quant: Quantize | None = None) \
         -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -266,10 +273,8 @@ def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int, 
     y = torch.empty(x.shape if keep_y else (1,), dtype=yd, device=x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device) if stats else y
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device) if stats else y
-    lo, hi = QUANT_RANGES[quant.out] if quant is not None else (0, 0)
     flags = dict(RMS=rms, HAS_B=b is not None, STATS=stats, XD=TL[xd], PD=TL[w.dtype if rms else pd], QD=TL[qd],
-                 STORE_Y=keep_y, YD=TL[yd], QUANT=0 if quant is None else 2 if quant.out == torch.float8_e4m3fn else 1,
-                 SD=TL[quant.precision if quant is not None else torch.float32], QLO=float(lo), QHI=float(hi))
+                 STORE_Y=keep_y, **quantize_flags(quant, yd))
     scalars = (y if q is None else q, 1.0 if quant is None else quant.scale, 0.0 if quant is None else quant.zero)
     p = plan(n, config)
     bias = w if b is None else b

@@ -1,5 +1,6 @@
-"""`fuse_norm_quantize` (in the post-quantization pass list): a LayerNorm whose result a QuantizeLinear reads becomes
-one "norm" node that writes the 8-bit values (and the float result its other readers need); results unchanged."""
+"""`fuse_output_quantize` (in the post-quantization pass list): a LayerNorm or an Attention whose result a
+QuantizeLinear reads becomes one "quantizing" node that writes the 8-bit values (and the float result its other
+readers need); results unchanged."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kiln.ir.ops.base import run_nodes
 from kiln.passes.manager import PassContext
 from kiln.precision.lower import lower_precision
 from kiln.precision.pipeline import optimize_quantized
-from kiln.precision.quantize import fuse_norm_quantize, quantize_graph
+from kiln.precision.quantize import fuse_output_quantize, quantize_graph
 from tests.precision.scales import minmax_scales
 
 H = 32
@@ -55,8 +56,8 @@ def test_a_norm_read_by_a_quantize_and_a_residual_writes_both_with_the_same_resu
     lower_precision(g, DType.FLOAT16)
     before = run_nodes(g.nodes, {g.inputs[0]: x.half()})[g.outputs[0]]
     records = optimize_quantized(g, PassContext(device="cuda"))
-    assert {r.name: r.result.counts for r in records}["fuse_norm_quantize"] == {"norms_quantizing": 1}
-    (norm,) = [n for n in g.nodes if n.op == "Fused" and n.attrs["kind"] == "norm"]
+    assert {r.name: r.result.counts for r in records}["fuse_output_quantize"] == {"outputs_quantized": 1}
+    (norm,) = [n for n in g.nodes if n.op == "Fused" and n.attrs["kind"] == "quantizing"]
     assert norm.name == "ln1" and [n.op for n in norm.attrs["body"].nodes] == ["LayerNormalization", "QuantizeLinear"]
     h, hq = norm.outputs  # the float result for the residual add, int8 for the up projection
     assert h.dtype is DType.FLOAT16 and hq.dtype is DType.INT8
@@ -73,7 +74,7 @@ def test_the_norm_alone_when_only_the_quantize_reads_it() -> None:
     quantize_graph(g, minmax_scales(g, x))
     residual = next(n for n in g.nodes if n.name == "residual")
     residual.inputs[1] = residual.inputs[0]  # the block without its skip connection: ln1 feeds the quantize only
-    assert fuse_norm_quantize(g) == ["ln1"]
+    assert fuse_output_quantize(g) == ["ln1"]
     norm = next(n for n in g.nodes if n.name == "ln1")
     assert [v.dtype for v in norm.outputs] == [DType.INT8]
 
@@ -82,7 +83,7 @@ def test_norms_whose_statistics_are_read_stay_a_norm_and_a_quantize() -> None:
     g = _block(stats=True)
     x = _x()
     quantize_graph(g, minmax_scales(g, x))
-    assert fuse_norm_quantize(g) == []
+    assert fuse_output_quantize(g) == []
     assert next(n for n in g.nodes if n.name == "ln1").op == "LayerNormalization"
 
 
@@ -91,7 +92,29 @@ def test_cpu_builds_keep_the_norm_for_their_own_norm_tactic() -> None:
     and its quantize apart, each on its CPU tactic."""
     x = _x().numpy()
     e = kiln.build(_block(), kiln.BuilderConfig(device="cpu", precision="int8", calibration=[{"x": x}]))
-    assert "norm" not in [n.attrs.get("kind") for n in e.plan.graph.nodes if n.op == "Fused"]
+    assert "quantizing" not in [n.attrs.get("kind") for n in e.plan.graph.nodes if n.op == "Fused"]
     stats = {r["name"]: r["counts"] for r in e.plan.stats["passes"]}
-    assert stats["fuse_norm_quantize"] == {"norms_quantizing": 0}
+    assert stats["fuse_output_quantize"] == {"outputs_quantized": 0}
     assert next(c.tactic for n, c in zip(e.plan.graph.nodes, e.plan.choices[0]) if n.name == "ln1") != "reference"
+
+
+def test_an_attention_read_by_a_quantize_writes_the_int8_values() -> None:
+    """A packed attention whose output feeds the (quantized) output projection only: one "quantizing" node with
+    the int8 output alone; results unchanged."""
+    gen = torch.Generator().manual_seed(3)
+    g = Graph()
+    q, k, v = (g.add_input(n, TensorType(DType.FLOAT32, (2, 5, H))) for n in "qkv")
+    (a,) = g.add("Attention", [q, k, v], {"q_num_heads": 2, "kv_num_heads": 2}, name="att", outputs=1)
+    (y,) = g.add("MatMul", [a, g.add_initializer("wo", torch.randn(H, H, generator=gen) * 0.2)], name="out_proj")
+    g.outputs.append(y)
+    feeds = {n: torch.randn(2, 5, H, generator=gen) for n in "qkv"}
+    env = run_nodes(g.nodes, {i: feeds[i.name] for i in g.inputs})
+    scales = {val.name: float(t.abs().max()) / 127 for val, t in env.items()}
+    quantize_graph(g, scales)
+    before = run_nodes(g.nodes, {i: feeds[i.name] for i in g.inputs})[g.outputs[0]]
+    optimize_quantized(g, PassContext(device="cuda"))
+    (att,) = [n for n in g.nodes if n.op == "Fused" and n.attrs["kind"] == "quantizing"]
+    assert att.name == "att" and [n.op for n in att.attrs["body"].nodes] == ["Attention", "QuantizeLinear"]
+    assert [o.dtype for o in att.outputs] == [DType.INT8]
+    after = run_nodes(g.nodes, {i: feeds[i.name] for i in g.inputs})[g.outputs[0]]
+    assert torch.equal(before, after)

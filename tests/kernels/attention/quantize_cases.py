@@ -1,0 +1,102 @@
+"""`triton.flash_attention_quantize` cases: an Attention whose output a per-tensor QuantizeLinear reads, fused by
+`fuse_output_quantize` into one "quantizing" node, against that node's reference - judged as the tuner judges a
+candidate (a float16 reference rounds its scores and softmax, so the kernel's codes are measured against the layer
+computed from float32-widened inputs too). Shared by the interpreter test (CPU; int8/uint8: the interpreter's
+float8 conversion is wrong) and the GPU tier (float8 too)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.ir.graph import Node
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import RefCtx
+from kiln.kernels import registry
+from kiln.precision.quantize import fuse_output_quantize
+
+CUDA = torch.device("cuda")
+
+
+def attention_quantize(b: int, s: int, h: int, d: int, dt: torch.dtype, out: DType, *, keep_y: bool = True,
+                       mask: bool = False, zero: int = 0, seed: int = 4) -> tuple[Node, list[Any]]:
+    """The fused node of Attention(Q, K, V[, key-padding mask]) on packed [b, s, h*d] inputs -> QuantizeLinear
+    (the output also a graph output when `keep_y`) and its inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph()
+    names = ("q", "k", "v")
+    ins = [g.add_input(n, TensorType(DType.from_torch(dt), (b, s, h * d))) for n in names]
+    data = [torch.randn(b, s, h * d, generator=gen).to(dt) for _ in names]
+    if mask:
+        ins.append(g.add_input("mask", TensorType(DType.from_torch(dt), (b, 1, 1, s))))
+        m = torch.zeros(b, 1, 1, s)
+        m[0, ..., s - s // 3:] = -65504.0  # the last third of the first sequence is padding
+        data.append(m.to(dt))
+    (y,) = g.add("Attention", ins, {"q_num_heads": h, "kv_num_heads": h}, name="att", outputs=1)
+    top = 448.0 if out is DType.FLOAT8_E4M3FN else 127.0
+    sc = g.add_initializer("s", torch.tensor(1.5 / top, dtype=dt))  # |y| mostly below ~1.5: a few saturate
+    q_ins = [y, sc]
+    if out is not DType.FLOAT8_E4M3FN or zero:
+        q_ins.append(g.add_initializer("z", torch.tensor(zero).to(out.torch)))
+    (yq,) = g.add("QuantizeLinear", q_ins, {"output_dtype": out} if len(q_ins) == 2 else {}, name="quant")
+    g.outputs.append(yq)
+    if keep_y:
+        g.outputs.append(y)
+    assert fuse_output_quantize(g) == ["att"]
+    node = g.nodes[0]
+    feeds = dict(zip(ins, data))
+    return node, [feeds.get(v, v.data) for v in node.inputs]  # type: ignore[union-attr]
+
+
+def run(node: Node, args: list[Any], configs: list[dict[str, Any]], device: str = "cpu") -> dict[str, str | None]:
+    """{config: why the tuner would reject the kernel's outputs, or None}."""
+    from kiln.tune.tuner import _as_accurate, _close, _codes_as_accurate, _one_step
+
+    t = registry.get("triton.flash_attention_quantize")
+    if not t.applicable(node, CUDA):
+        return {"applicable": "refused"}
+    want = OPS["Fused"].ref(RefCtx(node), list(args))
+    wide_args = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a for a in args]
+    wide = OPS["Fused"].ref(RefCtx(node), wide_args)
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    out: dict[str, str | None] = {}
+    for cfg in configs:
+        label = ",".join(f"{k}={v}" for k, v in cfg.items())
+        got = [g.cpu() for g in t.build(node, cfg, CUDA)(list(moved))]
+        if len(got) != len(want) or any(a.dtype != b.dtype or a.shape != b.shape for a, b in zip(got, want)):
+            out[label] = f"got {[(a.dtype, tuple(a.shape)) for a in got]}"
+            continue
+        problems = []
+        for k, (a, b, w) in enumerate(zip(got, want, wide)):
+            w = w.to(b.dtype) if b.element_size() > 1 else w  # the float output: the widened one rounded back
+            if not (_close(a, b) or _one_step(a, b) or _as_accurate(a, b, w) or _codes_as_accurate(a, b, w)):
+                diff = (a.double() - b.double()).abs() if b.element_size() > 1 else (a.int() - b.int()).abs()
+                share = float((diff > 0).double().mean())
+                problems.append(f"output {k}: max |diff| {float(diff.max()):.4g}, {share:.4f} differ")
+        out[label] = "; ".join(problems) or None
+    return out
+
+
+CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
+    "f32-int8-keep-y": lambda: attention_quantize(2, 40, 2, 32, torch.float32, DType.INT8),
+    "f16-int8-mask-only-q": lambda: attention_quantize(2, 33, 2, 64, torch.float16, DType.INT8, mask=True,
+                                                       keep_y=False),
+    "f32-uint8-zero128-mask": lambda: attention_quantize(1, 20, 3, 16, torch.float32, DType.UINT8, mask=True,
+                                                         zero=128),
+}
+FP8_CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
+    "bert-f16-fp8-mask-keep-y": lambda: attention_quantize(8, 128, 12, 64, torch.float16, DType.FLOAT8_E4M3FN,
+                                                           mask=True),
+    "f16-fp8-only-q": lambda: attention_quantize(2, 77, 4, 64, torch.float16, DType.FLOAT8_E4M3FN, keep_y=False),
+}
+
+
+def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
+    from kiln.kernels.attention.triton_flash import CONFIGS
+
+    node, args = {**CASES, **FP8_CASES}[name]()
+    configs = [{**c, "quantize": q} for c in (CONFIGS[0], CONFIGS[-1]) for q in ("fused", "separate")]
+    return run(node, args, configs, device)
