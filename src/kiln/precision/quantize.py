@@ -288,14 +288,9 @@ def fuse_requantize(graph: Graph) -> list[str]:
     reference runs the same ops, so results do not change. Returns the names of the layers that now write 8-bit
     values."""
     uses = Uses.of(graph)  # readers inside subgraphs count too
-    producers = {o: n for n in graph.nodes for o in n.outputs}
     fused: list[str] = []
-    for q in list(graph.nodes):
-        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or not (_to_8bit_int(q) or _to_fp8(q)):
-            continue
-        v = q.inputs[0]
-        f = producers.get(v)
-        if f is None or f.op != "Fused" or f.attrs.get("kind") != "quantized" or len(f.outputs) != 1:
+    for q, v, f in _eight_bit_quantizes(graph):
+        if f.op != "Fused" or f.attrs.get("kind") != "quantized" or len(f.outputs) != 1:
             continue
         if _to_fp8(q) and not _fp8_layer(f):
             continue  # float8 outputs are written by FP8 layers' epilogues only
@@ -328,6 +323,19 @@ def fuse_requantize(graph: Graph) -> list[str]:
     return fused
 
 
+def _eight_bit_quantizes(graph: Graph) -> list[tuple[Node, Value, Node]]:
+    """(QuantizeLinear to int8/uint8/float8 E4M3, its input, the node computing that input) for each such node."""
+    producers = {o: n for n in graph.nodes for o in n.outputs}
+    found = []
+    for q in graph.nodes:
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or not (_to_8bit_int(q) or _to_fp8(q)):
+            continue
+        made_by = producers.get(q.inputs[0])
+        if made_by is not None:
+            found.append((q, q.inputs[0], made_by))
+    return found
+
+
 def _dual_output(f: Node) -> bool:
     """Whether a "quantized" layer may write its float result and an int8 copy: a 2-D, ungrouped int8 Conv (what
     the Triton int8 conv templates store twice); the int8 GEMMs (cuBLAS, Triton MatMul) write one output."""
@@ -351,14 +359,9 @@ def fuse_output_quantize(graph: Graph) -> list[str]:
     else reads it (a transformer's residual add). That saves the quantize pass's read of the whole tensor. The
     reference runs the same ops, so results do not change. Returns the fused ops' names."""
     uses = Uses.of(graph)  # readers inside subgraphs count too
-    producers = {o: n for n in graph.nodes for o in n.outputs}
     fused: list[str] = []
-    for q in list(graph.nodes):
-        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0] is None or not (_to_8bit_int(q) or _to_fp8(q)):
-            continue
-        y = q.inputs[0]
-        norm = producers.get(y)
-        if norm is None or norm.op not in QUANTIZING or norm.outputs[0] is not y or not _constant_scalars(q) \
+    for q, y, norm in _eight_bit_quantizes(graph):
+        if norm.op not in QUANTIZING or norm.outputs[0] is not y or not _constant_scalars(q) \
                 or norm.name in fused:  # a second QuantizeLinear of the same result stays a pass
             continue
         if any(uses.readers.get(o) or o in uses.outputs for o in norm.outputs[1:]):

@@ -13,12 +13,7 @@ import torch
 
 from kiln.ir import DType, Graph, TensorType
 from kiln.ir.graph import Node
-from kiln.ir.ops import OPS
-from kiln.ir.ops.base import RefCtx
-from kiln.kernels import registry
-from kiln.precision.quantize import fuse_output_quantize
-
-CUDA = torch.device("cuda")
+from tests.kernels.quantizing import quantized_output, run
 
 
 def attention_quantize(b: int, s: int, h: int, d: int, dt: torch.dtype, out: DType, *, keep_y: bool = True,
@@ -36,48 +31,9 @@ def attention_quantize(b: int, s: int, h: int, d: int, dt: torch.dtype, out: DTy
         m[0, ..., s - s // 3:] = -65504.0  # the last third of the first sequence is padding
         data.append(m.to(dt))
     (y,) = g.add("Attention", ins, {"q_num_heads": h, "kv_num_heads": h}, name="att", outputs=1)
-    top = 448.0 if out is DType.FLOAT8_E4M3FN else 127.0
-    sc = g.add_initializer("s", torch.tensor(1.5 / top, dtype=dt))  # |y| mostly below ~1.5: a few saturate
-    q_ins = [y, sc]
-    if out is not DType.FLOAT8_E4M3FN or zero:
-        q_ins.append(g.add_initializer("z", torch.tensor(zero).to(out.torch)))
-    (yq,) = g.add("QuantizeLinear", q_ins, {"output_dtype": out} if len(q_ins) == 2 else {}, name="quant")
-    g.outputs.append(yq)
-    if keep_y:
-        g.outputs.append(y)
-    assert fuse_output_quantize(g) == ["att"]
-    node = g.nodes[0]
+    node = quantized_output(g, y, dt, out, 1.5, zero=zero, keep_y=keep_y)  # |y| mostly below ~1.5
     feeds = dict(zip(ins, data))
     return node, [feeds.get(v, v.data) for v in node.inputs]  # type: ignore[union-attr]
-
-
-def run(node: Node, args: list[Any], configs: list[dict[str, Any]], device: str = "cpu") -> dict[str, str | None]:
-    """{config: why the tuner would reject the kernel's outputs, or None}."""
-    from kiln.tune.tuner import _as_accurate, _close, _codes_as_accurate, _one_step
-
-    t = registry.get("triton.flash_attention_quantize")
-    if not t.applicable(node, CUDA):
-        return {"applicable": "refused"}
-    want = OPS["Fused"].ref(RefCtx(node), list(args))
-    wide_args = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a for a in args]
-    wide = OPS["Fused"].ref(RefCtx(node), wide_args)
-    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    out: dict[str, str | None] = {}
-    for cfg in configs:
-        label = ",".join(f"{k}={v}" for k, v in cfg.items())
-        got = [g.cpu() for g in t.build(node, cfg, CUDA)(list(moved))]
-        if len(got) != len(want) or any(a.dtype != b.dtype or a.shape != b.shape for a, b in zip(got, want)):
-            out[label] = f"got {[(a.dtype, tuple(a.shape)) for a in got]}"
-            continue
-        problems = []
-        for k, (a, b, w) in enumerate(zip(got, want, wide)):
-            w = w.to(b.dtype) if b.element_size() > 1 else w  # the float output: the widened one rounded back
-            if not (_close(a, b) or _one_step(a, b) or _as_accurate(a, b, w) or _codes_as_accurate(a, b, w)):
-                diff = (a.double() - b.double()).abs() if b.element_size() > 1 else (a.int() - b.int()).abs()
-                share = float((diff > 0).double().mean())
-                problems.append(f"output {k}: max |diff| {float(diff.max()):.4g}, {share:.4f} differ")
-        out[label] = "; ".join(problems) or None
-    return out
 
 
 CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
@@ -99,4 +55,4 @@ def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
 
     node, args = {**CASES, **FP8_CASES}[name]()
     configs = [{**c, "quantize": q} for c in (CONFIGS[0], CONFIGS[-1]) for q in ("fused", "separate")]
-    return run(node, args, configs, device)
+    return run("triton.flash_attention_quantize", node, args, configs, device)
