@@ -122,10 +122,17 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
     # the float result and its int8 copy (a ResNet block's output: the residual add reads one, the next conv the other)
     "3x3-relu-dual-f16-cl": lambda: quantized((2, 16, 7, 7), 24, 3, dual=True, half=True, pad=(1, 1)),
     "3x3-relu-dual-nchw": lambda: quantized((1, 16, 6, 5), 24, 3, dual=True, cl=False, pad=(1, 1)),
+    # the TMA form: patches of the output, taps as shifted rectangular loads zero-filled at the edges
+    "tma-3x3-c32-f16-cl": lambda: quantized((2, 32, 9, 11), 24, 3, half=True, pad=(1, 1)),  # C < BLOCK_K
+    "tma-3x3-c80-relu-requantize-cl": lambda: quantized((1, 80, 7, 7), 40, 3, requant=True, pad=(1, 1)),
+    "tma-5x5-pad2-dual-f16-nchw": lambda: quantized((2, 16, 10, 6), 70, 5, dual=True, half=True, cl=False,
+                                                    pad=(2, 2)),
+    "tma-1x1-c64-bare-cl": lambda: quantized((2, 64, 5, 20), 8, 1, act=False),
 }
 
 
 def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
     node, args = CASES[name]()
-    tiles = ALL if name.endswith("every-tile") else ALL[2:3]
+    tma = tuple(t for t in ALL if t.startswith("tma"))
+    tiles = ALL if name.endswith("every-tile") else tma if name.startswith("tma") else ALL[2:3]
     return run(node, args, tiles, device)
