@@ -18,7 +18,8 @@ convolution the reference runs. The space is four tiles (`TILES`), each a compil
 `triton.int8_conv` runs the same template on "quantized" convs (int8 x int8 -> int32, dequantized per output
 channel before the epilogue; a layer whose float result is read besides its requantized copy stores both). Its
 "tma-" tile is the TMA form (`_TMA_SOURCE`): for stride-1 convs a program's rows are a BH x BW patch of one image
-and each tap's input block is one rectangular load that the hardware zero-fills at the edges.
+and each tap's input block is one rectangular load that the hardware zero-fills at the edges. `TILES` (float convs)
+has no TMA tile yet: the float space stays at four tiles for build time until the form is timed.
 """
 
 from __future__ import annotations
