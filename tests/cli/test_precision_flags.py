@@ -57,3 +57,17 @@ def test_fp8_build_quantizes_the_matmuls_and_keeps_convs_float(tmp_path) -> None
 def test_int8_without_samples_is_refused(tmp_path) -> None:
     model = tiny_cnn(tmp_path / "m.onnx")
     user_error(kiln_cli("build", model, "--shapes", "x:2x3x8x8", "--device", "cpu", "--int8"), "calibration data")
+
+
+def test_the_build_report_counts_every_int8_and_fp8_kernel() -> None:
+    """`kiln build` counts the layers on 8-bit kernels by tactic name: every registered tactic that runs int8 or
+    float8 products must be in those lists, or the report under-counts (a Triton int8 GEMM counted as float)."""
+    from kiln.cli.build import FP8_TACTICS, INT8_TACTICS
+    from kiln.kernels import registry
+
+    registry.get("reference")  # loads every tactic module
+    names = {name for name, _ in registry.TACTICS.items()}
+    int8 = {n for n in names if "int8" in n or n.endswith("_integer")}
+    fp8 = {n for n in names if "fp8" in n and "quantize" not in n}
+    assert int8 and int8 <= INT8_TACTICS <= names
+    assert fp8 and fp8 <= FP8_TACTICS <= names

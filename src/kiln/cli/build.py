@@ -219,7 +219,7 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
     if lowered.get("precision") == "fp8":
         print(f"    fp8: {lowered['fp8_layers']} layers quantized to float8 E4M3 ({lowered['calibrator']} calibration"
               f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); "
-              f"{sum(c.tactic == 'cuda.fp8_gemm' for c in plan.choices[0]) if plan.choices else 0} run on FP8 "
+              f"{sum(c.tactic in FP8_TACTICS for c in plan.choices[0]) if plan.choices else 0} run on FP8 "
               f"GEMMs, the others compute their results in float")
     if lowered.get("precision") == "int8":
         print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
@@ -291,7 +291,11 @@ def precision_of(node: Any) -> str:
 
 
 INT8_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger"})
-INT8_TACTICS = frozenset({"cuda.int8_gemm", "cuda.matmul_integer", "triton.int8_conv"})
+INT8_TACTICS = frozenset({"cuda.int8_gemm", "triton.int8_gemm", "cuda.matmul_integer", "triton.int8_conv",
+                          "cuda.conv_integer"})
+"""The tactics that run a layer's products on int8 kernels (the build report counts them)."""
+FP8_TACTICS = frozenset({"cuda.fp8_gemm", "triton.fp8_gemm"})
+"""The tactics that run a layer's products on float8 kernels."""
 
 
 def mix(items: Any) -> str:
