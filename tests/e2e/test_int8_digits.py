@@ -111,3 +111,23 @@ def test_the_accuracy_gate_returns_layers_to_float_until_the_target_holds(traine
 def test_an_unreadable_accuracy_target_is_a_clear_error() -> None:
     with pytest.raises(kiln.KilnError, match="cosine>=X"):
         kiln.BuilderConfig(precision="int8", calibration=[{}], accuracy_check=[{}], accuracy_target="cos>0.9")
+
+
+def test_fp8_with_its_convolutions_stays_within_a_point_of_fp32(trained) -> None:
+    """--fp8 quantizes the CNN's convolutions too (float8 E4M3 activations per tensor, weights per output channel)
+    besides its Linear layers: every layer is float8 and the accuracy stays within a point of FP32 (CPU: the
+    reference computes the float8 layers)."""
+    model, xtr, xte, yte = trained
+    fp32 = _predict(kiln.build(model, _config()), xte)
+    acc32 = float((fp32 == yte).mean())
+    calib = [{"x": xtr[i:i + 50]} for i in range(0, 300, 50)]
+    engine = kiln.build(model, _config(precision="fp8", calibration=calib))
+    q = engine.plan.stats["precision"]
+    assert q["fp8_layers"] == 4 and not q["float_layers"], q
+    convs = [n for n in engine.graph.nodes if n.op == "Fused" and n.attrs["kind"] == "quantized"
+             and any(m.op == "Conv" for m in n.attrs["body"].nodes)]
+    assert len(convs) == 2 and all(str(n.inputs[0].dtype) == "float8_e4m3fn" for n in convs)
+    fp8 = _predict(engine, xte)
+    acc8 = float((fp8 == yte).mean())
+    assert acc8 >= acc32 - 0.01, (acc32, acc8)
+    assert float((fp8 == fp32).mean()) >= 0.98

@@ -115,19 +115,6 @@ def test_an_fp8_build_reports_its_layers_and_stays_close_to_fp32(tmp_path: Any) 
     assert np.array_equal(kiln.load(tmp_path / "fp8.kiln").create_context().run({"x": x})["y"], y)
 
 
-def test_fp8_keeps_convolutions_float() -> None:
-    from kiln.ir import Graph, TensorType
-
-    g = Graph()
-    x = g.add_input("x", TensorType(DType.FLOAT32, (1, 16, 8, 8)))
-    w = g.add_initializer("w", torch.randn(8, 16, 3, 3, generator=torch.Generator().manual_seed(0)))
-    (y,) = g.add("Conv", [x, w], {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)}, name="conv",
-                 outputs=["y"])
-    g.outputs.append(y)
-    report = quantize_graph(g, {"x": 0.01}, fp8=True)
-    assert report.layers == [] and "no FP8 convolution kernel" in report.float_layers["conv"]
-
-
 def test_fp8_needs_calibration_and_an_fp8_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="fp8 build needs calibration data"):
         kiln.BuilderConfig(device="cpu", precision="fp8")
@@ -264,3 +251,31 @@ def test_the_accuracy_gate_keeps_fp8_layers_float_until_the_target_holds() -> No
     acc = q["accuracy"]
     assert acc["met"] is True and acc["metrics"]["cosine"] >= 0.99995
     assert acc["kept_float"] and q["fp8_layers"] == 3 - len(acc["kept_float"])
+
+
+def test_fp8_convs_get_per_channel_float8_weights_and_fold_into_one_layer() -> None:
+    """--fp8 quantizes convs too: the activation per tensor, the weight per output channel (amax_c / 448, what
+    the conv template scales per channel); grouped convs stay float. Each conv is then one "quantized" layer."""
+    from kiln.ir import Graph, TensorType
+
+    gen = torch.Generator().manual_seed(0)
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (2, 8, 6, 6)))
+    conv = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)}
+    w = torch.randn(16, 8, 3, 3, generator=gen) * torch.linspace(0.1, 2.0, 16).reshape(16, 1, 1, 1)
+    (h,) = g.add("Conv", [x, g.add_initializer("w1", w)], conv, name="c1")
+    (h,) = g.add("Relu", [h], name="r1")
+    dw = g.add_initializer("w2", torch.randn(16, 1, 3, 3, generator=gen))
+    (y,) = g.add("Conv", [h, dw], {**conv, "group": 16}, name="depthwise")
+    g.outputs.append(y)
+    xv = torch.randn(2, 8, 6, 6, generator=gen)
+    report = quantize_graph(g, minmax_scales(g, xv), fp8=True)
+    assert report.layers == ["c1"] and "grouped" in report.float_layers["depthwise"]
+    dq = next(n for n in g.nodes if n.op == "DequantizeLinear" and n.inputs[0] is not None
+              and isinstance(n.inputs[0].data, torch.Tensor))
+    q, s = dq.inputs[0].data, dq.inputs[1].data  # type: ignore[union-attr]
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (16,) and dq.attrs["axis"] == 0
+    assert torch.allclose(q.float().abs().amax(dim=(1, 2, 3)), torch.full((16,), FP8_MAX))  # each channel's top
+    assert fold_quantized(g) == ["c1"]
+    layer = next(n for n in g.nodes if n.name == "c1")
+    assert layer.op == "Fused" and layer.attrs["kind"] == "quantized" and layer.inputs[0].dtype is FP8  # type: ignore[union-attr]

@@ -77,8 +77,9 @@ class BuilderConfig:
         the layers are folded into int8 GEMM/conv kernels, chosen where the tuner finds them faster). On a GPU
         the layers left in float compute in FP16 (FP32 where their values leave FP16's range), as TensorRT's
         --int8 --fp16 does; `kiln build` shows the mix. precision="fp8" is the same with FP8 E4M3 (per-tensor
-        activation and weight scales, GEMMs on FP8 tensor cores); refused on GPUs older than sm_89; on the CPU
-        it runs through torch's FP8 matmul (correct, not fast).
+        activation scales; weights per tensor for GEMMs, per output channel for convs; on FP8 tensor cores);
+        refused on GPUs older than sm_89; on the CPU it runs through torch's FP8 matmul and the reference
+        (correct, not fast).
     layer_precision: {layer-name glob: "fp32"} layers kept in FP32 in an fp16/bf16 build. The build also keeps
         in FP32 every layer whose values leave FP16's range on the calibration data (when given with fp16, up to
         64 samples; else on random inputs at the profiles' opt shapes), and reports each with its reason.

@@ -43,8 +43,9 @@ def add_parser(sub: Any) -> None:
                       help="int8 Conv/Gemm/MatMul inputs, calibrated on --calib data (on int8 GEMM/conv kernels "
                            "where the tuner finds them faster; float layers in FP16 on a GPU)")
     prec.add_argument("--fp8", action="store_true",
-                      help="float8 E4M3 Gemm/MatMul inputs (per-tensor scales from --calib data) on FP8 GEMMs; "
-                           "needs an sm_89+ GPU (Ada, Hopper); float layers in FP16")
+                      help="float8 E4M3 Gemm/MatMul/Conv inputs (per-tensor scales from --calib data; conv weights "
+                           "per output channel) on FP8 kernels; needs an sm_89+ GPU (Ada, Hopper); float layers in "
+                           "FP16")
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
@@ -220,7 +221,7 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"    fp8: {lowered['fp8_layers']} layers quantized to float8 E4M3 ({lowered['calibrator']} calibration"
               f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); "
               f"{sum(c.tactic in FP8_TACTICS for c in plan.choices[0]) if plan.choices else 0} run on FP8 "
-              f"GEMMs, the others compute their results in float")
+              f"kernels, the others compute their results in float")
     if lowered.get("precision") == "int8":
         print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
               f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); {on_int8} run on "
@@ -294,7 +295,7 @@ INT8_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInte
 INT8_TACTICS = frozenset({"cuda.int8_gemm", "triton.int8_gemm", "cuda.matmul_integer", "triton.int8_conv",
                           "cuda.conv_integer"})
 """The tactics that run a layer's products on int8 kernels (the build report counts them)."""
-FP8_TACTICS = frozenset({"cuda.fp8_gemm", "triton.fp8_gemm"})
+FP8_TACTICS = frozenset({"cuda.fp8_gemm", "triton.fp8_gemm", "triton.fp8_conv"})
 """The tactics that run a layer's products on float8 kernels."""
 
 

@@ -88,7 +88,8 @@ def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Colle
                    min_channels: int = 1, fp8: bool = False) -> QuantReport:
     """Place Q/DQ pairs (in place). `act_scales`: activation value name -> scale (symmetric int8); convs with fewer
     than `min_channels` input channels per group stay float (`MIN_INT8_CHANNELS` for GPU builds). `fp8`: float8
-    E4M3 instead of int8, per tensor for weights too (FP8 GEMMs scale whole operands): the same calibrated range
+    E4M3 instead of int8, GEMM weights per tensor too (FP8 GEMMs scale whole operands), conv weights per output
+    channel (grouped convs stay float): the same calibrated range
     (threshold = int8 scale x 127) mapped onto E4M3's +-448."""
     report = QuantReport(fp8=fp8)
     shared: dict[str, Value] = {}
@@ -98,8 +99,8 @@ def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Colle
             continue
         anchor, xi, wi = found
         why = _refuse(n, anchor, xi, wi, act_scales, skip, min_channels)
-        if not why and fp8 and anchor.op == "Conv":
-            why = "no FP8 convolution kernel yet: kept in the float precision"
+        if not why and fp8 and anchor.op == "Conv" and int(anchor.attrs.get("group", 1)) != 1:
+            why = "no FP8 grouped-convolution kernel: kept in the float precision"
         if why:
             report.float_layers[n.name] = why
             continue
@@ -109,7 +110,10 @@ def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Colle
         dq_x = shared.get(x.name) or _fake_quant(graph, x, scale, fp8)
         shared[x.name] = dq_x
         n.inputs[xi] = dq_x
-        n.inputs[wi] = _fp8_weight(graph, w) if fp8 else _int8_weight(graph, w, _weight_axis(anchor))  # type: ignore[arg-type]
+        if fp8:  # a conv's weight per output channel (the conv template scales each), a GEMM's per tensor
+            n.inputs[wi] = _fp8_weight(graph, w, 0 if anchor.op == "Conv" else None)
+        else:
+            n.inputs[wi] = _int8_weight(graph, w, _weight_axis(anchor))  # type: ignore[arg-type]
         report.layers.append(n.name)
     graph.toposort()
     return report
@@ -168,16 +172,26 @@ def _int8_weight(graph: Graph, w: Value, axis: int) -> Value:
     return dq
 
 
-def _fp8_weight(graph: Graph, w: Value) -> Value:
-    """w as float8 E4M3 with one scale (amax / 448), rounded to nearest even and saturated, + its DequantizeLinear."""
+def _fp8_weight(graph: Graph, w: Value, axis: int | None = None) -> Value:
+    """w as float8 E4M3 with one scale (amax / 448) - or, with `axis`, one per channel along it - rounded to nearest
+    even and saturated, + its DequantizeLinear."""
     data = w.data
     assert isinstance(data, torch.Tensor)
-    scale = torch.tensor(max(float(data.detach().float().abs().max()) / FP8_MAX, SCALE_FLOOR), dtype=torch.float32)
-    q = (data.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    if axis is None:
+        scale = torch.tensor(max(float(data.detach().float().abs().max()) / FP8_MAX, SCALE_FLOOR),
+                             dtype=torch.float32)
+        shaped = scale
+    else:
+        scale = weight_scales(data, axis) * (QMAX / FP8_MAX)  # amax / 448 per channel
+        shape = [1] * data.dim()
+        shape[axis] = -1
+        shaped = scale.reshape(shape)
+    q = (data.float() / shaped).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     qv = _const(graph, f"{w.name}.fp8", q)
     sv = _const(graph, f"{w.name}.scale", scale)
-    zv = _const(graph, f"{w.name}.zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
-    (dq,) = graph.add("DequantizeLinear", [qv, sv, zv], name=graph.fresh_name(f"{w.name}/dequantize"))
+    zv = _const(graph, f"{w.name}.zero_point", torch.zeros(scale.shape, dtype=torch.float8_e4m3fn))
+    attrs = {} if axis is None else {"axis": axis}
+    (dq,) = graph.add("DequantizeLinear", [qv, sv, zv], attrs, name=graph.fresh_name(f"{w.name}/dequantize"))
     return dq
 
 

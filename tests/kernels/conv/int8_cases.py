@@ -23,11 +23,12 @@ ALL = tuple(INT8_TILES)
 
 
 def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, act: bool = True,
-              half: bool = False, requant: bool = False, dual: bool = False, **kw: Any) -> tuple[Node, list[Any]]:
+              half: bool = False, requant: bool = False, dual: bool = False, fp8: bool = False,
+              **kw: Any) -> tuple[Node, list[Any]]:
     """The folded node of Conv(x) (+ Relu), min-max scales from a sample, and its inputs with an int8 activation.
     `requant`: a 1x1 conv reads its output, so it ends by quantizing for that conv (an int8 output); `dual`: the
     float result is read too (a graph output, as a ResNet block's output is by the next residual add), so the
-    layer writes both."""
+    layer writes both; `fp8`: float8 E4M3 instead of int8 (per-output-channel weight scales)."""
     m = Maker(21)
     y = m.conv(F32, x, n, (k, k), cl=cl, **kw)
     if act:
@@ -44,7 +45,7 @@ def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, 
 
     epilogue_fusion(m.g)
     # every channel count: the kernel takes any (a model quantized before import may)
-    node, args = folded_layer(m.g, scales, {m.g.inputs[0]: m.feeds["x"]}, half, requant or dual)
+    node, args = folded_layer(m.g, scales, {m.g.inputs[0]: m.feeds["x"]}, half, requant or dual, fp8)
     args[0] = args[0].contiguous(memory_format=torch.channels_last) if cl else args[0].contiguous()
     return node, args
 

@@ -54,3 +54,27 @@ def test_the_tma_form_takes_stride_1_convs_and_picks_the_patch_that_wastes_least
     narrow, _ = quantized((1, 8, 9, 9), 8, 3, pad=(1, 1))  # 8 int8 channels: 8-byte rows
     with pytest.raises(UnsupportedError, match="16-byte"):
         t.build(narrow, {"tile": tma}, torch.device("cuda"))
+
+
+def test_float8_convs_take_the_fp8_template_and_the_1x1_gemm_path() -> None:
+    """`triton.fp8_conv` takes float8 conv layers (per-output-channel weight scales), `triton.int8_conv` the int8
+    ones; a 1x1 stride-1 float8 conv also goes to `triton.fp8_gemm`. The float8 source sums in float32 with
+    partial sums every 128 products, dequantizes per channel and, requantizing, stores float8. Numbers: GPU tier
+    (tests/kernels/conv/test_gpu.py), the interpreter's float8 conversion being wrong."""
+    from kiln.ir import DType
+    from kiln.kernels.conv.triton_conv import quantized_spec, source
+    from tests.kernels.conv.int8_cases import quantized
+
+    f8, _ = quantized((1, 32, 6, 6), 16, 3, pad=(1, 1), requant=True, half=True, fp8=True)
+    i8, _ = quantized((1, 32, 6, 6), 16, 3, pad=(1, 1), requant=True, half=True)
+    t8, ti = registry.get("triton.fp8_conv"), registry.get("triton.int8_conv")
+    assert t8.applicable(f8, CUDA) and not t8.applicable(i8, CUDA) and ti.applicable(i8, CUDA)
+    assert not ti.applicable(f8, CUDA) and not t8.applicable(f8, torch.device("cpu"))
+    s = quantized_spec(f8, DType.FLOAT8_E4M3FN)
+    assert s is not None and s.out is DType.FLOAT8_E4M3FN and s.dq is not None
+    text = source(s)
+    assert "max_num_imprecise_acc=128" in text and "int32" not in text and "tl.float8e4nv" in text
+    assert text.index("dq_ptr + offs_n") < text.index("tl.store")
+    one, _ = quantized((1, 32, 6, 6), 16, 1, half=True, fp8=True)
+    assert registry.get("triton.fp8_gemm").applicable(one, CUDA) and not registry.get("triton.int8_gemm").applicable(
+        one, CUDA)

@@ -36,7 +36,7 @@ from kiln.kernels.base import Kernel
 from kiln.kernels.conv.cudnn import _params
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored
-from kiln.kernels.gemm.triton_gemm import WIDE_LIMIT, Tile, _stages, _steps, quantized_steps
+from kiln.kernels.gemm.triton_gemm import FP8_PROMOTE, WIDE_LIMIT, Tile, _stages, _steps, quantized_steps
 from kiln.kernels.pointwise.rules import NARROW, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
@@ -282,15 +282,18 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     in int32 and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`) before its epilogue."""
     e = epilogue(s, "tl.load(b_ptr + (offs_n % N) * stride_b)")
     int8 = s.dtype is DType.INT8
+    scaled = s.dq is not None  # int8 or float8 products, dequantized per output channel
     if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
         precision = ", out_dtype=tl.int32"
+    elif s.dtype is DType.FLOAT8_E4M3FN:  # float32 partial sums every FP8_PROMOTE products (see triton_gemm)
+        precision = f", max_num_imprecise_acc={FP8_PROMOTE}"
     else:
         precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
-    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if int8 else ""
+    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if scaled else ""
     also = "" if s.program is None or s.out2 is None else \
         f"    tl.store(out2_ptr + out_rows + rn * stride_oc, {s.program.also[0].text}.to({storage(s.out2)}), " \
         f"mask=mask)\n"
-    pointers = ("out2_ptr, " if also else "") + ("dq_ptr, " if int8 else "") + e.pointers
+    pointers = ("out2_ptr, " if also else "") + ("dq_ptr, " if scaled else "") + e.pointers
     return (_TMA_SOURCE if tma else _SOURCE).format(what=e.what, pointers=pointers, strides=e.strides,
                           precision=precision, epilogue=e.lines, result=e.result, out=storage(s.out),
                           acc_type="tl.int32" if int8 else "tl.float32", zero="0" if int8 else "0.0", dequant=dequant,
@@ -522,9 +525,10 @@ class TritonConv(TemplateTactic):
         return ConvKernel(node, view, tile, device)
 
 
-def quantized_spec(node: Node) -> Spec | None:
+def quantized_spec(node: Node, dtype: DType = DType.INT8) -> Spec | None:
     """The int8 template's view of a "quantized" Fused node whose anchor is a 2-D ungrouped Conv (int8 activation
-    with a per-tensor scale, int8 weight with per-output-channel scales, zero points 0), or None."""
+    with a per-tensor scale, int8 weight with per-output-channel scales, zero points 0), or None. `dtype`
+    FLOAT8_E4M3FN: the same layout in float8 E4M3 (`precision="fp8"` builds)."""
     from kiln.kernels.gemm.int8 import zero_points_zero
 
     if node.op != "Fused" or node.attrs.get("kind") != "quantized" or len(node.outputs) > 2:
@@ -544,10 +548,10 @@ def quantized_spec(node: Node) -> Spec | None:
     except ValueError:
         return None
     xq, sx, wq, sw = (node.inputs[i] for i in (xq_at, sx_at, wq_at, sw_at))
-    if xq is None or wq is None or sx is None or sw is None or xq.dtype is not DType.INT8:
+    if xq is None or wq is None or sx is None or sw is None or xq.dtype is not dtype:
         return None
     w = wq.data
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 4:
+    if not isinstance(w, torch.Tensor) or w.dtype != dtype.torch or w.dim() != 4:
         return None
     if not (zero_points_zero(node, dx) and zero_points_zero(node, dw)):
         return None
@@ -562,9 +566,11 @@ def quantized_spec(node: Node) -> Spec | None:
     if found is None:
         return None
     program, sources, out = found
+    if out is DType.FLOAT8_E4M3FN and dtype is not DType.FLOAT8_E4M3FN:
+        return None  # float8 outputs: written by float8 layers only
     stride, pad, dilation = geometry
     return Spec(xq_at, wq_at, b_at, int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride,
-                pad, dilation, DType.INT8, out, program, sources, dq=(sx_at, sw_at),
+                pad, dilation, dtype, out, program, sources, dq=(sx_at, sw_at),
                 kinds=operand_kinds(node, program, sources, 3))
 
 
@@ -583,5 +589,18 @@ class TritonInt8Conv(TritonConv):
         return quantized_spec(node)
 
 
+class TritonFp8Conv(TritonInt8Conv):
+    """A "quantized" 2-D conv in float8 E4M3 (`precision="fp8"`; per-tensor activation, per-output-channel weight
+    scales) as the same template: float8 products summed in float32, dequantized per output channel, then its
+    epilogue (up to the float8 quantize for the next layer). GPU-tested only: the Triton interpreter's float8
+    conversion is wrong."""
+
+    name = "triton.fp8_conv"
+
+    def view(self, node: Node) -> Spec | None:
+        return quantized_spec(node, DType.FLOAT8_E4M3FN)
+
+
 register(TritonConv())
 register(TritonInt8Conv())
+register(TritonFp8Conv())

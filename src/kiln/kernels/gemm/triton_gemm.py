@@ -368,7 +368,7 @@ class GemmKernel:
             self.weight = prepared(node, s.w_at, ("triton.gemm", trans_b),
                                    lambda w: (w.t() if trans_b else w).contiguous())
         elif s.conv:  # [K, C, 1, 1] is already [N, K] with K contiguous
-            self.weight = prepared(node, s.w_at, ("triton.int8_gemm", "conv1x1"),
+            self.weight = prepared(node, s.w_at, ("triton.quantized_gemm", "conv1x1"),
                                    lambda w: w.reshape(w.shape[0], -1).contiguous().t())
         else:  # [N, K] with K contiguous, seen as [K, N]: int8 tensor cores take both operands K-major
             self.weight = prepared(node, s.w_at, ("triton.int8_gemm", trans_b),
@@ -542,15 +542,15 @@ def quantized_spec(node: Node, dtype: DType = DType.INT8) -> Spec | None:
                 sources, dq=(sx_at, sw_at), kinds=operand_kinds(node, program, sources, 1))
 
 
-def conv1x1_spec(node: Node) -> Spec | None:
+def conv1x1_spec(node: Node, dtype: DType = DType.INT8) -> Spec | None:
     """A "quantized" 1x1 conv with stride 1, no padding, one group (ResNet's bottleneck convs) in the GEMM
-    template's terms (`Spec.conv`), or None."""
+    template's terms (`Spec.conv`), or None; `dtype` as in `triton_conv.quantized_spec`."""
     from kiln.kernels.conv.triton_conv import quantized_spec as conv_spec
 
-    cs = conv_spec(node)
+    cs = conv_spec(node, dtype)
     if cs is None or cs.kernel != (1, 1) or cs.stride != (1, 1) or cs.pad != (0, 0) or cs.dilation != (1, 1):
         return None
-    return Spec(cs.x_at, cs.w_at, False, True, 1.0, cs.b_at, 1.0, cs.n, cs.c, DType.INT8, cs.out, cs.program,
+    return Spec(cs.x_at, cs.w_at, False, True, 1.0, cs.b_at, 1.0, cs.n, cs.c, cs.dtype, cs.out, cs.program,
                 cs.sources, dq=cs.dq, kinds=cs.kinds, conv=True)
 
 
@@ -584,7 +584,7 @@ class TritonFp8Gemm(TritonGemm):
     priority = 25  # before cuda.fp8_gemm (30)
 
     def view(self, node: Node) -> Spec | None:
-        return quantized_spec(node, DType.FLOAT8_E4M3FN)
+        return quantized_spec(node, DType.FLOAT8_E4M3FN) or conv1x1_spec(node, DType.FLOAT8_E4M3FN)
 
 
 register(TritonGemm())
