@@ -19,7 +19,7 @@ from kiln.ir.convert import from_numpy, to_numpy
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, OptionalType, SequenceType, TensorType, Value, ValueType
 from kiln.ir.ops import get_op
-from kiln.ir.ops.base import RefCtx, tf32_mode
+from kiln.ir.ops.base import RefCtx
 from kiln.utils.errors import ExecutionError, InputError, KilnError
 
 Feeds = Mapping[str, Any] | Sequence[Any]
@@ -67,6 +67,26 @@ class Scope:
         if v not in self.consts:
             self.consts[v] = d.to(self.device)
         return self.consts[v]
+
+
+class tf32_mode:
+    """TF32 for fp32 matmuls and convolutions on CUDA, on or off for the duration (restored afterwards). Engines
+    run with the setting they were built (and tuned) with; the reference runs without (IEEE float32), so torch's
+    process-wide defaults (cuDNN convolutions allow TF32) do not leak in."""
+
+    def __init__(self, enabled: bool, device: torch.device | None) -> None:
+        self.enabled = enabled
+        self.active = device is not None and device.type == "cuda"
+        self.prev: tuple[bool, bool] = (False, False)
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.prev
 
 
 def to_device(x: Any, device: torch.device) -> Any:

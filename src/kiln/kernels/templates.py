@@ -9,10 +9,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
 from kiln.kernels.pointwise import triton_available
-from kiln.kernels.pointwise.rules import NARROW
+from kiln.kernels.pointwise.rules import NARROW, storage
 from kiln.kernels.pointwise.tile import TileProgram
 from kiln.utils.errors import UnsupportedError
 
@@ -84,3 +85,27 @@ def operand_loads(program: TileProgram, kinds: tuple[str, ...], channel_stride: 
         else:
             lines.append(f"a{j} = tl.load(p{j} + {rows.format(j=j)} + {col}, mask=mask, other=0.0){up}")
     return lines
+
+
+def second_output(program: TileProgram | None) -> DType | None:
+    """The dtype of an epilogue's second output (`TileProgram.also`: a layer that writes its float result and the
+    8-bit copy for the next layer), or None."""
+    return program.also[0].dtype if program is not None and program.also else None
+
+
+def second_store(program: TileProgram | None, offsets: str) -> str:
+    """The kernel line storing the epilogue's second output through `out2_ptr` at `offsets` (laid out as the first
+    output), or "" without one."""
+    out2 = second_output(program)
+    if program is None or out2 is None:
+        return ""
+    return f"    tl.store(out2_ptr + {offsets}, {program.also[0].text}.to({storage(out2)}), mask=mask)\n"
+
+
+def dequant_vector(node: Node, dq: tuple[int, int], n: int) -> torch.Tensor:
+    """The float32 factor per output channel of an 8-bit layer: the activation's scale times the weight's scale
+    for each of the `n` channels (one weight scale - float8 GEMMs - applies to all)."""
+    sx, sw = (node.inputs[i] for i in dq)
+    assert sx is not None and sw is not None
+    assert isinstance(sx.data, torch.Tensor) and isinstance(sw.data, torch.Tensor)
+    return (sx.data.float().reshape(()) * sw.data.float().reshape(-1).expand(n)).contiguous()

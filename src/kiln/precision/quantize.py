@@ -374,25 +374,25 @@ def fuse_output_quantize(graph: Graph) -> list[str]:
     reference runs the same ops, so results do not change. Returns the fused ops' names."""
     uses = Uses.of(graph)  # readers inside subgraphs count too
     fused: list[str] = []
-    for q, y, norm in _eight_bit_quantizes(graph):
-        if norm.op not in QUANTIZING or norm.outputs[0] is not y or not _constant_scalars(q) \
-                or norm.name in fused:  # a second QuantizeLinear of the same result stays a pass
+    for q, y, op in _eight_bit_quantizes(graph):
+        if op.op not in QUANTIZING or op.outputs[0] is not y or not _constant_scalars(q) \
+                or op.name in fused:  # a second QuantizeLinear of the same result stays a pass
             continue
-        if any(uses.readers.get(o) or o in uses.outputs for o in norm.outputs[1:]):
+        if any(uses.readers.get(o) or o in uses.outputs for o in op.outputs[1:]):
             continue  # its other outputs (a norm's statistics, an attention's cache) are read: left alone
         keep_y = bool([r for r in uses.readers.get(y, []) if r is not q]) or y in uses.outputs
-        node = _quantizing_node(graph, norm, q, keep_y)
-        at = graph.nodes.index(norm)
-        graph.remove_nodes([norm, q])
+        node = _quantizing_node(graph, op, q, keep_y)
+        at = graph.nodes.index(op)
+        graph.remove_nodes([op, q])
         graph.insert_node(node, at)
         fused.append(node.name)
     return fused
 
 
-def _quantizing_node(graph: Graph, norm: Node, q: Node, keep_y: bool) -> Node:
-    """The "quantizing" Fused node standing for `norm` (a norm or an attention) then `q` (see
+def _quantizing_node(graph: Graph, op: Node, q: Node, keep_y: bool) -> Node:
+    """The "quantizing" Fused node standing for `op` (a norm or an attention) then `q` (see
     `fuse_output_quantize`); `keep_y`: it also outputs the float result."""
-    body = Graph(f"{norm.name} (quantized)", parent=graph)
+    body = Graph(f"{op.name} (quantized)", parent=graph)
     inner: dict[Value, Value] = {}
 
     def take(v: Value | None) -> Value | None:
@@ -402,10 +402,10 @@ def _quantizing_node(graph: Graph, norm: Node, q: Node, keep_y: bool) -> Node:
             inner[v] = Value(graph.fresh_name(f"{v.name}.in"), v.type)
         return inner[v]
 
-    y, yq = norm.outputs[0], q.outputs[0]
+    y, yq = op.outputs[0], q.outputs[0]
     y_in = Value(graph.fresh_name(f"{y.name}.inner"), y.type)
     q_in = Value(graph.fresh_name(f"{yq.name}.inner"), yq.type)
-    body.nodes = [Node(norm.op, [take(v) for v in norm.inputs], [y_in], dict(norm.attrs), norm.name),
+    body.nodes = [Node(op.op, [take(v) for v in op.inputs], [y_in], dict(op.attrs), op.name),
                   Node("QuantizeLinear", [y_in, *(take(v) for v in q.inputs[1:])], [q_in], dict(q.attrs), q.name)]
     body.inputs = list(inner.values())
     body.outputs = [y_in, q_in] if keep_y else [q_in]
@@ -413,7 +413,7 @@ def _quantizing_node(graph: Graph, norm: Node, q: Node, keep_y: bool) -> Node:
         for o in m.outputs:
             o.producer = m
     node = Node("Fused", list[Value | None](inner), [y, yq] if keep_y else [yq], {"body": body, "kind": "quantizing"},
-                norm.name)
+                op.name)
     for o in node.outputs:
         o.producer = node
     return node

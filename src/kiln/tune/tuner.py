@@ -19,9 +19,9 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType
-from kiln.ir.interpreter import Interpreter
+from kiln.ir.interpreter import Interpreter, tf32_mode
 from kiln.ir.ops import get_op
-from kiln.ir.ops.base import RefCtx, tf32_mode
+from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
 from kiln.kernels.base import Kernel, Tactic
 from kiln.runtime.device import describe

@@ -430,23 +430,3 @@ def same_as(i: int = 0) -> InferFn:
 
 def tensor(dtype: DType, shape: Shape | None) -> TensorType:
     return TensorType(dtype, shape)
-
-
-class tf32_mode:
-    """TF32 for fp32 matmuls and convolutions on CUDA, on or off for the duration (restored afterwards). Engines
-    run with the setting they were built (and tuned) with; the reference runs without (IEEE float32), so torch's
-    process-wide defaults (cuDNN convolutions allow TF32) do not leak in."""
-
-    def __init__(self, enabled: bool, device: torch.device | None) -> None:
-        self.enabled = enabled
-        self.active = device is not None and device.type == "cuda"
-        self.prev: tuple[bool, bool] = (False, False)
-
-    def __enter__(self) -> None:
-        if self.active:
-            self.prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.prev

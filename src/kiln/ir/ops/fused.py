@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kiln.ir.graph import ValueType
-from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, tf32_mode, value_of
+from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, value_of
 
 KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "region")
 
@@ -39,10 +39,7 @@ def _infer(ctx: InferCtx) -> list[ValueType]:
 def _ref(c: RefCtx, xs: list[Any]) -> list[Any]:
     body = c.attrs["body"]
     device = next((x.device for x in xs if isinstance(x, torch.Tensor)), None)
-    # why: a quantized layer's products are exact in every kernel (int32 or float32 sums of 8-bit codes); TF32
-    # would round the dequantized operands to 10 mantissa bits and make the reference the least accurate one
-    with tf32_mode(False, device if c.attrs.get("kind") == "quantized" else None):
-        env = run_nodes(body.nodes, dict(zip(body.inputs, xs)), device)
+    env = run_nodes(body.nodes, dict(zip(body.inputs, xs)), device)
     return [value_of(v, env, device) for v in body.outputs]
 
 

@@ -409,7 +409,7 @@ class TritonFlashAttentionQuantize(Tactic):
         causal, scale = bool(a["is_causal"]), a["scale"]
         heads = (a["q_num_heads"], a["kv_num_heads"])
         at = [None if v is None else view.at[v] for v in att.inputs[:4]]
-        quant = Quantize(view.scale, view.zero, view.quantize.outputs[0].dtype.torch, view.precision, view.keep_y)
+        quant = Quantize.of(view)
         separate = separate_quantize(view, device) if config.get("quantize") == "separate" else None
         fallback = reference(node)
 

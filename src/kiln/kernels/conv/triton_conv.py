@@ -40,7 +40,14 @@ from kiln.kernels.gemm.triton_gemm import FP8_PROMOTE, WIDE_LIMIT, Tile, _stages
 from kiln.kernels.pointwise.rules import NARROW, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
-from kiln.kernels.templates import TemplateTactic, operand_kinds, operand_loads
+from kiln.kernels.templates import (
+    TemplateTactic,
+    dequant_vector,
+    operand_kinds,
+    operand_loads,
+    second_output,
+    second_store,
+)
 from kiln.utils.errors import InputError, UnsupportedError
 
 ANCHORS = frozenset({"Conv"})
@@ -102,8 +109,8 @@ class Spec:
 
     @property
     def out2(self) -> DType | None:
-        """The second output's dtype (the epilogue's `also`: the 8-bit copy of the float result), or None."""
-        return self.program.also[0].dtype if self.program is not None and self.program.also else None
+        """The second output's dtype (`templates.second_output`), or None."""
+        return second_output(self.program)
 
 
 def spec(node: Node, depthwise: bool = False) -> Spec | None:
@@ -290,9 +297,7 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     else:
         precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
     dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if scaled else ""
-    also = "" if s.program is None or s.out2 is None else \
-        f"    tl.store(out2_ptr + out_rows + rn * stride_oc, {s.program.also[0].text}.to({storage(s.out2)}), " \
-        f"mask=mask)\n"
+    also = second_store(s.program, "out_rows + rn * stride_oc")
     pointers = ("out2_ptr, " if also else "") + ("dq_ptr, " if scaled else "") + e.pointers
     return (_TMA_SOURCE if tma else _SOURCE).format(what=e.what, pointers=pointers, strides=e.strides,
                           precision=precision, epilogue=e.lines, result=e.result, out=storage(s.out),
@@ -429,13 +434,7 @@ class ConvKernel(SpecKernel):
         else:  # why: K ordered (kh, kw, c) so that one K step reads neighbouring channels of one input pixel
             self.weight = prepared(node, s.w_at, ("triton.conv", "khkwc"),
                                    lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous())
-        self.dequant = None
-        if s.dq is not None:  # the activation's scale times each output channel's weight scale, once
-            sx_at, sw_at = s.dq
-            sx, sw = node.inputs[sx_at], node.inputs[sw_at]
-            assert sx is not None and sw is not None
-            assert isinstance(sx.data, torch.Tensor) and isinstance(sw.data, torch.Tensor)
-            self.dequant = (sx.data.float().reshape(()) * sw.data.float().reshape(-1)).contiguous()
+        self.dequant = None if s.dq is None else dequant_vector(node, s.dq, s.n)
 
     def __call__(self, xs: list[Any]) -> list[Any]:
         s = self.s
@@ -562,12 +561,10 @@ def quantized_spec(node: Node, dtype: DType = DType.INT8) -> Spec | None:
     geometry = _geometry(a)
     if geometry is None or int(anchor.attrs.get("group", 1)) != 1:
         return None
-    found = quantized_steps(a)
+    found = quantized_steps(a, dtype)
     if found is None:
         return None
     program, sources, out = found
-    if out is DType.FLOAT8_E4M3FN and dtype is not DType.FLOAT8_E4M3FN:
-        return None  # float8 outputs: written by float8 layers only
     stride, pad, dilation = geometry
     return Spec(xq_at, wq_at, b_at, int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])), stride,
                 pad, dilation, dtype, out, program, sources, dq=(sx_at, sw_at),

@@ -40,7 +40,14 @@ from kiln.kernels.pointwise.codegen import epilogue_graph
 from kiln.kernels.pointwise.rules import NARROW, float_text, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function, tile_program
 from kiln.kernels.registry import register
-from kiln.kernels.templates import TemplateTactic, operand_kinds, operand_loads
+from kiln.kernels.templates import (
+    TemplateTactic,
+    dequant_vector,
+    operand_kinds,
+    operand_loads,
+    second_output,
+    second_store,
+)
 from kiln.utils.errors import InputError, UnsupportedError
 
 ANCHORS = frozenset({"MatMul", "Gemm"})
@@ -130,9 +137,8 @@ class Spec:
 
     @property
     def out2(self) -> DType | None:
-        """The dtype of the second output (the epilogue's `also`: a layer that writes its float result and the
-        8-bit copy for the next layer), or None."""
-        return self.program.also[0].dtype if self.program is not None and self.program.also else None
+        """The dtype of the second output (`templates.second_output`), or None."""
+        return second_output(self.program)
 
 
 def spec(node: Node) -> Spec | None:
@@ -300,9 +306,7 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
     operands, operand_strides = ("x_desc, w_desc", "") if tma else \
         ("x_ptr, w_ptr", "stride_xm, stride_xk, stride_wk, stride_wn, ")
-    also = "" if s.program is None or s.out2 is None else \
-        f"    tl.store(out2_ptr + rm * stride_om + rn * stride_on, {s.program.also[0].text}.to({storage(s.out2)}), " \
-        f"mask=mask)\n"
+    also = second_store(s.program, "rm * stride_om + rn * stride_on")
     return _SOURCE.format(what=what + (", TMA" if tma else ""), pointers="".join(f"{p}, " for p in pointers),
                           strides="".join(f"{p}, " for p in strides), operands=operands,
                           operand_strides=operand_strides, mainloop=mainloop,
@@ -373,13 +377,7 @@ class GemmKernel:
         else:  # [N, K] with K contiguous, seen as [K, N]: int8 tensor cores take both operands K-major
             self.weight = prepared(node, s.w_at, ("triton.int8_gemm", trans_b),
                                    lambda w: (w if trans_b else w.t()).contiguous().t())
-        self.dequant = None
-        if s.dq is not None:  # the activation's scale times each output channel's weight scale, once
-            sx, sw = (node.inputs[i] for i in s.dq)
-            assert sx is not None and sw is not None
-            assert isinstance(sx.data, torch.Tensor) and isinstance(sw.data, torch.Tensor)
-            per_channel = sw.data.float().reshape(-1).expand(s.n)  # float8: one weight scale for every channel
-            self.dequant = (sx.data.float().reshape(()) * per_channel).contiguous()
+        self.dequant = None if s.dq is None else dequant_vector(node, s.dq, s.n)
         ops = s.program.operands if s.program is not None else ()
         self.reads = [None if op.input is None else s.sources[op.input - 1] for op in ops]
         """Per operand: the node input it reads, or None for the next body constant."""
@@ -489,9 +487,10 @@ class TritonGemm(TemplateTactic):
         return GemmKernel(node, view, tile, device)
 
 
-def quantized_steps(a: Anchored) -> tuple[TileProgram | None, tuple[int, ...], DType] | None:
-    """A "quantized" node's epilogue (after the dequantized product) as (tile program or None, its inputs' node
-    indices, the output dtype: float, or int8/uint8 when it requantizes for the next layer), or None."""
+def quantized_steps(a: Anchored, dtype: DType) -> tuple[TileProgram | None, tuple[int, ...], DType] | None:
+    """A "quantized" node's epilogue (after the dequantized product, `dtype` its operands') as (tile program or
+    None, its inputs' node indices, the output dtype: float, or int8/uint8 - float8 for a float8 layer - when it
+    requantizes for the next layer), or None."""
     steps = _steps(a)
     if steps is None:
         return None
@@ -500,6 +499,8 @@ def quantized_steps(a: Anchored) -> tuple[TileProgram | None, tuple[int, ...], D
     if out != a.node.outputs[0].dtype or out not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8,
                                                      DType.UINT8, DType.FLOAT8_E4M3FN):
         return None
+    if out is DType.FLOAT8_E4M3FN and dtype is not DType.FLOAT8_E4M3FN:
+        return None  # float8 outputs: written by float8 layers only
     also = [] if program is None else [e.dtype for e in program.also]
     if len(a.node.outputs) != 1 + len(also) or len(also) > 1 \
             or any(d not in (DType.INT8, DType.UINT8) or d != o.dtype for d, o in zip(also, a.node.outputs[1:])):
@@ -532,12 +533,10 @@ def quantized_spec(node: Node, dtype: DType = DType.INT8) -> Spec | None:
         if c is None or c.rank is None or c.rank > 2 or beta == 0.0:
             return None
     a = Anchored(node, anchor, [xq_at, wq_at, c_at], body.nodes[3:], body)
-    steps = quantized_steps(a)
+    steps = quantized_steps(a, dtype)
     if steps is None:
         return None
     program, sources, out = steps
-    if out is DType.FLOAT8_E4M3FN and dtype is DType.INT8:
-        return None
     return Spec(xq_at, wq_at, False, bool(trans_b), 1.0, c_at, beta, int(n), int(k), dtype, out, program,
                 sources, dq=(sx_at, sw_at), kinds=operand_kinds(node, program, sources, 1))
 

@@ -145,7 +145,7 @@ class TritonNormQuantize(TritonTactic):
 
         view = norm_quantize_view(node)
         assert view is not None
-        norm, q = view.op, view.quantize
+        norm = view.op
         rms = norm.op == "RMSNormalization"
         axis = _axis(norm)
         assert axis is not None
@@ -153,7 +153,7 @@ class TritonNormQuantize(TritonTactic):
         x_at, w_at = view.at[norm.inputs[0]], view.at[norm.inputs[1]]  # type: ignore[index]
         bias = norm.inputs[2] if len(norm.inputs) > 2 else None
         b_at = None if bias is None else view.at[bias]
-        quant = tk.Quantize(view.scale, view.zero, q.outputs[0].dtype.torch, view.precision, view.keep_y)
+        quant = tk.Quantize.of(view)
         separate = separate_quantize(view, device) if config.get("quantize") == "separate" else None
         fallback = reference(node)
 

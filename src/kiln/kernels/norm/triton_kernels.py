@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.norm.common import grid_rows, next_pow2, plan, promote, warps
+from kiln.kernels.norm.common import QuantizedOutput, grid_rows, next_pow2, plan, promote, warps
 from kiln.kernels.pointwise import mathlib as km
 
 TL: dict[torch.dtype, Any] = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -247,6 +247,11 @@ class Quantize:
     out: torch.dtype
     precision: torch.dtype
     keep_y: bool
+
+    @staticmethod
+    def of(view: QuantizedOutput) -> Quantize:
+        """What a "quantizing" node's QuantizeLinear asks of the kernel storing its op's result."""
+        return Quantize(view.scale, view.zero, view.quantize.outputs[0].dtype.torch, view.precision, view.keep_y)
 
 
 def quantize_flags(quant: Quantize | None, y_dtype: torch.dtype) -> dict[str, Any]:
