@@ -71,3 +71,26 @@ def test_a_quantizing_layer_may_round_a_value_one_step_the_other_way() -> None:
     (r,) = g.add("Relu", [x], name="relu")
     g.outputs.extend([q, r])
     assert _quantizes(g.nodes[0]) and not _quantizes(g.nodes[1])
+
+
+def test_a_rejected_candidate_is_reported_with_how_far_off_it_is() -> None:
+    """The build report's rejection line says which output missed and by how much (codes for 8-bit results, the
+    largest difference for floats), so a user can tell a near miss from a broken kernel."""
+    from kiln.tune.tuner import _mismatch
+
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (64, 64)))
+    s = g.add_initializer("s", torch.tensor(0.1))
+    (q,) = g.add("QuantizeLinear", [x, s], name="q")
+    g.outputs.append(q)
+    node = g.nodes[0]
+    want = torch.randint(-100, 100, (64, 64), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    assert _mismatch(node, [want.clone()], [want], lambda k: None) is None
+    far = want.clone()
+    far[0, :41] += 3  # 41 of 4096 values (1.00 %), three codes off
+    assert _mismatch(node, [far], [want], lambda k: None) == "output 0: 1.00 % of the codes differ, by up to 3"
+    assert _mismatch(node, [], [want], lambda k: None) == "0 outputs, the node has 1"
+    f = torch.linspace(-2, 4, 64)
+    off = f.clone()
+    off[3] += 0.5
+    assert _mismatch(node, [off], [f], lambda k: None) == "output 0: max |diff| 0.5 (largest |value| 4)"

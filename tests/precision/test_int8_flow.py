@@ -119,14 +119,14 @@ def _residual_block(matmul: bool = False) -> Graph:
 
 
 def test_a_conv_read_by_a_quantize_and_a_residual_writes_its_float_result_and_an_int8_copy() -> None:
-    """fuse_requantize's dual output: the first conv's float result feeds the residual add, its int8 copy the next
-    conv (no quantize pass between them); results unchanged. A MatMul layer (whose int8 kernels write one output)
-    keeps the quantize pass."""
+    """fuse_requantize's dual output: the first conv's float result feeds the residual add (kept float here), its
+    int8 copy the next conv (no quantize pass between them); results unchanged. A MatMul layer (whose int8 kernels
+    write one output) keeps the quantize pass."""
     from kiln.precision.pipeline import optimize_quantized
 
     g = _residual_block()
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 16, 8, 8)).astype(np.float32))
-    quantize_graph(g, minmax_scales(g, x))
+    quantize_graph(g, minmax_scales(g, x), residuals=False)
     before = Interpreter(g).run({"x": x})["y"]
     optimize_quantized(g, PassContext(device="cuda"))
     first = next(n for n in g.nodes if n.op == "Fused" and "c1" in n.name)
@@ -142,3 +142,33 @@ def test_a_conv_read_by_a_quantize_and_a_residual_writes_its_float_result_and_an
     first = next(n for n in g.nodes if n.op == "Fused" and "c1" in n.name)
     assert len(first.outputs) == 1 and [n for n in g.nodes if n.op == "QuantizeLinear" and n.inputs[0] is
                                         first.outputs[0]]
+
+
+def test_a_residual_add_reads_the_int8_copy_and_the_block_input_is_written_in_int8_alone() -> None:
+    """By default the residual add of a quantized conv reads the int8 copy its input already has (for the block's
+    first conv): the conv making that input writes int8 only, and the adding layer dequantizes it in its epilogue
+    (one DequantizeLinear step after the conv). The folded graph computes what the Q/DQ graph computes, which
+    stays close to the float model; a MatMul block keeps its float residual."""
+    from kiln.precision.pipeline import optimize_quantized
+
+    g = _residual_block()
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 16, 8, 8)).astype(np.float32))
+    exact = Interpreter(g).run({"x": x})["y"]
+    report = quantize_graph(g, minmax_scales(g, x))
+    assert report.residuals == ["c3 + skip + r3"]
+    before = Interpreter(g).run({"x": x})["y"]
+    optimize_quantized(g, PassContext(device="cuda"))
+    first = next(n for n in g.nodes if n.op == "Fused" and "c1" in n.name)
+    assert [v.dtype for v in first.outputs] == [DType.INT8]
+    last = next(n for n in g.nodes if n.op == "Fused" and "c3" in n.name)
+    body = last.attrs["body"]
+    assert [m.op for m in body.nodes[:4]] == ["DequantizeLinear", "DequantizeLinear", "Conv", "DequantizeLinear"]
+    assert first.outputs[0] in last.inputs and not [n for n in g.nodes if n.op == "DequantizeLinear"]
+    after = Interpreter(g).run({"x": x})["y"]
+    assert torch.equal(after, before)
+    cos = torch.nn.functional.cosine_similarity(after.flatten().double(), exact.flatten().double(), dim=0)
+    assert float(cos) > 0.999, float(cos)
+
+    g = _residual_block(matmul=True)
+    x2 = torch.from_numpy(np.random.default_rng(3).standard_normal((6, 16)).astype(np.float32))
+    assert quantize_graph(g, minmax_scales(g, x2)).residuals == []

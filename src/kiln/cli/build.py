@@ -226,7 +226,8 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
               f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); {on_int8} run on "
               f"int8 kernels, the others compute their int8 results in float; {lowered.get('int8_outputs', 0)} "
-              f"write int8 for the next layer (requantized in their epilogue)")
+              f"write int8 for the next layer (requantized in their epilogue)"
+              + (f"; {lowered['int8_residuals']} residual adds read int8" if lowered.get("int8_residuals") else ""))
         for name, why in lowered.get("float_layers", {}).items():
             print(f"    left in float: {name} ({why})")
         acc = lowered.get("accuracy")

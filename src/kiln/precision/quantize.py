@@ -35,9 +35,12 @@ class QuantReport:
     float_layers: dict[str, str] = field(default_factory=dict)
     """Anchoring layers left in float, with why."""
     fp8: bool = False
+    residuals: list[str] = field(default_factory=list)
+    """Layers whose residual add reads the int8 copy of its input (`_int8_residuals`)."""
 
     def to_json(self) -> dict[str, object]:
-        return {"fp8_layers" if self.fp8 else "int8_layers": len(self.layers), "float_layers": dict(self.float_layers)}
+        return {"fp8_layers" if self.fp8 else "int8_layers": len(self.layers), "float_layers": dict(self.float_layers),
+                "int8_residuals": len(self.residuals)}
 
 
 def _anchor(n: Node) -> tuple[Node, int, int] | None:
@@ -85,12 +88,13 @@ def model_fingerprint(graph: Graph) -> str:
 
 
 def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Collection[str] = (),
-                   min_channels: int = 1, fp8: bool = False) -> QuantReport:
+                   min_channels: int = 1, fp8: bool = False, residuals: bool = True) -> QuantReport:
     """Place Q/DQ pairs (in place). `act_scales`: activation value name -> scale (symmetric int8); convs with fewer
     than `min_channels` input channels per group stay float (`MIN_INT8_CHANNELS` for GPU builds). `fp8`: float8
     E4M3 instead of int8, GEMM weights per tensor too (FP8 GEMMs scale whole operands), conv weights per output
     channel (grouped convs stay float): the same calibrated range
-    (threshold = int8 scale x 127) mapped onto E4M3's +-448."""
+    (threshold = int8 scale x 127) mapped onto E4M3's +-448. `residuals` (int8): residual adds of conv layers read
+    the int8 copy of their identity input (`_int8_residuals`)."""
     report = QuantReport(fp8=fp8)
     shared: dict[str, Value] = {}
     for n in list(graph.nodes):
@@ -115,8 +119,48 @@ def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Colle
         else:
             n.inputs[wi] = _int8_weight(graph, w, _weight_axis(anchor))  # type: ignore[arg-type]
         report.layers.append(n.name)
+    if residuals and not fp8:
+        report.residuals = _int8_residuals(graph, shared, set(report.layers))
     graph.toposort()
     return report
+
+
+def _int8_residuals(graph: Graph, copies: Mapping[str, Value], quantized: set[str]) -> list[str]:
+    """Where a tensor that has an int8 copy (`copies`: name -> its DequantizeLinear output) is otherwise read only
+    as the residual operand of quantized conv layers (a ResNet block's input: quantized for the block's first
+    conv, added back after its last), those adds read the dequantized int8 copy instead. The tensor's producer then
+    writes int8 alone (`fuse_requantize`) and each add reads a quarter of the bytes (int8 for float32, half for
+    float16), and `fold_quantized` moves the dequantization into the adding layer's epilogue. The identity then
+    carries int8 rounding (half a step of the scale already calibrated for that tensor), as TensorRT's int8
+    residual fusions do. Returns the layers whose residual changed."""
+    uses = Uses.of(graph)
+    made = {v.name: v for n in graph.nodes for v in n.outputs}
+    changed: list[str] = []
+    for name, dq in copies.items():
+        x = made.get(name)  # a graph input stays as it is: nothing would stop writing a float copy
+        if x is None or x in uses.outputs or dq.producer is None:
+            continue
+        q = dq.producer.inputs[0].producer  # type: ignore[union-attr]
+        readers = [r for r in uses.readers.get(x, []) if r is not q]
+        if not readers or not all(_residual_reader(r, x, quantized) for r in readers):
+            continue
+        for r in readers:
+            r.inputs = [dq if v is x else v for v in r.inputs]
+            changed.append(r.name)
+    return changed
+
+
+def _residual_reader(n: Node, x: Value, quantized: set[str]) -> bool:
+    """Whether `n` is a quantized conv layer reading `x` only as an operand of Add steps in its epilogue."""
+    if n.name not in quantized or n.op != "Fused" or n.attrs.get("kind") != "epilogue":
+        return False
+    body: Graph = n.attrs["body"]
+    if body.nodes[0].op != "Conv":
+        return False
+    inner = {b for b, v in zip(body.inputs, n.inputs) if v is x}
+    steps = [m for m in body.nodes if any(v in inner for v in m.inputs)]
+    return bool(steps) and all(m.op == "Add" and m is not body.nodes[0] for m in steps) \
+        and not any(v in inner for v in body.outputs)
 
 
 MIN_INT8_CHANNELS = 16
@@ -224,6 +268,7 @@ def fold_quantized(graph: Graph) -> list[str]:
             continue  # int8 x int8 or fp8 x fp8 only
         assert dx is not None and dw is not None
         node = _quantized_node(graph, n, xi, wi, dx, dw)
+        _dequantize_in_epilogue(graph, node, producers)
         at = graph.nodes.index(n)
         graph.remove_nodes([n])
         graph.insert_node(node, at)
@@ -291,6 +336,29 @@ def _quantized_node(graph: Graph, n: Node, xi: int, wi: int, dx: Node, dw: Node)
         for o in m.outputs:
             o.producer = m
     return Node("Fused", list[Value | None](outer), list(n.outputs), {"body": body, "kind": "quantized"}, n.name)
+
+
+def _dequantize_in_epilogue(graph: Graph, node: Node, producers: Mapping[Value, Node]) -> None:
+    """Each epilogue operand of the "quantized" `node` that is DequantizeLinear(an int8/uint8 tensor) with a
+    constant per-tensor scale and zero point (an int8 residual, `_int8_residuals`) is read as the 8-bit tensor: the
+    DequantizeLinear becomes the first epilogue step (right after the anchor)."""
+    body: Graph = node.attrs["body"]
+    anchor = body.nodes[2]
+    for k in range(len(node.inputs) - 1, -1, -1):
+        v, b = node.inputs[k], body.inputs[k]
+        d = producers.get(v) if v is not None else None
+        if d is None or not _int8_dq(d, constant=False) or not _constant_scalars(d) or b in anchor.inputs \
+                or d.inputs[0].dtype not in (DType.INT8, DType.UINT8) or int(d.attrs.get("block_size") or 0):
+            continue
+        params = [None if p is None else Value(graph.fresh_name(f"{p.name}.in"), p.type) for p in d.inputs]
+        del node.inputs[k], body.inputs[k]
+        for p, bp in zip(d.inputs, params):
+            if p is not None and bp is not None:
+                node.inputs.append(p)
+                body.inputs.append(bp)
+        step = Node("DequantizeLinear", params, [b], dict(d.attrs), graph.fresh_name(f"{d.name}/in_epilogue"))
+        b.producer = step
+        body.nodes.insert(body.nodes.index(anchor) + 1, step)
 
 
 def fuse_requantize(graph: Graph) -> list[str]:

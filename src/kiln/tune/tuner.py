@@ -150,6 +150,41 @@ def _close(a: Any, b: Any) -> bool:
     return a is None and b is None
 
 
+def _mismatch(node: Node, got: list[Any], ref: list[Any], wide: Callable[[int], Any]) -> str | None:
+    """None when a candidate's outputs pass (each close to the reference's, or, see `_one_step`, `_as_accurate` and
+    `_codes_as_accurate`, as accurate as it), else what differs first. `wide(k)`: output k computed from
+    float32-widened inputs (asked for only when needed)."""
+    n = len(node.outputs)  # the reference may compute optional outputs the node does not have
+    if len(got) < n:
+        return f"{len(got)} outputs, the node has {n}"
+    quantizes = _quantizes(node)
+    for k, (g, r) in enumerate(zip(got[:n], ref[:n])):
+        if _close(g, r) or (quantizes and _one_step(g, r)) or _as_accurate(g, r, wide(k)) \
+                or (quantizes and _codes_as_accurate(g, r, wide(k))):
+            continue
+        return f"output {k}: {_difference(g, r)}"
+    return None
+
+
+def _difference(got: Any, ref: Any) -> str:
+    """How far apart two results are, in words (for a rejected candidate's report line)."""
+    if not (isinstance(got, torch.Tensor) and isinstance(ref, torch.Tensor)):
+        return f"{type(got).__name__} vs {type(ref).__name__}"
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        return f"{got.dtype}{list(got.shape)} vs {ref.dtype}{list(ref.shape)}"
+    if got.numel() == 0:
+        return "empty"
+    if ref.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn):
+        apart = (_codes(got) - _codes(ref)).abs()
+        return f"{float((apart > 0).double().mean()) * 100:.2f} % of the codes differ, by up to {int(apart.max())}"
+    if ref.dtype.is_floating_point:
+        diff = (got.double() - ref.double()).abs()
+        finite = ref[ref.isfinite()]
+        top = float(finite.abs().max()) if finite.numel() else 0.0
+        return f"max |diff| {float(diff.nan_to_num(float('inf')).max()):.4g} (largest |value| {top:.4g})"
+    return f"{int((got != ref).sum())} of {got.numel()} values differ"
+
+
 def _quantizes(node: Node) -> bool:
     """Whether the node's result is a QuantizeLinear's (alone, or a fused layer's last step)."""
     if node.op == "QuantizeLinear":
@@ -373,14 +408,10 @@ class _ProfileTuner:
                     with warnings.catch_warnings():  # a library saying why it cannot: the mismatch/failure says it
                         warnings.simplefilter("ignore")
                         got = kernel(list(args))
-                    n = len(node.outputs)  # the reference may compute optional outputs the node does not have
-                    quantizes = _quantizes(node)
-                    if len(got) < n or not all(_close(g, r) or (quantizes and _one_step(g, r))
-                                               or _as_accurate(g, r, high.get(node, args, k))
-                                               or (quantizes and _codes_as_accurate(g, r, high.get(node, args, k)))
-                                               for k, (g, r) in enumerate(zip(got[:n], results[:n]))):
+                    why = _mismatch(node, got, results, lambda k: high.get(node, args, k))
+                    if why is not None:
                         timings[label] = "mismatch"
-                        self.report.rejected.append(f"{node.name}: {label} (outputs differ from the reference)")
+                        self.report.rejected.append(f"{node.name}: {label} (outputs differ from the reference: {why})")
                         continue
                     t1 = time.perf_counter()
                     t, captured = timed(_call(kernel, args), self.s.device)

@@ -24,13 +24,22 @@ ALL = tuple(INT8_TILES)
 
 def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, act: bool = True,
               half: bool = False, requant: bool = False, dual: bool = False, fp8: bool = False,
-              **kw: Any) -> tuple[Node, list[Any]]:
+              residual: bool = False, **kw: Any) -> tuple[Node, list[Any]]:
     """The folded node of Conv(x) (+ Relu), min-max scales from a sample, and its inputs with an int8 activation.
     `requant`: a 1x1 conv reads its output, so it ends by quantizing for that conv (an int8 output); `dual`: the
     float result is read too (a graph output, as a ResNet block's output is by the next residual add), so the
-    layer writes both; `fp8`: float8 E4M3 instead of int8 (per-output-channel weight scales)."""
+    layer writes both; `fp8`: float8 E4M3 instead of int8 (per-output-channel weight scales); `residual`: before the
+    activation, add an int8 tensor's dequantized values (a ResNet skip connection read as int8: the dequantize
+    becomes an epilogue step)."""
     m = Maker(21)
     y = m.conv(F32, x, n, (k, k), cl=cl, **kw)
+    if residual:
+        r = m.input("res", tuple(int(d) for d in y.shape), F32, cl)  # type: ignore[union-attr]
+        s = m.g.add_initializer("res.scale", torch.tensor(float(m.feeds["res"].abs().max()) / 127))
+        zp = m.g.add_initializer("res.zero_point", torch.tensor(0, dtype=torch.int8))
+        (rq,) = m.g.add("QuantizeLinear", [r, s, zp], name="res/quantize")
+        (rd,) = m.g.add("DequantizeLinear", [rq, s, zp], name="res/dequantize")
+        (y,) = m.g.add("Add", [y, rd], name="residual")
     if act:
         y = relu(m, y)
     if dual:
@@ -45,7 +54,10 @@ def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, 
 
     epilogue_fusion(m.g)
     # every channel count: the kernel takes any (a model quantized before import may)
-    node, args = folded_layer(m.g, scales, {m.g.inputs[0]: m.feeds["x"]}, half, requant or dual, fp8)
+    node, args = folded_layer(m.g, scales, {v: m.feeds[v.name] for v in m.g.inputs}, half, requant or dual, fp8)
+    if residual:  # the layer reads the int8 tensor itself
+        assert node.attrs["body"].nodes[3].op == "DequantizeLinear"
+        assert sum(isinstance(a, torch.Tensor) and a.dtype == torch.int8 and a.dim() == 4 for a in args) == 3
     args[0] = args[0].contiguous(memory_format=torch.channels_last) if cl else args[0].contiguous()
     return node, args
 
@@ -129,6 +141,12 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
     "tma-5x5-pad2-dual-f16-nchw": lambda: quantized((2, 16, 10, 6), 70, 5, dual=True, half=True, cl=False,
                                                     pad=(2, 2)),
     "tma-1x1-c64-bare-cl": lambda: quantized((2, 64, 5, 20), 8, 1, act=False),
+    # the skip connection read as int8 (dequantized in the epilogue), the block output requantized or dual
+    "3x3-int8-residual-relu-f16-cl": lambda: quantized((2, 16, 7, 7), 24, 3, residual=True, half=True, pad=(1, 1)),
+    "1x1-int8-residual-requantize-nchw": lambda: quantized((1, 16, 6, 5), 24, 1, residual=True, requant=True,
+                                                           cl=False),
+    "tma-3x3-int8-residual-dual-f16-cl": lambda: quantized((2, 32, 9, 11), 24, 3, residual=True, dual=True,
+                                                           half=True, pad=(1, 1)),
 }
 
 

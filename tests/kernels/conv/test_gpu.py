@@ -170,7 +170,8 @@ def test_int8_conv_case_on_cuda(name: str) -> None:
     ((128, 64, 56, 56), 64, 3, {"pad": (1, 1)}),
     ((128, 256, 56, 56), 64, 1, {}),
     ((1, 512, 7, 7), 512, 3, {"pad": (1, 1)}),
-], ids=["l1-3x3-bs128", "l1-1x1-bs128", "l4-3x3-bs1"])
+    ((128, 64, 56, 56), 256, 1, {"residual": True, "requant": True}),  # conv3 + the int8 skip, int8 out
+], ids=["l1-3x3-bs128", "l1-1x1-bs128", "l4-3x3-bs1", "l1-1x1-int8-residual"])
 def test_int8_conv_resnet50_shapes_every_tile(x: tuple[int, int, int, int], n: int, k: int, kw: dict,
                                                half: bool) -> None:
     node, args = q8.quantized(x, n, k, half=half, **kw)

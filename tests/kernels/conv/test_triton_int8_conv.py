@@ -73,7 +73,7 @@ def test_float8_convs_take_the_fp8_template_and_the_1x1_gemm_path() -> None:
     s = quantized_spec(f8, DType.FLOAT8_E4M3FN)
     assert s is not None and s.out is DType.FLOAT8_E4M3FN and s.dq is not None
     text = source(s)
-    assert "max_num_imprecise_acc=128" in text and "int32" not in text and "tl.float8e4nv" in text
+    assert "max_num_imprecise_acc=BLOCK_K" in text and "int32" not in text and "tl.float8e4nv" in text
     assert text.index("dq_ptr + offs_n") < text.index("tl.store")
     one, _ = quantized((1, 32, 6, 6), 16, 1, half=True, fp8=True)
     assert registry.get("triton.fp8_gemm").applicable(one, CUDA) and not registry.get("triton.int8_gemm").applicable(

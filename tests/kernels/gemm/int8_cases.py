@@ -74,6 +74,9 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
     "conv1x1-bare-nchw": lambda: _conv1x1((1, 48, 3, 3), 16, cl=False, act=False),
     "conv1x1-relu-requantize-f16": lambda: _conv1x1((2, 32, 5, 5), 24, requant=True, half=True),
     "conv1x1-relu-dual-f16": lambda: _conv1x1((2, 32, 5, 5), 24, dual=True, half=True),
+    # a bottleneck's last conv: the skip connection read as int8, dequantized in the epilogue, int8 out
+    "conv1x1-int8-residual-requantize-f16": lambda: _conv1x1((2, 32, 5, 5), 24, residual=True, requant=True,
+                                                             half=True),
 }
 
 

@@ -140,7 +140,8 @@ def test_fp8_gemm_every_tile(lead: tuple[int, ...], k: int, n: int, kw: dict) ->
     ((128, 256, 56, 56), 64, {"half": True, "requant": True}),  # ResNet-50 layer1 conv1: requantizes for the 3x3
     ((128, 64, 56, 56), 256, {"half": True}),  # layer1 conv3 (float16 out, the residual add's input)
     ((1, 2048, 7, 7), 512, {"half": True}),  # batch 1, layer4
-], ids=["l1-reduce-requant", "l1-expand", "l4-b1"])
+    ((128, 64, 56, 56), 256, {"half": True, "residual": True, "requant": True}),  # conv3 + int8 skip, int8 out
+], ids=["l1-reduce-requant", "l1-expand", "l4-b1", "l1-expand-int8-residual"])
 def test_int8_conv1x1_resnet50_shapes_every_tile(x: tuple[int, int, int, int], n: int, kw: dict) -> None:
     node, args = q8._conv1x1(x, n, **kw)
     problems = q8.run(node, args, q8.ALL, "cuda")

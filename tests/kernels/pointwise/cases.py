@@ -660,3 +660,24 @@ case("QuantizeLinear-float16-scale-uint8")(lambda r: op_case("QuantizeLinear", [
     torch.tensor(128, dtype=torch.uint8)]))
 case("QuantizeLinear-ties-no-zero-point")(lambda r: op_case("QuantizeLinear", [
     r.halves(*SHAPE) * 3, torch.tensor(1.0)]))
+
+# --- DequantizeLinear (per tensor: an int8 operand of a quantized layer's epilogue, the residual's int8 copy) -----
+
+case("DequantizeLinear-int8-float16-scale")(lambda r: op_case("DequantizeLinear", [
+    r.ints(-128, 128, *SHAPE, dtype=D.INT8), torch.tensor(0.0371, dtype=torch.float16),
+    torch.tensor(-5, dtype=torch.int8)]))
+case("DequantizeLinear-uint8-float32-scale")(lambda r: op_case("DequantizeLinear", [
+    r.ints(0, 256, *SHAPE, dtype=D.UINT8), torch.tensor(0.013), torch.tensor(200, dtype=torch.uint8)]))
+case("DequantizeLinear-int8-then-add")(lambda r: _dq_add(r))
+
+
+def _dq_add(r: Inputs) -> Case:
+    """The residual as a quantized layer's epilogue reads it: float16 result + the dequantized int8 identity."""
+    xq, s, y = r.ints(-128, 128, *SHAPE, dtype=D.INT8), torch.tensor(0.0213, dtype=torch.float16), \
+        r.randn(*SHAPE, dtype=D.FLOAT16, scale=3.0)
+    g, (vq, vs, vy) = graph((D.INT8, xq.shape), (D.FLOAT16, ()), (D.FLOAT16, y.shape))
+    (d,) = g.add("DequantizeLinear", [vq, vs], {})
+    (a,) = g.add("Add", [vy, d])
+    (o,) = g.add("Relu", [a])
+    g.outputs = [o]
+    return Case(g, [xq, s, y])

@@ -74,6 +74,8 @@ INT8_TILES: dict[str, Tile] = {
 128-channel K step (half the loop's steps). Measured on an H100 at batch 128 (2026-11-27): the K-128 tile won 26 of
 ResNet-50's 52 int8 conv shapes (-0.19 ms over the unique shapes); a 128x128x128 8-warp tile won none (dropped).
 "tma-": the TMA form (`_TMA_SOURCE`, stride-1 convs on channels-last input), not yet timed on a GPU."""
+assert all(t.block_k <= FP8_PROMOTE for t in INT8_TILES.values())  # triton.fp8_conv promotes once per K step
+
 
 
 # --- what the template takes ---------------------------------------------------------------------------------
@@ -292,8 +294,9 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     scaled = s.dq is not None  # int8 or float8 products, dequantized per output channel
     if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
         precision = ", out_dtype=tl.int32"
-    elif s.dtype is DType.FLOAT8_E4M3FN:  # float32 partial sums every FP8_PROMOTE products (see triton_gemm)
-        precision = f", max_num_imprecise_acc={FP8_PROMOTE}"
+    elif s.dtype is DType.FLOAT8_E4M3FN:  # float32 partial sums at least every FP8_PROMOTE products (see
+        # triton_gemm); why BLOCK_K: Triton takes no more than one K step, and every conv tile's is <= FP8_PROMOTE
+        precision = ", max_num_imprecise_acc=BLOCK_K"
     else:
         precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
     dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if scaled else ""
@@ -428,7 +431,10 @@ class ConvKernel(SpecKernel):
             _check_tma(s, device)
         self.source = source(s, tile.tma)
         self.fn = load_function(self.source, "kiln_conv", "kiln_conv")
-        if tile.tma:  # [C_out, KH*KW*C_in], K contiguous: the TMA form reads both operands K-major
+        # why: Hopper's 8-bit tensor-core MMA (wgmma) takes both operands K-major only; with an N-major weight
+        # Triton falls back to the older MMA. The TMA form reads both K-major too.
+        self.k_major = tile.tma or s.dtype in (DType.INT8, DType.FLOAT8_E4M3FN)
+        if self.k_major:  # [C_out, KH*KW*C_in], K contiguous
             self.weight = prepared(node, s.w_at, ("triton.conv", "n_khkwc"),
                                    lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
         else:  # why: K ordered (kh, kw, c) so that one K step reads neighbouring channels of one input pixel
@@ -462,7 +468,8 @@ class ConvKernel(SpecKernel):
             self._tma(x, w, outs, [*dq, *bias, *views], oh, ow, wide)
             return outs
         grid = (math.ceil(m / t.block_m) * math.ceil(s.n / t.block_n),)
-        self.fn[grid](x, w, out, *outs[1:], *dq, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w.stride(),
+        w_strides = (w.stride(1), w.stride(0)) if self.k_major else w.stride()  # (along K, along N)
+        self.fn[grid](x, w, out, *outs[1:], *dq, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w_strides,
                       *out.stride(), *(st for v in bias + views for st in v.stride()), KH=kh, KW=kw, SH=sh, SW=sw,
                       PH=ph, PW=pw, DH=dh, DW=dw, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                       GROUP_M=t.group_m, PADDED=ph > 0 or pw > 0, EVEN_C=s.c % t.block_k == 0, WIDE=wide,

@@ -102,6 +102,7 @@ ones; pointer 128x256 / 128x128 tiles and a TMA 128x128 tile never won and were 
 build spent 53 s compiling seven tiles)."""
 
 
+
 # --- what the template takes ---------------------------------------------------------------------------------
 
 
@@ -263,6 +264,8 @@ hardware zero-fills past M, N and K (no masks, no K tail)."""
 
 FP8_PROMOTE = 128
 """Float8 products a tensor-core accumulation takes before its partial sum is added into the float32 accumulator."""
+assert all(t.block_k >= FP8_PROMOTE for t in INT8_TILES.values())  # Triton takes no more than one K step
+
 
 
 def render(s: Spec, tf32: bool, tma: bool = False) -> str:

@@ -385,6 +385,28 @@ def _quantize_check(n: Node) -> str | None:
     return None
 
 
+def _dequantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
+    """y = (x - zero_point) * scale from int8/uint8, per tensor: the difference is exact in int32 and its product
+    with the scale is formed in float32 then rounded once to the output type, as the reference computes it."""
+    x, s = _x(xs, 0), _x(xs, 1)
+    zp = xs[2] if len(xs) > 2 else None
+    diff = f"{x.text}.to(tl.int32)" + ("" if zp is None else f" - {zp.text}.to(tl.int32)")
+    return b.let(f"({diff}).to(tl.float32) * {rounded(s)}", _out(n))
+
+
+def _dequantize_check(n: Node) -> str | None:
+    x, scale = n.inputs[0], n.inputs[1]
+    zp = n.inputs[2] if len(n.inputs) > 2 else None
+    if x is None or scale is None or x.dtype not in _QRANGE or scale.dtype not in F32 or _out(n) not in F32:
+        return "DequantizeLinear is generated from int8/uint8 to float16/bfloat16/float32 only"
+    if int(n.attrs.get("block_size") or 0):
+        return "blocked dequantization is not generated"
+    for v in (scale, zp):
+        if v is not None and (v.shape is None or math.prod(d if isinstance(d, int) else 2 for d in v.shape) != 1):
+            return "DequantizeLinear is generated with a per-tensor scale and zero point only"
+    return None
+
+
 def _zero_constant(v: Value | None) -> bool:
     return v is None or (isinstance(v.data, torch.Tensor) and not bool((v.data.float() != 0).any()))
 
@@ -471,6 +493,7 @@ RULES: dict[str, Rule] = {
     "Where": Rule(_where, dtypes(SUPPORTED)),
     "Clip": Rule(_clip, dtypes(NUMERIC, extra=_clip_check)),
     "QuantizeLinear": Rule(_quantize, _quantize_check),
+    "DequantizeLinear": Rule(_dequantize, _dequantize_check),
     "PRelu": Rule(_prelu, dtypes(FLOATS | {D.INT32, D.INT64})),
     "IsNaN": Rule(lambda b, n, xs: b.let(f"{_x(xs).text} != {_x(xs).text}", D.BOOL), dtypes(FLOATS, BOOL)),
     "IsInf": Rule(_is_inf, dtypes(FLOATS, BOOL)),
