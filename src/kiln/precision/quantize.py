@@ -348,7 +348,10 @@ def _dequantize_in_epilogue(graph: Graph, node: Node, producers: Mapping[Value, 
         v, b = node.inputs[k], body.inputs[k]
         d = producers.get(v) if v is not None else None
         if d is None or not _int8_dq(d, constant=False) or not _constant_scalars(d) or b in anchor.inputs \
-                or d.inputs[0].dtype not in (DType.INT8, DType.UINT8) or int(d.attrs.get("block_size") or 0):
+                or int(d.attrs.get("block_size") or 0):
+            continue
+        q = d.inputs[0]
+        if q is None or q.dtype not in (DType.INT8, DType.UINT8):
             continue
         params = [None if p is None else Value(graph.fresh_name(f"{p.name}.in"), p.type) for p in d.inputs]
         del node.inputs[k], body.inputs[k]
