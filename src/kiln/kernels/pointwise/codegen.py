@@ -69,6 +69,8 @@ class _Refused(Exception):
 class _Body:
     """Builds the body text (the `rules.Builder` protocol) and maps graph values to expressions."""
 
+    reciprocal_quotients = False  # a pointwise kernel's QuantizeLinear is exact, as the reference
+
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.prog = Program()

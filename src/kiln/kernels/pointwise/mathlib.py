@@ -1,5 +1,6 @@
 """Triton helpers the generated pointwise kernels call: functions triton.language lacks, built from its core math
-(exp, log, sqrt, floor, ...) so that one source runs on the GPU and in the CPU interpreter alike.
+(exp, log, sqrt, floor, ...) so that one source runs on the GPU and in the CPU interpreter alike. `round_even`
+alone has two bodies: one instruction on the GPU, the same rounding from core math under the interpreter.
 
 Imported only by generated kernel modules (it imports triton). Every helper takes and returns float32 (or
 float64 where noted) blocks; the formulas avoid cancellation near zero and overflow at large arguments.
@@ -7,8 +8,15 @@ float64 where noted) blocks; the formulas avoid cancellation near zero and overf
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Under Triton's CPU interpreter (set before triton is imported), which runs no libdevice function."""
+if not INTERPRETED:
+    from triton.language.extra import libdevice
 
 INF = tl.constexpr(float("inf"))
 LN2 = tl.constexpr(0.6931471805599453)
@@ -120,14 +128,21 @@ def acos(x):
     return 2.0 * atan(tl.sqrt((1.0 - x) / (1.0 + x)))
 
 
-@triton.jit
-def round_even(x):
-    # why: x - floor(x) is exact, so ties are seen exactly; beyond 2**52 (and at inf/NaN) x is its own rounding
-    t = tl.floor(x)
-    d = x - t
-    odd = t - 2.0 * tl.floor(0.5 * t)
-    r = tl.where(d > 0.5, t + 1.0, tl.where(d < 0.5, t, t + odd))
-    return tl.where(tl.abs(x) < BIG, r, x)
+if INTERPRETED:
+    @triton.jit
+    def round_even(x):
+        # why: x - floor(x) is exact, so ties are seen exactly; beyond 2**52 (and at inf/NaN) x is its own rounding
+        t = tl.floor(x)
+        d = x - t
+        odd = t - 2.0 * tl.floor(0.5 * t)
+        r = tl.where(d > 0.5, t + 1.0, tl.where(d < 0.5, t, t + odd))
+        return tl.where(tl.abs(x) < BIG, r, x)
+else:
+    @triton.jit
+    def round_even(x):
+        # why: one instruction (cvt.rni) where the formula above takes a dozen per value - it dominated the
+        # requantizing epilogues of int8 layers, which round every output
+        return libdevice.rint(x)
 
 
 @triton.jit

@@ -57,6 +57,11 @@ class Expr:
 
 
 class Builder(Protocol):
+    reciprocal_quotients: bool
+    """QuantizeLinear may multiply by the scale's reciprocal (formed once) instead of dividing every value: set for
+    tile epilogues, whose requantized results are judged within one step of the reference's, not bit for bit (a
+    product rounds differently from the quotient where that lies within a float32 ulp of a rounding boundary)."""
+
     def let(self, text: str, dtype: DType, exact: bool | None = None) -> Expr:
         """A new body variable holding `text`; `exact` defaults to True except for float16/bfloat16."""
 
@@ -357,7 +362,13 @@ def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
             return rounded(e)
         return f"{rounded(e)}.to({storage(prec)})" + (".to(tl.float32)" if prec in NARROW else "")
 
-    q = f"({as_prec(x)} / {as_prec(s)})"
+    if not b.reciprocal_quotients:
+        q = f"({as_prec(x)} / {as_prec(s)})"
+    elif s.value is not None:  # a baked constant: its float32 reciprocal, as the kernel would form it
+        r = torch.tensor(1.0) / torch.tensor(in_dtype(float(s.value), prec), dtype=torch.float32)
+        q = f"({as_prec(x)} * {float_text(float(r))})"
+    else:  # a scalar operand: one division per program
+        q = f"({as_prec(x)} * (1.0 / {as_prec(s)}))"
     if prec in NARROW:
         q = f"{q}.to({storage(prec)}).to(tl.float32)"
     if out is FP8:  # saturate to +-448 (NaN stays NaN); the store's conversion rounds to nearest even

@@ -42,7 +42,11 @@ class TileProgram:
 
 
 class _TileBody(codegen._Body):
-    """The pointwise body builder, with literals shaped as the tile and the accumulator given as text."""
+    """The pointwise body builder, with literals shaped as the tile and the accumulator given as text. A requantizing
+    epilogue multiplies by the scale's reciprocal (`rules.Builder.reciprocal_quotients`): the tuner judges 8-bit
+    results within one step of the reference's, and the division was a large share of an int8 layer's epilogue."""
+
+    reciprocal_quotients = True
 
     def __init__(self, graph: Graph, acc: str, tile: str) -> None:
         super().__init__(graph)
