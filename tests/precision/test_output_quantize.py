@@ -97,7 +97,8 @@ def test_cpu_builds_keep_the_norm_for_their_own_norm_tactic() -> None:
     stats = {r["name"]: r["counts"] for r in e.plan.stats["passes"]}
     assert stats["fuse_output_quantize"] == {"outputs_quantized": 0}
     ln = next(n for n in e.plan.graph.nodes if n.name == "ln1")
-    assert ln.op == "LayerNormalization"  # which CPU tactic wins is the tuner's timing; one besides the reference exists
+    # which CPU tactic wins is the tuner's timing; one besides the reference exists
+    assert ln.op == "LayerNormalization"
     assert [t.name for t in registry.candidates(ln, torch.device("cpu")) if t.name != "reference"]
 
 
