@@ -191,7 +191,7 @@ def test_fp8_conv_every_tile(tactic: str, x: tuple[int, int, int, int], n: int, 
     """Float8 convs against the folded node's reference, judged as the tuner judges a candidate (float8 sums and
     codes differ from a float16 reference within the FP8 tensor cores' accuracy, not bit for bit)."""
     from kiln.kernels.conv.triton_conv import INT8_TILES
-    from kiln.kernels.gemm.triton_gemm import INT8_TILES as GEMM_TILES
+    from kiln.kernels.gemm.triton_gemm import FP8_TILES as GEMM_TILES
     from tests.kernels.quantizing import run
 
     node, args = q8.quantized(x, n, k, fp8=True, **kw)

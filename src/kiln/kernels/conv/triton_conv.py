@@ -67,13 +67,16 @@ most of each step: cuDNN is expected to keep those."""
 INT8_TILES: dict[str, Tile] = {
     "128x64x64-w4s4": TILES["128x64x64-w4s4"],
     "64x64x64-w4s4": TILES["64x64x64-w4s4"],
-    "128x64x128-w4s4": Tile(128, 64, 128, 8, 4, 4),
+    "128x128x64-w4s4": Tile(128, 128, 64, 8, 4, 4),
+    "128x128x64-w8s3": TILES["128x128x64-w8s3"],
     "tma-128x64x64-w4s4": Tile(128, 64, 64, 8, 4, 4, tma=True),
 }
-"""`triton.int8_conv`'s space: the two float tiles that won ResNet-50's convs at batch 128 and 1, and one with a
-128-channel K step (half the loop's steps). Measured on an H100 at batch 128 (2026-11-27): the K-128 tile won 26 of
-ResNet-50's 52 int8 conv shapes (-0.19 ms over the unique shapes); a 128x128x128 8-warp tile won none (dropped).
-"tma-": the TMA form (`_TMA_SOURCE`, stride-1 convs on channels-last input), not yet timed on a GPU."""
+"""`triton.int8_conv`'s space (also `triton.fp8_conv`'s), measured on an H100 at batch 128 (2026-11-27, ResNet-50's
+3x3 convs requantizing, weights K-major): 128x64x64 and the TMA form (`_TMA_SOURCE`, stride-1 convs on channels-last
+input) for the 64-channel layer1 (75.7 / 74.1 us; cuDNN's float16 conv alone 78) and for 1x1 convs with a residual
+(the TMA form 170.7 us, layer1); 128x128x64 with 4 warps for layer2 and layer4 (52.8 / 46.5 us vs 61.4 / 48.6 with
+128x64x64), with 8 warps for layer3 (47.9 vs 51.6). 64x64x64 is the batch-1 tile. A 128x64x128 tile (best with an
+N-major weight) and 128x128x128 lost everywhere."""
 assert all(t.block_k <= FP8_PROMOTE for t in INT8_TILES.values())  # triton.fp8_conv promotes once per K step
 
 
