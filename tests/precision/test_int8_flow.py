@@ -52,6 +52,18 @@ def test_the_pool_runs_on_int8_and_the_first_conv_requantizes() -> None:
     np.testing.assert_array_equal(Interpreter(g).run({"x": x.numpy()})["y"], before)
 
 
+def test_after_a_float_conv_the_pool_runs_before_the_quantize() -> None:
+    """A float producer (here c1, kept float as a GPU build keeps an RGB stem) cannot requantize, so the quantize
+    stays after the pool, where it reads the pooled (4x smaller) tensor."""
+    g = _cnn()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32))
+    quantize_graph(g, minmax_scales(g, x), skip={next(n.name for n in g.nodes if "c1" in n.name)})
+    assert len(fold_quantized(g)) == 1
+    assert hoist_quantize(g) == []
+    pool = next(n for n in g.nodes if n.op == "MaxPool")
+    assert pool.outputs[0].dtype is F32  # type: ignore[union-attr]
+
+
 def test_on_gpus_a_three_channel_stem_stays_float_and_says_why() -> None:
     g = Graph()
     x = g.add_input("x", TensorType(F32, (1, 3, 8, 8)))

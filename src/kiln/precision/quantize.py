@@ -500,8 +500,10 @@ def _constant_scalars(q: Node) -> bool:
 def hoist_quantize(graph: Graph) -> list[str]:
     """MaxPool(x) read only by QuantizeLinear(s, z) with a positive per-tensor scale becomes QuantizeLinear(x) then
     MaxPool on the int8 values: quantizing is monotonic, so the max of the quantized values is the quantized max,
-    exactly. The pool then reads and writes int8, and x's producer can requantize in its epilogue
-    (`fuse_requantize`). Returns the pools moved."""
+    exactly. The pool then reads and writes int8, and x's producer requantizes in its epilogue (`fuse_requantize`).
+    Only where that producer is a quantized layer: after a float one (a float16 stem conv on cuDNN) the quantize
+    would stay a pass, over the pool's input (4x the values of its output for a 3x3/2 pool). Returns the pools
+    moved."""
     uses = Uses.of(graph)  # readers inside subgraphs count too
     producers = {o: n for n in graph.nodes for o in n.outputs}
     moved: list[str] = []
@@ -519,6 +521,9 @@ def hoist_quantize(graph: Graph) -> list[str]:
         if zp is not None and (not isinstance(zp.data, torch.Tensor) or zp.data.numel() != 1):
             continue
         x = pool.inputs[0]
+        made_by = producers.get(x)
+        if made_by is None or made_by.op != "Fused" or made_by.attrs.get("kind") != "quantized":
+            continue
         assert isinstance(x.type, TensorType) and isinstance(q.outputs[0].type, TensorType)
         xq = Value(graph.fresh_name(f"{x.name}/quantized"), TensorType(q.outputs[0].type.dtype, x.type.shape))
         early = Node("QuantizeLinear", [x, *q.inputs[1:]], [xq], dict(q.attrs), graph.fresh_name(f"{q.name}/early"))
