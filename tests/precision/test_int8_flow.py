@@ -105,6 +105,57 @@ def test_int8_activations_stay_channels_last_between_quantized_convs(tmp_path: P
     assert g.layouts.get(quant.outputs[0].name) == CHANNELS_LAST
 
 
+def _bottleneck() -> Graph:
+    """h = relu(conv1(x)); y = relu(conv3(relu(conv2(h))) + down(h)): the first block of a ResNet stage, whose
+    residual is a 1x1 downsample conv of the block input rather than the input itself."""
+    g = Graph()
+    gen = torch.Generator().manual_seed(4)
+    x = g.add_input("x", TensorType(F32, (2, 16, 8, 8)))
+
+    def conv(v: Any, name: str, k: int = 3) -> Any:
+        w = g.add_initializer(f"w_{name}", torch.randn(16, 16, k, k, generator=gen) * 0.1)
+        pads = (k // 2,) * 4
+        return g.add("Conv", [v, w], {"strides": (1, 1), "pads": pads, "dilations": (1, 1)}, name=name)[0]
+
+    (h,) = g.add("Relu", [conv(x, "c1")], name="r1")
+    (t,) = g.add("Relu", [conv(h, "c2")], name="r2")
+    (s,) = g.add("Add", [conv(t, "c3"), conv(h, "down", 1)], name="skip")
+    (y,) = g.add("Relu", [s], name="r3", outputs=["y"])
+    g.outputs.append(y)
+    optimize(g, PassContext(device="cuda"))
+    return g
+
+
+def test_a_downsample_branch_is_written_in_int8_for_the_residual_add() -> None:
+    """The downsample conv's output, read only by the block's last conv as its residual, is calibrated
+    (`quantizable_inputs` lists it) and then written in int8 by the downsample's own epilogue; the adding layer
+    dequantizes it. Without its scale (an older calibration cache) it stays float."""
+    from kiln.precision.pipeline import optimize_quantized
+    from kiln.precision.quantize import quantizable_inputs, residual_operands
+
+    g = _bottleneck()
+    down = next(n for n in g.nodes if n.name == "down")
+    assert residual_operands(g) == [down.outputs[0].name] and down.outputs[0].name in quantizable_inputs(g)
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 16, 8, 8)).astype(np.float32))
+    exact = Interpreter(g).run({"x": x})["y"]
+    scales = minmax_scales(g, x)
+    report = quantize_graph(g, scales)
+    assert report.residuals == ["c3 + skip + r3"]
+    before = Interpreter(g).run({"x": x})["y"]
+    optimize_quantized(g, PassContext(device="cuda"))
+    assert [v.dtype for v in next(n for n in g.nodes if n.name == "down").outputs] == [DType.INT8]
+    last = next(n for n in g.nodes if "c3" in n.name)
+    assert last.attrs["body"].nodes[3].op == "DequantizeLinear"
+    after = Interpreter(g).run({"x": x})["y"]
+    assert torch.equal(after, before)
+    cos = torch.nn.functional.cosine_similarity(after.flatten().double(), exact.flatten().double(), dim=0)
+    assert float(cos) > 0.999, float(cos)
+
+    g = _bottleneck()
+    name = next(n for n in g.nodes if n.name == "down").outputs[0].name
+    assert quantize_graph(g, {k: v for k, v in scales.items() if k != name}).residuals == []
+
+
 def _residual_block(matmul: bool = False) -> Graph:
     """h = relu(conv1(x)); y = relu(conv3(relu(conv2(h))) + h): h is read by the next conv (through its quantize)
     and by the residual add, as a ResNet block's output is. `matmul`: the same with MatMuls on [N, C] rows."""

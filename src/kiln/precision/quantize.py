@@ -69,14 +69,23 @@ def _weight_axis(anchor: Node) -> int | None:
 
 
 def quantizable_inputs(graph: Graph) -> list[str]:
-    """The activation values whose calibrated scales `quantize_graph` reads."""
+    """The activation values whose calibrated scales `quantize_graph` reads: the layers' inputs, then the residual
+    operands of conv layers that a layer makes (`residual_operands`)."""
     names: list[str] = []
     for n in graph.nodes:
         found = _anchor(n)
         x = None if found is None else n.inputs[found[1]]
         if x is not None and x.name not in names:
             names.append(x.name)
-    return names
+    return names + [name for name in residual_operands(graph) if name not in names]
+
+
+def residual_operands(graph: Graph) -> list[str]:
+    """Values that conv layers add to their result and that a Conv/Gemm/MatMul layer makes (a bottleneck's
+    downsample branch): with a calibrated scale, an int8 build has that layer write them in int8
+    (`_int8_residuals`)."""
+    made = {o: n for n in graph.nodes for o in n.outputs}
+    return [x.name for x in _residual_candidates(graph) if x in made and _anchor(made[x]) is not None]
 
 
 def model_fingerprint(graph: Graph) -> str:
@@ -120,34 +129,61 @@ def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Colle
             n.inputs[wi] = _int8_weight(graph, w, _weight_axis(anchor))  # type: ignore[arg-type]
         report.layers.append(n.name)
     if residuals and not fp8:
-        report.residuals = _int8_residuals(graph, shared, set(report.layers))
+        report.residuals = _int8_residuals(graph, shared, act_scales, set(report.layers))
     graph.toposort()
     return report
 
 
-def _int8_residuals(graph: Graph, copies: Mapping[str, Value], quantized: set[str]) -> list[str]:
-    """Where a tensor that has an int8 copy (`copies`: name -> its DequantizeLinear output) is otherwise read only
-    as the residual operand of quantized conv layers (a ResNet block's input: quantized for the block's first
-    conv, added back after its last), those adds read the dequantized int8 copy instead. The tensor's producer then
-    writes int8 alone (`fuse_requantize`) and each add reads a quarter of the bytes (int8 for float32, half for
-    float16), and `fold_quantized` moves the dequantization into the adding layer's epilogue. The identity then
-    carries int8 rounding (half a step of the scale already calibrated for that tensor), as TensorRT's int8
-    residual fusions do. Returns the layers whose residual changed."""
+def _int8_residuals(graph: Graph, copies: dict[str, Value], act_scales: Mapping[str, float],
+                    quantized: set[str]) -> list[str]:
+    """Residual adds of quantized conv layers read int8: where a tensor is otherwise read only as such an operand,
+    the adds read a dequantized int8 copy of it - the copy it already has (a ResNet block's input: quantized for the
+    block's first conv, `copies`: name -> its DequantizeLinear output), or, when a quantized layer makes it and its
+    scale was calibrated (`residual_operands`; a bottleneck's downsample branch), a new one. The tensor's producer
+    then writes int8 alone (`fuse_requantize`), each add reads a quarter of the bytes (half of float16's), and
+    `fold_quantized` moves the dequantization into the adding layer's epilogue. The residual then carries int8
+    rounding (half a step of its calibrated scale), as TensorRT's int8 residual fusions do. Returns the layers
+    whose residual changed."""
     uses = Uses.of(graph)
-    made = {v.name: v for n in graph.nodes for v in n.outputs}
+    made = {o: n for n in graph.nodes for o in n.outputs}
     changed: list[str] = []
-    for name, dq in copies.items():
-        x = made.get(name)  # a graph input stays as it is: nothing would stop writing a float copy
-        if x is None or x in uses.outputs or dq.producer is None:
+    for x in _residual_candidates(graph, quantized):
+        if x not in made or x in uses.outputs:  # a graph input stays: nothing would stop writing a float copy
             continue
-        q = dq.producer.inputs[0].producer  # type: ignore[union-attr]
+        dq = copies.get(x.name)
+        q = dq.producer.inputs[0].producer if dq is not None and dq.producer else None  # type: ignore[union-attr]
         readers = [r for r in uses.readers.get(x, []) if r is not q]
         if not readers or not all(_residual_reader(r, x, quantized) for r in readers):
             continue
+        if dq is None:
+            if made[x].name not in quantized or x.name not in act_scales:
+                continue  # a float producer would leave the quantize as a pass of its own
+            dq = copies[x.name] = _fake_quant(graph, x, act_scales[x.name])
         for r in readers:
             r.inputs = [dq if v is x else v for v in r.inputs]
             changed.append(r.name)
     return changed
+
+
+def _residual_candidates(graph: Graph, layers: Collection[str] | None = None) -> list[Value]:
+    """The values conv layers (those named in `layers`, else every conv layer) add to their result in their
+    epilogue, in graph order."""
+    found: list[Value] = []
+    for n in graph.nodes:
+        if n.op != "Fused" or n.attrs.get("kind") != "epilogue" or (layers is not None and n.name not in layers):
+            continue
+        body: Graph = n.attrs["body"]
+        if body.nodes[0].op != "Conv":
+            continue
+        for m in body.nodes[1:]:
+            if m.op != "Add":
+                continue
+            for v in m.inputs:
+                if v in body.inputs:
+                    x = n.inputs[body.inputs.index(v)]
+                    if x is not None and x not in found:
+                        found.append(x)
+    return found
 
 
 def _residual_reader(n: Node, x: Value, quantized: set[str]) -> bool:
