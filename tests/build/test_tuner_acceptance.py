@@ -94,3 +94,28 @@ def test_a_rejected_candidate_is_reported_with_how_far_off_it_is() -> None:
     off = f.clone()
     off[3] += 0.5
     assert _mismatch(node, [off], [f], lambda k: None) == "output 0: max |diff| 0.5 (largest |value| 4)"
+
+
+def test_the_second_opinion_of_a_quantized_layer_computes_its_body_in_float32() -> None:
+    """An int8 conv in a float16 build: the reference dequantizes to float16 (every weight rounded to 11 bits) and
+    convolves in float16, the int8 kernel sums exactly in int32. With a small output scale the reference's own error
+    moves codes; the second opinion runs the body in float32 (not the reference again, as it did while the body's
+    float16 types were kept), so the exact result is accepted and a wrong one still is not."""
+    from kiln.tune.tuner import _codes_as_accurate, _one_step
+    from tests.kernels.conv import int8_cases as q8
+
+    node, args = q8.quantized((2, 64, 12, 12), 256, 1, half=True, requant=True, act=False)
+    body = node.attrs["body"]
+    at = body.inputs.index(body.nodes[-1].inputs[1])
+    args[at] = torch.tensor(0.004, dtype=torch.float16)  # large quotients, as an entropy-calibrated scale gives
+    want = get_op("Fused").ref(RefCtx(node), list(args))[0]
+    wide = _Widened().get(node, list(args), 0)
+    assert wide.dtype == torch.int8 and not torch.equal(wide, want)
+    xq, sx, wq, sw, b = args[0], args[1], args[3], args[4], args[6]
+    acc = torch.einsum("bchw,nc->bnhw", xq.double(), wq[:, :, 0, 0].double())
+    y = acc * (sx.double() * sw.double()).view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
+    exact = (y / float(args[at])).round().clamp(-128, 127).to(torch.int8)  # what an exact int8 kernel writes
+    assert not _one_step(exact, want)  # more than 1 % of the codes differ from the float16 reference
+    assert _codes_as_accurate(exact, want, wide)
+    off = (y * 1.01 / float(args[at])).round().clamp(-128, 127).to(torch.int8)  # a 1 % scale error
+    assert not _codes_as_accurate(off, want, wide)

@@ -40,15 +40,14 @@ def run(tactic: str, node: Node, args: list[Any], configs: list[dict[str, Any]],
     """{config: why the tuner would reject `tactic`'s outputs for `node`, or None}: each output against the
     node's reference, and (a float16 reference rounds where the kernel does not) the layer computed from
     float32-widened inputs as a second opinion."""
-    from kiln.tune.tuner import _as_accurate, _close, _codes_as_accurate, _one_step
+    from kiln.tune.tuner import _as_accurate, _close, _codes_as_accurate, _one_step, _Widened
 
     t = registry.get(tactic)
     if not t.applicable(node, CUDA):
         return {"applicable": "refused"}
     want = OPS["Fused"].ref(RefCtx(node), list(args))
-    wide_args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
-                 for a in args]
-    wide = OPS["Fused"].ref(RefCtx(node), wide_args)
+    second = _Widened()  # the body in float32, as the tuner's second opinion
+    wide = [second.get(node, list(args), k) for k in range(len(want))]
     moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     out: dict[str, str | None] = {}
     for cfg in configs:

@@ -12,13 +12,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Graph, Node, TensorType
+from kiln.ir.graph import Graph, Node, TensorType, Value
 from kiln.ir.interpreter import Interpreter, tf32_mode
 from kiln.ir.ops import get_op
 from kiln.ir.ops.base import RefCtx
@@ -300,10 +300,48 @@ class _Widened:
             device = next((a.device for a in wide if isinstance(a, torch.Tensor)), None)
             try:
                 with tf32_mode(False, device):  # the second opinion in IEEE float32, as the reference runs
-                    self.outputs = list(get_op(node.op).ref(RefCtx(node), wide))
+                    self.outputs = list(get_op(node.op).ref(RefCtx(_widened(node)), wide))
             except Exception:  # a reference that insists on its declared dtypes: no second opinion
                 self.failed = True
         return None if self.outputs is None or k >= len(self.outputs) else self.outputs[k]
+
+
+_HALF = frozenset({DType.FLOAT16, DType.BFLOAT16})
+
+
+def _widened(node: Node) -> Node:
+    """A Fused node with its body's float16/bfloat16 values (and constants) retyped to float32, for the second
+    opinion: body ops that produce their declared type (DequantizeLinear, Cast-free epilogues computing in their
+    inputs' type) would otherwise round every step to half precision again, and the second opinion would be the
+    reference itself (an int8 conv's body dequantizing to float16 rounds every weight to 11 bits, an error the
+    int8 kernel, summing exactly in int32, does not make). 8-bit values keep their types. Other nodes as they are."""
+    body = node.attrs.get("body") if node.op == "Fused" else None
+    if not isinstance(body, Graph) or any(m.subgraphs() for m in body.nodes):
+        return node
+    made: dict[Value, Value] = {}
+
+    def wide(v: Value | None) -> Value | None:
+        if v is None:
+            return None
+        if v not in made:
+            t, data = v.type, v.data
+            if isinstance(t, TensorType) and t.dtype in _HALF:
+                t = TensorType(DType.FLOAT32, t.shape)
+                data = data.float() if isinstance(data, torch.Tensor) else data
+            made[v] = Value(v.name, t, data)
+        return made[v]
+
+    copy = Graph(f"{body.name} (float32)", parent=body.parent)
+    copy.inputs = [cast(Value, wide(v)) for v in body.inputs]
+    for m in body.nodes:
+        outs = [cast(Value, wide(o)) for o in m.outputs]
+        step = Node(m.op, [wide(v) for v in m.inputs], outs, dict(m.attrs), m.name)
+        for o in outs:
+            o.producer = step
+        copy.nodes.append(step)
+    copy.outputs = [cast(Value, wide(v)) for v in body.outputs]
+    return Node("Fused", list(node.inputs), [cast(Value, made.get(v, v)) for v in body.outputs],
+                {**node.attrs, "body": copy}, node.name)
 
 
 def candidates(node: Node, settings: TuneSettings) -> list[Tactic]:
