@@ -24,15 +24,17 @@ ALL = tuple(INT8_TILES)
 
 def quantized(x: tuple[int, int, int, int], n: int, k: int, *, cl: bool = True, act: bool = True,
               half: bool = False, requant: bool = False, dual: bool = False, fp8: bool = False,
-              residual: bool = False, **kw: Any) -> tuple[Node, list[Any]]:
+              residual: bool = False, mul: float | None = None, **kw: Any) -> tuple[Node, list[Any]]:
     """The folded node of Conv(x) (+ Relu), min-max scales from a sample, and its inputs with an int8 activation.
     `requant`: a 1x1 conv reads its output, so it ends by quantizing for that conv (an int8 output); `dual`: the
     float result is read too (a graph output, as a ResNet block's output is by the next residual add), so the
     layer writes both; `fp8`: float8 E4M3 instead of int8 (per-output-channel weight scales); `residual`: before the
     activation, add an int8 tensor's dequantized values (a ResNet skip connection read as int8: the dequantize
-    becomes an epilogue step)."""
+    becomes an epilogue step); `mul`: then multiply by that constant."""
     m = Maker(21)
     y = m.conv(F32, x, n, (k, k), cl=cl, **kw)
+    if mul is not None:
+        (y,) = m.g.add("Mul", [y, m.g.add_initializer("mul", torch.tensor(mul))], name="mul")
     if residual:
         r = m.input("res", tuple(int(d) for d in y.shape), F32, cl)  # type: ignore[union-attr]
         s = m.g.add_initializer("res.scale", torch.tensor(float(m.feeds["res"].abs().max()) / 127))
@@ -147,6 +149,8 @@ CASES: dict[str, Callable[[], tuple[Node, list[Any]]]] = {
                                                            cl=False),
     "tma-3x3-int8-residual-dual-f16-cl": lambda: quantized((2, 32, 9, 11), 24, 3, residual=True, dual=True,
                                                            half=True, pad=(1, 1)),
+    # a scalar constant in the TMA form's epilogue (read as a one-value operand)
+    "tma-3x3-times-constant-cl": lambda: quantized((1, 16, 6, 10), 24, 3, mul=0.75, pad=(1, 1)),
 }
 
 

@@ -249,7 +249,8 @@ INF = tl.constexpr(float("inf"))
 @triton.jit
 def kiln_conv(x_desc, w_desc, out_ptr, {pointers}N, C, OH, OW, tiles_w, tiles_hw, stride_ob, stride_oc, stride_oh,
               stride_ow, {strides}KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-              BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
+              BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              WIDE: tl.constexpr):
     pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BLOCK_N)
     pid_n = pid % grid_n
@@ -286,7 +287,8 @@ def kiln_conv(x_desc, w_desc, out_ptr, {pointers}N, C, OH, OW, tiles_w, tiles_hw
 """The TMA form for stride-1, undilated convs on channels-last input: a program's rows are a BH x BW patch of one
 image's output (not a run of flattened pixels), so each tap's input block is one rectangular TMA load from the
 [N, H, W, C] input, zero-filled at the edges (no address arithmetic, no masks), and the weight [C_out, KH*KW*C]
-(K contiguous) is a second descriptor."""
+(K contiguous) is a second descriptor. BLOCK_M (= BH * BW) is passed too: the epilogue's literal constants are
+tiles of [BLOCK_M, BLOCK_N] (an FP8 layer's float8 zero point)."""
 
 
 def render(s: Spec, tf32: bool, tma: bool = False) -> str:
@@ -499,7 +501,7 @@ class ConvKernel(SpecKernel):
         out = outs[0]
         self.fn[grid](xd, wd, out, *outs[1:], *extra, s.n, s.c, oh, ow, tiles_w, tiles_hw, *out.stride(),
                       *(st for v in bias_views for st in v.stride()), KH=s.kernel[0], KW=s.kernel[1], PH=s.pad[0],
-                      PW=s.pad[1], BH=bh, BW=bw, BLOCK_N=t.block_n, BLOCK_K=t.block_k, WIDE=wide,
+                      PW=s.pad[1], BH=bh, BW=bw, BLOCK_M=bh * bw, BLOCK_N=t.block_n, BLOCK_K=t.block_k, WIDE=wide,
                       num_warps=t.num_warps, num_stages=self.stages)
 
 
