@@ -36,7 +36,7 @@ class QuantReport:
     """Anchoring layers left in float, with why."""
     fp8: bool = False
     residuals: list[str] = field(default_factory=list)
-    """Layers whose residual add reads the int8 copy of its input (`_int8_residuals`)."""
+    """Layers whose residual add reads int8 (`_int8_residuals`)."""
 
     def to_json(self) -> dict[str, object]:
         return {"fp8_layers" if self.fp8 else "int8_layers": len(self.layers), "float_layers": dict(self.float_layers),
@@ -102,8 +102,9 @@ def quantize_graph(graph: Graph, act_scales: Mapping[str, float], *, skip: Colle
     than `min_channels` input channels per group stay float (`MIN_INT8_CHANNELS` for GPU builds). `fp8`: float8
     E4M3 instead of int8, GEMM weights per tensor too (FP8 GEMMs scale whole operands), conv weights per output
     channel (grouped convs stay float): the same calibrated range
-    (threshold = int8 scale x 127) mapped onto E4M3's +-448. `residuals` (int8): residual adds of conv layers read
-    the int8 copy of their identity input (`_int8_residuals`)."""
+    (threshold = int8 scale x 127) mapped onto E4M3's +-448. `residuals` (int8): the residual adds of quantized
+    conv layers read int8 - the block input's int8 copy, or a downsample branch written in int8
+    (`_int8_residuals`)."""
     report = QuantReport(fp8=fp8)
     shared: dict[str, Value] = {}
     for n in list(graph.nodes):
