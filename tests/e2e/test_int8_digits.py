@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kiln
+from kiln.ir import DType
 
 pytestmark = pytest.mark.slow
 
@@ -131,3 +132,59 @@ def test_fp8_with_its_convolutions_stays_within_a_point_of_fp32(trained) -> None
     acc8 = float((fp8 == yte).mean())
     assert acc8 >= acc32 - 0.01, (acc32, acc8)
     assert float((fp8 == fp32).mean()) >= 0.98
+
+
+class _Residual(torch.nn.Module):
+    """Two ResNet blocks on the digits: one whose skip is its input, one with a strided 1x1 downsample branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = torch.nn.Conv2d
+        self.stem = c(1, 16, 3, padding=1)
+        self.a1, self.a2 = c(16, 16, 3, padding=1), c(16, 16, 3, padding=1)
+        self.b1, self.b2, self.down = c(16, 32, 3, stride=2, padding=1), c(32, 32, 3, padding=1), c(16, 32, 1, stride=2)
+        self.fc = torch.nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.relu
+        h = relu(self.stem(x))
+        h = relu(self.a2(relu(self.a1(h))) + h)
+        h = relu(self.b2(relu(self.b1(h))) + self.down(h))
+        return self.fc(h.flatten(1))
+
+
+def test_int8_residual_adds_read_int8_and_keep_the_accuracy() -> None:
+    """A residual CNN trained on the digits: in the INT8 engine both residual adds read int8 (the first block's
+    input through the int8 copy its first conv reads, the second block's downsample branch written in int8 by its
+    conv), and accuracy stays within a point of FP32 with >= 98 % top-1 agreement."""
+    torch.manual_seed(1)
+    xtr, ytr, xte, yte = _data()
+    net = _Residual()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
+    for _ in range(12):
+        for i in range(0, len(xt), 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
+            opt.step()
+    net.eval()
+    f = io.BytesIO()
+    torch.onnx.export(net, (xt[:1],), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+    model = onnx.load_from_string(f.getvalue())
+    fp32 = _predict(kiln.build(model, _config()), xte)
+    acc32 = float((fp32 == yte).mean())
+    assert acc32 > 0.9
+    calib = [{"x": xtr[i:i + 50]} for i in range(0, 300, 50)]
+    engine = kiln.build(model, _config(precision="int8", calibration=calib, calibrator="entropy"))
+    q = engine.plan.stats["precision"]
+    assert q["int8_layers"] == 7 and q["int8_residuals"] == 2, q
+    quantized = [n for n in engine.graph.nodes if n.op == "Fused" and n.attrs["kind"] == "quantized"]
+    adds = [n for n in quantized if any(m.op == "Add" for m in n.attrs["body"].nodes)]
+    assert len(adds) == 2 and all(n.attrs["body"].nodes[3].op == "DequantizeLinear" for n in adds)
+    down = next(n for n in quantized if "down" in n.name)
+    assert [v.dtype for v in down.outputs] == [DType.INT8]
+    int8 = _predict(engine, xte)
+    acc8 = float((int8 == yte).mean())
+    assert acc8 >= acc32 - 0.01, (acc32, acc8)
+    assert float((int8 == fp32).mean()) >= 0.98, (acc32, acc8)
