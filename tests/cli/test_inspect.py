@@ -35,8 +35,9 @@ def test_text(engine: Path) -> None:
     rows = [[c.strip() for c in r if c.strip()] for r in rows]
     assert [r[1] for r in rows] == LAYERS
     assert [r[2] for r in rows] == ["Fused[epilogue: Conv+Relu]", "Flatten", "MatMul"]
-    for row, choice in zip(rows, e.plan.choices[0]):
-        assert any(choice.tactic in cell.split(" | ") for cell in row)
+    for row, choice in zip(rows, e.plan.choices[0]):  # the tactic, with its configuration's values if it has one
+        shown = choice.tactic + (f"({', '.join(map(str, choice.config.values()))})" if choice.config else "")
+        assert any(shown[:45] in cell for cell in row), (shown, row)
     assert "x[N,3,8,8] +2 const" in text and "y[N,10]" in text
 
 
@@ -127,3 +128,12 @@ def test_fused_steps_are_named_after_their_nodes() -> None:
     node = fuse(g, g.nodes, "epilogue")
     assert origins(node) == ["/layer1/conv1", "relu"]
     assert op_label(node) == "Fused[epilogue: Conv+Relu]"
+
+
+def test_the_table_names_the_configuration_that_won() -> None:
+    from kiln.cli.inspect import _tactic
+
+    assert _tactic({"tactic": "triton.int8_conv", "config": {"tile": "128x64x64-w4s4"}}) == \
+        "triton.int8_conv(128x64x64-w4s4)"
+    assert _tactic({"tactic": "cuda.conv", "config": {"format": "given", "fuse": "cudnn"}}) == "cuda.conv(given, cudnn)"
+    assert _tactic({"tactic": "reference", "config": {}}) == "reference"

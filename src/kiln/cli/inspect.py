@@ -332,7 +332,7 @@ def _io(vals: list[dict[str, Any] | None]) -> str:
 def _print_table(layers: list[dict[str, Any]], timed: bool) -> None:
     rows = []
     for la in layers:
-        tactics = " | ".join(dict.fromkeys(t["tactic"] for t in la["tactics"]))
+        tactics = " | ".join(dict.fromkeys(_tactic(t) for t in la["tactics"]))
         row = [str(la["index"]), la["name"], la["op"], tactics, la["precision"], _io(la["inputs"]), _io(la["outputs"])]
         if timed:
             t = la.get("time_ms")
@@ -342,6 +342,12 @@ def _print_table(layers: list[dict[str, Any]], timed: bool) -> None:
     widths = [min(max(len(r[i]) for r in [head, *rows]), 48) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(_cut(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _tactic(t: dict[str, Any]) -> str:
+    """A step's tactic with its configuration's values: "triton.int8_conv(128x64x64-w4s4)" (which tile won)."""
+    values = ", ".join(str(v) for v in t.get("config", {}).values())
+    return f"{t['tactic']}({values})" if values else t["tactic"]
 
 
 def _cut(text: str, width: int) -> str:
