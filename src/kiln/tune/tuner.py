@@ -311,8 +311,8 @@ _HALF = frozenset({DType.FLOAT16, DType.BFLOAT16})
 
 def _widened(node: Node) -> Node:
     """A Fused node with its body's float16/bfloat16 values (and constants) retyped to float32, for the second
-    opinion: body ops that produce their declared type (DequantizeLinear, Cast-free epilogues computing in their
-    inputs' type) would otherwise round every step to half precision again, and the second opinion would be the
+    opinion. Body ops whose reference produces the declared output type (DequantizeLinear does) would otherwise
+    round to half precision again, and every later op would compute in it: the second opinion would be the
     reference itself (an int8 conv's body dequantizing to float16 rounds every weight to 11 bits, an error the
     int8 kernel, summing exactly in int32, does not make). 8-bit values keep their types. Other nodes as they are."""
     body = node.attrs.get("body") if node.op == "Fused" else None
