@@ -3,6 +3,7 @@ at least about as accurate as the reference itself against the reference compute
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kiln.ir import DType, Graph, TensorType
@@ -119,3 +120,31 @@ def test_the_second_opinion_of_a_quantized_layer_computes_its_body_in_float32() 
     assert _codes_as_accurate(exact, want, wide)
     off = (y * 1.01 / float(args[at])).round().clamp(-128, 127).to(torch.int8)  # a 1 % scale error
     assert not _codes_as_accurate(off, want, wide)
+
+
+def test_a_layer_whose_every_kernel_is_rejected_runs_on_the_reference_and_the_build_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never silently slow: when every kernel candidate of a layer is rejected, the reference runs it and the build
+    report warns, naming the layer and the first rejection."""
+    import kiln
+    from kiln.kernels import registry
+    from kiln.kernels.base import Kernel, Tactic
+
+    class Broken(Tactic):
+        name = "test.broken"
+        ops = frozenset({"Relu"})
+        priority = 1
+
+        def build(self, node: object, config: object, device: object, run_subgraph: object = None) -> Kernel:
+            return lambda xs: [xs[0] + 1.0]  # type: ignore[return-value]
+
+    items = {"reference": registry.get("reference"), "test.broken": Broken()}  # (get loads the tactic modules)
+    monkeypatch.setattr(registry.TACTICS, "_items", items)
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, (4, 8)))
+    g.outputs.extend(g.add("Relu", [x], name="act", outputs=["y"]))
+    engine = kiln.build(g, kiln.BuilderConfig(device="cpu", opt_level=3))
+    assert [c.tactic for c in engine.plan.choices[0]] == ["reference"]
+    warnings = engine.plan.stats["tuning"]["warnings"]
+    assert any(w.startswith("act (Relu) runs on the reference: all 1 kernel candidates were rejected (first: "
+                            "test.broken (outputs differ") for w in warnings), warnings

@@ -471,6 +471,13 @@ class _ProfileTuner:
         if best is None:
             return Choice("reference", {})
         choice = best[3]
+        others = [label for label in timings if not label.startswith("reference")]
+        if choice.tactic == "reference" and others and all(isinstance(timings[label], str) and (
+                timings[label] == "mismatch" or str(timings[label]).startswith("failed")) for label in others):
+            first = next((r for r in self.report.rejected if r.startswith(f"{node.name}: ")), "")
+            self.report.warnings.append(
+                f"{node.name} ({node.op}) runs on the reference: all {len(others)} kernel candidates were rejected "
+                f"(first: {first[len(node.name) + 2:]}); it will be slow - please report it")
         self.cache.put(key, {"op": node.op, "tactic": choice.tactic, "config": dict(choice.config),
                              "time_us": round(best[1] * 1e6, 3), "candidates": timings})
         return choice
