@@ -37,9 +37,14 @@ def trained() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray, np.ndarray]:
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return _train_and_export(net, xtr, ytr, 15), xtr, xte, yte
+
+
+def _train_and_export(net: torch.nn.Module, xtr: np.ndarray, ytr: np.ndarray, epochs: int) -> onnx.ModelProto:
+    """`net` trained on the digits (Adam, batches of 64), exported to ONNX with a dynamic batch."""
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    for _ in range(15):
+    for _ in range(epochs):
         for i in range(0, len(xt), 64):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
@@ -48,7 +53,7 @@ def trained() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray, np.ndarray]:
     f = io.BytesIO()
     torch.onnx.export(net, (xt[:1],), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
-    return onnx.load_from_string(f.getvalue()), xtr, xte, yte
+    return onnx.load_from_string(f.getvalue())
 
 
 def _predict(engine: kiln.Engine, x: np.ndarray) -> np.ndarray:
@@ -159,19 +164,7 @@ def test_int8_residual_adds_read_int8_and_keep_the_accuracy() -> None:
     conv), and accuracy stays within a point of FP32 with >= 98 % top-1 agreement."""
     torch.manual_seed(1)
     xtr, ytr, xte, yte = _data()
-    net = _Residual()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    for _ in range(12):
-        for i in range(0, len(xt), 64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
-            opt.step()
-    net.eval()
-    f = io.BytesIO()
-    torch.onnx.export(net, (xt[:1],), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
-    model = onnx.load_from_string(f.getvalue())
+    model = _train_and_export(_Residual(), xtr, ytr, 12)
     fp32 = _predict(kiln.build(model, _config()), xte)
     acc32 = float((fp32 == yte).mean())
     assert acc32 > 0.9

@@ -109,3 +109,20 @@ def dequant_vector(node: Node, dq: tuple[int, int], n: int) -> torch.Tensor:
     assert sx is not None and sw is not None
     assert isinstance(sx.data, torch.Tensor) and isinstance(sw.data, torch.Tensor)
     return (sx.data.float().reshape(()) * sw.data.float().reshape(-1).expand(n)).contiguous()
+
+
+def dot_options(dtype: DType, tf32: bool, promote: str) -> str:
+    """The extra arguments of a template's `tl.dot` for products in `dtype`: an int32 accumulator for int8 (tl.dot
+    defaults to float32); for float8, `max_num_imprecise_acc=promote` (float32 partial sums every `promote`
+    products: on sm_90 Triton otherwise sums a whole K loop in the tensor cores' ~14-bit accumulator, and over
+    K=3072 the result drifts past float16's tolerance; cuBLASLt without fast accumulation does the same); the
+    float32 product precision otherwise (`tf32`; half-precision operands take none)."""
+    if dtype is DType.INT8:
+        return ", out_dtype=tl.int32"
+    if dtype is DType.FLOAT8_E4M3FN:
+        return f", max_num_imprecise_acc={promote}"
+    return "" if dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
+
+
+DEQUANTIZE = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n"
+"""The line scaling an 8-bit layer's accumulator by its per-channel factor (`dequant_vector`) before the epilogue."""

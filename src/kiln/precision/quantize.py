@@ -166,33 +166,31 @@ def _int8_residuals(graph: Graph, copies: dict[str, Value], act_scales: Mapping[
     return changed
 
 
+def _conv_epilogue(n: Node) -> Graph | None:
+    """The body of a conv layer with an epilogue (a Fused "epilogue" node anchored by a Conv), else None."""
+    body = n.attrs.get("body") if n.op == "Fused" and n.attrs.get("kind") == "epilogue" else None
+    return body if isinstance(body, Graph) and body.nodes[0].op == "Conv" else None
+
+
 def _residual_candidates(graph: Graph, layers: Collection[str] | None = None) -> list[Value]:
     """The values conv layers (those named in `layers`, else every conv layer) add to their result in their
     epilogue, in graph order."""
     found: list[Value] = []
     for n in graph.nodes:
-        if n.op != "Fused" or n.attrs.get("kind") != "epilogue" or (layers is not None and n.name not in layers):
+        body = _conv_epilogue(n)
+        if body is None or (layers is not None and n.name not in layers):
             continue
-        body: Graph = n.attrs["body"]
-        if body.nodes[0].op != "Conv":
-            continue
-        for m in body.nodes[1:]:
-            if m.op != "Add":
-                continue
-            for v in m.inputs:
-                if v in body.inputs:
-                    x = n.inputs[body.inputs.index(v)]
-                    if x is not None and x not in found:
-                        found.append(x)
+        for v in (v for m in body.nodes[1:] if m.op == "Add" for v in m.inputs):
+            x = n.inputs[body.inputs.index(v)] if v in body.inputs else None
+            if x is not None and x not in found:
+                found.append(x)
     return found
 
 
 def _residual_reader(n: Node, x: Value, quantized: set[str]) -> bool:
     """Whether `n` is a quantized conv layer reading `x` only as an operand of Add steps in its epilogue."""
-    if n.name not in quantized or n.op != "Fused" or n.attrs.get("kind") != "epilogue":
-        return False
-    body: Graph = n.attrs["body"]
-    if body.nodes[0].op != "Conv":
+    body = _conv_epilogue(n) if n.name in quantized else None
+    if body is None:
         return False
     inner = {b for b, v in zip(body.inputs, n.inputs) if v is x}
     steps = [m for m in body.nodes if any(v in inner for v in m.inputs)]

@@ -436,6 +436,8 @@ class _ProfileTuner:
         high = _Widened()
         timings: dict[str, float | str] = {}
         best: tuple[bool, float, int, Choice] | None = None
+        turned_down: list[str] = []  # why each kernel (not the reference) was rejected
+        kernels_passed = 0
         for rank, tactic in enumerate(self.cands[i][:limit]):
             for cfg in _configs(tactic, self.s.opt_level):
                 label = tactic.name + (f"{cfg}" if cfg else "")
@@ -449,18 +451,19 @@ class _ProfileTuner:
                     why = _mismatch(node, got, results, lambda k: high.get(node, args, k))
                     if why is not None:
                         timings[label] = "mismatch"
-                        self.report.rejected.append(f"{node.name}: {label} (outputs differ from the reference: {why})")
+                        turned_down.append(f"{label} (outputs differ from the reference: {why})")
                         continue
                     t1 = time.perf_counter()
                     t, captured = timed(_call(kernel, args), self.s.device)
                 except Exception as e:
                     timings[label] = f"failed: {type(e).__name__}"
-                    self.report.rejected.append(f"{node.name}: {label} ({type(e).__name__}: {e})")
+                    turned_down.append(f"{label} ({type(e).__name__}: {e})")
                     continue
                 finally:
                     now = time.perf_counter()
                     self.report.spent(tactic.name, (t1 or now) - t0, now - t1 if t1 is not None else 0.0)
                 self.report.candidates_timed += 1
+                kernels_passed += tactic.name != "reference"
                 timings[label] = round(t * 1e6, 3) if captured else f"{round(t * 1e6, 3)} (not capturable)"
                 # A step that cannot be captured keeps the whole plan out of CUDA graphs: any capturable
                 # candidate wins over it, whatever the timings.
@@ -468,16 +471,14 @@ class _ProfileTuner:
                 if best is None or cand[:3] < best[:3]:
                     best = cand
         self.report.timed_nodes += 1
+        self.report.rejected += [f"{node.name}: {why}" for why in turned_down]
         if best is None:
             return Choice("reference", {})
         choice = best[3]
-        others = [label for label in timings if not label.startswith("reference")]
-        if choice.tactic == "reference" and others and all(isinstance(timings[label], str) and (
-                timings[label] == "mismatch" or str(timings[label]).startswith("failed")) for label in others):
-            first = next((r for r in self.report.rejected if r.startswith(f"{node.name}: ")), "")
+        if choice.tactic == "reference" and turned_down and not kernels_passed:
             self.report.warnings.append(
-                f"{node.name} ({node.op}) runs on the reference: all {len(others)} kernel candidates were rejected "
-                f"(first: {first[len(node.name) + 2:]}); it will be slow - please report it")
+                f"{node.name} ({node.op}) runs on the reference: all {len(turned_down)} kernel candidates were "
+                f"rejected (first: {turned_down[0]}); it will be slow - please report it")
         self.cache.put(key, {"op": node.op, "tactic": choice.tactic, "config": dict(choice.config),
                              "time_us": round(best[1] * 1e6, 3), "candidates": timings})
         return choice

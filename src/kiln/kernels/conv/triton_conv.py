@@ -37,12 +37,14 @@ from kiln.kernels.conv.cudnn import _params
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored
 from kiln.kernels.gemm.triton_gemm import FP8_PROMOTE, WIDE_LIMIT, Tile, _stages, _steps, quantized_steps
-from kiln.kernels.pointwise.rules import NARROW, storage
+from kiln.kernels.pointwise.rules import storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
 from kiln.kernels.templates import (
+    DEQUANTIZE,
     TemplateTactic,
     dequant_vector,
+    dot_options,
     operand_kinds,
     operand_loads,
     second_output,
@@ -297,14 +299,9 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     e = epilogue(s, "tl.load(b_ptr + (offs_n % N) * stride_b)")
     int8 = s.dtype is DType.INT8
     scaled = s.dq is not None  # int8 or float8 products, dequantized per output channel
-    if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
-        precision = ", out_dtype=tl.int32"
-    elif s.dtype is DType.FLOAT8_E4M3FN:  # float32 partial sums at least every FP8_PROMOTE products (see
-        # triton_gemm); why BLOCK_K: Triton takes no more than one K step, and every conv tile's is <= FP8_PROMOTE
-        precision = ", max_num_imprecise_acc=BLOCK_K"
-    else:
-        precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
-    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if scaled else ""
+    # why BLOCK_K: Triton promotes at most once per K step, and every conv tile's is <= FP8_PROMOTE
+    precision = dot_options(s.dtype, tf32, "BLOCK_K")
+    dequant = DEQUANTIZE if scaled else ""
     also = second_store(s.program, "out_rows + rn * stride_oc")
     pointers = ("out2_ptr, " if also else "") + ("dq_ptr, " if scaled else "") + e.pointers
     return (_TMA_SOURCE if tma else _SOURCE).format(what=e.what, pointers=pointers, strides=e.strides,

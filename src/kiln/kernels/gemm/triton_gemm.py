@@ -41,8 +41,10 @@ from kiln.kernels.pointwise.rules import NARROW, float_text, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function, tile_program
 from kiln.kernels.registry import register
 from kiln.kernels.templates import (
+    DEQUANTIZE,
     TemplateTactic,
     dequant_vector,
+    dot_options,
     operand_kinds,
     operand_loads,
     second_output,
@@ -302,15 +304,8 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
         lines.extend(s.program.lines)
         result = s.program.result.text
         what = ", ".join([what, *sorted(set(s.program.ops))])
-    if int8:  # why: tl.dot's result type defaults to float32; int8 products need an int32 accumulator named
-        precision = ", out_dtype=tl.int32"
-    elif s.dtype is DType.FLOAT8_E4M3FN:  # why: on sm_90 Triton otherwise sums a whole K loop in the tensor cores'
-        # ~14-bit accumulator (over K=3072 the result drifts past float16's tolerance); 128 products at a time into
-        # the float32 accumulator is what cuBLASLt does without fast accumulation
-        precision = f", max_num_imprecise_acc={FP8_PROMOTE}"
-    else:
-        precision = "" if s.dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
-    dequant = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n" if scaled else ""
+    precision = dot_options(s.dtype, tf32, str(FP8_PROMOTE))
+    dequant = DEQUANTIZE if scaled else ""
     zero = "0" if int8 else "0.0"
     mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
     operands, operand_strides = ("x_desc, w_desc", "") if tma else \

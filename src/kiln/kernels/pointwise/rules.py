@@ -390,10 +390,7 @@ def _quantize_check(n: Node) -> str | None:
         return "QuantizeLinear to float8 is generated saturating, with a zero point of 0 only"
     if int(n.attrs.get("block_size") or 0) or _quantize_precision(n) not in F32:
         return "blocked or float64 quantization is not generated"
-    for v in (scale, zp):
-        if v is not None and (v.shape is None or math.prod(d if isinstance(d, int) else 2 for d in v.shape) != 1):
-            return "QuantizeLinear is generated with a per-tensor scale and zero point only"
-    return None
+    return None if _per_tensor(scale, zp) else "QuantizeLinear is generated with a per-tensor scale and zero point only"
 
 
 def _dequantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
@@ -412,10 +409,14 @@ def _dequantize_check(n: Node) -> str | None:
         return "DequantizeLinear is generated from int8/uint8 to float16/bfloat16/float32 only"
     if int(n.attrs.get("block_size") or 0):
         return "blocked dequantization is not generated"
-    for v in (scale, zp):
-        if v is not None and (v.shape is None or math.prod(d if isinstance(d, int) else 2 for d in v.shape) != 1):
-            return "DequantizeLinear is generated with a per-tensor scale and zero point only"
-    return None
+    return None if _per_tensor(scale, zp) else \
+        "DequantizeLinear is generated with a per-tensor scale and zero point only"
+
+
+def _per_tensor(*params: Value | None) -> bool:
+    """Whether each given (present) scale / zero point holds one value (a dimension of unknown size counts as more)."""
+    return all(v is None or (v.shape is not None and math.prod(d if isinstance(d, int) else 2 for d in v.shape) == 1)
+               for v in params)
 
 
 def _zero_constant(v: Value | None) -> bool:
