@@ -20,7 +20,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, TensorType
 from kiln.passes.layout import decide_layout
 from kiln.passes.manager import PassContext
-from kiln.passes.pipeline import optimize
+from kiln.passes.pipeline import optimize, optimize_late
 from kiln.precision.accuracy import Target, gate
 from kiln.precision.calibration import CalibrationCache, activation_scales, collect, load_calibration_data
 from kiln.precision.flops import flop_mix
@@ -35,7 +35,7 @@ from kiln.precision.quantize import (
 from kiln.precision.ranges import decide, observe_peaks
 from kiln.runtime import engine_file
 from kiln.runtime.device import describe
-from kiln.runtime.engine import Engine, engine_from_blob, tf32_mode, versions
+from kiln.runtime.engine import Engine, concrete, engine_from_blob, place_constants, tf32_mode, versions
 from kiln.runtime.plan import Choice, Plan, Profile, ShapeRange
 from kiln.tune.cache import TimingCache
 from kiln.tune.tuner import TuneSettings, sample_inputs, tune
@@ -146,6 +146,7 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
         if folded or lowered is not None:
             lowered = {**(lowered or {}), "int8_folded_layers": folded,
                        "int8_outputs": done["fuse_requantize"]["requantized"]}
+    records = records + optimize_late(graph, context)
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 
@@ -262,6 +263,9 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     device = config.torch_device
     settings = TuneSettings(device, config.opt_level, config.deterministic, config.time_budget_s,
                             has_cache=config.timing_cache is not None)
+    # why: the engine holds its weights on the device; tuned there already, every candidate gets the very tensors it
+    # will run with, so a weight a kernel prepares once (a transposed or folded copy) is not remade in its timing
+    place_constants(graph, concrete(device))
     with tf32_mode(config.tf32, device):
         choices, report = tune(graph, profiles, settings, cache, progress=say)
     memory = plan_memory(graph, profiles)

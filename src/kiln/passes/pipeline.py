@@ -14,11 +14,12 @@ from kiln.passes.epilogue_fusion import epilogue_fusion
 from kiln.passes.fold_affine import fold_affine
 from kiln.passes.fuse_attention import fuse_attention
 from kiln.passes.fuse_gelu import fuse_gelu
+from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from kiln.passes.fuse_normalization import fuse_normalization
 from kiln.passes.fuse_reductions import fuse_reductions
 from kiln.passes.fuse_softmax import fuse_softmax
 from kiln.passes.layout import layout
-from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, run_passes
+from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, PassResult, run_passes
 from kiln.passes.merge_siblings import merge_siblings
 from kiln.passes.noops import remove_noops
 from kiln.passes.pack_attention import pack_attention
@@ -75,3 +76,20 @@ def optimize(graph: Graph, context: PassContext | None = None) -> list[PassRecor
     """Run the pipeline on `graph` in place; returns what each pass did."""
     ctx = context or PassContext()
     return run_passes(graph, [(name, factory(ctx)) for name, factory in PIPELINE])
+
+
+def _gpu_only(fn: Pass) -> PassFactory:
+    return lambda ctx: fn if ctx.device == "cuda" else (lambda graph: PassResult.of())
+
+
+LATE: list[tuple[str, PassFactory]] = [
+    # After precision (the builder runs this list last, before tuning): FP16 lowering, Q/DQ placement and the
+    # norm's quantize fusion read the float graph's norms and epilogues, and these fusions want the final dtypes.
+    # A norm and the GEMM reading its rows, as one node (GPU builds only: the kernels are Triton).
+    ("fuse_norm_gemm", _gpu_only(fuse_norm_gemm)),
+]
+
+
+def optimize_late(graph: Graph, context: PassContext) -> list[PassRecord]:
+    """Run the late list on `graph` in place (after precision); returns what each pass did."""
+    return run_passes(graph, [(name, factory(context)) for name, factory in LATE], stage="late")

@@ -67,6 +67,19 @@ def _all_graphs(g: Graph) -> list[Graph]:
     return out
 
 
+def place_constants(graph: Graph, device: torch.device) -> None:
+    """Moves every constant of `graph` and its subgraphs to `device`, in place: the weights the kernels get (and
+    prepare once, `kiln.kernels.cpu.common.prepared`) are then these very tensors."""
+    for g in _all_graphs(graph):
+        for v in g.initializers.values():
+            if isinstance(v.data, torch.Tensor) and v.data.device != device:
+                v.data = v.data.to(device)
+        for n in g.nodes:  # Constant nodes' values too, so they are not copied to the device on every run
+            value = n.attrs.get("value") if n.op == "Constant" else None
+            if isinstance(value, torch.Tensor) and value.device != device:
+                n.attrs["value"] = value.to(device)
+
+
 class Engine:
     """A built model for one device: plan + weights (held once) + metadata."""
 
@@ -74,14 +87,7 @@ class Engine:
         self.plan = plan
         self.metadata = metadata
         self.device = concrete(torch.device(device))
-        for g in _all_graphs(plan.graph):
-            for v in g.initializers.values():
-                if isinstance(v.data, torch.Tensor) and v.data.device != self.device:
-                    v.data = v.data.to(self.device)
-            for n in g.nodes:  # Constant nodes' values too, so they are not copied to the device on every run
-                value = n.attrs.get("value") if n.op == "Constant" else None
-                if isinstance(value, torch.Tensor) and value.device != self.device:
-                    n.attrs["value"] = value.to(self.device)
+        place_constants(plan.graph, self.device)
         self._last_use = last_uses(plan.graph)
         self.tf32 = bool(metadata.get("config", {}).get("tf32", True))
 

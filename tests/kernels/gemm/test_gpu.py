@@ -13,6 +13,7 @@ from kiln.ir import DType, Graph, TensorType
 from kiln.kernels import registry
 from tests.kernels.gemm import cases as c
 from tests.kernels.gemm import int8_cases as q8
+from tests.kernels.gemm import norm_cases
 from tests.kernels.gemm.cases import ALL, CASES, CUDA, F16, F32, Case, bare, bias_gelu_residual, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -31,6 +32,28 @@ SHAPES: dict[str, Callable[[DType], Case]] = {
     "vit-b1-qkv": lambda dt: bare(dt, (1, 197), 768, 2304, ALL),
     "one-row": lambda dt: bias_gelu_residual(dt, "tanh", ALL, lead=(1,), k=768, n=768),
 }
+
+
+@pytest.mark.parametrize("name", list(norm_cases.CASES))
+def test_normalized_case_on_cuda(name: str) -> None:
+    problems = norm_cases.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+NORMALIZED: dict[str, Callable[[], Case]] = {
+    # batch 1: ViT's pre-LN FFN-up (197 rows), BERT's post-LN QKV (128 rows, the rows kept), one token; and larger
+    "vit-b1-up": lambda: norm_cases.ln_bias_gelu(F16, norm_cases.EVERY, lead=(1, 197), k=768, n=3072),
+    "bert-b1-qkv-kept": lambda: norm_cases.ln_kept_residual(F16, norm_cases.EVERY, lead=(1, 128), k=768, n=2304),
+    "one-row-up": lambda: norm_cases.ln_bias_gelu(F16, norm_cases.EVERY, lead=(1, 1), k=768, n=3072),
+    "rows-4096-up-bf16": lambda: norm_cases.ln_bias_gelu(BF16, norm_cases.EVERY, lead=(8, 512), k=768, n=3072),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMALIZED))
+def test_normalized_transformer_shapes(name: str) -> None:
+    """A LayerNorm and the GEMM reading it, both tactics (every fused tile, the split's GEMMs), at model shapes."""
+    problems = norm_cases.run(NORMALIZED[name](), "cuda")
+    assert all(p is None for p in problems.values()), problems
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -12,6 +12,9 @@ the fused node's inputs. `kind` tells the code generators which template applies
 - "quantizing": an op whose kernel can quantize its own result (LayerNormalization, RMSNormalization, Attention)
   and the QuantizeLinear of that result - one kernel that writes the 8-bit values for the next layer (and the float
   result too, when something else reads it) (`kiln.precision.quantize.fuse_output_quantize`);
+- "normalized": a LayerNormalization or RMSNormalization over the last axis, then an anchor (MatMul, Gemm) reading
+  its result as A, and the anchor's epilogue steps - a GEMM that normalizes A's rows as it loads them; outputs
+  [result] or [the norm's result, result] (`kiln.passes.fuse_norm_gemm`);
 - "region": anything else grouped for scheduling.
 
 The reference runs the body node by node through the op table, so every fused node is correct by construction.
@@ -26,7 +29,7 @@ import torch
 from kiln.ir.graph import ValueType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, value_of
 
-KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "region")
+KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "normalized", "region")
 
 
 def _infer(ctx: InferCtx) -> list[ValueType]:

@@ -26,6 +26,7 @@ in the one multiply, and an epilogue that may end in the QuantizeLinear writing 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -113,6 +114,26 @@ QKV (tie), and ResNet-50's 1x1 downsample (115.5 vs 117.9) and 512->128 1x1 (35.
 
 
 @dataclass(frozen=True)
+class NormPrologue:
+    """The LayerNormalization / RMSNormalization of a "normalized" Fused node (`kiln.passes.fuse_norm_gemm`), folded
+    into the GEMM: with W' = diag(scale) W (made once, in W's dtype), c = the column sums of W' and d = B W,
+
+        LayerNorm(x) W = rstd * (x W' - mean * c) + d,   RMSNorm(x) W = rstd * (x W'),
+
+    so the main loop is the plain GEMM on the raw rows x (pipelined as ever), each program first computes its rows'
+    mean and rstd over K in float32, and one multiply-add per output element applies them before the epilogue.
+    `*_at` index the node's inputs."""
+
+    g_at: int
+    b_at: int | None
+    eps: float
+    rms: bool
+    keep: bool
+    """The node also outputs the normalized rows (its first output): the programs of the first tile column write
+    them as they go."""
+
+
+@dataclass(frozen=True)
 class Spec:
     """A node in the template's terms; `*_at` are indices into the node's inputs."""
 
@@ -141,6 +162,8 @@ class Spec:
     conv: bool = False
     """A 1x1 stride-1 convolution read as a GEMM: A is the channels-last input seen as [N*H*W, C], B the weight
     [K, C], C the conv's bias; the output is written channels-last."""
+    norm: NormPrologue | None = None
+    """A "normalized" node's norm, applied to A's rows as they are loaded (`x_at` is then the norm's X)."""
 
     @property
     def out2(self) -> DType | None:
@@ -268,6 +291,77 @@ _TMA_LOOP = """    for k in range(0, tl.cdiv(K, BLOCK_K)):
 hardware zero-fills past M, N and K (no masks, no K tail)."""
 
 
+_NORM_STATS = """    # the rows' statistics in float32, in wide chunks (8192 values a program: many loads in flight)
+    x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm
+    offs_s = tl.arange(0, 8192 // BLOCK_M)
+{stats}{keep}"""
+"""Before a "normalized" node's main loop (which then multiplies the raw rows by the folded weight, see
+`NormPrologue`): the statistics of the tile's rows and, when the node outputs them, the normalized rows, written
+by the first tile column."""
+
+_LN_STATS = """    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, 8192 // BLOCK_M)):
+        ks = k * (8192 // BLOCK_M) + offs_s
+        inside = ks[None, :] < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=inside, other=0.0).to(tl.float32)
+        seen = k * (8192 // BLOCK_M) * 1.0
+        count = tl.minimum(K - k * (8192 // BLOCK_M), 8192 // BLOCK_M) * 1.0
+        part = tl.sum(x, axis=1) / count
+        d = tl.where(inside, x - part[:, None], 0.0)
+        delta = part - mean
+        mean += delta * (count / (seen + count))
+        m2 += tl.sum(d * d, axis=1) + delta * delta * (seen * count / (seen + count))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(m2 / K + {eps}))
+"""
+"""LayerNorm's statistics: each chunk's mean and centred sum of squares, merged into the running ones (Chan et
+al.); with one chunk (K up to 8192 / BLOCK_M) exactly the two-pass formula of the op's reference."""
+
+_RMS_STATS = """    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, 8192 // BLOCK_M)):
+        ks = k * (8192 // BLOCK_M) + offs_s
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=ks[None, :] < K, other=0.0).to(tl.float32)
+        total += tl.sum(x * x, axis=1)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(total / K + {eps}))
+"""
+
+_KEEP_ROWS = """    if pid_n == 0:
+        for k in range(0, tl.cdiv(K, 8192 // BLOCK_M)):
+            ks = k * (8192 // BLOCK_M) + offs_s
+            inside = ks[None, :] < K
+            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=inside, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+            y = {normalized}
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + ks[None, :], y.to({dtype}),
+                     mask=(offs_m[:, None] < M) & inside)
+"""
+
+
+def _norm_prologue(s: Spec) -> tuple[str, str, list[str], list[str]]:
+    """A normalized spec's (statistics text, the accumulator's correction line, extra operands after the weight,
+    their strides)."""
+    norm = s.norm
+    assert norm is not None
+    operands, strides = [] if norm.rms else ["nc_ptr"], []
+    if norm.rms:
+        fix = "acc = acc * rstd[:, None]"
+        normalized = "x * rstd[:, None] * g[None, :]"
+    else:
+        fix = "acc = (acc - mean[:, None] * tl.load(nc_ptr + rn, mask=rn < N, other=0.0)) * rstd[:, None]"
+        normalized = "(x - mean[:, None]) * rstd[:, None] * g[None, :]"
+    if norm.b_at is not None:
+        operands.append("nd_ptr")
+        fix += " + tl.load(nd_ptr + rn, mask=rn < N, other=0.0)"
+        normalized += " + tl.load(b_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]"
+    keep = ""
+    if norm.keep:
+        operands += ["g_ptr", *(["b_ptr"] if norm.b_at is not None else []), "y_ptr"]
+        strides.append("stride_ym")
+        keep = _KEEP_ROWS.format(normalized=normalized, dtype=storage(s.dtype))
+    stats = (_RMS_STATS if norm.rms else _LN_STATS).format(eps=float_text(norm.eps))
+    return _NORM_STATS.format(stats=stats, keep=keep), fix, operands, strides
+
+
 FP8_PROMOTE = 128
 """Float8 products a tensor-core accumulation takes before its partial sum is added into the float32 accumulator."""
 FP8_TILES = {name: t for name, t in INT8_TILES.items() if t.block_k >= FP8_PROMOTE}
@@ -310,6 +404,14 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
     operands, operand_strides = ("x_desc, w_desc", "") if tma else \
         ("x_ptr, w_ptr", "stride_xm, stride_xk, stride_wk, stride_wn, ")
+    if s.norm is not None:  # the rows' statistics first; the product of the raw rows is corrected before the epilogue
+        assert not tma, "a normalized GEMM reads the norm's rows on pointers"
+        stats, fix, extra, extra_strides = _norm_prologue(s)
+        mainloop = stats + mainloop
+        lines.insert(0, fix)
+        operands += "".join(f", {p}" for p in extra)
+        operand_strides += "".join(f"{p}, " for p in extra_strides)
+        what += ", RMSNormalization" if s.norm.rms else ", LayerNormalization"
     also = second_store(s.program, "rm * stride_om + rn * stride_on")
     return _SOURCE.format(what=what + (", TMA" if tma else ""), pointers="".join(f"{p}, " for p in pointers),
                           strides="".join(f"{p}, " for p in strides), operands=operands,
@@ -423,9 +525,10 @@ class GemmKernel:
         return [o.permute(0, 3, 1, 2) for o in outs]
 
     def _launch(self, xs: list[Any], x2: torch.Tensor, w: torch.Tensor, outs: list[torch.Tensor],
-                shape: tuple[int, ...]) -> None:
+                shape: tuple[int, ...], extra: Sequence[torch.Tensor] = (), extra_strides: Sequence[int] = ()) -> None:
         """Runs the kernel: A [m, K] (`x2`), B [K, N], `outs` [m, N] (the result, then the second output when the
-        spec has one, laid out alike); epilogue operands of logical `shape`."""
+        spec has one, laid out alike); epilogue operands of logical `shape`; `extra`: the pointer main loop's
+        operands after B (a norm's scale, B and normalized rows), `extra_strides` theirs after B's."""
         s = self.s
         out = outs[0]
         m, n = out.shape
@@ -451,7 +554,7 @@ class GemmKernel:
                 if self._pointer_fn is None:
                     self._pointer_fn = load_function(source(s), "kiln_gemm", "kiln_gemm")
                 fn = self._pointer_fn
-            fn[grid](x2, w, out, *tail, *x2.stride(), *w.stride(), *strides, **consts)
+            fn[grid](x2, w, *extra, out, *tail, *x2.stride(), *w.stride(), *extra_strides, *strides, **consts)
 
     def _on_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         if t.device != device:

@@ -1,0 +1,51 @@
+"""`triton.norm_gemm` and `split.norm_gemm` (a "normalized" node: LayerNorm/RMSNorm + the GEMM reading it): every
+case of `norm_cases.py` under the Triton CPU interpreter against the op table's reference (in one subprocess), plus
+the spaces, applicability and ranking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.kernels import registry
+from kiln.kernels.gemm.norm_gemm import NORM_TILES, normalized_spec
+from kiln.kernels.gemm.triton_gemm import TILES, render
+from tests.kernels.gemm.cases import CUDA, F16
+from tests.kernels.gemm.norm_cases import CASES, EVERY, ln_bias_gelu, ln_kept_residual
+from tests.kernels.interpreted import case_result, run_cases
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    return run_cases("tests.kernels.gemm.norm_cases", tmp_path_factory.mktemp("norm_gemm"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
+    problems = case_result(interpreted, name)
+    assert problems and all(p is None for p in problems.values()), problems
+    assert any(k.startswith("triton.norm_gemm") for k in problems) and any(k.startswith("split") for k in problems)
+
+
+def test_the_cases_cover_the_space() -> None:
+    assert set(EVERY) == set(NORM_TILES) and all(not t.tma for t in NORM_TILES.values())
+    split = registry.get("split.norm_gemm").configs()
+    assert split[0] == {"gemm": "cuda.linear"} and {c["gemm"] for c in split[1:]} == {f"triton.gemm/{t}" for t in TILES}
+    assert len(split) + len(NORM_TILES) <= 16  # the default level times both spaces whole
+
+
+def test_split_ranks_first_and_both_run_on_cuda_only() -> None:
+    node = ln_bias_gelu(F16, EVERY).node
+    names = [t.name for t in registry.candidates(node, CUDA)]
+    assert names.index("split.norm_gemm") < names.index("triton.norm_gemm") < names.index("reference")
+    assert {t.name for t in registry.candidates(node, torch.device("cpu"))} == {"reference"}
+
+
+def test_the_source_folds_the_norm_and_writes_kept_rows_from_the_first_column_only() -> None:
+    plain = render(normalized_spec(ln_bias_gelu(F16, EVERY).node), tf32=False)  # type: ignore[arg-type]
+    assert "m2 / K" in plain and "nc_ptr" in plain and "nd_ptr" in plain and "y_ptr" not in plain
+    assert "x = tl.load(x_ptrs)" in plain  # the main loop is the plain GEMM's, on the raw rows
+    kept = render(normalized_spec(ln_kept_residual(F16, EVERY).node), tf32=False)  # type: ignore[arg-type]
+    assert "tl.store(y_ptr" in kept and "if pid_n == 0:" in kept
