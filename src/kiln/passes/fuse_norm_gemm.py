@@ -31,7 +31,7 @@ from __future__ import annotations
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.manager import PassResult
-from kiln.passes.rewrite import Uses
+from kiln.passes.rewrite import BodyInputs, Uses
 
 NORMS = frozenset({"LayerNormalization", "RMSNormalization"})
 ANCHORS = frozenset({"MatMul", "Gemm"})
@@ -116,15 +116,8 @@ def _depends_on(r: Node, y: Value, norm: Node, order: dict[int, int]) -> bool:
 
 def _normalized(graph: Graph, norm: Node, reader: Node, keep: bool) -> Node:
     """The "normalized" Fused node for `norm` then `reader` (see the module docstring)."""
-    inner: dict[Value, Value] = {}
-
-    def take(v: Value | None) -> Value | None:
-        if v is None:
-            return None
-        if v not in inner:
-            inner[v] = Value(graph.fresh_name(f"{v.name}.in"), v.type)
-        return inner[v]
-
+    made = BodyInputs(graph)
+    take = made.take
     y = norm.outputs[0]
     y_in = Value(graph.fresh_name(f"{y.name}.inner"), y.type)
     first = Node(norm.op, [take(v) for v in norm.inputs], [y_in], dict(norm.attrs), norm.name)
@@ -146,13 +139,13 @@ def _normalized(graph: Graph, norm: Node, reader: Node, keep: bool) -> Node:
         name = f"{norm.name} + {reader.name}"
     fused = Graph(name, parent=graph)
     fused.nodes = [first, *rest]
-    fused.inputs = list(inner.values())
+    fused.inputs = made.inputs
     fused.outputs = [y_in, result] if keep else [result]
     for m in fused.nodes:
         for o in m.outputs:
             o.producer = m
     outs = [y, reader.outputs[0]] if keep else [reader.outputs[0]]
-    node = Node("Fused", list[Value | None](inner), outs, {"body": fused, "kind": "normalized"}, graph.fresh_name(name))
+    node = Node("Fused", made.outer, outs, {"body": fused, "kind": "normalized"}, graph.fresh_name(name))
     for o in node.outputs:
         o.producer = node
     return node

@@ -82,6 +82,30 @@ def is_const(v: Value | None) -> bool:
     return v is not None and const_value(v) is not None
 
 
+class BodyInputs:
+    """The inputs of a fused body built by hand: `take(v)` is the body's input standing for the outer value v (made
+    on first use, named after it); `outer` lists the outer values in the order their inputs were made."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.inner: dict[Value, Value] = {}
+
+    def take(self, v: Value | None) -> Value | None:
+        if v is None:
+            return None
+        if v not in self.inner:
+            self.inner[v] = Value(self.graph.fresh_name(f"{v.name}.in"), v.type)
+        return self.inner[v]
+
+    @property
+    def outer(self) -> list[Value | None]:
+        return list(self.inner)
+
+    @property
+    def inputs(self) -> list[Value]:
+        return list(self.inner.values())
+
+
 def fuse(graph: Graph, nodes: Sequence[Node], kind: str, name: str | None = None, *,
          uses: Uses | None = None) -> Node:
     """Replace `nodes` (a connected region, producers before readers) by one Fused node whose body holds them.

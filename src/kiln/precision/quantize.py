@@ -18,7 +18,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType, Value
-from kiln.passes.rewrite import Uses
+from kiln.passes.rewrite import BodyInputs, Uses
 from kiln.precision.calibration import QMAX, SCALE_FLOOR, weight_scales
 
 ANCHORS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -499,26 +499,19 @@ def _quantizing_node(graph: Graph, op: Node, q: Node, keep_y: bool) -> Node:
     """The "quantizing" Fused node standing for `op` (a norm or an attention) then `q` (see
     `fuse_output_quantize`); `keep_y`: it also outputs the float result."""
     body = Graph(f"{op.name} (quantized)", parent=graph)
-    inner: dict[Value, Value] = {}
-
-    def take(v: Value | None) -> Value | None:
-        if v is None:
-            return None
-        if v not in inner:
-            inner[v] = Value(graph.fresh_name(f"{v.name}.in"), v.type)
-        return inner[v]
-
+    made = BodyInputs(graph)
+    take = made.take
     y, yq = op.outputs[0], q.outputs[0]
     y_in = Value(graph.fresh_name(f"{y.name}.inner"), y.type)
     q_in = Value(graph.fresh_name(f"{yq.name}.inner"), yq.type)
     body.nodes = [Node(op.op, [take(v) for v in op.inputs], [y_in], dict(op.attrs), op.name),
                   Node("QuantizeLinear", [y_in, *(take(v) for v in q.inputs[1:])], [q_in], dict(q.attrs), q.name)]
-    body.inputs = list(inner.values())
+    body.inputs = made.inputs
     body.outputs = [y_in, q_in] if keep_y else [q_in]
     for m in body.nodes:
         for o in m.outputs:
             o.producer = m
-    node = Node("Fused", list[Value | None](inner), [y, yq] if keep_y else [yq], {"body": body, "kind": "quantizing"},
+    node = Node("Fused", made.outer, [y, yq] if keep_y else [yq], {"body": body, "kind": "quantizing"},
                 op.name)
     for o in node.outputs:
         o.producer = node
