@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
+import kiln
 from kiln.ir import DType, Graph, TensorType
 from kiln.ir.graph import Node, Value
+from kiln.ir.interpreter import Interpreter
 from kiln.passes.epilogue_fusion import epilogue_fusion
 from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from kiln.passes.manager import PassContext
@@ -129,3 +134,27 @@ def test_the_late_list_fuses_on_gpu_builds_only() -> None:
         g.outputs.append(g.add("MatMul", [h, _c(g, "w", K, N)], name="mm")[0])
         optimize_late(g, PassContext(device=device))
         assert len(_normalized(g)) == fused
+
+
+def test_a_normalized_node_survives_the_engine_file_and_runs(tmp_path: Path) -> None:
+    """Built by hand here (the pass runs in GPU builds only): the engine file stores the body, the loaded engine
+    runs it (the reference, on the CPU) and both outputs match the unfused graph."""
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (2, 5, K)))
+    h = _ln(g, x).outputs[0]
+    y = g.add("MatMul", [h, _c(g, "w", K, N, seed=3)], name="mm")[0]
+    y = g.add("Add", [y, _c(g, "b", N, seed=4)], name="bias")[0]
+    z = g.add("Mul", [h, _c(g, "s", K, seed=5)], name="elsewhere")[0]
+    g.outputs += [y, z]
+    feeds = {"x": FEEDS[0]["x"]}
+    want = Interpreter(g).run(dict(feeds))
+    epilogue_fusion(g)
+    fuse_norm_gemm(g)
+    assert len(_normalized(g)) == 1
+    path = tmp_path / "normalized.kiln"
+    kiln.build(g).save(path)
+    engine = kiln.load(path)
+    assert any(n.op == "Fused" and n.attrs["kind"] == "normalized" for n in engine.graph.nodes)
+    got = engine.create_context().run(feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
