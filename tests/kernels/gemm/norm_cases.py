@@ -90,7 +90,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "rms-bare-m1-f16": lambda: rms_bare(F16, ("16x64x256-w4s3",)),
     "rms-bare-f32": lambda: rms_bare(F32, ("64x64x64-w4s4",), lead=(70,)),
     "ln-no-beta-gemm-f16": lambda: ln_no_beta_gemm(F16, ("32x64x128-w4s4",)),
-    # K = 1000 in 8 chunks of 128 (64 rows a program): the statistics merged across chunks, with a ragged last one
+    # K = 1000 in chunks of 64 (64 rows a program): the statistics merged across 16 chunks, the last one ragged
     "ln-long-rows-chunked-f32": lambda: ln_bias_gelu(F32, ("64x64x64-w4s4", "128x128x64-w4s4"), lead=(70,), k=1000,
                                                      n=40),
 }
@@ -101,12 +101,15 @@ def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
 
 
 def run(case: Case, device: str = "cpu") -> dict[str, str | None]:
-    """{config: what differs, or None} for every tile of the fused tactic and every SPLIT configuration."""
+    """{config: what differs, or None} for every tile of the fused tactic (statistics before and after the main
+    loop) and every SPLIT configuration."""
     node = case.node
     args = inputs(node, case.feeds, device)
     want = OPS[node.op].ref(RefCtx(node), list(args))
     out: dict[str, str | None] = {}
-    runs: list[tuple[str, str, dict[str, str]]] = [("triton.norm_gemm", t, {"tile": t}) for t in case.tiles]
+    runs: list[tuple[str, str, dict[str, str]]] = [
+        ("triton.norm_gemm", f"{t} stats {where}", {"tile": t, "stats": where})
+        for t in case.tiles for where in ("before", "after")]
     runs += [("split.norm_gemm", g, {"gemm": g}) for g in SPLIT]
     for tactic_name, label, config in runs:
         tactic = registry.get(tactic_name)

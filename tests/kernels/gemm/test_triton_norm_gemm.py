@@ -4,6 +4,7 @@ the spaces, applicability and ranking."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -33,7 +34,9 @@ def test_the_cases_cover_the_space() -> None:
     assert set(EVERY) == set(NORM_TILES) and all(not t.tma for t in NORM_TILES.values())
     split = registry.get("split.norm_gemm").configs()
     assert split[0] == {"gemm": "cuda.linear"} and {c["gemm"] for c in split[1:]} == {f"triton.gemm/{t}" for t in TILES}
-    assert len(split) + len(NORM_TILES) <= 16  # the default level times both spaces whole
+    assert len(split) <= 16  # the default level times the split's space whole (the fused tactic is opt-in)
+    fused = registry.get("triton.norm_gemm")
+    assert fused.min_opt_level == 4 and {c["stats"] for c in fused.configs()} == {"before", "after"}
 
 
 def test_split_ranks_first_and_both_run_on_cuda_only() -> None:
@@ -49,3 +52,12 @@ def test_the_source_folds_the_norm_and_writes_kept_rows_from_the_first_column_on
     assert "x = tl.load(x_ptrs)" in plain  # the main loop is the plain GEMM's, on the raw rows
     kept = render(normalized_spec(ln_kept_residual(F16, EVERY).node), tf32=False)  # type: ignore[arg-type]
     assert "tl.store(y_ptr" in kept and "if pid_n == 0:" in kept
+
+
+def test_the_statistics_go_before_or_after_the_main_loop() -> None:
+    s = normalized_spec(ln_kept_residual(F16, EVERY).node)
+    assert s is not None and s.norm is not None
+    for after in (False, True):
+        src = render(dataclasses.replace(s, norm=dataclasses.replace(s.norm, after=after)), tf32=False)
+        loop, stats, kept = src.index("acc = tl.dot"), src.index("m2 / K"), src.index("tl.store(y_ptr")
+        assert (loop < stats) == after and stats < kept

@@ -155,20 +155,26 @@ class TritonNormGemm(TemplateTactic):
 
     name = "triton.norm_gemm"
     # why: opt-in until it wins somewhere. Measured on an H200 (2026-11-27, bs1 ViT-B/16 and BERT-base, every one of
-    # the 24 normalized nodes of each): best fused tile 16-19 us against the split's 10.7-13.7 us (cuBLAS or a
-    # template tile after the norm kernel); the statistics prologue costs more than the norm kernel it replaces.
+    # the 24 normalized nodes of each), statistics before the main loop: best fused tile 16-19 us against the
+    # split's 10.7-13.7 us (cuBLAS or a template tile after the norm kernel). `stats="after"` (the weight's loads
+    # start at once, the rows are re-read from L2) is not measured yet.
     min_opt_level = 4
     ops = frozenset({"Fused"})
     devices = frozenset({"cuda"})
     tiles = NORM_TILES
-    space = {"tile": tuple(NORM_TILES)}
+    space = {"tile": tuple(NORM_TILES), "stats": ("before", "after")}
     priority = 60
 
     def view(self, node: Node) -> Spec | None:
         return normalized_spec(node)
 
-    def make(self, node: Node, view: Spec, tile: Tile, device: torch.device) -> Kernel:
-        return NormGemmKernel(node, view, tile, device)
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        s = normalized_spec(node)
+        if s is None or s.norm is None:
+            raise UnsupportedError(f"{self.name} cannot render node '{node.name}'", op=node.op, node=node.name)
+        s = dataclasses.replace(s, norm=dataclasses.replace(s.norm, after=config.get("stats") == "after"))
+        return NormGemmKernel(node, s, self.tiles[config.get("tile", self.space["tile"][0])], device)
 
 
 class SplitNormGemm(Tactic):

@@ -131,6 +131,9 @@ class NormPrologue:
     keep: bool
     """The node also outputs the normalized rows (its first output): the programs of the first tile column write
     them as they go."""
+    after: bool = False
+    """The statistics pass runs after the main loop (the rows are then in L2, and the weight's first loads, the long
+    pole at a few rows, start at once) instead of before it."""
 
 
 @dataclass(frozen=True)
@@ -291,22 +294,22 @@ _TMA_LOOP = """    for k in range(0, tl.cdiv(K, BLOCK_K)):
 hardware zero-fills past M, N and K (no masks, no K tail)."""
 
 
-_NORM_STATS = """    # the rows' statistics in float32, in wide chunks (8192 values a program: many loads in flight)
+_NORM_STATS = """    # the rows' statistics in float32, in wide chunks (4096 values a program: many loads in flight)
     x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm
-    offs_s = tl.arange(0, 8192 // BLOCK_M)
+    offs_s = tl.arange(0, 4096 // BLOCK_M)
 {stats}{keep}"""
-"""Before a "normalized" node's main loop (which then multiplies the raw rows by the folded weight, see
+"""Before or after a "normalized" node's main loop (which multiplies the raw rows by the folded weight, see
 `NormPrologue`): the statistics of the tile's rows and, when the node outputs them, the normalized rows, written
 by the first tile column."""
 
 _LN_STATS = """    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, 8192 // BLOCK_M)):
-        ks = k * (8192 // BLOCK_M) + offs_s
+    for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
+        ks = k * (4096 // BLOCK_M) + offs_s
         inside = ks[None, :] < K
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=inside, other=0.0).to(tl.float32)
-        seen = k * (8192 // BLOCK_M) * 1.0
-        count = tl.minimum(K - k * (8192 // BLOCK_M), 8192 // BLOCK_M) * 1.0
+        seen = k * (4096 // BLOCK_M) * 1.0
+        count = tl.minimum(K - k * (4096 // BLOCK_M), 4096 // BLOCK_M) * 1.0
         part = tl.sum(x, axis=1) / count
         d = tl.where(inside, x - part[:, None], 0.0)
         delta = part - mean
@@ -315,19 +318,19 @@ _LN_STATS = """    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(m2 / K + {eps}))
 """
 """LayerNorm's statistics: each chunk's mean and centred sum of squares, merged into the running ones (Chan et
-al.); with one chunk (K up to 8192 / BLOCK_M) exactly the two-pass formula of the op's reference."""
+al.); with one chunk (K up to 4096 / BLOCK_M) exactly the two-pass formula of the op's reference."""
 
 _RMS_STATS = """    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, 8192 // BLOCK_M)):
-        ks = k * (8192 // BLOCK_M) + offs_s
+    for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
+        ks = k * (4096 // BLOCK_M) + offs_s
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=ks[None, :] < K, other=0.0).to(tl.float32)
         total += tl.sum(x * x, axis=1)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(total / K + {eps}))
 """
 
 _KEEP_ROWS = """    if pid_n == 0:
-        for k in range(0, tl.cdiv(K, 8192 // BLOCK_M)):
-            ks = k * (8192 // BLOCK_M) + offs_s
+        for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
+            ks = k * (4096 // BLOCK_M) + offs_s
             inside = ks[None, :] < K
             x = tl.load(x_rows + ks[None, :] * stride_xk, mask=inside, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
@@ -407,7 +410,7 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
     if s.norm is not None:  # the rows' statistics first; the product of the raw rows is corrected before the epilogue
         assert not tma, "a normalized GEMM reads the norm's rows on pointers"
         stats, fix, extra, extra_strides = _norm_prologue(s)
-        mainloop = stats + mainloop
+        mainloop = mainloop + stats if s.norm.after else stats + mainloop
         lines.insert(0, fix)
         operands += "".join(f", {p}" for p in extra)
         operand_strides += "".join(f"{p}, " for p in extra_strides)
