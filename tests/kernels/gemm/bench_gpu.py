@@ -1,6 +1,6 @@
-"""Times `triton.gemm` (every tile) against `cuda.linear` (cuBLAS + generated pointwise epilogue, every config) on
-the model shapes of `test_gpu.py`, on the same GPU in one process (CUDA graphs of 20 calls, median of 30 replays,
-inputs rotated over 3 sets). Not a test; run from the repository root:
+"""Times `triton.gemm` and `triton.gemm_next` (every tile) against `cuda.linear` (cuBLAS + generated pointwise
+epilogue, every config) on the model shapes of `test_gpu.py`, on the same GPU in one process (CUDA graphs of 20
+calls, median of 30 replays, inputs rotated over 3 sets). Not a test; run from the repository root:
 
     PYTHONPATH=src:. python tests/kernels/gemm/bench_gpu.py [float16|bfloat16|float32]
 """
@@ -32,7 +32,7 @@ def main(dtype: str) -> None:
         case = make(dt)
         sets = _sets(case)
         rows = []
-        for tactic in ("cuda.linear", "triton.gemm"):
+        for tactic in ("cuda.linear", "triton.gemm", "triton.gemm_next"):
             t = registry.get(tactic)
             for cfg in t.configs():
                 kernel = t.build(case.node, cfg, CUDA)

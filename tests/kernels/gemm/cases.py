@@ -222,11 +222,12 @@ def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
     return run(CASES[name](), device)
 
 
-def run(case: Case, device: str = "cpu", tol: float | None = None) -> dict[str, str | None]:
+def run(case: Case, device: str = "cpu", tol: float | None = None, tactic_name: str = "triton.gemm") \
+        -> dict[str, str | None]:
     """{tile: what differs, or None} for every tile of the case, built for CUDA and run on `device` tensors."""
-    tactic = registry.get("triton.gemm")
+    tactic = registry.get(tactic_name)
     if not tactic.applicable(case.node, CUDA):
-        return {"applicable": "triton.gemm refused the node"}
+        return {"applicable": f"{tactic_name} refused the node"}
     args = inputs(case.node, case.feeds, device)
     want = OPS[case.node.op].ref(RefCtx(case.node), list(args))[0]
     out: dict[str, str | None] = {}

@@ -13,7 +13,7 @@ from kiln.ir import DType, Graph, TensorType
 from kiln.kernels import registry
 from tests.kernels.gemm import cases as c
 from tests.kernels.gemm import int8_cases as q8
-from tests.kernels.gemm import norm_cases
+from tests.kernels.gemm import next_cases, norm_cases
 from tests.kernels.gemm.cases import ALL, CASES, CUDA, F16, F32, Case, bare, bias_gelu_residual, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -53,6 +53,20 @@ NORMALIZED: dict[str, Callable[[], Case]] = {
 def test_normalized_transformer_shapes(name: str) -> None:
     """A LayerNorm and the GEMM reading it, both tactics (every fused tile, the split's GEMMs), at model shapes."""
     problems = norm_cases.run(NORMALIZED[name](), "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("name", list(next_cases.CASES))
+def test_next_tiles_case_on_cuda(name: str) -> None:
+    problems = next_cases.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+def test_next_tiles_at_bert_shapes(dt: DType) -> None:
+    """The tiles under evaluation on BERT-base's FFN-up + GELU + residual at batch 128 (M=16384, K=768, N=3072)."""
+    case = bias_gelu_residual(dt, "none", next_cases.FLOAT, lead=(128, 128), k=768, n=3072)
+    problems = run(case, "cuda", tactic_name="triton.gemm_next")
     assert all(p is None for p in problems.values()), problems
 
 

@@ -71,6 +71,12 @@ class Tile:
     tma: bool = False
     """Operands read through Hopper's tensor memory accelerator (host-made descriptors, both K-major: the weight
     is kept [N, K])."""
+    persistent: bool = False
+    """One program per SM, each looping over output tiles (`render`'s persistent form): the loop is flattened for
+    the pipeliner, so the next tile's first loads overlap this tile's epilogue."""
+    subtile: int = 1
+    """The epilogue runs on this many column slices of the tile, one after the other (1, 2 or 4): a residual or an
+    erf GELU on a whole 128 x 256 tile holds too many values at once and spills (`_subtiles`)."""
 
 
 TILES: dict[str, Tile] = {
@@ -260,11 +266,14 @@ def kiln_gemm({operands}, out_ptr, {pointers}M, N, K, {operand_strides}stride_om
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
-{mainloop}{dequant}    rm = offs_m[:, None]
+{mainloop}{dequant}{tail}'''
+
+_TAIL = """    rm = offs_m[:, None]
     rn = offs_n[None, :]
     mask = (rm < M) & (rn < N)
 {epilogue}    tl.store(out_ptr + rm * stride_om + rn * stride_on, {result}.to({out}), mask=mask)
-{also}'''
+{also}"""
+"""The epilogue and the stores of one output tile (or column slice of it: `_subtiles`)."""
 
 
 _POINTER_LOOP = """    offs_k = tl.arange(0, BLOCK_K)
@@ -373,10 +382,11 @@ per K step)."""
 
 
 
-def render(s: Spec, tf32: bool, tma: bool = False) -> str:
-    """The kernel source for `s` (`tf32`: float32 products in TF32; `tma`: operands through TMA descriptors). An
-    int8 spec accumulates in int32 and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`)
-    before its epilogue."""
+def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, subtile: int = 1) -> str:
+    """The kernel source for `s` (`tf32`: float32 products in TF32; `tma`: operands through TMA descriptors;
+    `persistent`: the body in a loop over output tiles, `_persistent`; `subtile`: the epilogue on that many column
+    slices, `_subtiles`). An int8 spec accumulates in int32 and dequantizes the tile with one per-channel float32
+    multiply (`dq_ptr`) before its epilogue."""
     int8 = s.dtype is DType.INT8
     scaled = s.dq is not None  # int8 or float8 products: dequantized by one multiply per output channel
     lines: list[str] = []
@@ -416,16 +426,56 @@ def render(s: Spec, tf32: bool, tma: bool = False) -> str:
         operand_strides += "".join(f"{p}, " for p in extra_strides)
         what += ", RMSNormalization" if s.norm.rms else ", LayerNormalization"
     also = second_store(s.program, "rm * stride_om + rn * stride_on")
-    return _SOURCE.format(what=what + (", TMA" if tma else ""), pointers="".join(f"{p}, " for p in pointers),
+    tail = _TAIL.format(epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out, also=also)
+    if subtile > 1:
+        tail = _subtiles(tail, subtile)
+    text = _SOURCE.format(what=what + (", TMA" if tma else "") + (", persistent" if persistent else ""),
+                          pointers="".join(f"{p}, " for p in pointers),
                           strides="".join(f"{p}, " for p in strides), operands=operands,
-                          operand_strides=operand_strides, mainloop=mainloop,
-                          epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out,
-                          acc_type="tl.int32" if int8 else "tl.float32", dequant=dequant, also=also)
+                          operand_strides=operand_strides, mainloop=mainloop, tail=tail,
+                          acc_type="tl.int32" if int8 else "tl.float32", dequant=dequant)
+    return _persistent(text) if persistent else text
 
 
-def source(s: Spec, tma: bool = False) -> str:
+_HALVES = "    {a}, {b} = tl.split(tl.permute(tl.reshape({whole}, (BLOCK_M, 2, {width})), (0, 2, 1)))\n"
+
+
+def _subtiles(tail: str, parts: int) -> str:
+    """`tail` (the epilogue and stores of a [BLOCK_M, BLOCK_N] tile) once per column slice of BLOCK_N // parts:
+    the accumulator split into slices (halves of halves for 4), each slice's columns `offs_n`, and the epilogue's
+    literals shaped as the slice. The same arithmetic per element, fewer values live at once."""
+    if parts not in (2, 4):
+        raise ValueError(f"an epilogue runs on 2 or 4 column slices, not {parts}")
+    text = _HALVES.format(a="acc_0", b="acc_1", whole="acc", width="BLOCK_N // 2")
+    if parts == 4:
+        text = _HALVES.format(a="half_0", b="half_1", whole="acc", width="BLOCK_N // 2") \
+            + _HALVES.format(a="acc_0", b="acc_1", whole="half_0", width="BLOCK_N // 4") \
+            + _HALVES.format(a="acc_2", b="acc_3", whole="half_1", width="BLOCK_N // 4")
+    width = f"BLOCK_N // {parts}"
+    sliced = tail.replace("[BLOCK_M, BLOCK_N]", f"[BLOCK_M, {width}]")  # the epilogue's tl.full literals
+    for j in range(parts):
+        text += (f"    acc = acc_{j}\n"
+                 f"    offs_n = pid_n * BLOCK_N + {j} * ({width}) + tl.arange(0, {width})\n"
+                 "    if WIDE:\n        offs_n = offs_n.to(tl.int64)\n" + sliced)
+    return text
+
+
+_FIRST = "    pid = tl.program_id(0)\n"
+_TILE_LOOP = """    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for pid in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+"""
+
+
+def _persistent(text: str) -> str:
+    """The kernel `text` with its body - everything after the program id, up to the stores - run once per output
+    tile `pid` of a loop striding by the number of programs (the launch makes about one per SM)."""
+    head, body = text.split(_FIRST)
+    return head + _TILE_LOOP + "".join(f"    {line}" if line.strip() else line for line in body.splitlines(True))
+
+
+def source(s: Spec, tma: bool = False, persistent: bool = False, subtile: int = 1) -> str:
     """The kernel source for `s`, with float32 products in TF32 exactly when torch's matmuls use it now."""
-    return render(s, bool(torch.backends.cuda.matmul.allow_tf32), tma)
+    return render(s, bool(torch.backends.cuda.matmul.allow_tf32), tma, persistent, subtile)
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------
@@ -439,6 +489,14 @@ def _stages(tile: Tile, itemsize: int, device: torch.device) -> int:
     limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     per_stage = (tile.block_m + tile.block_n) * tile.block_k * itemsize
     return max(1, min(tile.num_stages, (limit - 8 * 1024) // per_stage))
+
+
+def _programs(device: torch.device) -> int:
+    """Programs a persistent launch makes: the GPU's SM count (3 off the GPU, so that the interpreter's programs
+    loop over several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _extent(shape: tuple[int, int], stride: tuple[int, ...]) -> int:
@@ -469,7 +527,7 @@ class GemmKernel:
         self.stages = _stages(tile, s.dtype.torch.itemsize, device)
         if tile.tma:
             _check_tma(s, device)
-        self.source = source(s, tile.tma)
+        self.source = source(s, tile.tma, tile.persistent, tile.subtile)
         self.fn = load_function(self.source, "kiln_gemm", "kiln_gemm")
         self._pointer_fn: Any = None
         """For a TMA tile: the pointer kernel, compiled on first need (an operand TMA cannot read)."""
@@ -540,6 +598,8 @@ class GemmKernel:
                     *(_extent((m, n), v.stride()) for v in views)]) >= WIDE_LIMIT
         t = self.tile
         grid = (math.ceil(m / t.block_m) * math.ceil(n / t.block_n),)
+        if t.persistent:  # one program per SM at most, each looping over tiles
+            grid = (min(grid[0], _programs(x2.device)),)
         dq = [] if self.dequant is None else [self._on_device(self.dequant, x2.device)]
         consts = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                       EVEN_K=s.k % t.block_k == 0, WIDE=wide, num_warps=t.num_warps, num_stages=self.stages)
@@ -555,7 +615,8 @@ class GemmKernel:
             fn = self.fn
             if t.tma:  # e.g. a strided A view: the same arithmetic on pointers
                 if self._pointer_fn is None:
-                    self._pointer_fn = load_function(source(s), "kiln_gemm", "kiln_gemm")
+                    self._pointer_fn = load_function(source(s, persistent=t.persistent, subtile=t.subtile),
+                                                     "kiln_gemm", "kiln_gemm")
                 fn = self._pointer_fn
             fn[grid](x2, w, *extra, out, *tail, *x2.stride(), *w.stride(), *extra_strides, *strides, **consts)
 
@@ -696,6 +757,58 @@ class TritonFp8Gemm(TritonGemm):
         return quantized_spec(node, DType.FLOAT8_E4M3FN) or conv1x1_spec(node, DType.FLOAT8_E4M3FN)
 
 
+NEXT_TILES: dict[str, Tile] = {
+    "tma-128x256x64-w8s3-e2": Tile(128, 256, 64, 8, 8, 3, tma=True, subtile=2),
+    "tma-128x256x64-w8s3-e4": Tile(128, 256, 64, 8, 8, 3, tma=True, subtile=4),
+    "tma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=4),
+    "ptma-128x256x64-w8s3-e4": Tile(128, 256, 64, 8, 8, 3, tma=True, persistent=True, subtile=4),
+    "ptma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, persistent=True, subtile=4),
+    "p-128x128x64-w4s4-e2": Tile(128, 128, 64, 8, 4, 4, persistent=True, subtile=2),
+}
+"""Tiles under evaluation for the large float GEMMs (BERT/ViT at batch 128): the TMA tiles with the epilogue on
+column slices, and persistent forms. Compiled for sm_90a off the GPU (Triton 3.9 and its ptxas, 2026-11-27; the
+device has Triton 3.6), BERT's FFN-up + erf GELU + residual spills 572 bytes a thread on the whole 128x256 tile (8
+warps) and 642 on 128x128 (4 warps) - a bias alone none, the residual or the GELU alone 72-132; in 2 slices 8 and
+68, in 4 none (persistent: 850/920 whole, none in 4). Not timed yet: opt-in (`triton.gemm_next`) until measured;
+the winners move into TILES."""
+
+INT8_NEXT_TILES: dict[str, Tile] = {
+    "tma-128x256x128-w8s3-e2": Tile(128, 256, 128, 8, 8, 3, tma=True, subtile=2),
+    "tma-128x256x128-w8s3-e4": Tile(128, 256, 128, 8, 8, 3, tma=True, subtile=4),
+    "tma-128x128x64-w4s4-e2": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=2),
+    "tma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=4),
+    "ptma-128x256x128-w8s3-e4": Tile(128, 256, 128, 8, 8, 3, tma=True, persistent=True, subtile=4),
+    "ptma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, persistent=True, subtile=4),
+}
+"""The same for the int8 TMA tiles that win BERT-base and ResNet-50 at batch 128, whose requantizing epilogues
+cost as much as their main loops (BERT FFN-up + GELU + quantize: 0.186 ms a layer, FFN-down 0.095 at the same
+FLOPs). Off the GPU as above: GELU + quantize spills 108 bytes (128x256x128, 8 warps) and 176 (128x128x64, 4
+warps) on the whole tile, a float16 residual 208 and 20; none in 2 or 4 slices (persistent: none in 4). Not timed
+yet (`triton.int8_gemm_next`)."""
+
+
+class TritonGemmNext(TritonGemm):
+    """`triton.gemm` on the tiles under evaluation (`NEXT_TILES`: sliced epilogues, persistent programs); opt-in."""
+
+    name = "triton.gemm_next"
+    min_opt_level = 4
+    tiles = NEXT_TILES
+    space = {"tile": tuple(NEXT_TILES)}
+    priority = 61
+
+
+class TritonInt8GemmNext(TritonInt8Gemm):
+    """`triton.int8_gemm` on the tiles under evaluation (`INT8_NEXT_TILES`); opt-in."""
+
+    name = "triton.int8_gemm_next"
+    min_opt_level = 4
+    tiles = INT8_NEXT_TILES
+    space = {"tile": tuple(INT8_NEXT_TILES)}
+    priority = 26
+
+
 register(TritonGemm())
 register(TritonInt8Gemm())
 register(TritonFp8Gemm())
+register(TritonGemmNext())
+register(TritonInt8GemmNext())

@@ -1,0 +1,51 @@
+"""Cases for the GEMM tiles under evaluation (`triton.gemm_next`, `triton.int8_gemm_next`: epilogues on column
+slices, persistent programs): float and int8 GEMMs with more output tiles than programs (3 programs off the GPU,
+so persistent programs loop over several tiles) and epilogues that read every operand kind - residuals, per-channel
+biases, requantizing second outputs, 1x1 convs. Shared by the interpreter test and the GPU tier."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kiln.ir import DType
+from kiln.ir.graph import Node
+from kiln.kernels.gemm.triton_gemm import INT8_NEXT_TILES, NEXT_TILES
+from tests.kernels.conv.int8_cases import quantized as quantized_conv
+from tests.kernels.conv.int8_cases import run_tiles
+from tests.kernels.gemm import cases as f
+from tests.kernels.gemm import int8_cases as q
+
+FLOAT = tuple(NEXT_TILES)
+INT8 = tuple(INT8_NEXT_TILES)
+
+
+def _float(make: Callable[[], f.Case]) -> Callable[[str], dict[str, str | None]]:
+    return lambda device: f.run(make(), device, tactic_name="triton.gemm_next")
+
+
+def _int8(make: Callable[[], tuple[Node, list[Any]]]) -> Callable[[str], dict[str, str | None]]:
+    def run(device: str) -> dict[str, str | None]:
+        node, args = make()
+        return run_tiles("triton.int8_gemm_next", node, args, INT8, device, lambda got: None)
+    return run
+
+
+CASES: dict[str, Callable[[str], dict[str, str | None]]] = {
+    # M=260 (2 x 130 rows), N=600: 3 x 5 tiles of 128 x 128, 3 x 3 of 128 x 256 (ragged both ways)
+    "bias-gelu-residual-f16": _float(lambda: f.bias_gelu_residual(DType.FLOAT16, "none", FLOAT, lead=(2, 130),
+                                                                  k=96, n=600)),
+    "row-and-batch-operands-f32": _float(lambda: f.row_and_batch_operands(DType.FLOAT32, FLOAT)),
+    "bare-f32-ragged-k": _float(lambda: f.bare(DType.FLOAT32, (300,), 100, 520, FLOAT)),
+    # K=100 in float16: rows TMA cannot read (200 bytes), so the pointer tile
+    "local-constants-f16": _float(lambda: f.local_constants(DType.FLOAT16, ("p-128x128x64-w4s4-e2",))),
+    # int8: M=400, N=600: 4 x 5 tiles of 128 x 128, 4 x 3 of 128 x 256
+    "int8-bias-gelu-residual-f16": _int8(lambda: q.quantized((400,), 256, 600, act="Gelu", residual=True, half=True)),
+    "int8-bias-relu-requantize": _int8(lambda: q.quantized((400,), 128, 600, requant=True)),
+    # a 1x1 conv on 2 x 16 x 16 pixels (M=512), N=520, writing its float and int8 outputs
+    "int8-conv1x1-relu-dual-f16": _int8(lambda: quantized_conv((2, 32, 16, 16), 520, 1, dual=True, half=True)),
+}
+
+
+def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
+    return CASES[name](device)
