@@ -12,6 +12,9 @@ import onnx
 import pytest
 
 import kiln
+from kiln.ir.interpreter import Interpreter
+from kiln.ir.verify import verify
+from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from kiln.runtime.engine import Engine
 from tests.e2e import models as M
 
@@ -36,6 +39,22 @@ def _same_function(engine: Engine, model: str | onnx.ModelProto, feeds: dict) ->
     ref = kiln.run_reference(model, feeds)  # the imported graph, unoptimized
     for name, want in ref.items():
         err = np.abs(ours[name].astype(np.float64) - want.astype(np.float64)).max()
+        assert err <= 1e-4 * max(1.0, float(np.abs(want).max())), (name, err)
+
+
+def _norm_gemm_after(engine: Engine, feeds: dict, fused: int, kept: int) -> None:
+    """GPU builds' late fusion (`fuse_norm_gemm`, which CPU builds skip) run on this plan's graph: `fused` norms
+    join the GEMM reading them, `kept` of those also writing the normalized rows, and the graph computes the same
+    (the op table's reference, node by node). Changes `engine.graph`: call it last."""
+    g = engine.graph
+    before = Interpreter(g).run(dict(feeds))
+    counts = fuse_norm_gemm(g).counts
+    assert counts.get("fused", 0) + counts.get("with_norm_output", 0) == fused and \
+        counts.get("with_norm_output", 0) == kept, counts
+    verify(g, types=True)
+    after = Interpreter(g).run(dict(feeds))
+    for name, want in before.items():
+        err = np.abs(after[name].astype(np.float64) - want.astype(np.float64)).max()
         assert err <= 1e-4 * max(1.0, float(np.abs(want).max())), (name, err)
 
 
@@ -88,7 +107,10 @@ def test_bert_base_encoder() -> None:
     ids = rng.integers(0, 30522, (1, 128)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[0, 100:] = 0
-    _same_function(engine, path, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    _same_function(engine, path, feeds)
+    # post-LN: every LayerNorm but the last feeds the next QKV or FFN-up projection and a residual add
+    _norm_gemm_after(engine, feeds, fused=24, kept=24)
 
 
 def test_vit_b_16_has_the_bert_structure_per_block() -> None:
@@ -104,3 +126,5 @@ def test_vit_b_16_has_the_bert_structure_per_block() -> None:
     assert steps <= 12 * 8 + 10, ops  # measured 104 (2026-11-27): 8 per block + patch embedding and head
     x = np.random.default_rng(3).standard_normal((2, 3, 224, 224)).astype(np.float32)
     _same_function(engine, path, {"image": x})
+    # pre-LN: ln_1 and ln_2 of every block feed only the QKV and FFN-up projections; the final norm feeds the head
+    _norm_gemm_after(engine, {"image": x}, fused=24, kept=0)
