@@ -211,3 +211,22 @@ def test_different_activations_after_a_split_stay() -> None:
     parts = g.add("Split", [_conv(g, x)], {"axis": 1, "num_outputs": 2}, outputs=2)
     g.outputs = [g.add("Relu", [parts[0]])[0], g.add("Sigmoid", [parts[1]])[0]]
     assert not epilogue_fusion(g).changed
+
+
+def test_a_chain_ending_at_a_model_output_joins_after_static_dims_are_substituted() -> None:
+    """BERT's pooler: Gemm -> Tanh -> model output. With the profile's batch static, every value's type says 1 but
+    the model output keeps its declared `batch`; the Tanh still joins (one kernel, not two)."""
+    from kiln.passes.manager import PassContext
+    from kiln.passes.shape_arithmetic import shape_arithmetic
+
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, ("batch", 8)))
+    y = g.add("Gemm", [x, _w(g, "w", 6, 8), _w(g, "b", 6, seed=1)], {"transB": 1}, name="dense")[0]
+    out = g.add("Tanh", [y], name="act")[0]
+    g.outputs.append(out)
+    shape_arithmetic(PassContext(static_dims={"batch": 1}))(g)
+    assert y.shape == (1, 6) and out.shape == ("batch", 6)
+    feeds = [{"x": randn(1, 8)}]
+    run_checked(g, [epilogue_fusion], feeds)
+    (node,) = _fused(g)
+    assert _body(node) == ["Gemm", "Tanh"] and len(g.nodes) == 1

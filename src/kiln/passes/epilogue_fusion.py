@@ -11,6 +11,8 @@ The body is data for that template, the same shape for every anchor:
   MatMul, not a Gemm, so one form serves both);
 - outputs: the last step's value, plus any earlier value that is read elsewhere (an extra output, written too).
 
+A model output that ends a chain keeps its declared (symbolic) shape: it still joins (`_keeps`).
+
 Epilogue steps (`EPILOGUE_OPS`): activations (Relu, Clip (Relu6), LeakyRelu, PRelu, Elu, Celu, Selu,
 ThresholdedRelu, Sigmoid, HardSigmoid, Swish, HardSwish, Gelu (erf and tanh), Tanh, Mish, Softplus, Softsign),
 arithmetic (Add, Sub, Mul, Div, Sum, Max, Min: bias, scale, residual), a few unary math ops, and Cast to a float
@@ -146,6 +148,15 @@ def _fuse_all(g: Graph) -> list[tuple[Node, list[Node]]]:
     return done
 
 
+def _keeps(out: tuple | None, acc: tuple | None) -> bool:
+    """A step's output has the accumulator's shape. A symbolic dim where the accumulator's is a number counts: a
+    model output keeps its declared type after the profile's static dims are substituted everywhere else
+    (`shape_arithmetic`), and the step's operands fitting the accumulator (`_operand`) is what fixes its shape."""
+    if out is None or acc is None or len(out) != len(acc):
+        return out == acc
+    return all(o == a or (isinstance(a, int) and not isinstance(o, int)) for o, a in zip(out, acc))
+
+
 class _Chain:
     def __init__(self, anchor: Node, uses: Uses, order: dict[int, int]) -> None:
         self.anchor = anchor
@@ -169,7 +180,7 @@ class _Chain:
         if n.op not in EPILOGUE_OPS or len(n.outputs) != 1 or n.subgraphs():
             return False
         out = n.outputs[0]
-        if not out.is_tensor or not out.dtype.is_float or out.shape != acc.shape or not acc.dtype.is_float:
+        if not out.is_tensor or not out.dtype.is_float or not _keeps(out.shape, acc.shape) or not acc.dtype.is_float:
             return False
         return all(self._operand(u, acc) for u in n.inputs if u is not None and u is not acc)
 
