@@ -18,7 +18,7 @@ from kiln.passes.epilogue_fusion import epilogue_fusion
 from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from tests.kernels.gemm.cases import CUDA, F16, F32, Case, Maker, compare, inputs, tolerance
 
-SPLIT = ("cuda.linear", "triton.gemm/16x64x256-w4s3", "triton.gemm/64x64x64-w4s4")
+SPLIT = ("cuda.linear/kn", "cuda.linear/nk/no-lt", "triton.gemm/16x64x256-w4s3", "triton.gemm/64x64x64-w4s4")
 """The split tactic's configurations the cases run (the library GEMM and two template tiles)."""
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kiln.kernels import registry
-from kiln.kernels.gemm.norm_gemm import NORM_TILES, normalized_spec
+from kiln.kernels.gemm.norm_gemm import GEMMS, NORM_TILES, normalized_spec
 from kiln.kernels.gemm.triton_gemm import TILES, render
 from tests.kernels.gemm.cases import CUDA, F16
 from tests.kernels.gemm.norm_cases import CASES, EVERY, ln_bias_gelu, ln_kept_residual
@@ -33,7 +33,11 @@ def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) ->
 def test_the_cases_cover_the_space() -> None:
     assert set(EVERY) == set(NORM_TILES) and all(not t.tma for t in NORM_TILES.values())
     split = registry.get("split.norm_gemm").configs()
-    assert split[0] == {"gemm": "cuda.linear"} and {c["gemm"] for c in split[1:]} == {f"triton.gemm/{t}" for t in TILES}
+    assert split[0] == {"gemm": "cuda.linear/kn"} and GEMMS["cuda.linear/kn"] == ("cuda.linear", {"lt_epilogue": True,
+                                                                                                "weight": "kn"})
+    linear = registry.get("cuda.linear").configs()
+    assert [GEMMS[c["gemm"]][1] for c in split[:4]] == linear and linear[0] == {"lt_epilogue": True, "weight": "kn"}
+    assert {c["gemm"] for c in split[4:]} == {f"triton.gemm/{t}" for t in TILES}
     assert len(split) <= 16  # the default level times the split's space whole (the fused tactic is opt-in)
     fused = registry.get("triton.norm_gemm")
     assert fused.min_opt_level == 4 and {c["stats"] for c in fused.configs()} == {"before", "after"}

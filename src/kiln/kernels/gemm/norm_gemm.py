@@ -177,14 +177,23 @@ class TritonNormGemm(TemplateTactic):
         return NormGemmKernel(node, s, self.tiles[config.get("tile", self.space["tile"][0])], device)
 
 
+GEMMS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{f"cuda.linear/{w}" + ("" if lt else "/no-lt"): ("cuda.linear", {"lt_epilogue": lt, "weight": w})
+       for lt in (True, False) for w in ("kn", "nk")},
+    **{f"triton.gemm/{t}": ("triton.gemm", {"tile": t}) for t in TILES},
+}
+"""The split's GEMM choices: every configuration of cuBLAS (`cuda.linear`, its first one first) and of the GEMM
+template - 12, so the default level times them all, as it timed the unfused GEMM's."""
+
+
 class SplitNormGemm(Tactic):
-    """A "normalized" node as its norm's kernel, then its GEMM part's (`gemm`: "cuda.linear" or a GEMM template
-    tile), the normalized rows in a buffer of their own (module docstring)."""
+    """A "normalized" node as its norm's kernel, then its GEMM part's (`gemm`: a configuration of cuBLAS or of the
+    GEMM template, `GEMMS`), the normalized rows in a buffer of their own (module docstring)."""
 
     name = "split.norm_gemm"
     ops = frozenset({"Fused"})
     devices = frozenset({"cuda"})
-    space = {"gemm": ("cuda.linear", *(f"triton.gemm/{t}" for t in TILES))}
+    space = {"gemm": tuple(GEMMS)}
     priority = 40  # first: untimed builds keep what the unfused graph ran
 
     def applicable(self, node: Node, device: torch.device) -> bool:
@@ -198,11 +207,14 @@ class SplitNormGemm(Tactic):
         if part is None or found is None:
             raise UnsupportedError(f"{self.name} takes a normalized Fused node", op=node.op, node=node.name)
         norm, index = found
-        name, _, tile = str(config.get("gemm", self.space["gemm"][0])).partition("/")
+        choice = str(config.get("gemm", self.space["gemm"][0]))
+        if choice not in GEMMS:
+            raise UnsupportedError(f"{self.name}: no GEMM configuration '{choice}'", node=node.name)
+        name, gemm_config = GEMMS[choice]
         tactic = registry.get(name)
         if not tactic.applicable(part, device):
             raise UnsupportedError(f"{self.name}: {name} cannot run the GEMM of '{node.name}'", node=node.name)
-        gemm = tactic.build(part, {"tile": tile} if tile else {}, device)
+        gemm = tactic.build(part, gemm_config, device)
         first = next((t for t in registry.candidates(norm, device) if t.name != "reference"), registry.get("reference"))
         normalize = first.build(norm, first.configs()[0], device)
         keep = len(node.outputs) == 2
