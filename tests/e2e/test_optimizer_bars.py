@@ -128,3 +128,32 @@ def test_vit_b_16_has_the_bert_structure_per_block() -> None:
     _same_function(engine, path, {"image": x})
     # pre-LN: ln_1 and ln_2 of every block feed only the QKV and FFN-up projections; the final norm feeds the head
     _norm_gemm_after(engine, {"image": x}, fused=24, kept=0)
+
+
+def test_the_late_list_on_a_float16_bert() -> None:
+    """What a GPU FP16 build does after lowering, run here on the CPU (the late list skips CPU builds): the
+    pooler's output Cast joins its Gemm + Tanh epilogue, the 4 post-LN norms of a 2-layer BERT join the GEMMs
+    reading them (keeping their rows), and the lowered graph computes exactly what it did."""
+    import torch
+
+    from kiln.build.builder import lower_graph
+    from kiln.frontend.onnx.importer import import_model
+    from kiln.ir import DType
+    from kiln.passes.manager import PassContext
+    from kiln.passes.pipeline import optimize, optimize_late
+
+    g = import_model(M.bert_small())
+    optimize(g, PassContext(static_dims={"batch": 1, "seq": 16}, device="cpu"))
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 1000, (1, 16)), "attention_mask": np.ones((1, 16), np.int64),
+             "token_type_ids": np.zeros((1, 16), np.int64)}
+    lower_graph(g, DType.FLOAT16, [feeds], torch.device("cpu"), {}, "random")
+    before = Interpreter(g).run(dict(feeds))
+    records = optimize_late(g, PassContext(device="cuda"))
+    assert {r.name: r.result.counts for r in records} == {"extend_epilogues": {"steps": 1},
+                                                          "fuse_norm_gemm": {"with_norm_output": 4}}
+    pooler = next(n for n in g.nodes if "pooler_output_to_float32" in n.name)
+    assert [m.op for m in pooler.attrs["body"].nodes] == ["Gemm", "Tanh", "Cast"]
+    after = Interpreter(g).run(dict(feeds))
+    for name, want in before.items():
+        np.testing.assert_array_equal(after[name], want)

@@ -230,3 +230,42 @@ def test_a_chain_ending_at_a_model_output_joins_after_static_dims_are_substitute
     run_checked(g, [epilogue_fusion], feeds)
     (node,) = _fused(g)
     assert _body(node) == ["Gemm", "Tanh"] and len(g.nodes) == 1
+
+
+# --- extend_epilogues: steps that appear after fusion (FP16 lowering's output casts) -------------------------
+
+
+def _mm_bias(g: Graph, x: Value) -> Value:
+    y = g.add("MatMul", [x, _w(g, "w", 8, 6)], name="mm")[0]
+    return g.add("Add", [y, _w(g, "b", 6, seed=1)], name="bias")[0]
+
+
+def test_a_cast_after_an_epilogue_joins_it_and_a_bare_anchor_gets_one() -> None:
+    from kiln.passes.epilogue_fusion import extend_epilogues
+
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (3, 8)))
+    g.outputs.append(_mm_bias(g, x))
+    epilogue_fusion(g)
+    (fused,) = _fused(g)
+    cast = g.add("Cast", [fused.outputs[0]], {"to": DType.FLOAT16}, name="to_half")[0]
+    g.outputs[0] = cast
+    bare = g.add("Gemm", [x, _w(g, "w2", 5, 8, seed=2)], {"transB": 1}, name="fc")[0]
+    g.outputs.append(g.add("Cast", [bare], {"to": DType.FLOAT16}, name="fc_half")[0])
+    results = run_checked(g, [extend_epilogues], [{"x": randn(3, 8)}], rel=0.0)
+    assert results[0].counts == {"steps": 2}
+    assert sorted(_body(n) for n in _fused(g)) == [["Gemm", "Cast"], ["MatMul", "Add", "Cast"]] and len(g.nodes) == 2
+    assert all(n.outputs[0].dtype is DType.FLOAT16 for n in g.nodes)
+
+
+def test_a_step_whose_input_is_read_elsewhere_stays_out() -> None:
+    from kiln.passes.epilogue_fusion import extend_epilogues
+
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (3, 8)))
+    y = _mm_bias(g, x)
+    g.outputs.append(y)
+    epilogue_fusion(g)
+    (fused,) = _fused(g)
+    g.outputs.append(g.add("Cast", [fused.outputs[0]], {"to": DType.FLOAT16}, name="to_half")[0])
+    assert not extend_epilogues(g).changed and [n.op for n in g.nodes] == ["Fused", "Cast"]

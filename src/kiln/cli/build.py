@@ -280,12 +280,19 @@ def _tuning(t: dict[str, Any]) -> str:
 
 def precision_of(node: Any) -> str:
     """A step's precision: "int8" for an int8 layer (int8 x int8 products: a folded "quantized" node,
-    MatMulInteger, QLinearMatMul/QLinearConv, ConvInteger), else the dtype of its first tensor output."""
+    MatMulInteger, QLinearMatMul/QLinearConv, ConvInteger), the dtype of the product for a GEMM or conv with an
+    epilogue (which may end by casting, e.g. to the model's float32 output), else the dtype of its first tensor
+    output."""
     if node.op == "Fused" and node.attrs.get("kind") == "quantized":
         x = node.inputs[0] if node.inputs else None
         return "fp8" if x is not None and str(x.dtype) == "float8_e4m3fn" else "int8"
     if node.op in INT8_OPS:
         return "int8"
+    if node.op == "Fused" and node.attrs.get("kind") in ("epilogue", "normalized"):
+        body = node.attrs["body"]
+        anchor = body.nodes[1 if node.attrs["kind"] == "normalized" else 0]
+        if anchor.outputs and anchor.outputs[0].is_tensor:
+            return str(anchor.outputs[0].dtype)
     for v in node.outputs:
         if v.is_tensor:
             return str(v.dtype)

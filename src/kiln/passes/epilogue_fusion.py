@@ -50,6 +50,72 @@ ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Neg", 
 EPILOGUE_OPS = ACTIVATIONS | ARITHMETIC
 
 
+def extend_epilogues(graph: Graph) -> PassResult:
+    """Steps that appeared after epilogue fusion (the float32 Cast that FP16 lowering puts before a model output,
+    ...) join the epilogue before them: a Fused[epilogue] node whose one output has the step as its only reader
+    takes it into its body; a bare anchor is fused with it as `epilogue_fusion` would. One kernel less per
+    output at batch 1. Run after precision (`kiln.passes.pipeline.LATE`)."""
+    counts: dict[str, int] = {}
+    for g in graphs(graph):
+        state = Fusing(g)
+        for n in [n for n in g.nodes if len(n.outputs) == 1 and (n.op in ANCHORS or _is_epilogue(n))]:
+            steps = _private_prefix(n, _Chain(n, state.uses, state.order).grow(), state.uses)
+            if not steps:
+                continue
+            if n.op == "Fused":
+                _append(g, n, steps)
+                state = Fusing(g)
+            else:
+                state.fuse([n, *steps], "epilogue")
+            counts["steps"] = counts.get("steps", 0) + len(steps)
+    return PassResult(bool(counts), counts)
+
+
+def _is_epilogue(n: Node) -> bool:
+    return n.op == "Fused" and n.attrs["kind"] == "epilogue" and len(n.attrs["body"].outputs) == 1
+
+
+def _private_prefix(n: Node, chain: list[Node], uses: Uses) -> list[Node]:
+    """The steps of `chain` whose accumulator has no other reader and is no model output (no extra outputs: the
+    GEMM and conv templates write one)."""
+    out, acc = [], n.outputs[0]
+    for step in chain:
+        if uses.only_reader(acc) is not step:
+            break
+        out.append(step)
+        acc = step.outputs[0]
+    return out
+
+
+def _append(graph: Graph, node: Node, steps: list[Node]) -> None:
+    """Moves `steps` (a chain reading `node`'s one output) into `node`'s epilogue body."""
+    body: Graph = node.attrs["body"]
+    inner = {node.outputs[0]: body.outputs[0]}
+    for step in steps:
+        for v in step.inputs:
+            if v is not None and v not in inner:
+                if v in node.inputs:
+                    inner[v] = body.inputs[node.inputs.index(v)]
+                else:
+                    inner[v] = Value(graph.fresh_name(f"{v.name}.in"), v.type)
+                    body.inputs.append(inner[v])
+                    node.inputs.append(v)
+        step.inputs = [inner.get(v, v) if v is not None else None for v in step.inputs]
+        out = step.outputs[0]
+        inner[out] = Value(graph.fresh_name(f"{out.name}.inner"), out.type)
+        inner[out].producer = step
+        step.outputs = [inner[out]]
+        body.nodes.append(step)
+    last = steps[-1]
+    body.outputs = [last.outputs[0]]
+    outer = next(v for v, i in inner.items() if i is last.outputs[0])
+    graph.remove_nodes(steps)
+    node.outputs = [outer]
+    outer.producer = node
+    node.name = body.name = f"{node.name} + {' + '.join(st.name for st in steps)}"
+    graph.use_name(node.name)
+
+
 def epilogue_fusion(graph: Graph) -> PassResult:
     counts: dict[str, int] = {}
     for g in graphs(graph):

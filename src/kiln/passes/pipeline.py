@@ -10,7 +10,7 @@ from kiln.ir.graph import Graph
 from kiln.passes.constant_folding import fold_constants
 from kiln.passes.cse import eliminate_common_subexpressions
 from kiln.passes.dead_nodes import dead_nodes
-from kiln.passes.epilogue_fusion import epilogue_fusion
+from kiln.passes.epilogue_fusion import epilogue_fusion, extend_epilogues
 from kiln.passes.fold_affine import fold_affine
 from kiln.passes.fuse_attention import fuse_attention
 from kiln.passes.fuse_gelu import fuse_gelu
@@ -85,6 +85,9 @@ def _gpu_only(fn: Pass) -> PassFactory:
 LATE: list[tuple[str, PassFactory]] = [
     # After precision (the builder runs this list last, before tuning): FP16 lowering, Q/DQ placement and the
     # norm's quantize fusion read the float graph's norms and epilogues, and these fusions want the final dtypes.
+    # The float32 Casts FP16 lowering puts before model outputs join the epilogue before them (GPU builds: the
+    # kernels take a Cast step; one kernel less per output at batch 1).
+    ("extend_epilogues", _gpu_only(extend_epilogues)),
     # A norm and the GEMM reading its rows, as one node (GPU builds only: the kernels are Triton).
     ("fuse_norm_gemm", _gpu_only(fuse_norm_gemm)),
 ]
