@@ -56,8 +56,11 @@ def fuse_norm_gemm(graph: Graph) -> PassResult:
         graph.insert_node(node, at - 1)
         key = "with_norm_output" if keep else "fused"
         counts[key] = counts.get(key, 0) + 1
-    if counts:
-        graph.toposort()  # a reader of Y placed between the norm and the GEMM now follows the fused node
+        # why: a reader of Y placed between the norm and the GEMM now follows the fused node; and the next norm's
+        # checks (its readers, what depends on it) must see this node, not the two it replaced
+        graph.toposort()
+        uses = Uses.of(graph)
+        order = {id(n): i for i, n in enumerate(graph.nodes)}
     return PassResult(bool(counts), counts)
 
 

@@ -1,11 +1,11 @@
 """A "normalized" Fused node (`kiln.passes.fuse_norm_gemm`: a LayerNorm/RMSNorm, then the MatMul/Gemm reading
 its rows and that GEMM's epilogue) two ways, both tuned:
 
-- `triton.norm_gemm`: one kernel, the GEMM template (`triton_gemm`) on the norm's raw input rows and the weight
-  folded with the norm's scale, each program computing its rows' statistics first and applying them to the
-  product (`NormPrologue`); programs of the first tile column also write the normalized rows when the node outputs
-  them. Every program reads its rows once more for the statistics - cheap when the rows are few (batch 1: the
-  norm's own kernel and its launch cost more), not at large M.
+- `triton.norm_gemm` (opt-in): one kernel, the GEMM template (`triton_gemm`) on the norm's raw input rows and the
+  weight folded with the norm's scale, each program computing its rows' statistics (before or after the main
+  loop: `stats` in the space) and applying them to the product (`NormPrologue`); programs of the first tile
+  column also write the normalized rows when the node outputs them. Every program reads its rows once more for
+  the statistics - meant for few rows (batch 1, where the norm's own kernel and its launch cost more), not large M.
 - `split.norm_gemm`: the node's two parts as before the fusion - the norm on its best-ranked kernel (its default
   configuration), then the GEMM part on cuBLAS or one of the GEMM template's tiles (`gemm` in the space), so the
   tuner never loses what the graph ran unfused.
@@ -69,7 +69,7 @@ def norm_part(node: Node) -> tuple[Node, list[int]] | None:
 
 
 def normalized_spec(node: Node) -> Spec | None:
-    """The GEMM template's view of a "normalized" node (its norm as the main loop's prologue), or None."""
+    """The GEMM template's view of a "normalized" node (its norm folded in: `NormPrologue`), or None."""
     part, found = gemm_part(node), norm_part(node)
     if part is None or found is None:
         return None
