@@ -301,7 +301,7 @@ def precision_of(node: Any) -> str:
 
 INT8_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger"})
 INT8_TACTICS = frozenset({"cuda.int8_gemm", "triton.int8_gemm", "triton.int8_gemm_next", "cuda.matmul_integer",
-                          "triton.int8_conv", "cuda.conv_integer"})
+                          "triton.int8_conv", "triton.int8_conv_next", "cuda.conv_integer"})
 """The tactics that run a layer's products on int8 kernels (the build report counts them)."""
 FP8_TACTICS = frozenset({"cuda.fp8_gemm", "triton.fp8_gemm", "triton.fp8_conv"})
 """The tactics that run a layer's products on float8 kernels."""

@@ -126,3 +126,28 @@ def dot_options(dtype: DType, tf32: bool, promote: str) -> str:
 
 DEQUANTIZE = "    acc = acc.to(tl.float32) * tl.load(dq_ptr + offs_n % N)[None, :]\n"
 """The line scaling an 8-bit layer's accumulator by its per-channel factor (`dequant_vector`) before the epilogue."""
+
+
+_HALVES = "    {a}, {b} = tl.split(tl.permute(tl.reshape({whole}, (BLOCK_M, 2, {width})), (0, 2, 1)))\n"
+
+
+def subtiles(tail: str, parts: int) -> str:
+    """A template's `tail` (the epilogue and stores of a [BLOCK_M, BLOCK_N] tile `acc` whose columns are `offs_n`,
+    `pid_n * BLOCK_N + tl.arange(0, BLOCK_N)`, widened when the constexpr `WIDE` is set) once per column slice of
+    BLOCK_N // parts: the accumulator split into slices (halves of halves for 4), each slice's columns `offs_n`,
+    and the epilogue's literals shaped as the slice. The same arithmetic per element, fewer values live at once
+    (a residual or an erf GELU on a whole 128 x 256 tile spills)."""
+    if parts not in (2, 4):
+        raise ValueError(f"an epilogue runs on 2 or 4 column slices, not {parts}")
+    text = _HALVES.format(a="acc_0", b="acc_1", whole="acc", width="BLOCK_N // 2")
+    if parts == 4:
+        text = _HALVES.format(a="half_0", b="half_1", whole="acc", width="BLOCK_N // 2") \
+            + _HALVES.format(a="acc_0", b="acc_1", whole="half_0", width="BLOCK_N // 4") \
+            + _HALVES.format(a="acc_2", b="acc_3", whole="half_1", width="BLOCK_N // 4")
+    width = f"BLOCK_N // {parts}"
+    sliced = tail.replace("[BLOCK_M, BLOCK_N]", f"[BLOCK_M, {width}]")  # the epilogue's tl.full literals
+    for j in range(parts):
+        text += (f"    acc = acc_{j}\n"
+                 f"    offs_n = pid_n * BLOCK_N + {j} * ({width}) + tl.arange(0, {width})\n"
+                 "    if WIDE:\n        offs_n = offs_n.to(tl.int64)\n" + sliced)
+    return text

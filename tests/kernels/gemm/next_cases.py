@@ -1,7 +1,8 @@
-"""Cases for the GEMM tiles under evaluation (`triton.gemm_next`, `triton.int8_gemm_next`: epilogues on column
-slices, persistent programs): float and int8 GEMMs with more output tiles than programs (3 programs off the GPU,
-so persistent programs loop over several tiles) and epilogues that read every operand kind - residuals, per-channel
-biases, requantizing second outputs, 1x1 convs. Shared by the interpreter test and the GPU tier."""
+"""Cases for the GEMM and conv tiles under evaluation (`triton.gemm_next`, `triton.int8_gemm_next`,
+`triton.int8_conv_next`: epilogues on column slices, persistent programs): float and int8 GEMMs with more output
+tiles than programs (3 programs off the GPU, so persistent programs loop over several tiles), int8 convs wider than
+a tile, and epilogues that read every operand kind - residuals, per-channel biases, requantizing second outputs.
+Shared by the interpreter test and the GPU tier."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from kiln.ir import DType
 from kiln.ir.graph import Node
+from kiln.kernels.conv.triton_conv import INT8_NEXT_TILES as CONV_NEXT_TILES
 from kiln.kernels.gemm.triton_gemm import INT8_NEXT_TILES, NEXT_TILES
 from tests.kernels.conv.int8_cases import quantized as quantized_conv
 from tests.kernels.conv.int8_cases import run_tiles
@@ -24,11 +26,16 @@ def _float(make: Callable[[], f.Case]) -> Callable[[str], dict[str, str | None]]
     return lambda device: f.run(make(), device, tactic_name="triton.gemm_next")
 
 
-def _int8(make: Callable[[], tuple[Node, list[Any]]]) -> Callable[[str], dict[str, str | None]]:
+def _int8(make: Callable[[], tuple[Node, list[Any]]], tactic: str = "triton.int8_gemm_next",
+          tiles: tuple[str, ...] = INT8) -> Callable[[str], dict[str, str | None]]:
     def run(device: str) -> dict[str, str | None]:
         node, args = make()
-        return run_tiles("triton.int8_gemm_next", node, args, INT8, device, lambda got: None)
+        return run_tiles(tactic, node, args, tiles, device, lambda got: None)
     return run
+
+
+def _conv(make: Callable[[], tuple[Node, list[Any]]]) -> Callable[[str], dict[str, str | None]]:
+    return _int8(make, "triton.int8_conv_next", tuple(CONV_NEXT_TILES))
 
 
 CASES: dict[str, Callable[[str], dict[str, str | None]]] = {
@@ -44,6 +51,11 @@ CASES: dict[str, Callable[[str], dict[str, str | None]]] = {
     "int8-bias-relu-requantize": _int8(lambda: q.quantized((400,), 128, 600, requant=True)),
     # a 1x1 conv on 2 x 16 x 16 pixels (M=512), N=520, writing its float and int8 outputs
     "int8-conv1x1-relu-dual-f16": _int8(lambda: quantized_conv((2, 32, 16, 16), 520, 1, dual=True, half=True)),
+    # int8 convs: 260 / 300 output channels (a 128- and a 256-wide tile and a ragged one), residuals read as int8
+    "conv-3x3-int8-residual-dual-f16": _conv(lambda: quantized_conv((2, 32, 9, 11), 260, 3, residual=True,
+                                                                    dual=True, half=True, pad=(1, 1))),
+    "conv-1x1-int8-residual-requantize": _conv(lambda: quantized_conv((2, 64, 5, 20), 300, 1, residual=True,
+                                                                      requant=True)),
 }
 
 

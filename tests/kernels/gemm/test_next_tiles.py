@@ -50,7 +50,7 @@ def test_a_sliced_epilogue_runs_once_per_slice_with_its_columns(parts: int) -> N
 
 
 def test_the_tiles_under_evaluation_are_opt_in() -> None:
-    for name in ("triton.gemm_next", "triton.int8_gemm_next"):
+    for name in ("triton.gemm_next", "triton.int8_gemm_next", "triton.int8_conv_next"):
         t = registry.get(name)
         tiles = [registry.get(name).tiles[c["tile"]] for c in t.configs()]  # type: ignore[attr-defined]
         assert t.min_opt_level == 4 and all(x.persistent or x.subtile > 1 for x in tiles)

@@ -50,6 +50,7 @@ from kiln.kernels.templates import (
     operand_loads,
     second_output,
     second_store,
+    subtiles,
 )
 from kiln.utils.errors import InputError, UnsupportedError
 
@@ -76,7 +77,7 @@ class Tile:
     the pipeliner, so the next tile's first loads overlap this tile's epilogue."""
     subtile: int = 1
     """The epilogue runs on this many column slices of the tile, one after the other (1, 2 or 4): a residual or an
-    erf GELU on a whole 128 x 256 tile holds too many values at once and spills (`_subtiles`)."""
+    erf GELU on a whole 128 x 256 tile holds too many values at once and spills (`templates.subtiles`)."""
 
 
 TILES: dict[str, Tile] = {
@@ -273,7 +274,7 @@ _TAIL = """    rm = offs_m[:, None]
     mask = (rm < M) & (rn < N)
 {epilogue}    tl.store(out_ptr + rm * stride_om + rn * stride_on, {result}.to({out}), mask=mask)
 {also}"""
-"""The epilogue and the stores of one output tile (or column slice of it: `_subtiles`)."""
+"""The epilogue and the stores of one output tile (or column slice of it: `templates.subtiles`)."""
 
 
 _POINTER_LOOP = """    offs_k = tl.arange(0, BLOCK_K)
@@ -385,8 +386,8 @@ per K step)."""
 def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, subtile: int = 1) -> str:
     """The kernel source for `s` (`tf32`: float32 products in TF32; `tma`: operands through TMA descriptors;
     `persistent`: the body in a loop over output tiles, `_persistent`; `subtile`: the epilogue on that many column
-    slices, `_subtiles`). An int8 spec accumulates in int32 and dequantizes the tile with one per-channel float32
-    multiply (`dq_ptr`) before its epilogue."""
+    slices, `templates.subtiles`). An int8 spec accumulates in int32 and dequantizes the tile with one per-channel
+    float32 multiply (`dq_ptr`) before its epilogue."""
     int8 = s.dtype is DType.INT8
     scaled = s.dq is not None  # int8 or float8 products: dequantized by one multiply per output channel
     lines: list[str] = []
@@ -428,36 +429,13 @@ def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, sub
     also = second_store(s.program, "rm * stride_om + rn * stride_on")
     tail = _TAIL.format(epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out, also=also)
     if subtile > 1:
-        tail = _subtiles(tail, subtile)
+        tail = subtiles(tail, subtile)
     text = _SOURCE.format(what=what + (", TMA" if tma else "") + (", persistent" if persistent else ""),
                           pointers="".join(f"{p}, " for p in pointers),
                           strides="".join(f"{p}, " for p in strides), operands=operands,
                           operand_strides=operand_strides, mainloop=mainloop, tail=tail,
                           acc_type="tl.int32" if int8 else "tl.float32", dequant=dequant)
     return _persistent(text) if persistent else text
-
-
-_HALVES = "    {a}, {b} = tl.split(tl.permute(tl.reshape({whole}, (BLOCK_M, 2, {width})), (0, 2, 1)))\n"
-
-
-def _subtiles(tail: str, parts: int) -> str:
-    """`tail` (the epilogue and stores of a [BLOCK_M, BLOCK_N] tile) once per column slice of BLOCK_N // parts:
-    the accumulator split into slices (halves of halves for 4), each slice's columns `offs_n`, and the epilogue's
-    literals shaped as the slice. The same arithmetic per element, fewer values live at once."""
-    if parts not in (2, 4):
-        raise ValueError(f"an epilogue runs on 2 or 4 column slices, not {parts}")
-    text = _HALVES.format(a="acc_0", b="acc_1", whole="acc", width="BLOCK_N // 2")
-    if parts == 4:
-        text = _HALVES.format(a="half_0", b="half_1", whole="acc", width="BLOCK_N // 2") \
-            + _HALVES.format(a="acc_0", b="acc_1", whole="half_0", width="BLOCK_N // 4") \
-            + _HALVES.format(a="acc_2", b="acc_3", whole="half_1", width="BLOCK_N // 4")
-    width = f"BLOCK_N // {parts}"
-    sliced = tail.replace("[BLOCK_M, BLOCK_N]", f"[BLOCK_M, {width}]")  # the epilogue's tl.full literals
-    for j in range(parts):
-        text += (f"    acc = acc_{j}\n"
-                 f"    offs_n = pid_n * BLOCK_N + {j} * ({width}) + tl.arange(0, {width})\n"
-                 "    if WIDE:\n        offs_n = offs_n.to(tl.int64)\n" + sliced)
-    return text
 
 
 _FIRST = "    pid = tl.program_id(0)\n"
