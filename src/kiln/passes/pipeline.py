@@ -21,6 +21,7 @@ from kiln.passes.fuse_softmax import fuse_softmax
 from kiln.passes.layout import layout
 from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, PassResult, run_passes
 from kiln.passes.merge_siblings import merge_siblings
+from kiln.passes.narrow_masks import narrow_masks
 from kiln.passes.noops import remove_noops
 from kiln.passes.pack_attention import pack_attention
 from kiln.passes.pointwise_fusion import pointwise_fusion
@@ -56,6 +57,8 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     ("fuse_attention", _plain(fuse_attention)),
     # Reads the Attention nodes; before sibling merging and epilogue fusion, which then see BERT's shape.
     ("pack_attention", _plain(pack_attention)),
+    # Reads the Attention nodes' masks; before pointwise fusion, which would take the And into the mask's kernel.
+    ("narrow_masks", _plain(narrow_masks)),
     # --- weights and layers -------------------------------------------------------------------------------------
     # BN folding before sibling merging (a merged conv's output is read by a Split, so its BN could not fold).
     ("fold_affine", _plain(fold_affine)),

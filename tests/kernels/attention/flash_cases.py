@@ -151,6 +151,8 @@ def all_cases() -> list[Case]:
              configs=(5,)),
         Case("bool-mask-narrow", with_mask(qkv(1, 2, 2, 6, 30, 32), bool_mask((6, 11), dead_row=2)),
              zero_rows=BOTH),
+        # the same for every query (a padding mask [B, 1, 1, Skv]): one row per key block (KEY_MASK)
+        Case("bool-key-mask", with_mask(qkv(2, 2, 2, 70, 70, 32), bool_mask((2, 1, 1, 70))), configs=(0, 5)),
         Case("float-mask-per-head", with_mask(qkv(2, 3, 3, 12, 50, 64), float_bias((1, 3, 12, 50))),
              configs=(5,)),
         Case("float-mask-dead-row", with_mask(qkv(1, 2, 2, 5, 18, 64), float_bias((5, 18), -math.inf)),

@@ -76,9 +76,10 @@ quantize_tile: Any = None  # `triton_kernels.quantize_tile`, bound by _kernel()
 def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W, skn, skd, svn, svd,
             smm, smn, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_DV: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-            ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr):
+            KEY_MASK: tl.constexpr, ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr):
     """One key block: scores, mask, online-softmax update of (acc, l_i, m_i). EDGE: the block may hold keys past
-    Skv or (causal) past the diagonal, which are hidden element by element."""
+    Skv or (causal) past the diagonal, which are hidden element by element. KEY_MASK: the mask is the same for
+    every query (a padding mask, [B, 1, 1, Skv]): one row of it is read per key block, not a tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -90,8 +91,12 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
     k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=k_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASK_KIND != 0:
-        m_ptrs = mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
-        m_ok = (offs_m < SQ)[:, None] & (offs_n < MASK_W)[None, :]
+        if KEY_MASK:  # why: a [BLOCK_M, BLOCK_N] float bias tile held beside the scores spills registers
+            m_ptrs = mask_base + offs_n[None, :] * smn
+            m_ok = (offs_n < MASK_W)[None, :]
+        else:
+            m_ptrs = mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
+            m_ok = (offs_m < SQ)[:, None] & (offs_n < MASK_W)[None, :]
         if MASK_KIND == 1:
             s = tl.where(tl.load(m_ptrs, mask=m_ok, other=0) != 0, s, float("-inf"))
         else:
@@ -119,8 +124,8 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
 def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_zero, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m, HEAD_D: tl.constexpr,
                HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ROUND: tl.constexpr,
-               UNITS: tl.constexpr, PREC: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
+               BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr,
+               ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
                QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr):
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -152,11 +157,11 @@ def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_zero, sqb, sqh, sqm, sqd, skb, skh,
     for start_n in range(0, full, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W,
                                 skn, skd, svn, svd, smm, smn, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False,
-                                CAUSAL, MASK_KIND, ROUND, UNITS, PREC)
+                                CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC)
     for start_n in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W,
                                 skn, skd, svn, svd, smm, smn, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True,
-                                CAUSAL, MASK_KIND, ROUND, UNITS, PREC)
+                                CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC)
     # a row with no allowed key has l = 0 and acc = 0: it gives zeros, as in the reference
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -295,7 +300,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *o.stride(),
         h, h // hkv, sq, skv, width, q_mul, num_m,
         HEAD_D=d, HEAD_DV=dv, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        CAUSAL=causal, MASK_KIND=kind, ROUND=half and kind == FLOAT_MASK, UNITS=units,
+        CAUSAL=causal, MASK_KIND=kind, KEY_MASK=kind != NO_MASK and m_strides[2] == 0,
+        ROUND=half and kind == FLOAT_MASK, UNITS=units,
         PREC="tf32" if half else "tf32x3", STORE_Y=keep_y, **quantize_flags(quant, q.dtype),
         num_warps=p.num_warps, num_stages=p.num_stages)
     return made
