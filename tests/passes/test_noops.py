@@ -185,3 +185,26 @@ def test_identity_in_a_body_returning_an_outer_value() -> None:
 
     g, _ = preserves(build, remove_noops, [{"x": rand(2), "c": np.array(v)} for v in (True, False)])
     assert all_ops(g) == ["If", "Neg"] and g.nodes[0].attrs["then_branch"].outputs == [g.inputs[0]]
+
+
+def test_gather_of_every_index_in_order_is_a_reshape() -> None:
+    """BERT's exported mask: Flatten(mask) [S, 1] -> Gather(indices 0..S-1 shaped [1, 1, 1, S]) -> Reshape: one
+    Reshape, no kernel. Indices out of order, or not all of them, gather for real."""
+
+    def build(indices: torch.Tensor, axis: int = 0) -> Callable[[], Graph]:
+        def make() -> Graph:
+            g = Graph()
+            x = g.add_input("x", TensorType(F32, (6, 1) if axis == 0 else (2, 6)))
+            (y,) = g.add("Gather", [x, g.add_initializer("i", indices)], {"axis": axis})
+            (z,) = g.add("Relu", [y], outputs=["z"])
+            g.outputs = [z]
+            return g
+        return make
+
+    g, result = preserves(build(torch.arange(6).reshape(1, 1, 1, 6)), remove_noops, [{"x": rand(6, 1)}])
+    assert result.counts == {"gather_in_order": 1} and ops(g) == ["Reshape", "Relu"]
+    g, result = preserves(build(torch.arange(6).reshape(2, 3), axis=1), remove_noops, [{"x": rand(2, 6)}])
+    assert ops(g) == ["Reshape", "Relu"]
+    for indices in (torch.tensor([1, 0, 2, 3, 4, 5]), torch.arange(5)):
+        g, result = preserves(build(indices), remove_noops, [{"x": rand(6, 1)}])
+        assert ops(g) == ["Gather", "Relu"]

@@ -21,7 +21,9 @@ Rewrite cases (the pattern table at the bottom, in order):
   element is the neutral value and the output has x's shape (a broadcast that grows x is not a no-op);
   x + 0 turns -0.0 into +0.0, which kiln accepts;
 - Where with a constant condition that is all true (-> X) or all false (-> Y), when that operand already has
-  the output's shape.
+  the output's shape;
+- Gather along axis a by constant indices that are 0, 1, ..., n-1 in order (n = the axis' static size) only
+  reshapes: it becomes a Reshape to its output's static shape (and then joins the reshapes around it).
 A value that is an output of its graph is bypassed only when the replacing value can take its name
 (`can_redirect`): a graph input, an outer value or another output never can.
 """
@@ -303,6 +305,24 @@ def _where(g: Graph, node: Node, uses: Uses) -> str | None:
     return _bypass(g, node, pick, uses, "where") if same_type(pick, node.outputs[0]) else None
 
 
+def _gather_in_order(g: Graph, node: Node, uses: Uses) -> str | None:
+    """Gather(data, [0, 1, ..., n-1]) along an axis of n: every element stays where it is; a Reshape."""
+    data, idx = node.inputs[0], node.inputs[1]
+    shape, out = _shape(data), _shape(node.outputs[0])
+    c = _const(idx)
+    if shape is None or out is None or c is None or not all(isinstance(d, int) for d in out):
+        return None
+    axis = int(node.attrs["axis"]) % len(shape) if shape else 0
+    n = shape[axis] if shape else None
+    if not isinstance(n, int) or c.numel() != n or c.dtype.is_floating_point:
+        return None
+    if not torch.equal(c.reshape(-1).to(torch.int64), torch.arange(n)):
+        return None
+    target = g.add_initializer(f"{node.name}.shape", torch.tensor(list(out), dtype=torch.int64))
+    _become(node, "Reshape", [data, target], {"allowzero": 0})
+    return "gather_in_order"
+
+
 RULES: list[Rule] = [
     rule("Identity", _identity),
     rule("Dropout", _dropout),
@@ -316,4 +336,5 @@ RULES: list[Rule] = [
     rule(("Concat", "Sum", "Max", "Min", "Mean"), _single_input),
     rule(tuple(_NEUTRAL), _neutral),
     rule("Where", _where),
+    rule("Gather", _gather_in_order),
 ]
