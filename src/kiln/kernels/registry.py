@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ir.graph import Node
-from kiln.kernels.base import Tactic
+from kiln.kernels.base import Kernel, Tactic
 from kiln.utils.registry import Registry
 
 TACTICS: Registry[Tactic] = Registry("tactic")
@@ -21,6 +21,14 @@ def candidates(node: Node, device: torch.device) -> list[Tactic]:
     _load()
     found = [t for _, t in TACTICS.items() if node.op in t.ops and t.applicable(node, device)]
     return sorted(found, key=lambda t: (t.priority, t.name))
+
+
+def first_kernel(node: Node, device: torch.device) -> Kernel:
+    """`node` on its best-ranked tactic other than the reference (the reference when there is none), in that
+    tactic's first configuration: what a kernel that runs a piece of a fused node the way the unfused graph did
+    (untimed) builds for it."""
+    tactic = next((t for t in candidates(node, device) if t.name != "reference"), None) or get("reference")
+    return tactic.build(node, tactic.configs()[0], device)
 
 
 def get(name: str) -> Tactic:

@@ -60,7 +60,7 @@ def _narrow(g: Graph, where: Node, uses: Uses) -> bool:
         return False
     (narrow,) = add_node(g, where, "Where", [x, a, b], name=f"{where.name}.narrow")
     if not _broadcasts(narrow.shape, out.shape):
-        g.remove_nodes([n for n in g.nodes if narrow in n.outputs])
+        g.remove_nodes([narrow.producer] if narrow.producer is not None else [])
         return False
     for r in readers:
         r.inputs[MASK_INPUT] = narrow

@@ -215,8 +215,7 @@ class SplitNormGemm(Tactic):
         if not tactic.applicable(part, device):
             raise UnsupportedError(f"{self.name}: {name} cannot run the GEMM of '{node.name}'", node=node.name)
         gemm = tactic.build(part, gemm_config, device)
-        first = next((t for t in registry.candidates(norm, device) if t.name != "reference"), registry.get("reference"))
-        normalize = first.build(norm, first.configs()[0], device)
+        normalize = registry.first_kernel(norm, device)
         keep = len(node.outputs) == 2
 
         def run(xs: list[Any]) -> list[Any]:

@@ -25,6 +25,7 @@ in the one multiply, and an epilogue that may end in the QuantizeLinear writing 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -469,9 +470,10 @@ def _stages(tile: Tile, itemsize: int, device: torch.device) -> int:
     return max(1, min(tile.num_stages, (limit - 8 * 1024) // per_stage))
 
 
+@functools.cache
 def _programs(device: torch.device) -> int:
     """Programs a persistent launch makes: the GPU's SM count (3 off the GPU, so that the interpreter's programs
-    loop over several tiles)."""
+    loop over several tiles); asked once per device, not per launch."""
     if device.type != "cuda":
         return 3
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
