@@ -1,13 +1,15 @@
-"""Times `triton.gemm` and `triton.gemm_next` (every tile) against `cuda.linear` (cuBLAS + generated pointwise
-epilogue, every config) on the model shapes of `test_gpu.py`, on the same GPU in one process (CUDA graphs of 20
-calls, median of 30 replays, inputs rotated over 3 sets). Not a test; run from the repository root:
+"""Times `triton.gemm`, `triton.gemm_next` and, where it applies, `triton.gemm_splitk` (every tile) against
+`cuda.linear` (cuBLAS + generated pointwise epilogue, every config) on the model shapes of `test_gpu.py`, on the
+same GPU in one process (CUDA graphs of 20 calls, median of 30 replays, inputs rotated over 3 sets). Not a test;
+run from the repository root:
 
-    PYTHONPATH=src:. python tests/kernels/gemm/bench_gpu.py [float16|bfloat16|float32]
+    PYTHONPATH=src:. python tests/kernels/gemm/bench_gpu.py [float16|bfloat16|float32] [SHAPE ...]
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -25,15 +27,19 @@ def _sets(case: Case, n: int = 3) -> list[list[object]]:
             for _ in range(n)]
 
 
-def main(dtype: str) -> None:
+def main(dtype: str, names: Sequence[str] = ()) -> None:
     dt = DType.from_torch(getattr(torch, dtype))
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {dtype}")
     for name, make in SHAPES.items():
+        if names and name not in names:
+            continue
         case = make(dt)
         sets = _sets(case)
         rows = []
-        for tactic in ("cuda.linear", "triton.gemm", "triton.gemm_next"):
+        for tactic in ("cuda.linear", "triton.gemm", "triton.gemm_next", "triton.gemm_splitk"):
             t = registry.get(tactic)
+            if not t.applicable(case.node, CUDA):
+                continue
             for cfg in t.configs():
                 kernel = t.build(case.node, cfg, CUDA)
                 try:
@@ -48,4 +54,4 @@ def main(dtype: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "float16")
+    main(sys.argv[1] if len(sys.argv) > 1 else "float16", sys.argv[2:])

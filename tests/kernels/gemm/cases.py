@@ -17,6 +17,7 @@ from kiln.ir.graph import Node, Value
 from kiln.ir.ops import OPS
 from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
+from kiln.kernels.gemm.triton_gemm import TILES
 from kiln.passes.epilogue_fusion import epilogue_fusion
 
 D = DType
@@ -62,8 +63,10 @@ class Maker:
         return Case(node, self.feeds, tiles)
 
 
-ALL = ("tma-128x256x64-w8s4", "tma-128x256x64-w8s3", "128x256x64-w8s3", "128x128x64-w4s4", "64x128x64-w4s4",
-       "64x64x64-w4s4", "32x64x128-w4s4", "16x64x256-w4s3")
+ALL = tuple(TILES)
+WHOLE = tuple(name for name, t in TILES.items() if not (t.persistent or t.subtile > 1))
+"""Every tile, and those with the epilogue on the whole tile and one program per tile (the sliced and persistent
+ones have their own interpreter cases, `next_cases.py`)."""
 
 
 def bias_gelu_residual(dt: DType, approximate: str, tiles: tuple[str, ...], lead: tuple[int, ...] = (2, 65),
@@ -165,7 +168,7 @@ def local_constants(dt: DType, tiles: tuple[str, ...]) -> Case:
 
 
 CASES: dict[str, Callable[[], Case]] = {
-    "bias-gelu-erf-residual-f32-every-tile": lambda: bias_gelu_residual(F32, "none", ALL),
+    "bias-gelu-erf-residual-f32-every-tile": lambda: bias_gelu_residual(F32, "none", WHOLE),
     "bias-gelu-tanh-residual-f16": lambda: bias_gelu_residual(F16, "tanh", ("128x128x64-w4s4", "16x64x256-w4s3")),
     "bias-gelu-erf-residual-f16-m1": lambda: bias_gelu_residual(F16, "none", ("16x64x256-w4s3",), lead=(1,)),
     "bias-gelu-erf-residual-f16-tma": lambda: bias_gelu_residual(

@@ -6,31 +6,52 @@ Shared by the interpreter test and the GPU tier."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from kiln.ir import DType
 from kiln.ir.graph import Node
 from kiln.kernels.conv.triton_conv import INT8_NEXT_TILES as CONV_NEXT_TILES
-from kiln.kernels.gemm.triton_gemm import INT8_NEXT_TILES, NEXT_TILES
+from kiln.kernels.gemm.triton_gemm import INT8_NEXT_TILES, INT8_TILES, NEXT_TILES, TILES, Tile
 from tests.kernels.conv.int8_cases import quantized as quantized_conv
 from tests.kernels.conv.int8_cases import run_tiles
 from tests.kernels.gemm import cases as f
 from tests.kernels.gemm import int8_cases as q
 
-FLOAT = tuple(NEXT_TILES)
-INT8 = tuple(INT8_NEXT_TILES)
+
+def _sliced(tiles: dict[str, Tile]) -> tuple[str, ...]:
+    return tuple(name for name, t in tiles.items() if t.persistent or t.subtile > 1)
+
+
+FLOAT = _sliced(TILES) + tuple(NEXT_TILES)
+"""The sliced and persistent float tiles: those measured and moved into `TILES`, then those still opt-in."""
+INT8 = _sliced(INT8_TILES) + tuple(INT8_NEXT_TILES)
+
+
+def run_float(case: f.Case, device: str) -> dict[str, str | None]:
+    """`f.run` over the case's tiles, each through its tactic (`triton.gemm` or the opt-in `triton.gemm_next`)."""
+    out = f.run(dataclasses.replace(case, tiles=tuple(t for t in case.tiles if t in TILES)), device)
+    out.update(f.run(dataclasses.replace(case, tiles=tuple(t for t in case.tiles if t in NEXT_TILES)), device,
+                     tactic_name="triton.gemm_next"))
+    return out
 
 
 def _float(make: Callable[[], f.Case]) -> Callable[[str], dict[str, str | None]]:
-    return lambda device: f.run(make(), device, tactic_name="triton.gemm_next")
+    return lambda device: run_float(make(), device)
 
 
 def _int8(make: Callable[[], tuple[Node, list[Any]]], tactic: str = "triton.int8_gemm_next",
           tiles: tuple[str, ...] = INT8) -> Callable[[str], dict[str, str | None]]:
     def run(device: str) -> dict[str, str | None]:
         node, args = make()
-        return run_tiles(tactic, node, args, tiles, device, lambda got: None)
+        if tactic != "triton.int8_gemm_next":
+            return run_tiles(tactic, node, args, tiles, device, lambda got: None)
+        out = run_tiles("triton.int8_gemm", node, args, tuple(t for t in tiles if t in INT8_TILES), device,
+                        lambda got: None)
+        out.update(run_tiles(tactic, node, args, tuple(t for t in tiles if t in INT8_NEXT_TILES), device,
+                             lambda got: None))
+        return out
     return run
 
 

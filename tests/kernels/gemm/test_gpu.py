@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from kiln.ir import DType, Graph, TensorType
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
 from tests.kernels.gemm import cases as c
 from tests.kernels.gemm import int8_cases as q8
-from tests.kernels.gemm import next_cases, norm_cases
+from tests.kernels.gemm import next_cases, norm_cases, split_cases
 from tests.kernels.gemm.cases import ALL, CASES, CUDA, F16, F32, Case, bare, bias_gelu_residual, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -31,6 +33,9 @@ SHAPES: dict[str, Callable[[DType], Case]] = {
     "bert-b1-up": lambda dt: bias_gelu_residual(dt, "none", ALL, lead=(1, 128), k=768, n=3072),
     "vit-b1-qkv": lambda dt: bare(dt, (1, 197), 768, 2304, ALL),
     "one-row": lambda dt: bias_gelu_residual(dt, "tanh", ALL, lead=(1,), k=768, n=768),
+    # batch 1: the N=768 GEMMs with few output tiles (BERT's FFN-down, ViT's attention output + residual)
+    "bert-b1-down": lambda dt: bias_gelu_residual(dt, "none", ALL, lead=(1, 128), k=3072, n=768),
+    "vit-b1-proj": lambda dt: bias_gelu_residual(dt, "none", ALL, lead=(1, 197), k=768, n=768),
 }
 
 
@@ -66,7 +71,7 @@ def test_next_tiles_case_on_cuda(name: str) -> None:
 def test_next_tiles_at_bert_shapes(dt: DType) -> None:
     """The tiles under evaluation on BERT-base's FFN-up + GELU + residual at batch 128 (M=16384, K=768, N=3072)."""
     case = bias_gelu_residual(dt, "none", next_cases.FLOAT, lead=(128, 128), k=768, n=3072)
-    problems = run(case, "cuda", tactic_name="triton.gemm_next")
+    problems = next_cases.run_float(case, "cuda")
     assert all(p is None for p in problems.values()), problems
 
 
@@ -123,6 +128,44 @@ def test_capture_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+# --- triton.gemm_splitk -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(split_cases.CASES))
+def test_split_case_on_cuda(name: str) -> None:
+    problems = split_cases.run_case(name, "cuda")
+    assert len(problems) == len(split_cases.SPLIT) and all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+@pytest.mark.parametrize("name", ["bert-b1-down", "vit-b1-proj", "bert-b1-up", "vit-b1-qkv", "one-row"])
+def test_split_k_at_batch_1_shapes(name: str, dt: DType) -> None:
+    case = SHAPES[name](dt)
+    problems = run(Case(case.node, case.feeds, split_cases.SPLIT), "cuda", tactic_name="triton.gemm_splitk")
+    assert len(problems) == len(split_cases.SPLIT) and all(p is None for p in problems.values()), problems
+
+
+def test_split_k_replays_in_a_cuda_graph_and_unsplits_a_full_grid() -> None:
+    """The workspace comes from the capture's pool; replays give the eager result. A batch-128 shape on the same
+    kernel (enough tiles to fill the GPU) takes the unsplit kernel and agrees with the reference."""
+    case = SHAPES["bert-b1-down"](F16)
+    c.constants_to(case.node, "cuda")
+    args = inputs(case.node, case.feeds, "cuda")
+    kernel = registry.get("triton.gemm_splitk").build(case.node, {"tile": "64x64x64-w4s4-k4"}, CUDA)
+    eager = kernel(list(args))[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernel(list(args))[0]
+    for _ in range(3):
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+    big = [a.repeat(64, 1, 1) if isinstance(a, torch.Tensor) and a.dim() == 3 else a for a in args]
+    want = OPS["Fused"].ref(RefCtx(case.node), list(big))[0]
+    assert c.compare(kernel(list(big))[0], want, c.tolerance(case.node)) is None
 
 
 # --- triton.int8_gemm -------------------------------------------------------------------------------------------
