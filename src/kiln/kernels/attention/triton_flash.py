@@ -35,6 +35,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType, Value
+from kiln.kernels import pdl
 from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
 from kiln.kernels.norm.common import next_pow2, quantizing_view, reference, separate_quantize, triton_available
 from kiln.kernels.registry import register
@@ -71,6 +72,7 @@ keys, and within the register and shared-memory budgets for large heads or float
 
 tl: Any = None
 quantize_tile: Any = None  # `triton_kernels.quantize_tile`, bound by _kernel()
+pdl_sync: Any = None  # `mathlib.pdl_sync`, bound by _kernel()
 
 
 def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W, skn, skd, svn, svd,
@@ -127,6 +129,7 @@ def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_zero, sqb, sqh, sqm, sqd, skb, skh,
                BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr,
                ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
                QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr):
+    pdl_sync()  # why: with PDL on (kiln.kernels.pdl), this kernel may start before the one before it ends
     pid = tl.program_id(0)
     pid_m = pid % num_m
     if CAUSAL:  # why: the last query blocks have the most keys; starting them first shortens the tail
@@ -181,10 +184,12 @@ def _kernel() -> Any:
     import triton.language
 
     from kiln.kernels.norm.triton_kernels import quantize_tile
+    from kiln.kernels.pointwise.mathlib import pdl_sync
 
     g = globals()
     g["tl"] = triton.language
     g["quantize_tile"] = quantize_tile
+    g["pdl_sync"] = pdl_sync
     # why: the kernel body calls `_attend` by its global name, which must then be a jitted function
     g["_attend"] = triton.jit(_attend)
     return triton.jit(_flash_fwd)
@@ -303,7 +308,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         CAUSAL=causal, MASK_KIND=kind, KEY_MASK=kind != NO_MASK and m_strides[2] == 0,
         ROUND=half and kind == FLOAT_MASK, UNITS=units,
         PREC="tf32" if half else "tf32x3", STORE_Y=keep_y, **quantize_flags(quant, q.dtype),
-        num_warps=p.num_warps, num_stages=p.num_stages)
+        num_warps=p.num_warps, num_stages=p.num_stages, **pdl.launch_options())
     return made
 
 

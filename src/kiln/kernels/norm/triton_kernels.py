@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import pdl
 from kiln.kernels.norm.common import QuantizedOutput, grid_rows, next_pow2, plan, promote, warps
 from kiln.kernels.pointwise import mathlib as km
 
@@ -24,6 +25,12 @@ TL: dict[torch.dtype, Any] = {torch.float32: tl.float32, torch.float16: tl.float
 NO_FUSION = {"enable_fp_fusion": False}
 """why: the compiler would otherwise fuse `round(a * b) + c` (computed in half precision once it sees the
 rounding) into one FMA, dropping the rounding of the product that the reference does."""
+
+
+def _options() -> dict[str, Any]:
+    """Every launch's options: NO_FUSION, and the dependent launch when PDL is on (each kernel starts with
+    `km.pdl_sync()`, `kiln.kernels.pdl`)."""
+    return {**NO_FUSION, **pdl.launch_options()}
 
 
 @triton.jit
@@ -66,6 +73,7 @@ def _welford(ptr, lo, hi, BLOCK: tl.constexpr):
 @triton.jit
 def _softmax_rows(x_ptr, y_ptr, n_rows, n, LOG: tl.constexpr, RD: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK: tl.constexpr):
+    km.pdl_sync()
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n)[None, :]
@@ -84,6 +92,7 @@ def _softmax_rows(x_ptr, y_ptr, n_rows, n, LOG: tl.constexpr, RD: tl.constexpr, 
 
 @triton.jit
 def _softmax_looped(x_ptr, y_ptr, n, LOG: tl.constexpr, RD: tl.constexpr, BLOCK: tl.constexpr):
+    km.pdl_sync()
     base = tl.program_id(0).to(tl.int64) * n
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], -float("inf"), tl.float32)
@@ -120,10 +129,10 @@ def softmax(x: torch.Tensor, log: bool, config: dict[str, Any]) -> torch.Tensor:
     p = plan(n, config)
     rd = TL[x.dtype]
     if p.looped:
-        _softmax_looped[(rows,)](x, y, n, LOG=log, RD=rd, BLOCK=p.block, num_warps=p.num_warps, **NO_FUSION)
+        _softmax_looped[(rows,)](x, y, n, LOG=log, RD=rd, BLOCK=p.block, num_warps=p.num_warps, **_options())
     else:
         _softmax_rows[grid_rows(rows, p)](x, y, rows, n, LOG=log, RD=rd, ROWS=p.rows, BLOCK=p.block,
-                                          num_warps=p.num_warps, **NO_FUSION)
+                                          num_warps=p.num_warps, **_options())
     return y
 
 
@@ -163,6 +172,7 @@ def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_sca
                     QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr, QUANT: tl.constexpr,
                     SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr, ROWS: tl.constexpr,
                     BLOCK: tl.constexpr):
+    km.pdl_sync()
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     live = rows < n_rows
@@ -198,6 +208,7 @@ def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_s
                       PD: tl.constexpr, QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
                       QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
                       BLOCK: tl.constexpr):
+    km.pdl_sync()
     row = tl.program_id(0).to(tl.int64)
     base = row * n
     cols = tl.arange(0, BLOCK)
@@ -285,10 +296,10 @@ def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int, 
     bias = w if b is None else b
     if p.looped:
         _layernorm_looped[(rows,)](x, w, bias, y, mean, rstd, *scalars, n, eps, **flags, BLOCK=p.block,
-                                   num_warps=p.num_warps, **NO_FUSION)
+                                   num_warps=p.num_warps, **_options())
     else:
         _layernorm_rows[grid_rows(rows, p)](x, w, bias, y, mean, rstd, *scalars, rows, n, eps, **flags,
-                                            ROWS=p.rows, BLOCK=p.block, num_warps=p.num_warps, **NO_FUSION)
+                                            ROWS=p.rows, BLOCK=p.block, num_warps=p.num_warps, **_options())
     return (y if keep_y else None), (mean if stats else None), (rstd if stats else None), q
 
 
@@ -308,6 +319,7 @@ def _group_affine(d, std, rows, idx, w_ptr, b_ptr, mask, S, G, CG, RD: tl.conste
 @triton.jit
 def _groupnorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, n_rows, L, S, G, CG, eps, RD: tl.constexpr, ROWS: tl.constexpr,
                     BLOCK: tl.constexpr):
+    km.pdl_sync()
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < L)[None, :]
@@ -322,6 +334,7 @@ def _groupnorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, n_rows, L, S, G, CG, eps, RD: tl
 
 @triton.jit
 def _groupnorm_partial(x_ptr, mean_ptr, m2_ptr, cnt_ptr, L, CHUNK, SPLIT, BLOCK: tl.constexpr):
+    km.pdl_sync()
     pid = tl.program_id(0)
     row = (pid // SPLIT).to(tl.int64)
     lo = (pid % SPLIT) * CHUNK
@@ -334,6 +347,7 @@ def _groupnorm_partial(x_ptr, mean_ptr, m2_ptr, cnt_ptr, L, CHUNK, SPLIT, BLOCK:
 @triton.jit
 def _groupnorm_apply(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, m2_ptr, cnt_ptr, L, S, G, CG, CHUNK, SPLIT, eps,
                      RD: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr):
+    km.pdl_sync()
     pid = tl.program_id(0)
     row = (pid // SPLIT).to(tl.int64)
     parts = tl.arange(0, SPLIT_P2)
@@ -378,7 +392,7 @@ def groupnorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: int, ep
         _groupnorm_split(x, w, b, y, n_rows, L, S, groups, eps, TL[round_to], config)
     else:
         _groupnorm_rows[grid_rows(n_rows, p)](x, w, b, y, n_rows, L, S, groups, L // S, eps, RD=TL[round_to],
-                                              ROWS=p.rows, BLOCK=p.block, num_warps=p.num_warps, **NO_FUSION)
+                                              ROWS=p.rows, BLOCK=p.block, num_warps=p.num_warps, **_options())
     return y
 
 
@@ -393,9 +407,9 @@ def _groupnorm_split(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch
     split, chunk = _split(L, n_rows, block, _programs_wanted(x))
     parts = [torch.empty(n_rows * split, dtype=torch.float32, device=x.device) for _ in range(3)]
     grid = (n_rows * split,)
-    _groupnorm_partial[grid](x, *parts, L, chunk, split, BLOCK=block, num_warps=nw, **NO_FUSION)
+    _groupnorm_partial[grid](x, *parts, L, chunk, split, BLOCK=block, num_warps=nw, **_options())
     _groupnorm_apply[grid](x, w, b, y, *parts, L, S, groups, L // S, chunk, split, eps, RD=rd,
-                           SPLIT_P2=next_pow2(split), BLOCK=block, num_warps=nw, **NO_FUSION)
+                           SPLIT_P2=next_pow2(split), BLOCK=block, num_warps=nw, **_options())
 
 
 def _split(L: int, n_rows: int, block: int, wanted: int) -> tuple[int, int]:

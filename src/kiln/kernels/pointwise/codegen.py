@@ -33,6 +33,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Shape, TensorType, Value
+from kiln.kernels import pdl
 from kiln.kernels.pointwise import layout as lay
 from kiln.kernels.pointwise.rules import FP8, NARROW, SUPPORTED, Expr, compute, float_text, reason, storage
 from kiln.utils.env import env
@@ -314,7 +315,7 @@ def load(source: str) -> Any:
     with _LOCK:
         fn = _KERNELS.get(key)
         if fn is None:
-            fn = _KERNELS[key] = _import(source, f"kiln_pointwise_{key}").kiln_pointwise
+            fn = _KERNELS[key] = pdl.launcher(_import(pdl.with_wait(source), f"kiln_pointwise_{key}").kiln_pointwise)
     return fn
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph
+from kiln.kernels import pdl
 from kiln.kernels.pointwise import codegen
 from kiln.kernels.pointwise.codegen import Operand, _shape
 from kiln.kernels.pointwise.rules import NARROW, Expr, compute, float_text
@@ -105,5 +106,6 @@ def load_function(source: str, prefix: str, name: str) -> Any:
     with _LOCK:
         fn = _FUNCTIONS.get((key, name))
         if fn is None:
-            fn = _FUNCTIONS[(key, name)] = getattr(codegen._import(source, f"{prefix}_{key}"), name)
+            module = codegen._import(pdl.with_wait(source), f"{prefix}_{key}")
+            fn = _FUNCTIONS[(key, name)] = pdl.launcher(getattr(module, name))
     return fn

@@ -1,0 +1,87 @@
+"""Programmatic dependent launch (PDL, sm_90 and newer) for kiln's Triton kernels.
+
+A kernel launched with PDL may start while the kernel before it on the stream is still finishing. Each kiln
+Triton kernel then waits for that kernel (`griddepcontrol.wait`: its writes complete and visible) as its first
+instruction, before it reads or writes any memory, and - once all its programs have started - lets the next
+kernel launch (`griddepcontrol.launch_dependents`). What overlaps is the next kernel's launch and its programs'
+placement with this kernel's last wave: at batch 1 a transformer step is ~90 kernels of a few microseconds each,
+and the gaps between them are a large share of the time. Kernels of other libraries (cuBLAS, cuDNN, torch) are
+launched as before, and a kernel launched with PDL after one of them starts when it has completed.
+
+The wait and the launch attribute go together: `with_wait` puts the two instructions into a generated module's
+kernels, `launcher` launches such a kernel with PDL; hand-written kernels call `pdl_sync()` (a jitted helper) first
+and pass `launch_options()` at launch. Off (`enabled()` false) nothing changes: the sources, the launches.
+
+On where it is possible and asked for: `KILN_PDL=1` (opt-in until measured), not under the Triton interpreter
+(which has no grid dependency control), every visible GPU sm_90 or newer.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+from typing import Any
+
+_WAIT = ("gdc_wait()", "gdc_launch_dependents()")
+_IMPORT = "from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait\n"
+
+
+@functools.cache
+def enabled() -> bool:
+    """Whether kiln's Triton kernels are built and launched with PDL in this process (read once)."""
+    if os.environ.get("KILN_PDL", "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return all(torch.cuda.get_device_capability(i) >= (9, 0) for i in range(torch.cuda.device_count()))
+
+
+def launch_options() -> dict[str, Any]:
+    """The launch keyword that makes a kernel a dependent launch, when PDL is on (else none)."""
+    return {"launch_pdl": True} if enabled() else {}
+
+
+def with_wait(source: str) -> str:
+    """A generated module's `source` with the wait and the release as the first statements of each top-level
+    `@triton.jit` function named `kiln_*` (its kernels; helpers they call are left alone), when PDL is on."""
+    if not enabled():
+        return source
+    tree = ast.parse(source)
+    lines = source.splitlines(True)
+    at: list[tuple[int, str]] = []
+    first_import = None
+    for node in tree.body:
+        if first_import is None and isinstance(node, (ast.Import, ast.ImportFrom)) and \
+                not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+            first_import = node.lineno - 1
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("kiln_") and \
+                any("jit" in ast.unparse(d) for d in node.decorator_list):
+            body = node.body[0]
+            at.append((body.lineno - 1, " " * body.col_offset))
+    for line, indent in sorted(at, reverse=True):
+        lines[line:line] = [f"{indent}{w}\n" for w in _WAIT]
+    if at:
+        lines.insert(first_import or 0, _IMPORT)
+    return "".join(lines)
+
+
+class Launcher:
+    """A kernel whose source went through `with_wait`, launched with PDL (`fn[grid](...)` as for the kernel)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __getitem__(self, grid: Any) -> Any:
+        run = self.fn[grid]
+        return lambda *args, **kw: run(*args, **kw, launch_pdl=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fn, name)
+
+
+def launcher(fn: Any) -> Any:
+    """`fn` launched with PDL when it is on (its module made by `with_wait`), else `fn` itself."""
+    return Launcher(fn) if enabled() else fn
