@@ -264,7 +264,7 @@ def _notes(c: CaseResult) -> list[str]:
                    f"goal <= {KILN_GOAL}: {verdict}.")
     elif k is not None and k.error:
         out.append(f"kiln: {_cell(k.error)}")
-    for name in ("kiln-int8", "kiln-fp8"):
+    for name in ("kiln-pdl", "kiln-int8", "kiln-fp8"):
         q = c.mode(name)
         if q is not None and q.stats is not None and k is not None and k.stats is not None:
             w = worst(q.checks)

@@ -18,6 +18,7 @@ from kiln.frontend.onnx import import_model
 from kiln.ir import symbolic as sym
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, TensorType
+from kiln.kernels import pdl
 from kiln.passes.layout import decide_layout
 from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize, optimize_late
@@ -266,7 +267,7 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     # why: the engine holds its weights on the device; tuned there already, every candidate gets the very tensors it
     # will run with, so a weight a kernel prepares once (a transposed or folded copy) is not remade in its timing
     place_constants(graph, concrete(device))
-    with tf32_mode(config.tf32, device):
+    with tf32_mode(config.tf32, device), pdl.mode(config.pdl):
         choices, report = tune(graph, profiles, settings, cache, progress=say)
     memory = plan_memory(graph, profiles)
     in_place = set(memory.concats_in_place)
@@ -314,7 +315,7 @@ def retune(blob: engine_file.EngineBlob, device: str | torch.device, where: str,
         precision=cfg.get("precision", "fp32"), tf32=cfg.get("tf32", True), device=str(torch.device(device)),
         profiles=old.plan.profiles, timing_cache=timing_cache, opt_level=cfg.get("opt_level", 3),
         time_budget_s=cfg.get("time_budget_s"), memory_limit_bytes=cfg.get("memory_limit_bytes"),
-        deterministic=cfg.get("deterministic", False),
+        deterministic=cfg.get("deterministic", False), pdl=cfg.get("pdl"),
     )
     say: Progress = lambda stage, i, n: None  # noqa: E731
     return _finish(old.plan.graph, config, int(old.plan.stats.get("nodes_imported", len(old.plan.graph.nodes))),

@@ -107,6 +107,9 @@ class BuilderConfig:
     """INT8: held-out samples (as `calibration`): the quantized graph is compared with the float one on them."""
     accuracy_target: str | None = None
     """INT8: "cosine>=X" or "top1>=X"; layers most responsible for the loss stay float until it is met."""
+    pdl: bool | None = None
+    """GPU: launch kiln's Triton kernels with programmatic dependent launch (sm_90+; `kiln.kernels.pdl`), stored in
+    the engine; None: as the KILN_PDL environment variable says where the engine runs ("1": on; off by default)."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -181,7 +184,7 @@ class BuilderConfig:
         return {
             "precision": self.precision, "tf32": self.tf32, "device": self.device, "opt_level": self.opt_level,
             "time_budget_s": self.time_budget_s, "memory_limit_bytes": self.memory_limit_bytes,
-            "deterministic": self.deterministic, "layer_precision": dict(self.layer_precision),
+            "deterministic": self.deterministic, "layer_precision": dict(self.layer_precision), "pdl": self.pdl,
             "calibrator": self.calibrator if self.precision in ("int8", "fp8") else None,
             "profiles": [p.to_json() for p in self.profiles],  # type: ignore[union-attr]
         }

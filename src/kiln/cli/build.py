@@ -47,6 +47,9 @@ def add_parser(sub: Any) -> None:
                            "per output channel) on FP8 kernels; needs an sm_89+ GPU (Ada, Hopper); float layers in "
                            "FP16")
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch kiln's Triton kernels with programmatic dependent launch (sm_90+ GPUs; default: as "
+                        "the KILN_PDL environment variable says where the engine runs, off unless it is 1)")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
                         "scales, or with --fp16 the value ranges that decide which layers stay fp32")
@@ -117,7 +120,7 @@ def _config(args: argparse.Namespace, device: str) -> Any:
         layer_precision=pins, calibration=args.calib, calibrator=args.calibrator, calibration_cache=args.calib_cache,
         accuracy_check=args.accuracy_check, accuracy_target=args.accuracy_target,
         timing_cache=args.timing_cache, opt_level=args.opt_level, time_budget_s=args.budget,
-        memory_limit_bytes=parse_bytes(args.memory_limit), deterministic=args.deterministic,
+        memory_limit_bytes=parse_bytes(args.memory_limit), deterministic=args.deterministic, pdl=args.pdl,
     )
 
 

@@ -190,6 +190,7 @@ def _gpu_steps(ctx: Any, call: Any, runs: int) -> tuple[list[float], list[bool],
     """(ms per step, whether each step could be captured, output shapes per step): one full run keeps every
     intermediate, then each step's kernel is timed alone on them (`tune.timer.timed`)."""
     from kiln.ir.interpreter import tf32_mode
+    from kiln.kernels import pdl
     from kiln.runtime.engine import to_layout
     from kiln.tune.timer import timed
 
@@ -207,7 +208,7 @@ def _gpu_steps(ctx: Any, call: Any, runs: int) -> tuple[list[float], list[bool],
     seen.update((v, env[v]) for v in graph.inputs if v in env)  # as the run placed them (layout)
     layouts = graph.layouts
     times, captured = [], []
-    with tf32_mode(ctx.engine.tf32, ctx.device):
+    with tf32_mode(ctx.engine.tf32, ctx.device), pdl.mode(ctx.engine.pdl):
         for node, kernel in zip(graph.nodes, ctx.kernels(call.profile)):
             args = [None if v is None else (v.data if v.data is not None else seen[v]) for v in node.inputs]
             convert = [v.name in layouts for v in node.outputs]

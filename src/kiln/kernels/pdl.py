@@ -8,29 +8,35 @@ placement with this kernel's last wave: at batch 1 a transformer step is ~90 ker
 and the gaps between them are a large share of the time. Kernels of other libraries (cuBLAS, cuDNN, torch) are
 launched as before, and a kernel launched with PDL after one of them starts when it has completed.
 
-The wait and the launch attribute go together: `with_wait` puts the two instructions into a generated module's
-kernels, `launcher` launches such a kernel with PDL; hand-written kernels call `pdl_sync()` (a jitted helper) first
-and pass `launch_options()` at launch. Off (`enabled()` false) nothing changes: the sources, the launches.
+The wait and the launch attribute go together. Generated modules get the two instructions in their kernels
+(`with_wait`) and are launched through `launcher`, both decided when the kernel is built; hand-written kernels
+take a constexpr `PDL` and call `mathlib.pdl_sync(PDL)` first, and their launchers pass `launch_options()`.
 
-On where it is possible and asked for: `KILN_PDL=1` (opt-in until measured), not under the Triton interpreter
-(which has no grid dependency control), every visible GPU sm_90 or newer.
+Whether it is on is per engine: `BuilderConfig.pdl` (stored in the engine file) is applied with `mode()` around a
+build's tuning, an engine's kernel construction and each run; None (the default, and engines from before) means
+the `KILN_PDL` environment variable, "1" for on - off unless set, until measured. It is never on under the Triton
+interpreter (no grid dependency control) or where a visible GPU is older than sm_90.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 _WAIT = ("gdc_wait()", "gdc_launch_dependents()")
 _IMPORT = "from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait\n"
+_MODE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("kiln_pdl", default=None)
 
 
 @functools.cache
-def enabled() -> bool:
-    """Whether kiln's Triton kernels are built and launched with PDL in this process (read once)."""
-    if os.environ.get("KILN_PDL", "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+def supported() -> bool:
+    """Not under the Triton interpreter, and every visible GPU is sm_90 or newer (read once)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return False
     import torch
 
@@ -39,15 +45,33 @@ def enabled() -> bool:
     return all(torch.cuda.get_device_capability(i) >= (9, 0) for i in range(torch.cuda.device_count()))
 
 
+def active() -> bool:
+    """Whether kernels built or launched now use PDL: the current `mode`, else KILN_PDL; and `supported()`."""
+    on = _MODE.get()
+    if on is None:
+        on = os.environ.get("KILN_PDL", "0") == "1"
+    return bool(on) and supported()
+
+
+@contextlib.contextmanager
+def mode(on: bool | None) -> Iterator[None]:
+    """PDL on or off (None: as KILN_PDL says) for the kernels built and launched inside."""
+    token = _MODE.set(on)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
 def launch_options() -> dict[str, Any]:
-    """The launch keyword that makes a kernel a dependent launch, when PDL is on (else none)."""
-    return {"launch_pdl": True} if enabled() else {}
+    """A hand-written kernel's launch keywords: its `PDL` constexpr, and the dependent launch when PDL is on."""
+    return {"PDL": True, "launch_pdl": True} if active() else {"PDL": False}
 
 
 def with_wait(source: str) -> str:
     """A generated module's `source` with the wait and the release as the first statements of each top-level
     `@triton.jit` function named `kiln_*` (its kernels; helpers they call are left alone), when PDL is on."""
-    if not enabled():
+    if not active():
         return source
     tree = ast.parse(source)
     lines = source.splitlines(True)
@@ -83,5 +107,5 @@ class Launcher:
 
 
 def launcher(fn: Any) -> Any:
-    """`fn` launched with PDL when it is on (its module made by `with_wait`), else `fn` itself."""
-    return Launcher(fn) if enabled() else fn
+    """`fn` launched with PDL when it is on (its module made by `with_wait` under the same mode), else `fn`."""
+    return Launcher(fn) if active() else fn

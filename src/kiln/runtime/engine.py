@@ -28,7 +28,7 @@ from kiln.ir.interpreter import (
     tf32_mode,
     to_device,
 )
-from kiln.kernels import registry
+from kiln.kernels import pdl, registry
 from kiln.kernels.base import Kernel
 from kiln.runtime import engine_file
 from kiln.runtime.cuda_graphs import GraphCache
@@ -90,6 +90,9 @@ class Engine:
         place_constants(plan.graph, self.device)
         self._last_use = last_uses(plan.graph)
         self.tf32 = bool(metadata.get("config", {}).get("tf32", True))
+        pdl_on = metadata.get("config", {}).get("pdl")
+        self.pdl: bool | None = None if pdl_on is None else bool(pdl_on)
+        """Programmatic dependent launch for its Triton kernels (`kiln.kernels.pdl`; None: as KILN_PDL says)."""
 
     @property
     def graph(self) -> Graph:
@@ -294,9 +297,10 @@ class ExecutionContext:
         if profile not in self._kernels:
             plan = self.engine.plan
             built = []
-            for node, choice in zip(plan.graph.nodes, plan.choices[profile]):
-                tactic = registry.get(choice.tactic)
-                built.append(tactic.build(node, dict(choice.config), self.device, self._run_subgraph))
+            with pdl.mode(self.engine.pdl):  # generated kernels take it in their source
+                for node, choice in zip(plan.graph.nodes, plan.choices[profile]):
+                    tactic = registry.get(choice.tactic)
+                    built.append(tactic.build(node, dict(choice.config), self.device, self._run_subgraph))
             self._kernels[profile] = built
             self._checks += [c for k in built for c in getattr(k, "checks", ())]
         return self._kernels[profile]
@@ -316,7 +320,7 @@ class ExecutionContext:
         graph = self.engine.plan.graph
         self._scope.vals = env
         self._bindings = bindings
-        with tf32_mode(self.engine.tf32, self.device):
+        with tf32_mode(self.engine.tf32, self.device), pdl.mode(self.engine.pdl):
             self._steps(profile, env, hook)
         return {v: (v.data if v.data is not None else env[v]) for v in graph.outputs}
 

@@ -128,8 +128,8 @@ def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_zero, sqb, sqh, sqm, sqd, skb, skh,
                HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr,
                ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
-               QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr):
-    pdl_sync()  # why: with PDL on (kiln.kernels.pdl), this kernel may start before the one before it ends
+               QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr, PDL: tl.constexpr):
+    pdl_sync(PDL)  # why: with PDL on (kiln.kernels.pdl), this kernel may start before the one before it ends
     pid = tl.program_id(0)
     pid_m = pid % num_m
     if CAUSAL:  # why: the last query blocks have the most keys; starting them first shortens the tail

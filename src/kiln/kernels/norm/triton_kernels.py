@@ -28,8 +28,8 @@ rounding) into one FMA, dropping the rounding of the product that the reference 
 
 
 def _options() -> dict[str, Any]:
-    """Every launch's options: NO_FUSION, and the dependent launch when PDL is on (each kernel starts with
-    `km.pdl_sync()`, `kiln.kernels.pdl`)."""
+    """Every launch's options: NO_FUSION, and the kernel's PDL constexpr with the dependent launch when PDL is on
+    (each kernel starts with `km.pdl_sync(PDL)`, `kiln.kernels.pdl`)."""
     return {**NO_FUSION, **pdl.launch_options()}
 
 
@@ -72,8 +72,8 @@ def _welford(ptr, lo, hi, BLOCK: tl.constexpr):
 
 @triton.jit
 def _softmax_rows(x_ptr, y_ptr, n_rows, n, LOG: tl.constexpr, RD: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    km.pdl_sync()
+                  BLOCK: tl.constexpr, PDL: tl.constexpr):
+    km.pdl_sync(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n)[None, :]
@@ -91,8 +91,8 @@ def _softmax_rows(x_ptr, y_ptr, n_rows, n, LOG: tl.constexpr, RD: tl.constexpr, 
 
 
 @triton.jit
-def _softmax_looped(x_ptr, y_ptr, n, LOG: tl.constexpr, RD: tl.constexpr, BLOCK: tl.constexpr):
-    km.pdl_sync()
+def _softmax_looped(x_ptr, y_ptr, n, LOG: tl.constexpr, RD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    km.pdl_sync(PDL)
     base = tl.program_id(0).to(tl.int64) * n
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], -float("inf"), tl.float32)
@@ -171,8 +171,8 @@ def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_sca
                     RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr, PD: tl.constexpr,
                     QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr, QUANT: tl.constexpr,
                     SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    km.pdl_sync()
+                    BLOCK: tl.constexpr, PDL: tl.constexpr):
+    km.pdl_sync(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     live = rows < n_rows
@@ -207,8 +207,8 @@ def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_s
                       RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr,
                       PD: tl.constexpr, QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
                       QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    km.pdl_sync()
+                      BLOCK: tl.constexpr, PDL: tl.constexpr):
+    km.pdl_sync(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = row * n
     cols = tl.arange(0, BLOCK)
@@ -318,8 +318,8 @@ def _group_affine(d, std, rows, idx, w_ptr, b_ptr, mask, S, G, CG, RD: tl.conste
 
 @triton.jit
 def _groupnorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, n_rows, L, S, G, CG, eps, RD: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    km.pdl_sync()
+                    BLOCK: tl.constexpr, PDL: tl.constexpr):
+    km.pdl_sync(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < L)[None, :]
@@ -333,8 +333,8 @@ def _groupnorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, n_rows, L, S, G, CG, eps, RD: tl
 
 
 @triton.jit
-def _groupnorm_partial(x_ptr, mean_ptr, m2_ptr, cnt_ptr, L, CHUNK, SPLIT, BLOCK: tl.constexpr):
-    km.pdl_sync()
+def _groupnorm_partial(x_ptr, mean_ptr, m2_ptr, cnt_ptr, L, CHUNK, SPLIT, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    km.pdl_sync(PDL)
     pid = tl.program_id(0)
     row = (pid // SPLIT).to(tl.int64)
     lo = (pid % SPLIT) * CHUNK
@@ -346,8 +346,8 @@ def _groupnorm_partial(x_ptr, mean_ptr, m2_ptr, cnt_ptr, L, CHUNK, SPLIT, BLOCK:
 
 @triton.jit
 def _groupnorm_apply(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, m2_ptr, cnt_ptr, L, S, G, CG, CHUNK, SPLIT, eps,
-                     RD: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr):
-    km.pdl_sync()
+                     RD: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    km.pdl_sync(PDL)
     pid = tl.program_id(0)
     row = (pid // SPLIT).to(tl.int64)
     parts = tl.arange(0, SPLIT_P2)

@@ -310,12 +310,14 @@ _KERNELS: dict[str, Any] = {}
 
 
 def load(source: str) -> Any:
-    """The `kiln_pointwise` Triton function of `source` (written to the cache directory once and imported)."""
+    """The `kiln_pointwise` Triton function of `source` (written to the cache directory once and imported), with
+    programmatic dependent launch when it is on now (`kiln.kernels.pdl`)."""
+    source = pdl.with_wait(source)
     key = hashlib.sha256(source.encode()).hexdigest()[:24]
     with _LOCK:
         fn = _KERNELS.get(key)
         if fn is None:
-            fn = _KERNELS[key] = pdl.launcher(_import(pdl.with_wait(source), f"kiln_pointwise_{key}").kiln_pointwise)
+            fn = _KERNELS[key] = pdl.launcher(_import(source, f"kiln_pointwise_{key}").kiln_pointwise)
     return fn
 
 

@@ -13,26 +13,22 @@ import os
 import triton
 import triton.language as tl
 
-from kiln.kernels import pdl
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Under Triton's CPU interpreter (set before triton is imported), which runs no libdevice function."""
 if not INTERPRETED:
     from triton.language.extra import libdevice
 
-if pdl.enabled():
+if not INTERPRETED:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    @triton.jit
-    def pdl_sync():
-        """A hand-written kernel's first statement (`kiln.kernels.pdl`): wait for the kernel before it, then let
-        the next one launch."""
+
+@triton.jit
+def pdl_sync(PDL: tl.constexpr):
+    """A hand-written kernel's first statement (`kiln.kernels.pdl`): with PDL, wait for the kernel before it, then
+    let the next one launch; nothing otherwise (PDL is a constexpr: no instruction is compiled)."""
+    if PDL:
         gdc_wait()
         gdc_launch_dependents()
-else:
-    @triton.jit
-    def pdl_sync():
-        pass
 
 
 INF = tl.constexpr(float("inf"))

@@ -101,11 +101,12 @@ _FUNCTIONS: dict[tuple[str, str], Any] = {}
 
 
 def load_function(source: str, prefix: str, name: str) -> Any:
-    """Triton function `name` of the generated `source` (written under the kernel cache once, keyed by its hash)."""
+    """Triton function `name` of the generated `source` (written under the kernel cache once, keyed by its hash),
+    with programmatic dependent launch when it is on now (`kiln.kernels.pdl`: the module then waits first)."""
+    source = pdl.with_wait(source)
     key = hashlib.sha256(source.encode()).hexdigest()[:24]
     with _LOCK:
         fn = _FUNCTIONS.get((key, name))
         if fn is None:
-            module = codegen._import(pdl.with_wait(source), f"{prefix}_{key}")
-            fn = _FUNCTIONS[(key, name)] = pdl.launcher(getattr(module, name))
+            fn = _FUNCTIONS[(key, name)] = pdl.launcher(getattr(codegen._import(source, f"{prefix}_{key}"), name))
     return fn
