@@ -136,7 +136,8 @@ def test_capture_in_a_cuda_graph() -> None:
 @pytest.mark.parametrize("name", list(split_cases.CASES))
 def test_split_case_on_cuda(name: str) -> None:
     problems = split_cases.run_case(name, "cuda")
-    assert len(problems) == len(split_cases.SPLIT) and all(p is None for p in problems.values()), problems
+    tiles = split_cases.LAST if name == "last-sums-twice" else split_cases.SPLIT
+    assert set(problems) == set(tiles) and all(p is None for p in problems.values()), problems
 
 
 @pytest.mark.parametrize("dt", [F16, BF16], ids=str)

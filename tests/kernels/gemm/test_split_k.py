@@ -13,7 +13,7 @@ from kiln.ir import DType, TensorType
 from kiln.kernels import registry
 from kiln.kernels.gemm.triton_gemm import SPLIT_TILES, GemmKernel, render, spec
 from tests.kernels.gemm import cases as f
-from tests.kernels.gemm.split_cases import CASES
+from tests.kernels.gemm.split_cases import CASES, LAST
 from tests.kernels.interpreted import case_result, run_cases
 
 F16 = DType.FLOAT16
@@ -27,7 +27,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) -> None:
     problems = case_result(interpreted, name)
-    assert problems and len(problems) == len(SPLIT_TILES) and all(p is None for p in problems.values()), problems
+    tiles = LAST if name == "last-sums-twice" else tuple(SPLIT_TILES)
+    assert problems and set(problems) == set(tiles) and all(p is None for p in problems.values()), problems
 
 
 def test_the_split_source_sums_partials_before_the_one_epilogue() -> None:
@@ -43,6 +44,20 @@ def test_the_split_source_sums_partials_before_the_one_epilogue() -> None:
     for bad in (dict(tma=True), dict(persistent=True), dict(subtile=2)):
         with pytest.raises(ValueError, match="split-K"):
             render(s, False, split=True, **bad)
+
+
+def test_the_one_kernel_form_sums_in_its_last_program() -> None:
+    s = spec(f.bias_gelu_residual(F16, "none", (), lead=(1, 128), k=3072, n=768).node)
+    assert s is not None
+    plain, one = render(s, False), render(s, False, split=True, last_sums=True)
+    assert one.count("@triton.jit") == 1 and "kiln_gemm_part" not in one
+    head, last = one.split("    if arrived == SPLIT - 1:\n")
+    assert "tl.dot" in head and "erf" not in head and head.count("tl.store(") == 1  # the share's partial
+    # the plain kernel's epilogue and store, indented under the last program's branch
+    tail = plain[plain.index("    rm = offs_m[:, None]"):]
+    assert "".join(f"    {line}" if line.strip() else line for line in tail.splitlines(True)) in last
+    with pytest.raises(ValueError, match="split-K"):
+        render(s, False, last_sums=True)
 
 
 @pytest.mark.parametrize("lead,k,n,takes", [

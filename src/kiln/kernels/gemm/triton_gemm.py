@@ -83,6 +83,9 @@ class Tile:
     """The K steps shared among this many programs per output tile, each writing a float32 partial tile, then one
     program per tile summing them in order and running the epilogue (`render`'s split form): for few rows (batch
     1), where the output tiles alone leave most SMs idle and each program streams a long K."""
+    last_sums: bool = False
+    """With split_k: one kernel - the last program of a tile to finish its share (a counter per tile) sums the
+    shares in order and runs the epilogue - instead of a second kernel doing that."""
 
 
 TILES: dict[str, Tile] = {
@@ -348,6 +351,22 @@ def kiln_gemm_part(x_ptr, w_ptr, ws_ptr, M, N, K, KSTEPS, stride_xm, stride_xk, 
 
 _LOOP_HEAD = "    for k in range(0, tl.cdiv(K, BLOCK_K)):\n"
 
+_LAST_SUMS = """    # this share's float32 partial to the workspace; the tile's last program to arrive sums the shares
+    parts = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(parts + part * M * N, acc, mask=ok)
+    tl.debug_barrier()  # why: every thread's stores are issued before the one release below
+    arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for q in range(0, SPLIT):  # in split order, this program's own share read back too: the same sums always
+            acc += tl.load(parts + q * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + pid, 0)  # why: ready for the next launch or graph replay
+"""
+"""The one-kernel split form, after the share's main loop: the counter per output tile (`cnt_ptr`, zero between
+launches) tells the last program, which sums the shares in order and runs the epilogue (the tail, indented under
+the `if`)."""
+
 _SPLIT_LOOP = """    first = part * KSTEPS
     start = first * BLOCK_K
     if WIDE:
@@ -440,12 +459,13 @@ per K step)."""
 
 
 def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, subtile: int = 1,
-           split: bool = False) -> str:
+           split: bool = False, last_sums: bool = False) -> str:
     """The kernel source for `s` (`tf32`: float32 products in TF32; `tma`: operands through TMA descriptors;
     `persistent`: the body in a loop over output tiles, `_persistent`; `subtile`: the epilogue on that many column
     slices, `templates.subtiles`; `split`: K shared among programs - `kiln_gemm_part` writes each share's float32
-    partial tile, then `kiln_gemm` sums a tile's partials and runs the epilogue). An int8 spec accumulates in int32
-    and dequantizes the tile with one per-channel float32 multiply (`dq_ptr`) before its epilogue."""
+    partial tile, then `kiln_gemm` sums a tile's partials and runs the epilogue; with `last_sums`, one kernel whose
+    last program per tile does that, `_LAST_SUMS`). An int8 spec accumulates in int32 and dequantizes the tile with
+    one per-channel float32 multiply (`dq_ptr`) before its epilogue."""
     int8 = s.dtype is DType.INT8
     scaled = s.dq is not None  # int8 or float8 products: dequantized by one multiply per output channel
     lines: list[str] = []
@@ -480,8 +500,15 @@ def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, sub
     if split:
         if tma or persistent or subtile > 1 or s.norm is not None or scaled or s.conv:
             raise ValueError("the split-K form is the pointer main loop of a float GEMM, one tile per program")
-        partial = _PARTIAL.format(mainloop=mainloop.replace(_LOOP_HEAD, _SPLIT_LOOP))
-        mainloop, operands, operand_strides = _SPLIT_SUM, "ws_ptr", "SPLIT, "
+        share = mainloop.replace(_LOOP_HEAD, _SPLIT_LOOP)
+        if last_sums:
+            mainloop, operands = share + _LAST_SUMS, "x_ptr, w_ptr, ws_ptr, cnt_ptr"
+            operand_strides = "KSTEPS, SPLIT, " + operand_strides
+        else:
+            partial = _PARTIAL.format(mainloop=share)
+            mainloop, operands, operand_strides = _SPLIT_SUM, "ws_ptr", "SPLIT, "
+    elif last_sums:
+        raise ValueError("last_sums is a form of the split-K kernel")
     if s.norm is not None:  # the rows' statistics first; the product of the raw rows is corrected before the epilogue
         assert not tma, "a normalized GEMM reads the norm's rows on pointers"
         stats, fix, extra, extra_strides = _norm_prologue(s)
@@ -494,12 +521,16 @@ def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, sub
     tail = _TAIL.format(epilogue="".join(f"    {line}\n" for line in lines), result=result, out=out, also=also)
     if subtile > 1:
         tail = subtiles(tail, subtile)
+    if last_sums:  # the epilogue runs in the last program only
+        tail = "".join(f"    {line}" if line.strip() else line for line in tail.splitlines(True))
     text = _SOURCE.format(what=what + (", TMA" if tma else "") + (", persistent" if persistent else "")
-                          + (", split K" if split else ""),
+                          + (", split K" if split else "") + (", last program sums" if last_sums else ""),
                           pointers="".join(f"{p}, " for p in pointers),
                           strides="".join(f"{p}, " for p in strides), operands=operands,
                           operand_strides=operand_strides, mainloop=mainloop, tail=tail,
                           acc_type="tl.int32" if int8 else "tl.float32", dequant=dequant)
+    if last_sums:
+        text = text.replace(_FIRST, _FIRST + "    part = tl.program_id(1)\n", 1)
     return (_persistent(text) if persistent else text) + partial
 
 
@@ -516,9 +547,10 @@ def _persistent(text: str) -> str:
     return head + _TILE_LOOP + "".join(f"    {line}" if line.strip() else line for line in body.splitlines(True))
 
 
-def source(s: Spec, tma: bool = False, persistent: bool = False, subtile: int = 1, split: bool = False) -> str:
+def source(s: Spec, tma: bool = False, persistent: bool = False, subtile: int = 1, split: bool = False,
+           last_sums: bool = False) -> str:
     """The kernel source for `s`, with float32 products in TF32 exactly when torch's matmuls use it now."""
-    return render(s, bool(torch.backends.cuda.matmul.allow_tf32), tma, persistent, subtile, split)
+    return render(s, bool(torch.backends.cuda.matmul.allow_tf32), tma, persistent, subtile, split, last_sums)
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------
@@ -563,7 +595,8 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 
 class GemmKernel:
-    """`spec` built for one tile: a Kernel (node inputs -> [output]); keeps no per-call state."""
+    """`spec` built for one tile: a Kernel (node inputs -> [output]); keeps no per-call state (a one-kernel split-K
+    tile keeps its per-tile counters, zero between launches: `_counters`)."""
 
     def __init__(self, node: Node, s: Spec, tile: Tile, device: torch.device) -> None:
         self.s = s
@@ -571,9 +604,11 @@ class GemmKernel:
         self.stages = _stages(tile, s.dtype.torch.itemsize, device)
         if tile.tma:
             _check_tma(s, device)
-        self.source = source(s, tile.tma, tile.persistent, tile.subtile, tile.split_k > 1)
+        self.source = source(s, tile.tma, tile.persistent, tile.subtile, tile.split_k > 1, tile.last_sums)
         self.fn = load_function(self.source, "kiln_gemm", "kiln_gemm")
-        self._part_fn = load_function(self.source, "kiln_gemm", "kiln_gemm_part") if tile.split_k > 1 else None
+        two = tile.split_k > 1 and not tile.last_sums
+        self._part_fn = load_function(self.source, "kiln_gemm", "kiln_gemm_part") if two else None
+        self._counters: dict[tuple[torch.device, int], torch.Tensor] = {}
         self._pointer_fn: Any = None
         """For a TMA tile: the pointer kernel, compiled on first need (an operand TMA cannot read); for a split-K
         tile, the unsplit kernel (a shape with output tiles enough to fill the GPU)."""
@@ -651,12 +686,18 @@ class GemmKernel:
                       EVEN_K=s.k % t.block_k == 0, WIDE=wide, num_warps=t.num_warps, num_stages=self.stages)
         tail = [*outs[1:], *dq, *views, m, n, s.k]
         strides = [*out.stride(), *(st for v in views for st in v.stride())]
-        if self._part_fn is not None and not extra:
+        if t.split_k > 1 and not extra:
             split = self._split(m, n, grid[0], wide, x2.device)
             if split > 1:
                 ksteps = math.ceil(math.ceil(s.k / t.block_k) / split)
                 split = math.ceil(math.ceil(s.k / t.block_k) / ksteps)  # no program without a K step
                 ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+                if t.last_sums:
+                    counts = self._counts(grid[0], x2.device)
+                    self.fn[(grid[0], split)](x2, w, ws, counts, out, *tail, ksteps, split, *x2.stride(),
+                                              *w.stride(), *strides, **consts)
+                    return
+                assert self._part_fn is not None
                 self._part_fn[(grid[0], split)](x2, w, ws, m, n, s.k, ksteps, *x2.stride(), *w.stride(), **consts)
                 self.fn[grid](ws, out, *tail, split, *strides, **consts)
                 return
@@ -668,7 +709,7 @@ class GemmKernel:
             self.fn[grid](xd, wd, out, *tail, *strides, **consts)
         else:
             fn = self.fn
-            if t.tma or self._part_fn is not None:  # e.g. a strided A view: the same arithmetic on pointers
+            if t.tma or t.split_k > 1:  # e.g. a strided A view: the same arithmetic on pointers
                 if self._pointer_fn is None:
                     self._pointer_fn = load_function(source(s, persistent=t.persistent, subtile=t.subtile),
                                                      "kiln_gemm", "kiln_gemm")
@@ -682,6 +723,16 @@ class GemmKernel:
         t = self.tile
         few = device.type != "cuda" or tiles < 2 * _programs(device)
         return t.split_k if few and not wide and t.split_k * m * n < WIDE_LIMIT else 1
+
+    def _counts(self, tiles: int, device: torch.device) -> torch.Tensor:
+        """The one-kernel split's arrival counters, one per output tile, zero between launches (the last program
+        of each tile resets its own). One set per stream: launches on one stream never overlap, and contexts
+        running side by side on streams of their own (their CUDA graphs captured there) never share a set."""
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        c = self._counters.get((device, stream))
+        if c is None or c.numel() < tiles:
+            c = self._counters[(device, stream)] = torch.zeros(max(tiles, 64), dtype=torch.int32, device=device)
+        return c
 
     def _on_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         if t.device != device:
@@ -876,6 +927,9 @@ SPLIT_TILES: dict[str, Tile] = {
     "32x64x128-w4s4-k4": Tile(32, 64, 128, 4, 4, 4, split_k=4),
     "64x128x64-w4s4-k4": Tile(64, 128, 64, 8, 4, 4, split_k=4),
     "16x64x256-w4s3-k4": Tile(16, 64, 256, 1, 4, 3, split_k=4),
+    "64x64x64-w4s4-k4-last": Tile(64, 64, 64, 4, 4, 4, split_k=4, last_sums=True),
+    "64x128x64-w4s4-k4-last": Tile(64, 128, 64, 8, 4, 4, split_k=4, last_sums=True),
+    "16x64x256-w4s3-k4-last": Tile(16, 64, 256, 1, 4, 3, split_k=4, last_sums=True),
 }
 """Split-K tiles, for few rows: BERT-base / ViT-B/16 at batch 1 (M = 128 / 197) have 24-48 output tiles of 64 x
 64 in their N=768 GEMMs (attention output, FFN-down: K up to 3072) on a GPU of 132 SMs. Measured on an H200
@@ -883,8 +937,8 @@ SPLIT_TILES: dict[str, Tile] = {
 GELU + residual 8.7 us (64x64, 4 shares) vs 9.1 for the best unsplit tile and 8.8 for cuBLAS + pass; ViT bs1
 attention output + residual 7.2 vs 5.5; QKV and FFN-up (K=768) 8.9-19 vs 5.1-5.6. Timed by the tuner (one replay,
 L2 flushed) in BERT-base bs1 they lost every node (FFN-down 14.5 us vs 13.3 unsplit): the second kernel's launch
-costs what the shared K saves. Opt-in (level 4); a one-kernel form (the last program of a tile sums the partials)
-is the next thing to measure."""
+costs what the shared K saves. Opt-in (level 4). The "-last" tiles are one kernel (`Tile.last_sums`: the last
+program of a tile to finish sums the shares and runs the epilogue): not yet run on a GPU."""
 
 SPLIT_GRID = 512
 """`triton.gemm_splitk` takes a node whose output, in 64 x 64 tiles, is at most this many tiles (a few waves of
