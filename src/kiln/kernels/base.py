@@ -37,11 +37,16 @@ class DeferredCheck:
         self.message = message
         self._flags: dict[torch.device, torch.Tensor] = {}
 
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """The flag on `device` (a 0-d bool tensor; a kernel may set it to true itself, never to false)."""
+        flag = self._flags.get(device)
+        if flag is None:  # why: made on a kernel's first call, which is never inside a CUDA graph capture
+            flag = self._flags[device] = torch.zeros((), dtype=torch.bool, device=device)
+        return flag
+
     def record(self, bad: torch.Tensor) -> None:
         """Set the flag where any element of the boolean `bad` is true (stays set until `raised` reads it)."""
-        flag = self._flags.get(bad.device)
-        if flag is None:  # why: made on a kernel's first call, which is never inside a CUDA graph capture
-            flag = self._flags[bad.device] = torch.zeros((), dtype=torch.bool, device=bad.device)
+        flag = self.flag(bad.device)
         torch.logical_or(flag, bad.any(), out=flag)
 
     def raised(self) -> str | None:
