@@ -222,3 +222,48 @@ def test_a_token_id_past_the_vocabulary_is_an_input_error_and_the_context_surviv
     ctx.run({"ids": ids})  # device tensors in and out: nothing waits for the device here
     with pytest.raises(InputError, match="lookup"):
         ctx.check()
+
+
+def _vit_stem() -> onnx.ModelProto:
+    """A ViT's patch embedding: Conv 4x4 / stride 4 (3 -> 32 channels) on [n, 3, 16, 16], flattened to [n, 32, 16]
+    and transposed to one row per patch, then a class token prepended and a position embedding added."""
+    rng = np.random.default_rng(3)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[4, 4], strides=[4, 4], name="patches"),
+        helper.make_node("Reshape", ["c", "flat"], ["f"], name="flatten"),
+        helper.make_node("Transpose", ["f"], ["t"], perm=[0, 2, 1], name="rows"),
+        helper.make_node("Shape", ["x"], ["xs"], name="shape"),
+        helper.make_node("Slice", ["xs", "zero", "one"], ["n"], name="batch"),
+        helper.make_node("Concat", ["n", "cls_dims"], ["cls_shape"], axis=0, name="cls_shape"),
+        helper.make_node("Expand", ["cls", "cls_shape"], ["cls_n"], name="cls_n"),
+        helper.make_node("Concat", ["cls_n", "t"], ["tokens"], axis=1, name="tokens"),
+        helper.make_node("Add", ["tokens", "pos"], ["y"], name="pos"),
+    ]
+    ints = onnx.numpy_helper.from_array
+    g = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 17, 32])],
+                          [init("w", 32, 3, 4, 4), init("b", 32), init("cls", 1, 1, 32), init("pos", 1, 17, 32),
+                           ints(np.array([0, 32, 16], dtype=np.int64), "flat"),
+                           ints(np.array([0], dtype=np.int64), "zero"), ints(np.array([1], dtype=np.int64), "one"),
+                           ints(np.array([1, 32], dtype=np.int64), "cls_dims")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_patch_embedding_runs_as_patch_rows_and_a_gemm(precision: str) -> None:
+    """The patch conv + flatten + transpose of a ViT stem become patch rows and one GEMM on the GPU (no Conv left
+    in the plan); results match the reference, for every batch of the profile."""
+    cfg = kiln.BuilderConfig(device="cuda", precision=precision, tf32=False,
+                             profiles=[{"x": ((1, 3, 16, 16), (2, 3, 16, 16), (4, 3, 16, 16))}])
+    engine = kiln.build(_vit_stem(), cfg)
+    assert engine.plan.stats["passes"] and not [n for n in engine.graph.nodes if n.op == "Conv"]
+    ctx = engine.create_context()
+    for n in (2, 1, 4, 2):
+        x = np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)
+        ref = kiln.run_reference(_vit_stem(), {"x": x})["y"]
+        tol = 1e-4 if precision == "fp32" else 2e-2
+        np.testing.assert_allclose(ctx.run({"x": x})["y"], ref, rtol=tol, atol=tol * np.abs(ref).max())

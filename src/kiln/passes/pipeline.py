@@ -24,6 +24,7 @@ from kiln.passes.merge_siblings import merge_siblings
 from kiln.passes.narrow_masks import narrow_masks
 from kiln.passes.noops import remove_noops
 from kiln.passes.pack_attention import pack_attention
+from kiln.passes.patch_embedding import patch_embedding
 from kiln.passes.pointwise_fusion import pointwise_fusion
 from kiln.passes.shape_arithmetic import shape_arithmetic
 from kiln.passes.transpose_sinking import sink_transposes
@@ -60,6 +61,9 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     # Reads the Attention nodes' masks; before pointwise fusion, which would take the And into the mask's kernel.
     ("narrow_masks", _plain(narrow_masks)),
     # --- weights and layers -------------------------------------------------------------------------------------
+    # A ViT's patch conv + flatten + transpose as patch rows and one GEMM (GPU builds); before epilogue fusion, which
+    # puts the bias into that GEMM.
+    ("patch_embedding", patch_embedding),
     # BN folding before sibling merging (a merged conv's output is read by a Split, so its BN could not fold).
     ("fold_affine", _plain(fold_affine)),
     # Sibling merging before epilogue fusion (the fused anchors would hide the shared input's readers).
