@@ -19,6 +19,16 @@ from kiln.kernels.base import DeferredCheck, Kernel, SubgraphRunner, Tactic
 from kiln.kernels.registry import register
 
 
+def gatherable(node: Node) -> bool:
+    """A Gather of a typed tensor of rank >= 1 (not strings) by int32 or int64 indices: what the GPU gathers take."""
+    x, i = node.inputs[0], node.inputs[1]
+    if x is None or i is None:
+        return False
+    tx, ti = x.type, i.type
+    return (isinstance(tx, TensorType) and isinstance(ti, TensorType) and tx.rank is not None and tx.rank > 0
+            and ti.rank is not None and tx.dtype is not DType.STRING and ti.dtype in (DType.INT64, DType.INT32))
+
+
 class CudaGather(Tactic):
     name = "cuda.gather"
     ops = frozenset({"Gather"})
@@ -26,12 +36,7 @@ class CudaGather(Tactic):
     priority = 45
 
     def applicable(self, node: Node, device: torch.device) -> bool:
-        x, i = node.inputs[0], node.inputs[1]
-        if device.type not in self.devices or x is None or i is None:
-            return False
-        tx, ti = x.type, i.type
-        return (isinstance(tx, TensorType) and isinstance(ti, TensorType) and tx.rank is not None and tx.rank > 0
-                and ti.rank is not None and tx.dtype is not DType.STRING and ti.dtype in (DType.INT64, DType.INT32))
+        return device.type in self.devices and gatherable(node)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from kiln.ir.dtype import DType
-from kiln.ir.graph import Node, TensorType
+from kiln.ir.graph import Node
 from kiln.kernels import pdl
 from kiln.kernels.base import DeferredCheck, Kernel, SubgraphRunner, Tactic
 from kiln.kernels.pointwise import triton_available
 from kiln.kernels.registry import register
+from kiln.kernels.tensor.gather import gatherable
 
 BLOCKS = (256, 1024, 4096)
 """Elements of a row a program copies (the configurations timed); longer rows take several programs."""
@@ -72,12 +72,7 @@ class TritonGather(Tactic):
     min_opt_level = 4  # not yet timed on a GPU
 
     def applicable(self, node: Node, device: torch.device) -> bool:
-        x, i = node.inputs[0], node.inputs[1]
-        if not super().applicable(node, device) or x is None or i is None or not triton_available():
-            return False
-        tx, ti = x.type, i.type
-        return (isinstance(tx, TensorType) and isinstance(ti, TensorType) and tx.rank is not None and tx.rank > 0
-                and ti.rank is not None and tx.dtype is not DType.STRING and ti.dtype in (DType.INT64, DType.INT32))
+        return super().applicable(node, device) and triton_available() and gatherable(node)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
