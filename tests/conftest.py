@@ -15,6 +15,24 @@ if os.path.join(ROOT, "src") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
 BIG_GPU_MEMORY_LOCK = os.path.join(tempfile.gettempdir(), "kiln-tests-big-gpu-memory.lock")
+GPU_LOCK = os.path.join(tempfile.gettempdir(), "kiln-tests-gpu.lock")
+
+
+@pytest.fixture(autouse=True)
+def _timed_tests_have_the_gpu_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under `pytest -n N` every gpu test holds a shared lock and a test marked timed an exclusive one, so a timed
+    comparison never runs beside other GPU work (at -n 8 a timing there would measure the neighbours too)."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    import fcntl
+
+    with open(GPU_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if request.node.get_closest_marker("timed") else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

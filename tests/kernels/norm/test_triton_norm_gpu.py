@@ -77,6 +77,7 @@ def test_every_config_compiles_and_matches(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("name", ["layernorm BERT [16384,768] fp16", "softmax BERT [128,12,128,128] fp16",
                                   "rmsnorm [8192,4096] bf16", "groupnorm SD [2,320,64,64] g32 fp16"])
+@pytest.mark.timed
 def test_as_fast_as_eager(name: str) -> None:
     """The default config is no slower than PyTorch's own fused kernel (with a 25% margin for noise)."""
     w = WORKLOADS[name]
