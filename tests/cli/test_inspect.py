@@ -137,3 +137,13 @@ def test_the_table_names_the_configuration_that_won() -> None:
         "triton.int8_conv(128x64x64-w4s4)"
     assert _tactic({"tactic": "cuda.conv", "config": {"format": "given", "fuse": "cudnn"}}) == "cuda.conv(given, cudnn)"
     assert _tactic({"tactic": "reference", "config": {}}) == "reference"
+
+
+def test_the_config_line_says_pdl_when_the_engine_sets_it(tmp_path: Path) -> None:
+    tiny_cnn(tmp_path / "cnn.onnx")
+    for flag, shown in (("--pdl", ", pdl on"), ("--no-pdl", ", pdl off"), (None, "")):
+        out = tmp_path / f"{flag}.kiln"
+        ok(kiln_cli("build", str(tmp_path / "cnn.onnx"), "-o", str(out), "--shapes", "x:1x3x8x8", "--opt-level", "0",
+                    *([flag] if flag else [])))
+        line = next(x for x in ok(kiln_cli("inspect", str(out))).splitlines() if x.startswith("config"))
+        assert line.endswith("opt level 0" + shown), line

@@ -288,7 +288,8 @@ def print_report(r: dict[str, Any]) -> None:
           f"torch {vers.get('torch')}")
     print(f"device      {dev.get('name', '?')} ({dev.get('arch', '?')}, {dev.get('kind', '?')})")
     print(f"config      {cfg.get('precision', '?')}, tf32 {'on' if cfg.get('tf32') else 'off'}, opt level "
-          f"{cfg.get('opt_level', '?')}{', deterministic' if cfg.get('deterministic') else ''}")
+          f"{cfg.get('opt_level', '?')}{', deterministic' if cfg.get('deterministic') else ''}"
+          f"{'' if cfg.get('pdl') is None else ', pdl ' + ('on' if cfg['pdl'] else 'off')}")
     for what in ("inputs", "outputs"):
         print(f"{what:11s} " + ", ".join(f"{v['name']} {v['type']}" for v in r[what]))
     for k, p in enumerate(r["profiles"]):
