@@ -227,6 +227,8 @@ def _setup(m: ModeResult, c: CaseResult) -> str:
         parts.append(f"export {_s(c.export_s)}")
     if "build_cold_s" in s:
         parts.append(f"build {_s(s['build_cold_s'])} cold, {_s(s['build_warm_s'])} warm")
+    elif "build_warm_s" in s:  # built from another mode's timing cache (kiln-pdl after kiln): no cold build
+        parts.append(f"build {_s(s['build_warm_s'])} warm")
     if "first_run_s" in s:
         parts.append(f"first run {_s(s['first_run_s'])}")
     if "compile_s" in s:
