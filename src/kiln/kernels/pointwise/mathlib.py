@@ -17,8 +17,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Under Triton's CPU interpreter (set before triton is imported), which runs no libdevice function."""
 if not INTERPRETED:
     from triton.language.extra import libdevice
-
-if not INTERPRETED:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
