@@ -7,6 +7,7 @@ the graph after each pass that changed it, and KILN_DUMP_GRAPHS=DIR writes the g
 from __future__ import annotations
 
 from kiln.ir.graph import Graph
+from kiln.passes.concat_add import distribute_adds
 from kiln.passes.constant_folding import fold_constants
 from kiln.passes.cse import eliminate_common_subexpressions
 from kiln.passes.dead_nodes import dead_nodes
@@ -64,6 +65,9 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     # A ViT's patch conv + flatten + transpose as patch rows and one GEMM (GPU builds); before epilogue fusion, which
     # puts the bias into that GEMM.
     ("patch_embedding", patch_embedding),
+    # A constant added to a Concat goes onto its pieces; after patch_embedding (ViT: the position embedding then
+    # joins the patch GEMM's epilogue) and before the fusions that take each piece's Add.
+    ("distribute_adds", _plain(distribute_adds)),
     # BN folding before sibling merging (a merged conv's output is read by a Split, so its BN could not fold).
     ("fold_affine", _plain(fold_affine)),
     # Sibling merging before epilogue fusion (the fused anchors would hide the shared input's readers).
