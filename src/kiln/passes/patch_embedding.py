@@ -17,7 +17,7 @@ the graph copies x once into patch rows and runs one GEMM with the bias in its e
 exists in [N, O, OH, OW] order, so the copy to it and the Transpose's copy back are gone (on ViT-B/16 at batch 1 an
 H200 ran the stem as five kernels: input cast, patch copy, GEMM, copy to NCHW, transpose copy; now three).
 
-Rewrite case: a 2-D Conv with kernel = strides, no padding, dilations 1, one group, a constant weight (and bias),
+Rewrite case: a 2-D Conv with kernel = strides, no padding, dilations 1, one group, a constant weight,
 H and W multiples of the kernel, whose only reader is a Reshape to [N, O, OH*OW] whose only reader is a Transpose
 with perm [0, 2, 1] (the conv output and the reshape no graph outputs). GPU builds only (on the CPU the conv has
 its own kernel). Before epilogue fusion, so the bias joins the GEMM.
@@ -55,10 +55,8 @@ def _rewrite(g: Graph, conv: Node, uses: Uses) -> bool:
     kh, kw = found
     x, y = conv.inputs[0], conv.outputs[0]
     w = const(conv.inputs[1])
-    b = const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+    b = conv.inputs[2] if len(conv.inputs) > 2 else None  # [O]: added to the GEMM's rows as it is
     if x is None or w is None or x.shape is None or y.shape is None or len(x.shape) != 4 or len(y.shape) != 4:
-        return False
-    if len(conv.inputs) > 2 and conv.inputs[2] is not None and b is None:
         return False
     dims = (*x.shape[1:], *y.shape[1:])
     if not all(isinstance(d, int) for d in dims):
@@ -84,8 +82,7 @@ def _rewrite(g: Graph, conv: Node, uses: Uses) -> bool:
     weight = add_const(g, f"{conv.name}/weight_kn", w.reshape(w.shape[0], -1).t().contiguous())
     (out,) = add_node(g, at, "MatMul", [cols, weight], name=f"{conv.name}/gemm")
     if b is not None:
-        (out,) = add_node(g, at, "Add", [out, add_const(g, f"{conv.name}/bias", b.reshape(-1).clone())],
-                          name=f"{conv.name}/bias")
+        (out,) = add_node(g, at, "Add", [out, b], name=f"{conv.name}/bias")
     redirect(g, swap.outputs[0], out)
     g.remove_nodes([swap, flat, conv])
     return True

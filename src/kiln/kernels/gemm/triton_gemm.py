@@ -325,10 +325,16 @@ _TMA_LOOP = """    for k in range(0, tl.cdiv(K, BLOCK_K)):
 """The main loop on TMA descriptors: A [M, K] and B kept as [N, K], both K-major, read in whole blocks that the
 hardware zero-fills past M, N and K (no masks, no K tail)."""
 
-_SPLIT_SUM = """    # the partial tiles of the K split (kiln_gemm_part, below), summed in split order
-    parts = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+_PARTS = """    parts = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
     ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    for part in range(0, SPLIT):
+"""
+"""The tile's place in the split's float32 workspace [SPLIT, M, N] (`parts` + share * M * N), and its bounds."""
+
+_STORE_SHARE = _PARTS + "    tl.store(parts + part * M * N, acc, mask=ok)\n"
+"""This program's share of the tile, summed over its K steps, stored in the workspace."""
+
+_SPLIT_SUM = """    # the partial tiles of the K split (kiln_gemm_part, below), summed in split order
+""" + _PARTS + """    for part in range(0, SPLIT):
         acc += tl.load(parts + part * M * N, mask=ok, other=0.0)
 """
 """The split form's main loop: the tile's sum over the workspace [SPLIT, M, N] the partial kernel wrote."""
@@ -343,19 +349,13 @@ def kiln_gemm_part(x_ptr, w_ptr, ws_ptr, M, N, K, KSTEPS, stride_xm, stride_xk, 
     pid = tl.program_id(0)
     part = tl.program_id(1)
 ''' + _TILE_OF + '''    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-{mainloop}    rm = offs_m[:, None]
-    rn = offs_n[None, :]
-    tl.store(ws_ptr + part * M * N + rm * N + rn, acc, mask=(rm < M) & (rn < N))
-'''
+{mainloop}''' + _STORE_SHARE
 """The split form's first kernel: one program per output tile and share of K (grid [tiles, SPLIT])."""
 
 _LOOP_HEAD = "    for k in range(0, tl.cdiv(K, BLOCK_K)):\n"
 
 _LAST_SUMS = """    # this share's float32 partial to the workspace; the tile's last program to arrive sums the shares
-    parts = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(parts + part * M * N, acc, mask=ok)
-    tl.debug_barrier()  # why: every thread's stores are issued before the one release below
+""" + _STORE_SHARE + """    tl.debug_barrier()  # why: every thread's stores are issued before the one release below
     arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
     if arrived == SPLIT - 1:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
