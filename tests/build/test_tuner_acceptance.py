@@ -1,5 +1,6 @@
 """The tuner's acceptance test for candidates: within tolerance of the reference, or - for half-precision results -
-at least about as accurate as the reference itself against the reference computed in float32."""
+at least about as accurate as the reference itself against the reference computed in float32 (also a float32
+result that a half-precision step casts to)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,23 @@ def test_a_less_accurate_or_non_finite_result_stays_rejected() -> None:
     holed = wide.to(torch.bfloat16)
     holed[0, 0, 0, 0] = float("nan")
     assert not _as_accurate(holed, want, wide)
-    assert not _as_accurate(wide, want.float(), wide)  # float32 results: the tolerance alone decides
+    # float32 all through: the reference is its own second opinion, so nothing beyond the tolerance passes
+    f32 = (wide + 2e-3 * torch.randn(wide.shape, generator=gen)).float()
+    assert not _close(f32, wide) and not _as_accurate(f32, wide, wide)
+
+
+def test_a_half_precision_step_cast_to_float32_is_judged_against_its_float32_second_opinion() -> None:
+    """A bfloat16 Gemm whose float32 Cast joined it (a classifier head before the model's float32 output): the
+    reference rounds the sum to bfloat16 before casting, up to 2**-9 relative off, beyond float32's tolerance. A
+    kernel that casts its float32 sum directly is nearer the exact result and must not be rejected (on the GPU
+    every GEMM tactic was, and the head ran on the reference); one farther off than the reference still is."""
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 32, generator=gen).bfloat16(), torch.randn(32, 10, generator=gen).bfloat16()
+    want = (x @ w).float()  # the reference: the sum rounded to bfloat16, then cast
+    wide = x.float() @ w.float()  # the second opinion: the body in float32
+    assert not _close(wide, want) and _as_accurate(wide, want, wide)
+    worse = want + 4 * (want - wide)
+    assert not _as_accurate(worse, want, wide)
 
 
 def test_a_quantizing_layer_may_round_a_value_one_step_the_other_way() -> None:

@@ -131,6 +131,9 @@ def signature(node: Node, args: list[Any], device: torch.device) -> dict[str, An
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 """Relative tolerance against the reference by output dtype (1e-3 otherwise, which covers TF32)."""
 
+_SECOND_OPINION = frozenset({torch.float16, torch.bfloat16, torch.float32})
+"""Result dtypes `_as_accurate` may accept beyond the tolerance."""
+
 
 def _close(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -271,8 +274,12 @@ def _as_accurate(got: Any, ref: Any, wide: Any) -> bool:
     every step to float16/bfloat16 has its own error; over long reductions (attention over a thousand keys) a
     candidate that rounds less can land farther from it than the tolerance while being closer to the exact
     result. Accepted: same non-finite places as the reference, and max and mean errors at most twice the
-    reference's."""
-    if not all(isinstance(x, torch.Tensor) for x in (got, ref, wide)) or got.dtype not in TOLERANCE:
+    reference's. Float32 results too: a fused step that computes in half precision and casts its result to float32
+    (a bfloat16 classifier head before the model's float32 output) has a reference that rounds to bfloat16 first,
+    off by up to 2**-9 relative - beyond float32's tolerance - where a kernel casting its float32 sum directly is
+    nearer the exact result. Where nothing was rounded (float32 all through), the reference is its own second
+    opinion and only the tolerance can pass a result."""
+    if not all(isinstance(x, torch.Tensor) for x in (got, ref, wide)) or got.dtype not in _SECOND_OPINION:
         return False
     if got.shape != ref.shape or got.dtype != ref.dtype or wide.shape != ref.shape:
         return False
