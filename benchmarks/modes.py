@@ -14,9 +14,9 @@ Every mode turns into a `step(k)` that runs one inference on pre-made input set 
   on a GPU its float layers compute in FP16. Compared with the kiln row for INT8's speed-up, and with eager for
   its accuracy (its own cosine bar, `checks.MIN_COSINE_INT8`).
 - kiln-fp8 (opt-in): the same with precision="fp8" (float8 E4M3 GEMMs; sm_89+ GPUs), same bar as kiln-int8.
-- kiln-pdl (opt-in): the kiln build with programmatic dependent launch (`BuilderConfig.pdl=True`, sm_90+), from
+- kiln-nopdl (opt-in): the kiln build without programmatic dependent launch (`BuilderConfig.pdl=False`), from
   the kiln mode's timing cache when that mode ran first (the same tactics: what differs is the launch alone).
-  The kiln mode itself follows KILN_PDL (off unless set).
+  The kiln mode itself follows KILN_PDL (on unless it is 0; PDL needs sm_90+).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from benchmarks.models import ModelSpec
 from benchmarks.timing import Step, timed
 
 TORCH_MODES = ("eager", "cudagraph", "compile", "reduce-overhead", "max-autotune")
-KILN_MODES = ("kiln", "kiln-pdl", "kiln-int8", "kiln-fp8")
+KILN_MODES = ("kiln", "kiln-nopdl", "kiln-int8", "kiln-fp8")
 QUANTIZED_MODES = {"kiln-int8": "int8", "kiln-fp8": "fp8"}
 ALL_MODES = (*TORCH_MODES, *KILN_MODES)
-DEFAULT_MODES = tuple(m for m in ALL_MODES if m not in ("max-autotune", "kiln-pdl", *QUANTIZED_MODES))
+DEFAULT_MODES = tuple(m for m in ALL_MODES if m not in ("max-autotune", "kiln-nopdl", *QUANTIZED_MODES))
 GRAPH_MODES = frozenset({"cudagraph", "reduce-overhead", "max-autotune"})
 COMPILE_MODES = {"compile": None, "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune"}
 GRAPH_WARMUP = 3  # eager runs on a side stream before capture (cuDNN/cuBLAS handles and autotuning happen there)
@@ -95,7 +95,7 @@ def prepare(mode: str, case: Case) -> Prepared:
     if mode in COMPILE_MODES:
         return _compiled(case, COMPILE_MODES[mode])
     if mode in KILN_MODES:
-        return _kiln(case, QUANTIZED_MODES.get(mode), pdl=True if mode == "kiln-pdl" else None)
+        return _kiln(case, QUANTIZED_MODES.get(mode), pdl=False if mode == "kiln-nopdl" else None)
     raise ValueError(f"unknown mode '{mode}'")
 
 
@@ -176,7 +176,7 @@ def _kiln(case: Case, quantized: str | None = None, pdl: bool | None = None) -> 
             raise RuntimeError("an accuracy target needs at least 2 input sets (--rotate): one is held out")
         calibration, held = sets[:-1], sets[-1:]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    reused = bool(pdl) and cache.exists()  # kiln-pdl after kiln: its timings, so both engines run the same tactics
+    reused = pdl is not None and cache.exists()  # kiln-nopdl after kiln: its timings, so both run the same tactics
     if not reused:
         cache.unlink(missing_ok=True)  # the first build is cold: no timings to reuse
     profile = {n: tuple(x.shape) for n, x in zip(names, case.kiln_sets[0])}
@@ -208,7 +208,8 @@ def _kiln(case: Case, quantized: str | None = None, pdl: bool | None = None) -> 
     engine, warm = timed(build, case.device)  # the same build, its tactic timings now in the cache
     if case.kiln.save_dir is not None:
         case.kiln.save_dir.mkdir(parents=True, exist_ok=True)
-        engine.save(case.kiln.save_dir / f"{case.spec.name}-bs{case.batch}-{precision}{'-pdl' if pdl else ''}.kiln")
+        suffix = "-nopdl" if pdl is False else ""
+        engine.save(case.kiln.save_dir / f"{case.spec.name}-bs{case.batch}-{precision}{suffix}.kiln")
     ctx = engine.create_context()
     feeds = [dict(zip(names, s)) for s in case.kiln_sets]
     outputs = list(case.spec.outputs)

@@ -1,6 +1,6 @@
 """Programmatic dependent launch (`kiln.kernels.pdl`): when it is on (per engine, else KILN_PDL, and only where
 supported), where the wait goes in a generated module, how kernels are launched, and that an engine keeps its
-setting. The GPU effect is measured by the benchmarks (`--modes kiln,kiln-pdl`)."""
+setting. The GPU effect is measured by the benchmarks (`--modes kiln,kiln-nopdl`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def _first_statements(source: str) -> dict[str, list[str]]:
 def test_on_per_mode_else_by_the_environment_and_only_where_supported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KILN_PDL", raising=False)
     monkeypatch.setattr(pdl, "supported", lambda: True)
-    assert not pdl.active()  # off by default
+    assert pdl.active()  # on by default
+    monkeypatch.setenv("KILN_PDL", "0")
+    assert not pdl.active()
     monkeypatch.setenv("KILN_PDL", "1")
     assert pdl.active()
     with pdl.mode(False):

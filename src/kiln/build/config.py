@@ -109,7 +109,7 @@ class BuilderConfig:
     """INT8: "cosine>=X" or "top1>=X"; layers most responsible for the loss stay float until it is met."""
     pdl: bool | None = None
     """GPU: launch kiln's Triton kernels with programmatic dependent launch (sm_90+; `kiln.kernels.pdl`), stored in
-    the engine; None: as the KILN_PDL environment variable says where the engine runs ("1": on; off by default)."""
+    the engine; None: as the KILN_PDL environment variable says where the engine runs (on unless it is "0")."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -49,7 +49,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-tf32", action="store_true", help="no TF32 for float32 matmuls and convolutions (GPU)")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                    help="launch kiln's Triton kernels with programmatic dependent launch (sm_90+ GPUs; default: as "
-                        "the KILN_PDL environment variable says where the engine runs, off unless it is 1)")
+                        "the KILN_PDL environment variable says where the engine runs: on unless it is 0)")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
                         "scales, or with --fp16 the value ranges that decide which layers stay fp32")

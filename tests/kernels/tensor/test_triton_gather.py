@@ -1,5 +1,5 @@
 """`triton.gather` under the Triton CPU interpreter (every case of `gather_cases.py`, in one subprocess), and what
-needs no kernel: which nodes it takes, that it is opt-in."""
+needs no kernel: which nodes it takes, that default builds time it."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def test_interpreted_case(name: str, interpreted: tuple[dict[str, Any], str]) ->
         problems
 
 
-def test_takes_integer_indices_on_gpus_only_and_is_opt_in() -> None:
+def test_takes_integer_indices_on_gpus_only_and_is_timed_in_default_builds() -> None:
     t = registry.get("triton.gather")
     node = g._node(torch.randn(4, 3), torch.tensor([1, 2]), 0)
     assert t.applicable(node, g.CUDA) and not t.applicable(node, torch.device("cpu"))
     assert not t.applicable(g._node(torch.randn(4, 3), torch.tensor([1], dtype=torch.int16), 0), g.CUDA)
-    assert t.min_opt_level == 4 and t.priority < registry.get("cuda.gather").priority
+    assert t.min_opt_level == 0 and t.priority < registry.get("cuda.gather").priority
