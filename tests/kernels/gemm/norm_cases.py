@@ -101,15 +101,15 @@ def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
 
 
 def run(case: Case, device: str = "cpu") -> dict[str, str | None]:
-    """{config: what differs, or None} for every tile of the fused tactic (statistics before and after the main
-    loop) and every SPLIT configuration."""
+    """{config: what differs, or None} for every tile of the fused tactic (statistics in, before and after the
+    main loop) and every SPLIT configuration."""
     node = case.node
     args = inputs(node, case.feeds, device)
     want = OPS[node.op].ref(RefCtx(node), list(args))
     out: dict[str, str | None] = {}
     runs: list[tuple[str, str, dict[str, str]]] = [
         ("triton.norm_gemm", f"{t} stats {where}", {"tile": t, "stats": where})
-        for t in case.tiles for where in ("before", "after")]
+        for t in case.tiles for where in ("loop", "before", "after")]
     runs += [("split.norm_gemm", g, {"gemm": g}) for g in SPLIT]
     for tactic_name, label, config in runs:
         tactic = registry.get(tactic_name)

@@ -40,7 +40,7 @@ def test_the_cases_cover_the_space() -> None:
     assert {c["gemm"] for c in split[4:]} == {f"triton.gemm/{t}" for t in TILES}
     assert len(split) <= 16  # the default level times the split's space whole (the fused tactic is opt-in)
     fused = registry.get("triton.norm_gemm")
-    assert fused.min_opt_level == 4 and {c["stats"] for c in fused.configs()} == {"before", "after"}
+    assert fused.min_opt_level == 4 and {c["stats"] for c in fused.configs()} == {"loop", "before", "after"}
 
 
 def test_split_ranks_first_and_both_run_on_cuda_only() -> None:
@@ -58,10 +58,17 @@ def test_the_source_folds_the_norm_and_writes_kept_rows_from_the_first_column_on
     assert "tl.store(y_ptr" in kept and "if pid_n == 0:" in kept
 
 
-def test_the_statistics_go_before_or_after_the_main_loop() -> None:
+def test_the_statistics_go_before_after_or_into_the_main_loop() -> None:
     s = normalized_spec(ln_kept_residual(F16, EVERY).node)
     assert s is not None and s.norm is not None
-    for after in (False, True):
-        src = render(dataclasses.replace(s, norm=dataclasses.replace(s.norm, after=after)), tf32=False)
+    for where in ("before", "after", "loop"):
+        src = render(dataclasses.replace(s, norm=dataclasses.replace(s.norm, stats=where)), tf32=False)
         loop, stats, kept = src.index("acc = tl.dot"), src.index("m2 / K"), src.index("tl.store(y_ptr")
-        assert (loop < stats) == after and stats < kept
+        assert (loop < stats) == (where != "before") and stats < kept
+        # in the loop: merged from the tile the product reads, no pass of their own over the rows
+        assert ("st_x = x.to(tl.float32)" in src) == (where == "loop")
+        assert (src.count("x = tl.load(x_rows") == 1) == (where == "loop")  # the kept rows' pass only
+    rms = normalized_spec(CASES["rms-bare-m1-f16"]().node)
+    assert rms is not None and rms.norm is not None
+    src = render(dataclasses.replace(rms, norm=dataclasses.replace(rms.norm, stats="loop")), tf32=False)
+    assert "total += tl.sum(st_x * st_x, axis=1)" in src and "x = tl.load(x_rows" not in src  # no kept rows

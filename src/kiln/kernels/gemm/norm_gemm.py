@@ -2,10 +2,11 @@
 its rows and that GEMM's epilogue) two ways, both tuned:
 
 - `triton.norm_gemm` (opt-in): one kernel, the GEMM template (`triton_gemm`) on the norm's raw input rows and the
-  weight folded with the norm's scale, each program computing its rows' statistics (before or after the main
-  loop: `stats` in the space) and applying them to the product (`NormPrologue`); programs of the first tile
-  column also write the normalized rows when the node outputs them. Every program reads its rows once more for
-  the statistics - meant for few rows (batch 1, where the norm's own kernel and its launch cost more), not large M.
+  weight folded with the norm's scale, each program computing its rows' statistics (in a pass of their own
+  before or after the main loop, or inside it from the A tiles the product loads: `stats` in the space) and
+  applying them to the product (`NormPrologue`); programs of the first tile column also write the normalized rows
+  when the node outputs them (one more pass over their rows, after the main loop when the statistics are made in
+  it). Meant for few rows (batch 1, where the norm's own kernel and its launch cost more), not large M.
 - `split.norm_gemm`: the node's two parts as before the fusion - the norm on its best-ranked kernel (its default
   configuration), then the GEMM part on cuBLAS or one of the GEMM template's tiles (`gemm` in the space), so the
   tuner never loses what the graph ran unfused.
@@ -156,13 +157,14 @@ class TritonNormGemm(TemplateTactic):
     name = "triton.norm_gemm"
     # why: opt-in until it wins somewhere. Measured on an H200 (2026-11-27, bs1 ViT-B/16 and BERT-base, every one of
     # the 24 normalized nodes of each), statistics before the main loop: best fused tile 16-19 us against the
-    # split's 10.7-13.7 us (cuBLAS or a template tile after the norm kernel). `stats="after"` (the weight's loads
-    # start at once, the rows are re-read from L2) is not measured yet.
+    # split's 10.7-13.7 us (cuBLAS or a template tile after the norm kernel); `stats="after"` the same (17.1 vs 17.4
+    # before for BERT's first). `stats="loop"` (no pass of their own: the statistics from the product's A tiles) is
+    # not measured yet.
     min_opt_level = 4
     ops = frozenset({"Fused"})
     devices = frozenset({"cuda"})
     tiles = NORM_TILES
-    space = {"tile": tuple(NORM_TILES), "stats": ("before", "after")}
+    space = {"tile": tuple(NORM_TILES), "stats": ("loop", "before", "after")}
     priority = 60
 
     def view(self, node: Node) -> Spec | None:
@@ -173,7 +175,7 @@ class TritonNormGemm(TemplateTactic):
         s = normalized_spec(node)
         if s is None or s.norm is None:
             raise UnsupportedError(f"{self.name} cannot render node '{node.name}'", op=node.op, node=node.name)
-        s = dataclasses.replace(s, norm=dataclasses.replace(s.norm, after=config.get("stats") == "after"))
+        s = dataclasses.replace(s, norm=dataclasses.replace(s.norm, stats=str(config.get("stats", "before"))))
         return NormGemmKernel(node, s, self.tiles[config.get("tile", self.space["tile"][0])], device)
 
 

@@ -157,9 +157,11 @@ class NormPrologue:
     keep: bool
     """The node also outputs the normalized rows (its first output): the programs of the first tile column write
     them as they go."""
-    after: bool = False
-    """The statistics pass runs after the main loop (the rows are then in L2, and the weight's first loads, the long
-    pole at a few rows, start at once) instead of before it."""
+    stats: str = "before"
+    """Where the rows' statistics are computed: "before" the main loop, in a pass of their own; "after" it (the rows
+    are then in L2, and the weight's first loads, the long pole at a few rows, start at once); or in the "loop",
+    from the A tiles the product loads (no pass of their own: at batch 1 each program's extra pass over its rows
+    adds its latency to every wave)."""
 
 
 @dataclass(frozen=True)
@@ -379,39 +381,59 @@ _SPLIT_LOOP = """    first = part * KSTEPS
 so a ragged last step keeps its mask)."""
 
 
-_NORM_STATS = """    # the rows' statistics in float32, in wide chunks (4096 values a program: many loads in flight)
+_NORM_ROWS = """    # the rows' statistics in float32, in wide chunks (4096 values a program: many loads in flight)
     x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm
     offs_s = tl.arange(0, 4096 // BLOCK_M)
-{stats}{keep}"""
-"""Before or after a "normalized" node's main loop (which multiplies the raw rows by the folded weight, see
-`NormPrologue`): the statistics of the tile's rows and, when the node outputs them, the normalized rows, written
-by the first tile column."""
+"""
+"""A "normalized" node's own pass over its rows (the statistics before or after the main loop, which multiplies the
+raw rows by the folded weight, see `NormPrologue`; the normalized rows, written by the first tile column, when the
+node outputs them): where the rows are, `4096 // BLOCK_M` columns at a time."""
 
-_LN_STATS = """    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+_LN_INIT = """    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
+"""
+
+_CHAN_MERGE = """{i}{p}seen = {start} * 1.0
+{i}{p}count = tl.minimum(K - {start}, {chunk}) * 1.0
+{i}{p}part = tl.sum({x}, axis=1) / {p}count
+{i}{p}d = tl.where({inside}, {x} - {p}part[:, None], 0.0)
+{i}{p}delta = {p}part - mean
+{i}mean += {p}delta * ({p}count / ({p}seen + {p}count))
+{i}m2 += tl.sum({p}d * {p}d, axis=1) + {p}delta * {p}delta * ({p}seen * {p}count / ({p}seen + {p}count))
+"""
+"""LayerNorm's statistics, one chunk of columns `{x}` (float32, zero past K; `{inside}`: the columns before K)
+merged into the running mean and centred sum of squares (Chan et al.); with one chunk, exactly the two-pass
+formula of the op's reference. `{p}` prefixes its temporaries (the main loop's names stay untouched)."""
+
+_LN_RSTD = "    rstd = tl.div_rn(1.0, tl.sqrt_rn(m2 / K + {eps}))\n"
+
+_LN_STATS = _LN_INIT + """    for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
         ks = k * (4096 // BLOCK_M) + offs_s
         inside = ks[None, :] < K
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=inside, other=0.0).to(tl.float32)
-        seen = k * (4096 // BLOCK_M) * 1.0
-        count = tl.minimum(K - k * (4096 // BLOCK_M), 4096 // BLOCK_M) * 1.0
-        part = tl.sum(x, axis=1) / count
-        d = tl.where(inside, x - part[:, None], 0.0)
-        delta = part - mean
-        mean += delta * (count / (seen + count))
-        m2 += tl.sum(d * d, axis=1) + delta * delta * (seen * count / (seen + count))
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(m2 / K + {eps}))
-"""
-"""LayerNorm's statistics: each chunk's mean and centred sum of squares, merged into the running ones (Chan et
-al.); with one chunk (K up to 4096 / BLOCK_M) exactly the two-pass formula of the op's reference."""
+""" + _CHAN_MERGE.format(i="        ", p="", start="k * (4096 // BLOCK_M)", chunk="4096 // BLOCK_M", x="x",
+                         inside="inside") + _LN_RSTD
+"""LayerNorm's statistics in a pass of their own over the rows."""
 
-_RMS_STATS = """    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
+_RMS_INIT = "    total = tl.zeros((BLOCK_M,), dtype=tl.float32)\n"
+_RMS_RSTD = "    rstd = tl.div_rn(1.0, tl.sqrt_rn(total / K + {eps}))\n"
+_RMS_STATS = _RMS_INIT + """    for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
         ks = k * (4096 // BLOCK_M) + offs_s
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=ks[None, :] < K, other=0.0).to(tl.float32)
         total += tl.sum(x * x, axis=1)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(total / K + {eps}))
-"""
+""" + _RMS_RSTD
+
+_LOOP_STATS = {
+    False: "        st_x = x.to(tl.float32)\n" + _CHAN_MERGE.format(i="        ", p="st_", start="k * BLOCK_K",
+                                                                    chunk="BLOCK_K", x="st_x",
+                                                                    inside="k * BLOCK_K + offs_k[None, :] < K"),
+    True: "        st_x = x.to(tl.float32)\n        total += tl.sum(st_x * st_x, axis=1)\n",
+}
+"""The statistics inside the main loop, from the A tile it has just loaded for the product (`NormPrologue.stats`
+"loop": no pass of their own; the rows' reads are the product's), for LayerNorm (False) and RMSNorm (True)."""
+
+_LOOP_ANCHOR = "        x_ptrs += BLOCK_K * stride_xk\n"
+"""Where in the pointer main loop the in-loop statistics go: after the product, before the pointers move."""
 
 _KEEP_ROWS = """    if pid_n == 0:
         for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
@@ -425,9 +447,9 @@ _KEEP_ROWS = """    if pid_n == 0:
 """
 
 
-def _norm_prologue(s: Spec) -> tuple[str, str, list[str], list[str]]:
-    """A normalized spec's (statistics text, the accumulator's correction line, extra operands after the weight,
-    their strides)."""
+def _norm_prologue(s: Spec) -> tuple[tuple[str, str, str], str, list[str], list[str]]:
+    """A normalized spec's statistics text (before the main loop, inside it, after it), the accumulator's correction
+    line, the extra operands after the weight and their strides."""
     norm = s.norm
     assert norm is not None
     operands, strides = [] if norm.rms else ["nc_ptr"], []
@@ -446,8 +468,13 @@ def _norm_prologue(s: Spec) -> tuple[str, str, list[str], list[str]]:
         operands += ["g_ptr", *(["b_ptr"] if norm.b_at is not None else []), "y_ptr"]
         strides.append("stride_ym")
         keep = _KEEP_ROWS.format(normalized=normalized, dtype=storage(s.dtype))
-    stats = (_RMS_STATS if norm.rms else _LN_STATS).format(eps=float_text(norm.eps))
-    return _NORM_STATS.format(stats=stats, keep=keep), fix, operands, strides
+    eps = float_text(norm.eps)
+    if norm.stats == "loop":
+        before = _NORM_ROWS + (_RMS_INIT if norm.rms else _LN_INIT)
+        after = (_RMS_RSTD if norm.rms else _LN_RSTD).format(eps=eps) + keep
+        return (before, _LOOP_STATS[norm.rms], after), fix, operands, strides
+    stats = _NORM_ROWS + (_RMS_STATS if norm.rms else _LN_STATS).format(eps=eps) + keep
+    return ((stats, "", "") if norm.stats == "before" else ("", "", stats)), fix, operands, strides
 
 
 FP8_PROMOTE = 128
@@ -511,8 +538,11 @@ def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, sub
         raise ValueError("last_sums is a form of the split-K kernel")
     if s.norm is not None:  # the rows' statistics first; the product of the raw rows is corrected before the epilogue
         assert not tma, "a normalized GEMM reads the norm's rows on pointers"
-        stats, fix, extra, extra_strides = _norm_prologue(s)
-        mainloop = mainloop + stats if s.norm.after else stats + mainloop
+        (before, inside, after), fix, extra, extra_strides = _norm_prologue(s)
+        if inside:
+            assert _LOOP_ANCHOR in mainloop, "in-loop statistics go into the pointer main loop"
+            mainloop = mainloop.replace(_LOOP_ANCHOR, inside + _LOOP_ANCHOR, 1)
+        mainloop = before + mainloop + after
         lines.insert(0, fix)
         operands += "".join(f", {p}" for p in extra)
         operand_strides += "".join(f"{p}, " for p in extra_strides)
