@@ -264,6 +264,35 @@ def test_gather_wraps_negative_indices_and_flags_out_of_range_ones() -> None:
     _check(node, feeds, "cuda.gather", [{}])
 
 
+@pytest.mark.parametrize("index,axis", [
+    (torch.tensor(0), 1),  # a class token: x[:, 0]
+    (torch.tensor(-1), 1),  # the last position
+    (torch.tensor([2, 3, 4]), 1),
+    (torch.tensor([[1, 2], [3, 4]]), 2),
+    (torch.tensor([-3, -2]), 2),
+])
+def test_consecutive_constant_indices_select_a_view(index: torch.Tensor, axis: int) -> None:
+    """Constant indices that are consecutive after wrapping (one index included) make the result a view of the
+    data: no kernel, and nothing copied."""
+    x = torch.randn(2, 6, 5)
+    node, feeds = _one("Gather", [x, ("c", index)], {"axis": axis})
+    _check(node, feeds, "cuda.gather", [{}])
+    got = registry.get("cuda.gather").build(node, {}, CUDA)([x, node.inputs[1].data])[0]  # type: ignore[union-attr]
+    assert got.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+def test_other_constant_indices_are_copied_and_checked() -> None:
+    x = torch.randn(2, 6, 5)
+    for index in (torch.tensor([3, 1]), torch.tensor([4, -1]), torch.tensor([0, 0])):
+        node, feeds = _one("Gather", [x, ("c", index)], {"axis": 2})
+        _check(node, feeds, "cuda.gather", [{}])
+        got = registry.get("cuda.gather").build(node, {}, CUDA)([x, node.inputs[1].data])[0]  # type: ignore[union-attr]
+        assert got.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    node, _ = _one("Gather", [x, ("c", torch.tensor([4, 5]))], {"axis": 2})  # consecutive, past the axis' end
+    with pytest.raises(IndexError, match="an index is out of range for a dim of size 5"):
+        registry.get("cuda.gather").build(node, {}, CUDA)([x, node.inputs[1].data])  # type: ignore[union-attr]
+
+
 def test_a_run_raises_what_its_kernels_flagged_naming_the_node() -> None:
     """The runtime reads the kernels' deferred checks when a run's results reach the host: a token id past the
     vocabulary gives an InputError naming the Gather, and the context keeps working for valid ids."""

@@ -4,7 +4,8 @@ The reference checks the index range on the host, which synchronizes the device 
 graphs. Here negative indices wrap on the device and the range check is a `DeferredCheck`: an index out of
 range is recorded on the device and clamped (so the lookup reads valid memory), and the run raises an
 IndexError naming the node when its results reach the host - the CUDA context stays usable (a device-side
-assertion would leave it broken), and a run with valid indices never waits for the host.
+assertion would leave it broken), and a run with valid indices never waits for the host. Constant indices that
+are consecutive (a single one included) select a view of the data: no kernel at all.
 """
 
 from __future__ import annotations
@@ -44,18 +45,22 @@ class CudaGather(Tactic):
         where = f"node '{node.name}' (Gather): an index is out of range"
         host = node.inputs[1].data if node.inputs[1] is not None else None
         fixed = host.detach().to("cpu", torch.int64) if isinstance(host, torch.Tensor) else None
-        ready: dict[tuple[torch.device, int], torch.Tensor] = {}
+        ready: dict[tuple[torch.device, int], tuple[torch.Tensor, int | None]] = {}
 
-        def constant_index(n: int, dev: torch.device) -> torch.Tensor:
+        def constant_index(n: int, dev: torch.device) -> tuple[torch.Tensor, int | None]:
             """The constant indices wrapped and checked once on the host, copied to the device once (a copy
-            from the host cannot happen inside a CUDA graph capture; the first call is never captured)."""
+            from the host cannot happen inside a CUDA graph capture; the first call is never captured), and the
+            first of them when they are consecutive (start, start + 1, ...: the result is then a view, no copy -
+            a ViT's or BERT's class-token selection)."""
             found = ready.get((dev, n))
             if found is None:
                 assert fixed is not None
                 i = torch.where(fixed < 0, fixed + n, fixed)
                 if i.numel() and (int(i.min()) < 0 or int(i.max()) >= n):
                     raise IndexError(f"{where} for a dim of size {n}")
-                found = ready[(dev, n)] = i.to(dev)
+                flat = i.reshape(-1)
+                run = flat.numel() > 0 and torch.equal(flat, torch.arange(int(flat[0]), int(flat[0]) + flat.numel()))
+                found = ready[(dev, n)] = (i.to(dev), int(flat[0]) if run else None)
             return found
 
         check = DeferredCheck(f"{where} (indices must lie in [-size, size) of the gathered axis)")
@@ -65,7 +70,9 @@ class CudaGather(Tactic):
             a = axis % x.dim()
             n = x.shape[a]
             if fixed is not None and idx is host:
-                i = constant_index(n, x.device)
+                i, start = constant_index(n, x.device)
+                if start is not None:
+                    return [x.narrow(a, start, i.numel()).reshape(x.shape[:a] + i.shape + x.shape[a + 1:])]
             else:
                 i = idx.to(torch.int64)
                 i = torch.where(i < 0, i + n, i)
