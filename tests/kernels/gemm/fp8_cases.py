@@ -57,12 +57,13 @@ def fp8_layer(lead: tuple[int, ...], k: int, n: int, **kw: Any) -> tuple[Node, l
     return quantized(lead, k, n, fp8=True, **kw)
 
 
-def run_gemm(node: Node, args: list[Any], tiles: tuple[str, ...]) -> dict[str, str | None]:
-    """{tile: why the tuner would reject `triton.fp8_gemm`'s result, or None} against the folded node's reference
-    on the GPU (and, for float8 outputs, the layer computed from float32-widened inputs, as the tuner does)."""
+def run_gemm(node: Node, args: list[Any], tiles: tuple[str, ...],
+             tactic: str = "triton.fp8_gemm") -> dict[str, str | None]:
+    """{tile: why the tuner would reject `tactic`'s result, or None} against the folded node's reference on the GPU
+    (and, for float8 outputs, the layer computed from float32-widened inputs, as the tuner does)."""
     from kiln.tune.tuner import _as_accurate, _close, _codes_as_accurate, _one_step
 
-    t = registry.get("triton.fp8_gemm")
+    t = registry.get(tactic)
     if not t.applicable(node, CUDA):
         return {"applicable": "refused"}
     on = [a.to(CUDA) if isinstance(a, torch.Tensor) else a for a in args]

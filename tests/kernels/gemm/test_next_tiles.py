@@ -50,7 +50,15 @@ def test_a_sliced_epilogue_runs_once_per_slice_with_its_columns(parts: int) -> N
 
 
 def test_the_tiles_under_evaluation_are_opt_in() -> None:
-    for name in ("triton.gemm_next", "triton.int8_gemm_next", "triton.int8_conv_next"):
+    for name in ("triton.gemm_next", "triton.int8_gemm_next", "triton.int8_conv_next", "triton.fp8_gemm_next"):
         t = registry.get(name)
         tiles = [registry.get(name).tiles[c["tile"]] for c in t.configs()]  # type: ignore[attr-defined]
         assert t.min_opt_level == 4 and all(x.persistent or x.subtile > 1 for x in tiles)
+
+
+def test_the_float8_tiles_under_evaluation_promote_once_a_k_step() -> None:
+    """Float8 sums are promoted to float32 at most once per K step: its tiles need a step of FP8_PROMOTE or more."""
+    from kiln.kernels.gemm.triton_gemm import FP8_NEXT_TILES, FP8_PROMOTE
+
+    assert FP8_NEXT_TILES and all(t.block_k >= FP8_PROMOTE and t.tma for t in FP8_NEXT_TILES.values())
+    assert registry.get("triton.fp8_gemm_next").priority > registry.get("triton.fp8_gemm").priority

@@ -930,6 +930,16 @@ ResNet-50 shape (within 1-3 % at best, the persistent ones up to 2x slower) and 
 (`triton.int8_gemm_next`)."""
 
 
+FP8_NEXT_TILES: dict[str, Tile] = {
+    "tma-128x128x128-w4s3-e2": Tile(128, 128, 128, 8, 4, 3, tma=True, subtile=2),
+    "tma-128x128x128-w4s4-e2": Tile(128, 128, 128, 8, 4, 4, tma=True, subtile=2),
+    "tma-128x256x128-w8s3-e2": Tile(128, 256, 128, 8, 8, 3, tma=True, subtile=2),
+}
+"""Float8 forms of the int8 tile that won BERT-base at batch 128 (128x128, epilogue on 2 column slices), with the
+K step FP8_PROMOTE needs (the int8 tile's 64 is too short for float8), and the 128x256 tile in 2 slices. Not yet
+timed (`triton.fp8_gemm_next`, opt-in): FP8's tiles had none of the sliced epilogues that made INT8 faster."""
+
+
 class TritonGemmNext(TritonGemm):
     """`triton.gemm` on the tiles under evaluation (`NEXT_TILES`: sliced epilogues, persistent programs); opt-in."""
 
@@ -947,6 +957,16 @@ class TritonInt8GemmNext(TritonInt8Gemm):
     min_opt_level = 4
     tiles = INT8_NEXT_TILES
     space = {"tile": tuple(INT8_NEXT_TILES)}
+    priority = 26
+
+
+class TritonFp8GemmNext(TritonFp8Gemm):
+    """`triton.fp8_gemm` on the tiles under evaluation (`FP8_NEXT_TILES`); opt-in."""
+
+    name = "triton.fp8_gemm_next"
+    min_opt_level = 4
+    tiles = FP8_NEXT_TILES
+    space = {"tile": tuple(FP8_NEXT_TILES)}
     priority = 26
 
 
@@ -1012,4 +1032,5 @@ register(TritonInt8Gemm())
 register(TritonFp8Gemm())
 register(TritonGemmNext())
 register(TritonInt8GemmNext())
+register(TritonFp8GemmNext())
 register(TritonGemmSplitK())
