@@ -27,6 +27,7 @@ from kiln.passes.noops import remove_noops
 from kiln.passes.pack_attention import pack_attention
 from kiln.passes.patch_embedding import patch_embedding
 from kiln.passes.pointwise_fusion import pointwise_fusion
+from kiln.passes.reshape_sinking import sink_reshapes
 from kiln.passes.shape_arithmetic import shape_arithmetic
 from kiln.passes.transpose_sinking import sink_transposes
 
@@ -74,6 +75,9 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     ("merge_siblings", _plain(merge_siblings)),
     ("dead_nodes_2", _plain(dead_nodes)),
     # --- fusion into kernels -------------------------------------------------------------------------------------
+    # A Reshape between two elementwise ops moves below the second; before the fusions, which then see the two
+    # ops adjacent (one kernel).
+    ("sink_reshapes", _plain(sink_reshapes)),
     # Epilogues before pointwise groups, so activations join their Conv/MatMul rather than a kernel of their own.
     ("epilogue_fusion", _plain(epilogue_fusion)),
     ("pointwise_fusion", _plain(pointwise_fusion)),
