@@ -14,6 +14,7 @@ from kiln.passes.dead_nodes import dead_nodes
 from kiln.passes.epilogue_fusion import epilogue_fusion, extend_epilogues
 from kiln.passes.fold_affine import fold_affine
 from kiln.passes.fuse_attention import fuse_attention
+from kiln.passes.fuse_embeddings import fuse_embeddings
 from kiln.passes.fuse_gelu import fuse_gelu
 from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from kiln.passes.fuse_normalization import fuse_normalization
@@ -62,6 +63,9 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     ("pack_attention", _plain(pack_attention)),
     # Reads the Attention nodes' masks; before pointwise fusion, which would take the And into the mask's kernel.
     ("narrow_masks", _plain(narrow_masks)),
+    # Lookups summed and normalized as one node (GPU builds); after norm recognition (it ends at a LayerNorm) and
+    # before epilogue and pointwise fusion, which would take its Adds.
+    ("fuse_embeddings", fuse_embeddings),
     # --- weights and layers -------------------------------------------------------------------------------------
     # A ViT's patch conv + flatten + transpose as patch rows and one GEMM (GPU builds); before epilogue fusion, which
     # puts the bias into that GEMM.

@@ -15,6 +15,8 @@ the fused node's inputs. `kind` tells the code generators which template applies
 - "normalized": a LayerNormalization or RMSNormalization over the last axis, then an anchor (MatMul, Gemm) reading
   its result as A, and the anchor's epilogue steps - a GEMM that normalizes A's rows as it loads them; outputs
   [result] or [the norm's result, result] (`kiln.passes.fuse_norm_gemm`);
+- "embedding": lookups (Gather along axis 0 of constant tables by runtime indices) and other terms summed by Adds,
+  then a LayerNormalization of the sum - one kernel, a program per token (`kiln.passes.fuse_embeddings`);
 - "region": anything else grouped for scheduling.
 
 The reference runs the body node by node through the op table, so every fused node is correct by construction.
@@ -29,7 +31,7 @@ import torch
 from kiln.ir.graph import ValueType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, value_of
 
-KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "normalized", "region")
+KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "normalized", "embedding", "region")
 
 
 def _infer(ctx: InferCtx) -> list[ValueType]:
