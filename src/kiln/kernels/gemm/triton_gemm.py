@@ -931,13 +931,16 @@ ResNet-50 shape (within 1-3 % at best, the persistent ones up to 2x slower) and 
 
 
 FP8_NEXT_TILES: dict[str, Tile] = {
-    "tma-128x128x128-w4s3-e2": Tile(128, 128, 128, 8, 4, 3, tma=True, subtile=2),
-    "tma-128x128x128-w4s4-e2": Tile(128, 128, 128, 8, 4, 4, tma=True, subtile=2),
-    "tma-128x256x128-w8s3-e2": Tile(128, 256, 128, 8, 8, 3, tma=True, subtile=2),
+    "tma-128x128x128-w8s3-e2": Tile(128, 128, 128, 8, 8, 3, tma=True, subtile=2),
+    "tma-128x128x128-w8s4-e2": Tile(128, 128, 128, 8, 8, 4, tma=True, subtile=2),
+    "tma-128x128x128-w4s3-e4": Tile(128, 128, 128, 8, 4, 3, tma=True, subtile=4),
+    "tma-128x256x128-w8s3-e4": Tile(128, 256, 128, 8, 8, 3, tma=True, subtile=4),
 }
-"""Float8 forms of the int8 tile that won BERT-base at batch 128 (128x128, epilogue on 2 column slices), with the
-K step FP8_PROMOTE needs (the int8 tile's 64 is too short for float8), and the 128x256 tile in 2 slices. Not yet
-timed (`triton.fp8_gemm_next`, opt-in): FP8's tiles had none of the sliced epilogues that made INT8 faster."""
+"""Float8 tiles with the epilogue on column slices (the form that made INT8 faster on BERT-base at batch 128), with
+the K step FP8_PROMOTE needs. Compiled for sm_90a off the GPU (Triton 3.9 and its ptxas, 2026-11-27; BERT's FFN-up
++ GELU + float8 quantize, and FFN-down + float16 residual): the default `tma-128x256x128-w8s3` spills 208 and 328
+bytes a thread, in 4 slices 112 and 112; the 128x128 tiles here spill none (8 warps: 142-160 registers). Not yet
+timed (`triton.fp8_gemm_next`, opt-in)."""
 
 
 class TritonGemmNext(TritonGemm):
