@@ -920,6 +920,8 @@ INT8_NEXT_TILES: dict[str, Tile] = {
     "tma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=4),
     "ptma-128x256x128-w8s3-e4": Tile(128, 256, 128, 8, 8, 3, tma=True, persistent=True, subtile=4),
     "ptma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, persistent=True, subtile=4),
+    "tma-128x128x64-w8s4-e2": Tile(128, 128, 64, 8, 8, 4, tma=True, subtile=2),
+    "tma-128x128x128-w8s3-e2": Tile(128, 128, 128, 8, 8, 3, tma=True, subtile=2),
 }
 """The same for the int8 TMA tiles that win BERT-base and ResNet-50 at batch 128, whose requantizing epilogues
 cost as much as their main loops (BERT FFN-up + GELU + quantize: 0.186 ms a layer, FFN-down 0.095 at the same
@@ -927,7 +929,9 @@ FLOPs). Off the GPU as above: GELU + quantize spills 108 bytes (128x256x128, 8 w
 warps) on the whole tile, a float16 residual 208 and 20; none in 2 or 4 slices (persistent: none in 4). Timed on
 an H200 (2026-11-27): the 128x128 tile in 2 slices won and moved into INT8_TILES; these won no BERT-base or
 ResNet-50 shape (within 1-3 % at best, the persistent ones up to 2x slower) and stay opt-in
-(`triton.int8_gemm_next`)."""
+(`triton.int8_gemm_next`). Added later the same day from an offline sm_90a compile, not yet timed: the 128x128 tiles
+in 2 slices with 8 warps (127 registers a thread on BERT's FFN epilogues, no spill; the 4-warp winner takes
+233-255)."""
 
 
 FP8_NEXT_TILES: dict[str, Tile] = {
