@@ -905,6 +905,9 @@ NEXT_TILES: dict[str, Tile] = {
     "tma-128x256x64-w8s3-e4": Tile(128, 256, 64, 8, 8, 3, tma=True, subtile=4),
     "tma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=4),
     "p-128x128x64-w4s4-e2": Tile(128, 128, 64, 8, 4, 4, persistent=True, subtile=2),
+    "tma-128x128x64-w8s4-e2": Tile(128, 128, 64, 8, 8, 4, tma=True, subtile=2),
+    "ptma-128x128x64-w8s4-e2": Tile(128, 128, 64, 8, 8, 4, tma=True, persistent=True, subtile=2),
+    "tma-256x128x64-w8s3-e2": Tile(256, 128, 64, 8, 8, 3, tma=True, subtile=2),
 }
 """Tiles under evaluation for the large float GEMMs (BERT/ViT at batch 128): the TMA tiles with the epilogue on
 column slices, and persistent forms. Compiled for sm_90a off the GPU (Triton 3.9 and its ptxas, 2026-11-27; the
@@ -912,7 +915,9 @@ device has Triton 3.6), BERT's FFN-up + erf GELU + residual spills 572 bytes a t
 warps) and 642 on 128x128 (4 warps) - a bias alone none, the residual or the GELU alone 72-132; in 2 slices 8 and
 68, in 4 none (persistent: 850/920 whole, none in 4). Timed on an H200 (2026-11-27, `bench_gpu.py`): the winners
 moved into TILES; these three won no shape there (BERT bs128 FFN-up 206 / 268 / 665 us against 190 for the
-persistent 4-slice tile, FFN-down 157 / 185 / 567 against 137) and stay opt-in (`triton.gemm_next`)."""
+persistent 4-slice tile, FFN-down 157 / 185 / 567 against 137) and stay opt-in (`triton.gemm_next`). Added later the
+same day from an offline sm_90a compile, not yet timed: 128x128 in 2 slices with 8 warps (106-140 registers a thread
+on BERT's FFN-up + GELU and FFN-down + residual, no spill) and a 256-row tile in 2 slices (205-244, no spill)."""
 
 INT8_NEXT_TILES: dict[str, Tile] = {
     "tma-128x256x128-w8s3-e2": Tile(128, 256, 128, 8, 8, 3, tma=True, subtile=2),
