@@ -13,7 +13,7 @@ from kiln.ir.graph import Value
 from kiln.ir.ops import OPS
 from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
-from kiln.kernels.gemm.norm_gemm import NORM_TILES
+from kiln.kernels.gemm.norm_gemm import NORM_TILES, NORM_TMA_TILES
 from kiln.passes.epilogue_fusion import epilogue_fusion
 from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from tests.kernels.gemm.cases import CUDA, F16, F32, Case, Maker, compare, inputs, tolerance
@@ -102,7 +102,7 @@ def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
 
 def run(case: Case, device: str = "cpu") -> dict[str, str | None]:
     """{config: what differs, or None} for every tile of the fused tactic (statistics in, before and after the
-    main loop) and every SPLIT configuration."""
+    main loop), every tile of its TMA form (where A's rows suit TMA) and every SPLIT configuration."""
     node = case.node
     args = inputs(node, case.feeds, device)
     want = OPS[node.op].ref(RefCtx(node), list(args))
@@ -110,6 +110,9 @@ def run(case: Case, device: str = "cpu") -> dict[str, str | None]:
     runs: list[tuple[str, str, dict[str, str]]] = [
         ("triton.norm_gemm", f"{t} stats {where}", {"tile": t, "stats": where})
         for t in case.tiles for where in ("loop", "before", "after")]
+    x = node.inputs[0]
+    if x is not None and x.shape is not None and (x.shape[-1] * x.dtype.torch.itemsize) % 16 == 0:  # TMA rows
+        runs += [("triton.norm_gemm_tma", t, {"tile": t}) for t in NORM_TMA_TILES]
     runs += [("split.norm_gemm", g, {"gemm": g}) for g in SPLIT]
     for tactic_name, label, config in runs:
         tactic = registry.get(tactic_name)

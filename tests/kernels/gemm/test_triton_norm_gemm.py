@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kiln.kernels import registry
-from kiln.kernels.gemm.norm_gemm import GEMMS, NORM_TILES, normalized_spec
+from kiln.kernels.gemm.norm_gemm import GEMMS, NORM_TILES, NORM_TMA_TILES, normalized_spec
 from kiln.kernels.gemm.triton_gemm import TILES, render
 from tests.kernels.gemm.cases import CUDA, F16
 from tests.kernels.gemm.norm_cases import CASES, EVERY, ln_bias_gelu, ln_kept_residual
@@ -41,6 +41,9 @@ def test_the_cases_cover_the_space() -> None:
     assert len(split) <= 16  # the default level times the split's space whole (the fused tactic is opt-in)
     fused = registry.get("triton.norm_gemm")
     assert fused.min_opt_level == 4 and {c["stats"] for c in fused.configs()} == {"loop", "before", "after"}
+    tma = registry.get("triton.norm_gemm_tma")  # its statistics always from the loaded tiles
+    assert tma.min_opt_level == 4 and all(set(c) == {"tile"} for c in tma.configs())
+    assert all(t.tma for t in NORM_TMA_TILES.values()) and len(tma.configs()) == len(NORM_TMA_TILES)
 
 
 def test_split_ranks_first_and_both_run_on_cuda_only() -> None:
@@ -68,6 +71,11 @@ def test_the_statistics_go_before_after_or_into_the_main_loop() -> None:
         # in the loop: merged from the tile the product reads, no pass of their own over the rows
         assert ("st_x = x.to(tl.float32)" in src) == (where == "loop")
         assert (src.count("x = tl.load(x_rows") == 1) == (where == "loop")  # the kept rows' pass only
+    loop = dataclasses.replace(s, norm=dataclasses.replace(s.norm, stats="loop"))
+    src = render(loop, tf32=False, tma=True)  # a TMA tile: the same statistics from the tiles it loads
+    assert "x = x_desc.load(" in src and "st_x = x.to(tl.float32)" in src and "x_desc, w_desc, x_ptr," in src
+    with pytest.raises(AssertionError, match="TMA"):
+        render(dataclasses.replace(s, norm=dataclasses.replace(s.norm, stats="before")), tf32=False, tma=True)
     rms = normalized_spec(CASES["rms-bare-m1-f16"]().node)
     assert rms is not None and rms.norm is not None
     src = render(dataclasses.replace(rms, norm=dataclasses.replace(rms.norm, stats="loop")), tf32=False)

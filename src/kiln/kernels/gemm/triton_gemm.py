@@ -424,16 +424,17 @@ _RMS_STATS = _RMS_INIT + """    for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
 """ + _RMS_RSTD
 
 _LOOP_STATS = {
-    False: "        st_x = x.to(tl.float32)\n" + _CHAN_MERGE.format(i="        ", p="st_", start="k * BLOCK_K",
-                                                                    chunk="BLOCK_K", x="st_x",
-                                                                    inside="k * BLOCK_K + offs_k[None, :] < K"),
+    False: "        st_x = x.to(tl.float32)\n" + _CHAN_MERGE.format(
+        i="        ", p="st_", start="k * BLOCK_K", chunk="BLOCK_K", x="st_x",
+        inside="k * BLOCK_K + tl.arange(0, BLOCK_K)[None, :] < K"),
     True: "        st_x = x.to(tl.float32)\n        total += tl.sum(st_x * st_x, axis=1)\n",
 }
 """The statistics inside the main loop, from the A tile it has just loaded for the product (`NormPrologue.stats`
-"loop": no pass of their own; the rows' reads are the product's), for LayerNorm (False) and RMSNorm (True)."""
+"loop": no pass of their own; the rows' reads are the product's), for LayerNorm (False) and RMSNorm (True). A TMA
+tile past K is zero-filled, a pointer tile's masked to zero: the padding adds nothing to the sums."""
 
-_LOOP_ANCHOR = "        x_ptrs += BLOCK_K * stride_xk\n"
-"""Where in the pointer main loop the in-loop statistics go: after the product, before the pointers move."""
+_LOOP_ANCHOR = "        acc = tl.dot("
+"""The main loop's product line (pointer and TMA loops): the in-loop statistics go right after it."""
 
 _KEEP_ROWS = """    if pid_n == 0:
         for k in range(0, tl.cdiv(K, 4096 // BLOCK_M)):
@@ -537,11 +538,15 @@ def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, sub
     elif last_sums:
         raise ValueError("last_sums is a form of the split-K kernel")
     if s.norm is not None:  # the rows' statistics first; the product of the raw rows is corrected before the epilogue
-        assert not tma, "a normalized GEMM reads the norm's rows on pointers"
+        assert not tma or s.norm.stats == "loop", "a TMA tile takes the statistics from the tiles it loads"
         (before, inside, after), fix, extra, extra_strides = _norm_prologue(s)
         if inside:
-            assert _LOOP_ANCHOR in mainloop, "in-loop statistics go into the pointer main loop"
-            mainloop = mainloop.replace(_LOOP_ANCHOR, inside + _LOOP_ANCHOR, 1)
+            at = mainloop.index(_LOOP_ANCHOR)
+            at = mainloop.index("\n", at) + 1
+            mainloop = mainloop[:at] + inside + mainloop[at:]
+        if tma:  # the rows' pointer too: the kept normalized rows are written from them
+            operands += ", x_ptr"
+            operand_strides = "stride_xm, stride_xk, " + operand_strides
         mainloop = before + mainloop + after
         lines.insert(0, fix)
         operands += "".join(f", {p}" for p in extra)
@@ -736,7 +741,10 @@ class GemmKernel:
 
             xd = TensorDescriptor.from_tensor(x2, [t.block_m, t.block_k])
             wd = TensorDescriptor.from_tensor(w.t(), [t.block_n, t.block_k])  # the [N, K] weight itself
-            self.fn[grid](xd, wd, out, *tail, *strides, **consts)
+            if s.norm is not None:  # a normalized GEMM: A's pointer and the norm's operands too
+                self.fn[grid](xd, wd, x2, *extra, out, *tail, *x2.stride(), *extra_strides, *strides, **consts)
+            else:
+                self.fn[grid](xd, wd, out, *tail, *strides, **consts)
         else:
             fn = self.fn
             if t.tma or t.split_k > 1:  # e.g. a strided A view: the same arithmetic on pointers
