@@ -31,5 +31,6 @@ def test_the_spec_reads_the_lookups_terms_and_norm() -> None:
     assert s is not None and [name for _, _, name in s.lookups] == ["word_lookup", "type_lookup"]
     assert len(s.terms) == 1 and s.b_at is not None and s.eps == 1e-12
     fused, split = registry.get("triton.embedding"), registry.get("split.embedding")
-    assert fused.applicable(node, e.CUDA) and split.applicable(node, e.CUDA) and fused.priority < split.priority
+    assert fused.applicable(node, e.CUDA) and split.applicable(node, e.CUDA)
+    assert split.priority < fused.priority  # untimed builds keep the kernels the unfused graph ran
     assert not fused.applicable(node, torch.device("cpu"))

@@ -126,7 +126,7 @@ class TritonEmbedding(Tactic):
     name = "triton.embedding"
     ops = frozenset({"Fused"})
     devices = frozenset({"cuda"})
-    priority = 38  # before split.embedding (39)
+    priority = 39  # after split.embedding: untimed builds keep the kernels the unfused graph ran
 
     def applicable(self, node: Node, device: torch.device) -> bool:
         return super().applicable(node, device) and triton_available() and embedding_spec(node) is not None
@@ -182,7 +182,7 @@ class SplitEmbedding(Tactic):
     name = "split.embedding"
     ops = frozenset({"Fused"})
     devices = frozenset({"cuda"})
-    priority = 39
+    priority = 38  # first: untimed builds (opt level 0, deterministic without a cache) run what the graph ran
 
     def applicable(self, node: Node, device: torch.device) -> bool:
         return super().applicable(node, device) and node.attrs.get("kind") == "embedding"
