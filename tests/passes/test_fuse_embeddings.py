@@ -1,6 +1,6 @@
-"""Embedding fusion: lookups and terms summed, then a LayerNorm, become one "embedding" node on GPU builds; sums
-read elsewhere, lookups by constant indices or along another axis, terms that do not repeat per row, and CPU
-builds are left alone."""
+"""Embedding fusion: lookups and terms summed, then a LayerNorm, become one "embedding" node on GPU builds (with the
+sum as a second output where it is read elsewhere); lookups by constant indices are terms; sums without a runtime
+lookup, terms that do not repeat per row, norms over more than the last axis, and CPU builds are left alone."""
 
 from __future__ import annotations
 
@@ -70,7 +70,16 @@ def test_a_lookup_by_constant_indices_is_a_term() -> None:
     assert [n.op for n in g.nodes[1].attrs["body"].nodes] == ["Gather", "Add", "Add", "LayerNormalization"]
 
 
+def test_a_sum_read_elsewhere_is_an_output_too() -> None:
+    """GPT-2's residual stream starts with the embeddings' sum: the node outputs [sum, norm]."""
+    g, result = preserves(lambda: _model("sum read elsewhere"), _gpu, FEEDS)
+    assert result.counts == {"embeddings": 1} and ops(g) == ["Fused", "Relu"]
+    node = g.nodes[0]
+    assert len(node.outputs) == 2 and node.outputs[1].name == g.outputs[0].name
+    assert g.nodes[1].inputs[0] is node.outputs[0]
+
+
 def test_left_alone_where_one_kernel_could_not_make_it() -> None:
-    for variant in ("sum read elsewhere", "only constant ids", "per batch term", "norm axis 1"):
+    for variant in ("only constant ids", "per batch term", "norm axis 1"):
         g, result = preserves(lambda v=variant: _model(v), _gpu, FEEDS)
         assert not result.changed and "Fused" not in ops(g), variant

@@ -11,14 +11,14 @@ a program per token reads its rows from each table, adds the other terms, normal
 the result once.
 
 Rewrite case: a LayerNormalization over the last axis with float32 statistics, a constant scale (and B) of one
-value per element of that axis, whose input X is read by it alone and is a sum: a tree of Adds (each read only by
-the next) whose terms are
+value per element of that axis, whose input X is a sum: a tree of Adds (each read only by the next) whose terms are
 - lookups: Gather along axis 0 of a constant 2-D table by runtime int32/int64 indices (read only by the tree), at
   least one of them;
 - other terms: constants or computed values whose shape is a suffix of X's after leading 1s ([1, seq, hidden],
   [seq, hidden], [hidden]: the same rows for every batch) or X's shape itself;
-all of one float dtype, X's, with a static hidden size. GPU builds only (the kernel is Triton). In the patterns
-section of the pipeline: after norm recognition, before epilogue and pointwise fusion take the Adds.
+all of one float dtype, X's, with a static hidden size. When X is read elsewhere too (GPT-2's residual stream
+starts with it) the node outputs it as well: [X, the norm's result]. GPU builds only (the kernel is Triton). In the
+patterns section of the pipeline: after norm recognition, before epilogue and pointwise fusion take the Adds.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _region(norm: Node, uses: Uses) -> list[Node] | None:
     """The nodes of a fusable embedding ending at `norm` (lookups, Adds, the norm), or None."""
     x = norm.inputs[0]
     shape = _shape(x)
-    if x is None or shape is None or not shape or not isinstance(shape[-1], int) or uses.only_reader(x) is not norm:
+    if x is None or shape is None or not shape or not isinstance(shape[-1], int) or x.producer is None:
         return None
     if x.dtype not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16) or norm.attrs["stash_type"] is not DType.FLOAT32:
         return None

@@ -1,8 +1,8 @@
 """Cases for the "embedding" node's tactics (`triton.embedding`, `split.embedding`): lookups and terms summed, then
 a LayerNorm, fused by the real pass (`fuse_embeddings`) and run against the op table's reference (the body, node by
 node). BERT's three-term form, one lookup with a per-token term, negative indices, a row that is not a power of two,
-float16 tables, and out-of-range indices (clamped reads, the lookup's check set and cleared once read). Shared by
-the interpreter test (CPU) and the GPU tier."""
+float16 tables, GPT-2's form (one lookup, no B, the sum an output too), and out-of-range indices (clamped reads, the
+lookup's check set and cleared once read). Shared by the interpreter test (CPU) and the GPU tier."""
 
 from __future__ import annotations
 
@@ -58,6 +58,26 @@ def bert(dt: torch.dtype, tokens: tuple[int, int], hidden: int, vocab: int = 50,
     return node, args
 
 
+def gpt2(dt: torch.dtype, tokens: tuple[int, int], hidden: int, vocab: int = 40) -> tuple[Node, list[Any]]:
+    """word[ids] + position rows [seq, hidden], then LayerNorm - the sum read elsewhere too (the residual stream):
+    the node outputs [sum, norm]."""
+    g = Graph()
+    b, s = tokens
+    ids = g.add_input("ids", TensorType(DType.INT32, (b, s)))
+    word = g.add_initializer("word", torch.randn(vocab, hidden, generator=_gen(11)).to(dt))
+    (w,) = g.add("Gather", [word, ids], {"axis": 0}, name="word_lookup")
+    (x,) = g.add("Add", [w, g.add_initializer("pos", torch.randn(s, hidden, generator=_gen(12)).to(dt))],
+                 outputs=["h"])
+    scale = g.add_initializer("scale", torch.ones(hidden, dtype=dt))
+    (y,) = g.add("LayerNormalization", [x, scale], {"axis": -1, "epsilon": 1e-5}, name="ln", outputs=1)
+    g.outputs.extend([y, x])
+    assert rewrite(g).counts == {"embeddings": 1}, "the pass did not fuse the case"
+    (node,) = g.nodes
+    args = [v.data if v.data is not None else torch.randint(-vocab, vocab, (b, s), generator=_gen(13),
+                                                             dtype=torch.int32) for v in node.inputs]
+    return node, args
+
+
 def run(node: Node, args: list[Any], device: str = "cpu", bad: str | None = None) -> dict[str, str | None]:
     """{tactic: what differs, or None} against the reference (on the indices as the kernel clamps them when `bad`
     names the lookup given out-of-range ones); the right check set exactly then, and cleared once read."""
@@ -70,7 +90,7 @@ def run(node: Node, args: list[Any], device: str = "cpu", bad: str | None = None
             i = args[i_at].to(torch.int64)
             i = torch.where(i < 0, i + size, i).clamp(0, size - 1)
             clamped[i_at] = i.to(args[i_at].dtype)
-    want = OPS["Fused"].ref(RefCtx(node), clamped)[0].double()
+    wants = [w.double() for w in OPS["Fused"].ref(RefCtx(node), clamped)]
     out: dict[str, str | None] = {}
     for name in TACTICS:
         tactic = registry.get(name)
@@ -78,11 +98,12 @@ def run(node: Node, args: list[Any], device: str = "cpu", bad: str | None = None
             out[name] = "not applicable"
             continue
         kernel = tactic.build(node, {}, CUDA)
-        got = kernel([a.to(device) for a in args])[0].cpu()
-        problems = []
-        if got.dtype != args[0].dtype or tuple(got.shape) != tuple(want.shape):
-            problems.append(f"got {got.dtype}{list(got.shape)}, expected {args[0].dtype}{list(want.shape)}")
-        else:
+        gots = [g.cpu() for g in kernel([a.to(device) for a in args])]
+        problems = [] if len(gots) == len(wants) else [f"{len(gots)} outputs, expected {len(wants)}"]
+        for got, want in zip(gots, wants):
+            if got.dtype != args[0].dtype or tuple(got.shape) != tuple(want.shape):
+                problems.append(f"got {got.dtype}{list(got.shape)}, expected {args[0].dtype}{list(want.shape)}")
+                continue
             tol = 1e-4 if got.dtype == torch.float32 else 2e-2
             err = float((got.double() - want).abs().max())
             if err > tol * max(1.0, float(want.abs().max())):
@@ -111,6 +132,7 @@ CASES: dict[str, Callable[[str], dict[str, str | None]]] = {
     "bert-f16-odd-row": lambda d: run(*bert(torch.float16, (3, 5), 100), device=d),
     "computed-term": lambda d: run(*bert(torch.float32, (2, 4), 48, position="input"), device=d),
     "out-of-range": lambda d: run(*_bad(bert(torch.float32, (2, 6), 32)), device=d, bad="word_lookup"),
+    "gpt2-sum-kept-f16": lambda d: run(*gpt2(torch.float16, (2, 9), 48), device=d),
 }
 
 

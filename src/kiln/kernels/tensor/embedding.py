@@ -4,7 +4,8 @@ sum) two ways, both tuned:
 - `triton.embedding`: one Triton kernel, a program per token: it reads the token's row from each table (the index
   wrapped, range-checked into the lookup's `DeferredCheck` and clamped, as `triton.gather` does), adds the other
   terms' rows (a term of shape [seq, hidden] gives row `token % seq`), normalizes the float32 sum and writes the
-  result once. Up to 3 lookups and 2 other terms, rows up to 16384 values (one block).
+  result once (and the sum, when the node outputs it too). Up to 3 lookups and 2 other terms, rows up to 16384
+  values (one block).
 - `split.embedding`: the body's nodes one after the other, each on its best-ranked kernel (as the unfused graph
   ran them), so the tuner never loses what the graph did before the fusion.
 
@@ -42,9 +43,9 @@ def _lookup_row(table, ids, n, flag, row, cols, ok, H):
     return tl.load(table + i * H + cols, mask=ok, other=0.0).to(tl.float32)
 
 
-def _embedding_rows(out_ptr, t0, i0, n0, f0, t1, i1, n1, f1, t2, i2, n2, f2, a0, r0, a1, r1, g_ptr, b_ptr, H, eps,
-                    LOOKUPS: tl.constexpr, TERMS: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
-                    PDL: tl.constexpr):
+def _embedding_rows(out_ptr, sum_ptr, t0, i0, n0, f0, t1, i1, n1, f1, t2, i2, n2, f2, a0, r0, a1, r1, g_ptr, b_ptr,
+                    H, eps, LOOKUPS: tl.constexpr, TERMS: tl.constexpr, HAS_B: tl.constexpr, SUM: tl.constexpr,
+                    BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_sync(PDL)
     row = tl.program_id(0).to(tl.int64)  # a token
     cols = tl.arange(0, BLOCK)
@@ -58,6 +59,8 @@ def _embedding_rows(out_ptr, t0, i0, n0, f0, t1, i1, n1, f1, t2, i2, n2, f2, a0,
         acc += tl.load(a0 + (row % r0) * H + cols, mask=ok, other=0.0).to(tl.float32)
     if TERMS > 1:
         acc += tl.load(a1 + (row % r1) * H + cols, mask=ok, other=0.0).to(tl.float32)
+    if SUM:  # the sum itself is read elsewhere too (GPT-2's residual stream)
+        tl.store(sum_ptr + row * H + cols, acc.to(sum_ptr.dtype.element_ty), mask=ok)
     mean = tl.sum(acc, axis=0) / H
     d = tl.where(ok, acc - mean, 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(d * d, axis=0) / H + eps))
@@ -92,6 +95,8 @@ class EmbeddingSpec:
     scale_at: int
     b_at: int | None
     eps: float
+    keep_sum: bool = False
+    """The node outputs the sum as well, before the norm's result."""
 
 
 def embedding_spec(node: Node) -> EmbeddingSpec | None:
@@ -101,7 +106,8 @@ def embedding_spec(node: Node) -> EmbeddingSpec | None:
     body: Graph = node.attrs["body"]
     at = {v: i for i, v in enumerate(body.inputs)}
     *parts, norm = body.nodes
-    if norm.op != "LayerNormalization" or len(body.outputs) != 1 or body.outputs[0] is not norm.outputs[0]:
+    if norm.op != "LayerNormalization" or body.outputs[-1] is not norm.outputs[0] \
+            or body.outputs[:-1] not in ([], [norm.inputs[0]]):
         return None
     lookups, terms = [], []
     made = {o for n in parts for o in n.outputs}
@@ -119,7 +125,7 @@ def embedding_spec(node: Node) -> EmbeddingSpec | None:
             or (b is not None and b not in at):
         return None
     return EmbeddingSpec(tuple(lookups), tuple(terms), at[scale], None if b is None else at[b],
-                         float(norm.attrs["epsilon"]))
+                         float(norm.attrs["epsilon"]), len(body.outputs) == 2)
 
 
 class TritonEmbedding(Tactic):
@@ -146,6 +152,7 @@ class TritonEmbedding(Tactic):
             ids = [xs[i].contiguous() for _, i, _ in s.lookups]
             rows = ids[0].numel()
             out = torch.empty((*ids[0].shape, h), dtype=first.dtype, device=first.device)
+            total = torch.empty_like(out) if s.keep_sum else out
             args: list[Any] = []
             for (t_at, _, _), idx, check in zip(s.lookups, ids, checks):
                 table = xs[t_at].contiguous()
@@ -167,10 +174,10 @@ class TritonEmbedding(Tactic):
             b = xs[s.b_at].contiguous() if s.b_at is not None else g
             if rows and h:
                 block = max(16, 1 << (h - 1).bit_length())
-                _kernel()[(rows,)](out, *args, g, b, h, s.eps, LOOKUPS=len(s.lookups), TERMS=len(s.terms),
-                                   HAS_B=s.b_at is not None, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-                                   **pdl.launch_options())
-            return [out]
+                _kernel()[(rows,)](out, total, *args, g, b, h, s.eps, LOOKUPS=len(s.lookups), TERMS=len(s.terms),
+                                   HAS_B=s.b_at is not None, SUM=s.keep_sum, BLOCK=block,
+                                   num_warps=4 if block <= 2048 else 8, **pdl.launch_options())
+            return [total, out] if s.keep_sum else [out]
 
         run.checks = checks  # type: ignore[attr-defined]
         return run
