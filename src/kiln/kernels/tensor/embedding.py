@@ -25,6 +25,7 @@ from kiln.kernels import pdl
 from kiln.kernels.base import DeferredCheck, Kernel, SubgraphRunner, Tactic
 from kiln.kernels.pointwise import triton_available
 from kiln.kernels.registry import register
+from kiln.kernels.tensor.triton_gather import checked_index
 from kiln.utils.errors import InputError, UnsupportedError
 
 MAX_LOOKUPS, MAX_TERMS, MAX_ROW = 3, 2, 16384
@@ -32,14 +33,12 @@ MAX_LOOKUPS, MAX_TERMS, MAX_ROW = 3, 2, 16384
 tl: Any = None
 pdl_sync: Any = None  # `mathlib.pdl_sync`, bound by _kernel()
 _lookup: Any = None  # `_lookup_row` jitted, bound by _kernel()
+_checked: Any = None  # `triton_gather.checked_index()`, bound by _kernel()
 
 
 def _lookup_row(table, ids, n, flag, row, cols, ok, H):
-    """One lookup's row for token `row`, in float32: the index wrapped, checked and clamped (as triton.gather)."""
-    i = tl.load(ids + row).to(tl.int64)
-    i = tl.where(i < 0, i + n, i)
-    tl.store(flag, 1, mask=(i < 0) | (i >= n))  # why: the run raises it once results reach the host
-    i = tl.minimum(tl.maximum(i, 0), n - 1)  # why: an out-of-range lookup would be a device-side fault
+    """One lookup's row for token `row`, in float32: the index wrapped, checked and clamped as triton.gather does."""
+    i = _checked(tl.load(ids + row), n, flag)
     return tl.load(table + i * H + cols, mask=ok, other=0.0).to(tl.float32)
 
 
@@ -81,6 +80,7 @@ def _kernel() -> Any:
     g = globals()
     g["tl"] = triton.language
     g["pdl_sync"] = sync
+    g["_checked"] = checked_index()
     g["_lookup"] = triton.jit(_lookup_row)
     return triton.jit(_embedding_rows)
 

@@ -31,6 +31,16 @@ BLOCKS = (256, 1024, 4096)
 
 tl: Any = None
 pdl_sync: Any = None  # `mathlib.pdl_sync`, bound by _kernel()
+_checked: Any = None  # `_checked_index` jitted, bound by _kernel()
+
+
+def _checked_index(i, n, bad_ptr):
+    """Index `i` into an axis of `n`: wrapped when negative, recorded in the flag at `bad_ptr` when out of range,
+    clamped into range."""
+    i = i.to(tl.int64)
+    i = tl.where(i < 0, i + n, i)
+    tl.store(bad_ptr, 1, mask=(i < 0) | (i >= n))  # why: the run raises it once results reach the host (DeferredCheck)
+    return tl.minimum(tl.maximum(i, 0), n - 1)  # why: an out-of-range lookup would be a device-side fault
 
 
 def _gather_rows(x_ptr, idx_ptr, out_ptr, bad_ptr, n, m, inner, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -38,11 +48,7 @@ def _gather_rows(x_ptr, idx_ptr, out_ptr, bad_ptr, n, m, inner, BLOCK: tl.conste
     row = tl.program_id(0).to(tl.int64)  # an output row: outer index o, index position j
     o = row // m
     j = row % m
-    i = tl.load(idx_ptr + j).to(tl.int64)
-    i = tl.where(i < 0, i + n, i)
-    bad = (i < 0) | (i >= n)
-    tl.store(bad_ptr, 1, mask=bad)  # why: the run raises it once results reach the host (DeferredCheck)
-    i = tl.minimum(tl.maximum(i, 0), n - 1)  # why: an out-of-range lookup would be a device-side fault
+    i = _checked(tl.load(idx_ptr + j), n, bad_ptr)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inner
     v = tl.load(x_ptr + (o * n + i) * inner + cols, mask=ok)
@@ -60,7 +66,14 @@ def _kernel() -> Any:
     g = globals()
     g["tl"] = triton.language
     g["pdl_sync"] = sync
+    g["_checked"] = triton.jit(_checked_index)
     return triton.jit(_gather_rows)
+
+
+def checked_index() -> Any:
+    """`_checked_index` jitted, for the other kernels that look rows up by runtime indices (`triton.embedding`)."""
+    _kernel()
+    return _checked
 
 
 class TritonGather(Tactic):
