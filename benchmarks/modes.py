@@ -17,6 +17,9 @@ Every mode turns into a `step(k)` that runs one inference on pre-made input set 
 - kiln-nopdl (opt-in): the kiln build without programmatic dependent launch (`BuilderConfig.pdl=False`), from
   the kiln mode's timing cache when that mode ran first (the same tactics: what differs is the launch alone).
   The kiln mode itself follows KILN_PDL (on unless it is 0; PDL needs sm_90+).
+- kiln-norefine (opt-in): the kiln build with the tuner's choices as timed alone (`BuilderConfig.refine=False`: no
+  whole-engine search, `kiln.tune.refine`), from the kiln mode's timing cache when that mode ran first (the same
+  timings, without the search's decisions).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from benchmarks.models import ModelSpec
 from benchmarks.timing import Step, timed
 
 TORCH_MODES = ("eager", "cudagraph", "compile", "reduce-overhead", "max-autotune")
-KILN_MODES = ("kiln", "kiln-nopdl", "kiln-int8", "kiln-fp8")
+KILN_MODES = ("kiln", "kiln-nopdl", "kiln-norefine", "kiln-int8", "kiln-fp8")
 QUANTIZED_MODES = {"kiln-int8": "int8", "kiln-fp8": "fp8"}
 ALL_MODES = (*TORCH_MODES, *KILN_MODES)
-DEFAULT_MODES = tuple(m for m in ALL_MODES if m not in ("max-autotune", "kiln-nopdl", *QUANTIZED_MODES))
+DEFAULT_MODES = tuple(m for m in ALL_MODES if m not in ("max-autotune", "kiln-nopdl", "kiln-norefine",
+                                                       *QUANTIZED_MODES))
 GRAPH_MODES = frozenset({"cudagraph", "reduce-overhead", "max-autotune"})
 COMPILE_MODES = {"compile": None, "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune"}
 GRAPH_WARMUP = 3  # eager runs on a side stream before capture (cuDNN/cuBLAS handles and autotuning happen there)
@@ -95,7 +99,8 @@ def prepare(mode: str, case: Case) -> Prepared:
     if mode in COMPILE_MODES:
         return _compiled(case, COMPILE_MODES[mode])
     if mode in KILN_MODES:
-        return _kiln(case, QUANTIZED_MODES.get(mode), pdl=False if mode == "kiln-nopdl" else None)
+        return _kiln(case, QUANTIZED_MODES.get(mode), pdl=False if mode == "kiln-nopdl" else None,
+                     refine=mode != "kiln-norefine")
     raise ValueError(f"unknown mode '{mode}'")
 
 
@@ -160,8 +165,9 @@ def kiln_cache_path(case: Case, precision: str | None = None) -> Path:
     return case.kiln.cache_dir / name
 
 
-def _kiln(case: Case, quantized: str | None = None, pdl: bool | None = None) -> Prepared:
+def _kiln(case: Case, quantized: str | None = None, pdl: bool | None = None, refine: bool = True) -> Prepared:
     import kiln
+    from kiln.cli.build import refine_line
 
     if case.onnx_path is None:
         raise RuntimeError("no ONNX export to build from")
@@ -176,7 +182,8 @@ def _kiln(case: Case, quantized: str | None = None, pdl: bool | None = None) -> 
             raise RuntimeError("an accuracy target needs at least 2 input sets (--rotate): one is held out")
         calibration, held = sets[:-1], sets[-1:]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    reused = pdl is not None and cache.exists()  # kiln-nopdl after kiln: its timings, so both run the same tactics
+    # kiln-nopdl / kiln-norefine after kiln: its timings, so what differs is the launch or the search alone
+    reused = (pdl is not None or not refine) and cache.exists()
     if not reused:
         cache.unlink(missing_ok=True)  # the first build is cold: no timings to reuse
     profile = {n: tuple(x.shape) for n, x in zip(names, case.kiln_sets[0])}
@@ -186,7 +193,8 @@ def _kiln(case: Case, quantized: str | None = None, pdl: bool | None = None) -> 
                                     tf32=case.kiln.tf32, timing_cache=str(cache), profiles=[profile],
                                     time_budget_s=case.kiln.time_budget_s, calibration=calibration,
                                     calibrator=case.kiln.calibrator if quantized else None, accuracy_check=held,
-                                    accuracy_target=case.kiln.accuracy_target if held else None, pdl=pdl)
+                                    accuracy_target=case.kiln.accuracy_target if held else None, pdl=pdl,
+                                    refine=refine)
         return kiln.build(str(case.onnx_path), config)
 
     engine, cold = timed(build, case.device)
@@ -203,12 +211,14 @@ def _kiln(case: Case, quantized: str | None = None, pdl: bool | None = None) -> 
     if rejected:  # a candidate that failed or mismatched: a kernel bug or a refusal, worth seeing beside the time
         print(f"[{case.spec.name} bs{case.batch} {precision}] {len(rejected)} candidates rejected, first: "
               + " | ".join(r[:300] for r in rejected[:6]), file=sys.stderr, flush=True)
+    for r in engine.plan.stats.get("tuning", {}).get("refine", []):  # what the whole-engine search changed
+        print(f"[{case.spec.name} bs{case.batch} {precision}] refine: {refine_line(r)}", file=sys.stderr, flush=True)
     del engine
     _free(case.device)
     engine, warm = timed(build, case.device)  # the same build, its tactic timings now in the cache
     if case.kiln.save_dir is not None:
         case.kiln.save_dir.mkdir(parents=True, exist_ok=True)
-        suffix = "-nopdl" if pdl is False else ""
+        suffix = ("-nopdl" if pdl is False else "") + ("" if refine else "-norefine")
         engine.save(case.kiln.save_dir / f"{case.spec.name}-bs{case.batch}-{precision}{suffix}.kiln")
     ctx = engine.create_context()
     feeds = [dict(zip(names, s)) for s in case.kiln_sets]

@@ -227,7 +227,7 @@ def _setup(m: ModeResult, c: CaseResult) -> str:
         parts.append(f"export {_s(c.export_s)}")
     if "build_cold_s" in s:
         parts.append(f"build {_s(s['build_cold_s'])} cold, {_s(s['build_warm_s'])} warm")
-    elif "build_warm_s" in s:  # built from another mode's timing cache (kiln-nopdl after kiln): no cold build
+    elif "build_warm_s" in s:  # from another mode's timing cache (kiln-nopdl, kiln-norefine after kiln): no cold build
         parts.append(f"build {_s(s['build_warm_s'])} warm")
     if "first_run_s" in s:
         parts.append(f"first run {_s(s['first_run_s'])}")
@@ -266,7 +266,7 @@ def _notes(c: CaseResult) -> list[str]:
                    f"goal <= {KILN_GOAL}: {verdict}.")
     elif k is not None and k.error:
         out.append(f"kiln: {_cell(k.error)}")
-    for name in ("kiln-nopdl", "kiln-int8", "kiln-fp8"):
+    for name in ("kiln-nopdl", "kiln-norefine", "kiln-int8", "kiln-fp8"):
         q = c.mode(name)
         if q is not None and q.stats is not None and k is not None and k.stats is not None:
             w = worst(q.checks)

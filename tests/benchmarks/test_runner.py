@@ -176,21 +176,25 @@ def test_quantized_modes_take_a_calibrator_and_an_accuracy_target(tmp_path: Path
     assert "int8] accuracy gate cosine>=0.9999: met" in err and "fp8] accuracy gate cosine>=0.9999: met" in err, err
 
 
-def test_the_nopdl_mode_builds_from_the_kiln_timings_and_reports_against_kiln(tmp_path: Path) -> None:
-    """kiln-nopdl (opt-in): the engine stores pdl=False, is built from the kiln mode's timing cache (that mode ran
-    first), and the report gives kiln-nopdl / kiln."""
+def test_the_nopdl_and_norefine_modes_build_from_the_kiln_timings_and_report_against_kiln(tmp_path: Path) -> None:
+    """kiln-nopdl and kiln-norefine (opt-in): the engines store pdl=False / refine=False, are built from the kiln
+    mode's timing cache (that mode ran first), and the report gives each / kiln."""
     out, results = tmp_path / "pdl.json", tmp_path / "R.md"
     argv = ["--models", "tiny_cnn", "--batch", "2", "--device", "cpu", "--precision", "fp32", "--modes",
-            "kiln,kiln-nopdl", "--warmup", "1", "--iters", "3", "--results", str(results), "--json", str(out),
-            "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1", "--kiln-save", str(tmp_path / "eng")]
+            "kiln,kiln-nopdl,kiln-norefine", "--warmup", "1", "--iters", "3", "--results", str(results),
+            "--json", str(out), "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1",
+            "--kiln-save", str(tmp_path / "eng")]
     case = _one_case(argv, out)
-    pdl = next(m for m in case["modes"] if m["mode"] == "kiln-nopdl")
-    assert pdl["status"] == "ok", pdl.get("error")
     text = results.read_text()
-    assert "kiln-nopdl / kiln fp32: **" in text
-    row = next(line for line in text.splitlines() if line.startswith("| kiln-nopdl |"))
-    assert "warm" in row and "cold" not in row  # built from the kiln mode's timings: no cold build to report
+    for mode in ("kiln-nopdl", "kiln-norefine"):
+        m = next(m for m in case["modes"] if m["mode"] == mode)
+        assert m["status"] == "ok", m.get("error")
+        assert f"{mode} / kiln fp32: **" in text
+        row = next(line for line in text.splitlines() if line.startswith(f"| {mode} |"))
+        assert "warm" in row and "cold" not in row  # built from the kiln mode's timings: no cold build to report
     import kiln
 
-    saved = {p.name: kiln.load(p).pdl for p in (tmp_path / "eng").glob("*.kiln")}
-    assert saved == {"tiny_cnn-bs2-fp32.kiln": None, "tiny_cnn-bs2-fp32-nopdl.kiln": False}
+    saved = {p.name: (kiln.load(p).pdl, kiln.load(p).metadata["config"]["refine"])
+             for p in (tmp_path / "eng").glob("*.kiln")}
+    assert saved == {"tiny_cnn-bs2-fp32.kiln": (None, True), "tiny_cnn-bs2-fp32-nopdl.kiln": (False, True),
+                     "tiny_cnn-bs2-fp32-norefine.kiln": (None, False)}

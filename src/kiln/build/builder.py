@@ -38,8 +38,9 @@ from kiln.runtime import engine_file
 from kiln.runtime.device import describe
 from kiln.runtime.engine import Engine, concrete, engine_from_blob, place_constants, tf32_mode, versions
 from kiln.runtime.plan import Choice, Plan, Profile, ShapeRange
+from kiln.tune import refine
 from kiln.tune.cache import TimingCache
-from kiln.tune.tuner import TuneSettings, sample_inputs, tune
+from kiln.tune.tuner import TuneReport, TuneSettings, sample_inputs, tune
 from kiln.utils.errors import KilnError
 
 Progress = Callable[[str, int, int], None]
@@ -263,7 +264,7 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     cache = TimingCache(config.timing_cache)
     device = config.torch_device
     settings = TuneSettings(device, config.opt_level, config.deterministic, config.time_budget_s,
-                            has_cache=config.timing_cache is not None)
+                            has_cache=config.timing_cache is not None, refined=config.refine)
     # why: the engine holds its weights on the device; tuned there already, every candidate gets the very tensors it
     # will run with, so a weight a kernel prepares once (a transposed or folded copy) is not remade in its timing
     place_constants(graph, concrete(device))
@@ -279,6 +280,14 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
         raise MemoryLimitError(
             f"the activation arena needs {memory.arena_bytes:,} bytes, over the limit of "
             f"{config.memory_limit_bytes:,}", hint="raise the limit, or build with smaller max shapes")
+    refined = None
+    if config.refine and settings.opt_level >= 3 and device.type == "cuda" and not config.deterministic and \
+            refine.open_groups(report.groups):
+        say("refine", 0, 1)
+        budget = refine.BUDGET_S if config.time_budget_s is None else \
+            max(0.0, min(refine.BUDGET_S, config.time_budget_s - report.seconds))
+        with tf32_mode(config.tf32, device), pdl.mode(config.pdl):
+            choices, refined = _refine(graph, profiles, choices, memory, config, cache, report, budget)
     if config.timing_cache is not None:
         cache.save()
     stats: dict[str, Any] = {
@@ -287,6 +296,8 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
         "passes": [{"name": r.name, "counts": r.result.counts, "nodes_after": r.nodes_after} for r in records],
         "tuning": report.to_json(),
     }
+    if refined is not None:
+        stats["tuning"]["refine"] = refined
     if lowered is not None:
         stats["precision"] = lowered
     stats["flops"] = flop_mix(graph, {k: tuple(r.opt) for k, r in profiles[0].shapes.items()} if profiles else {})
@@ -305,6 +316,36 @@ def _finish(graph: Graph, config: BuilderConfig, nodes_in: int, records: list[An
     return Engine(Plan(graph, profiles, choices, memory, stats), meta, device)
 
 
+def _refine(graph: Graph, profiles: list[Profile], choices: list[list[Choice]], memory: Any, config: BuilderConfig,
+            cache: TimingCache, report: TuneReport, budget_s: float) -> tuple[list[list[Choice]], list[Any]]:
+    """The tuner's choices refined in the whole engine (`kiln.tune.refine`), profile by profile, on sample inputs
+    at each profile's opt shapes (a profile whose opt shapes an earlier profile takes is left as tuned)."""
+    device = config.torch_device
+    meta = {"config": config.to_json()}
+    out = [list(c) for c in choices]
+    reports: list[Any] = []
+    deadline = time.perf_counter() + budget_s
+    for p, profile in enumerate(profiles):
+        try:
+            feeds = sample_inputs(graph, profile, device)
+        except ValueError as e:
+            reports.append({"skipped": str(e)})
+            continue
+        shapes = {k: tuple(x.shape) for k, x in feeds.items() if isinstance(x, torch.Tensor)}
+        if Plan(graph, profiles, out, memory).select_profile(shapes) != p:
+            reports.append({"skipped": "another profile takes its opt shapes"})
+            continue
+
+        def make(per: list[Choice], p: int = p) -> Engine:
+            return Engine(Plan(graph, profiles, [per if q == p else c for q, c in enumerate(out)], memory), meta,
+                          device)
+
+        left = max(0.0, deadline - time.perf_counter())
+        out[p], rep = refine.refine(report.groups[p], out[p], make, feeds, cache, left)
+        reports.append(rep.to_json())
+    return out, reports
+
+
 def retune(blob: engine_file.EngineBlob, device: str | torch.device, where: str,
            timing_cache: str | None = None) -> Engine:
     """Re-tune an engine file's stored graph for `device` (an engine built elsewhere)."""
@@ -315,7 +356,7 @@ def retune(blob: engine_file.EngineBlob, device: str | torch.device, where: str,
         precision=cfg.get("precision", "fp32"), tf32=cfg.get("tf32", True), device=str(torch.device(device)),
         profiles=old.plan.profiles, timing_cache=timing_cache, opt_level=cfg.get("opt_level", 3),
         time_budget_s=cfg.get("time_budget_s"), memory_limit_bytes=cfg.get("memory_limit_bytes"),
-        deterministic=cfg.get("deterministic", False), pdl=cfg.get("pdl"),
+        deterministic=cfg.get("deterministic", False), pdl=cfg.get("pdl"), refine=cfg.get("refine", True),
     )
     say: Progress = lambda stage, i, n: None  # noqa: E731
     return _finish(old.plan.graph, config, int(old.plan.stats.get("nodes_imported", len(old.plan.graph.nodes))),

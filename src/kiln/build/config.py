@@ -110,6 +110,10 @@ class BuilderConfig:
     pdl: bool | None = None
     """GPU: launch kiln's Triton kernels with programmatic dependent launch (sm_90+; `kiln.kernels.pdl`), stored in
     the engine; None: as the KILN_PDL environment variable says where the engine runs (on unless it is "0")."""
+    refine: bool = True
+    """GPU, opt_level >= 3: after tuning, try the candidates that came close to each choice in the whole engine
+    (captured in a CUDA graph, where kernels overlap their neighbours) and keep those that make it faster
+    (`kiln.tune.refine`; at most 30 s, within time_budget_s)."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -185,6 +189,7 @@ class BuilderConfig:
             "precision": self.precision, "tf32": self.tf32, "device": self.device, "opt_level": self.opt_level,
             "time_budget_s": self.time_budget_s, "memory_limit_bytes": self.memory_limit_bytes,
             "deterministic": self.deterministic, "layer_precision": dict(self.layer_precision), "pdl": self.pdl,
+            "refine": self.refine,
             "calibrator": self.calibrator if self.precision in ("int8", "fp8") else None,
             "profiles": [p.to_json() for p in self.profiles],  # type: ignore[union-attr]
         }

@@ -19,7 +19,8 @@ from kiln.utils.errors import KilnError
 if TYPE_CHECKING:
     from kiln.runtime.engine import Engine
 
-STAGES = {"import": "importing the model", "passes": "optimizing the graph", "tune": "tuning"}
+STAGES = {"import": "importing the model", "passes": "optimizing the graph", "tune": "tuning",
+          "refine": "trying the close runners-up in the whole engine"}
 PHASES = {"passes": "optimize"}
 
 
@@ -50,6 +51,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                    help="launch kiln's Triton kernels with programmatic dependent launch (sm_90+ GPUs; default: as "
                         "the KILN_PDL environment variable says where the engine runs: on unless it is 0)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="keep the tuner's choices as timed alone (GPU; by default the close runners-up are tried "
+                        "in the whole engine, captured in a CUDA graph, and kept where it gets faster)")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration samples, a folder of .npy (one input) or .npz (by input name) files: int8 "
                         "scales, or with --fp16 the value ranges that decide which layers stay fp32")
@@ -121,6 +125,7 @@ def _config(args: argparse.Namespace, device: str) -> Any:
         accuracy_check=args.accuracy_check, accuracy_target=args.accuracy_target,
         timing_cache=args.timing_cache, opt_level=args.opt_level, time_budget_s=args.budget,
         memory_limit_bytes=parse_bytes(args.memory_limit), deterministic=args.deterministic, pdl=args.pdl,
+        refine=not args.no_refine,
     )
 
 
@@ -251,6 +256,8 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         shapes = ", ".join(f"{name} {r}" for name, r in sorted(prof.shapes.items())) or "static shapes"
         print(f"  profile {k}   {shapes}")
     print(f"  tuning      {_tuning(tuning)}")
+    for k, r in enumerate(tuning.get("refine", [])):
+        print(f"  refine      {refine_line(r)}" + (f"  (profile {k})" if len(plan.choices) > 1 else ""))
     for w in tuning.get("warnings", []):
         print(f"  warning: {w}")
     mem = plan.memory
@@ -279,6 +286,16 @@ def _tuning(t: dict[str, Any]) -> str:
     return (f"{secs}{t.get('timed_nodes', 0)} layers timed ({t.get('candidates_timed', 0)} candidates), "
             f"{t.get('cache_hits', 0)} cache hits, {t.get('single', 0)} with one tactic, "
             f"{len(t.get('rejected', []))} candidates rejected" + (f"; time by tactic: {where}" if where else ""))
+
+
+def refine_line(r: dict[str, Any]) -> str:
+    """The whole-engine search of one profile (`kiln.tune.refine`) in a line."""
+    if "skipped" in r:
+        return f"not run: {r['skipped']}"
+    kept = r.get("kept", [])
+    times = f"; engine {r['before_ms']:.4f} -> {r['after_ms']:.4f} ms" if "before_ms" in r else ""
+    return (f"{r.get('trials', 0)} trials over {r.get('groups', 0)} groups in {r.get('seconds', 0):.1f} s, "
+            f"{len(kept)} changed{times}" + "".join(f"\n              {k}" for k in kept))
 
 
 def precision_of(node: Any) -> str:

@@ -47,6 +47,9 @@ class TuneReport:
     tactic_seconds: dict[str, list[float]] = field(default_factory=dict)
     """Per tactic, seconds spent [building and first running its candidates (Triton compiles happen there),
     timing them]: where a build's time goes."""
+    groups: list[dict[str, Group]] = field(default_factory=list)
+    """Per profile, the timed nodes by timing-cache key, with their candidates' timings (`kiln.tune.refine` tries
+    the runners-up in the whole engine). Not part of the report's JSON."""
 
     def spent(self, tactic: str, first: float, timing: float) -> None:
         acc = self.tactic_seconds.setdefault(tactic, [0.0, 0.0])
@@ -61,12 +64,27 @@ class TuneReport:
 
 
 @dataclass
+class Group:
+    """Nodes of one profile that share a timing-cache key (the same op, shapes, dtypes and attributes: BERT's twelve
+    FFN-up layers), so the tuner made one choice for all of them."""
+
+    key: str
+    nodes: list[int]
+    ranked: list[tuple[float, Choice]]
+    """The candidates that passed, fastest first: (seconds alone, choice)."""
+    refined: bool = False
+    """The timing cache holds a choice made in the whole engine (`refine`) for this key."""
+
+
+@dataclass
 class TuneSettings:
     device: torch.device
     opt_level: int = 3
     deterministic: bool = False
     time_budget_s: float | None = None
     has_cache: bool = False
+    refined: bool = True
+    """Take a choice the whole-engine search made (`refined` in a cache entry) over the fastest one alone."""
 
 
 def sample_inputs(graph: Graph, profile: Profile, device: torch.device, seed: int = 0) -> dict[str, Any]:
@@ -111,10 +129,32 @@ def _attr_sig(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return {"strings": list(v.shape)}
     if isinstance(v, Graph):
-        return {"graph": v.name}
+        return {"graph": _graph_sig(v)}
     if isinstance(v, tuple):
         return [_attr_sig(x) for x in v]
     return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+def _graph_sig(g: Graph) -> dict[str, Any]:
+    """A body graph (a fused group, a control-flow branch) as structure: its nodes' ops and attributes, and its
+    values by position with their types (and constants' contents as `_attr_sig` gives them) - not its names, so
+    the fused groups of identical layers (BERT's twelve FFN-up products) share one timing-cache entry: tuned
+    once, and one group for the whole-engine search (`kiln.tune.refine`)."""
+    ids: dict[int, int] = {}
+
+    def ref(v: Value | None) -> Any:
+        if v is None:
+            return None
+        k = ids.get(id(v))
+        if k is not None:
+            return k
+        k = ids[id(v)] = len(ids)
+        return [k, str(v.type), None if v.data is None else _attr_sig(v.data)]
+
+    return {"inputs": [ref(v) for v in g.inputs],
+            "nodes": [[n.op, {k: _attr_sig(a) for k, a in sorted(n.attrs.items())}, [ref(v) for v in n.inputs],
+                       [ref(v) for v in n.outputs]] for n in g.nodes],
+            "outputs": [ref(v) for v in g.outputs]}
 
 
 def signature(node: Node, args: list[Any], device: torch.device) -> dict[str, Any]:
@@ -389,6 +429,7 @@ class _ProfileTuner:
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
         self.cands = [candidates(n, settings) for n in graph.nodes]
         self.choices: list[Choice | None] = [None] * len(graph.nodes)
+        self.groups: dict[str, Group] = {}
         self.done = 0
         self.total = 0
         """Nodes to time under this profile (progress is reported as done / total)."""
@@ -417,6 +458,7 @@ class _ProfileTuner:
         out = []
         for i in range(len(self.graph.nodes)):
             out.append(self.choices[i] or self.first(i))
+        self.report.groups.append(self.groups)
         return out
 
     def observe(self, node: Node, args: list[Any], results: list[Any]) -> None:
@@ -436,6 +478,11 @@ class _ProfileTuner:
         names = {t.name for t in self.cands[i]}
         if entry is not None and entry.get("tactic") in names and _in_space(self.cands[i], entry):
             self.report.cache_hits += 1
+            self._group(key, i, self._ranked(i, entry.get("candidates", {})), "refined" in entry)
+            refined = entry.get("refined")
+            if refined is not None and self.s.refined and refined.get("tactic") in names and \
+                    _in_space(self.cands[i], refined):
+                return Choice(refined["tactic"], refined.get("config", {}))
             return Choice(entry["tactic"], entry.get("config", {}))
         if self.s.deterministic or (self.deadline is not None and time.perf_counter() > self.deadline):
             return self.first(i)
@@ -488,7 +535,25 @@ class _ProfileTuner:
                 f"rejected (first: {turned_down[0]}); it will be slow - please report it")
         self.cache.put(key, {"op": node.op, "tactic": choice.tactic, "config": dict(choice.config),
                              "time_us": round(best[1] * 1e6, 3), "candidates": timings})
+        self._group(key, i, self._ranked(i, timings), False)
         return choice
+
+    def _ranked(self, i: int, timings: dict[str, Any]) -> list[tuple[float, Choice]]:
+        """The candidates of node i that passed and were captured, fastest first."""
+        out = []
+        for tactic in self.cands[i]:
+            for cfg in tactic.configs():
+                t = timings.get(tactic.name + (f"{cfg}" if cfg else ""))
+                if isinstance(t, (int, float)):
+                    out.append((t / 1e6, Choice(tactic.name, cfg)))
+        return sorted(out, key=lambda tc: tc[0])
+
+    def _group(self, key: str, i: int, ranked: list[tuple[float, Choice]], refined: bool) -> None:
+        group = self.groups.get(key)
+        if group is None:
+            self.groups[key] = Group(key, [i], ranked, refined)
+        else:
+            group.nodes.append(i)
 
 
 def tune(graph: Graph, profiles: list[Profile], settings: TuneSettings, cache: TimingCache,
