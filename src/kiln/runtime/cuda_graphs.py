@@ -30,6 +30,18 @@ class Captured:
     graph: torch.cuda.CUDAGraph
 
 
+def copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i, skipping a tensor copied onto itself (a caller that wrote into the graph's
+    own input buffer), in as few launches as torch's foreach copy makes (one per device and dtype where the shapes
+    allow: at batch 1 a copy's launch costs more than its bytes)."""
+    pairs = [(d, s) for d, s in zip(dst, src) if not (d.data_ptr() == s.data_ptr() and d.stride() == s.stride())]
+    if len(pairs) > 1 and all(d.device == s.device and d.dtype == s.dtype for d, s in pairs):
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        return
+    for d, s in pairs:
+        d.copy_(s)
+
+
 class GraphCache:
     """At most `max_graphs` captured graphs, least recently used dropped first."""
 
@@ -52,8 +64,7 @@ class GraphCache:
                 return None
         else:
             self.graphs.move_to_end(key)
-        for name, x in inputs.items():
-            cap.inputs[name].copy_(x)
+        copy_all([cap.inputs[name] for name in inputs], list(inputs.values()))
         cap.graph.replay()
         return cap.outputs
 

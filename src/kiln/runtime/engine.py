@@ -31,7 +31,7 @@ from kiln.ir.interpreter import (
 from kiln.kernels import pdl, registry
 from kiln.kernels.base import Kernel
 from kiln.runtime import engine_file
-from kiln.runtime.cuda_graphs import GraphCache
+from kiln.runtime.cuda_graphs import GraphCache, copy_all
 from kiln.runtime.device import DeviceInfo, describe
 from kiln.runtime.plan import Plan
 from kiln.utils.errors import EngineFileError, ExecutionError, InputError, KilnError
@@ -247,8 +247,13 @@ class ExecutionContext:
         got = self.graphs.run(key, feeds, fn)
         if got is None:
             return None
-        return {v: got[v.name].clone() if isinstance(got[v.name], torch.Tensor) else got[v.name]
-                for v in graph.outputs}
+        out = {v: got[v.name] for v in graph.outputs}
+        # the graph's own buffers are overwritten by its next replay: the caller gets copies, made in one launch
+        held = [v for v, x in out.items() if isinstance(x, torch.Tensor)]
+        copies = [torch.empty_like(out[v]) for v in held]
+        copy_all(copies, [out[v] for v in held])
+        out.update(zip(held, copies))
+        return out
 
     def prepare(self, feeds: Feeds, outputs: Sequence[str] | None = None) -> Call:
         """Check and place the inputs on the device, and pick the profile (the first phase of `run`)."""
