@@ -30,6 +30,7 @@ from kiln.passes.patch_embedding import patch_embedding
 from kiln.passes.pointwise_fusion import pointwise_fusion
 from kiln.passes.reshape_sinking import sink_reshapes
 from kiln.passes.shape_arithmetic import shape_arithmetic
+from kiln.passes.specialize_bodies import specialize_bodies
 from kiln.passes.transpose_sinking import sink_transposes
 
 
@@ -109,6 +110,9 @@ LATE: list[tuple[str, PassFactory]] = [
     ("extend_epilogues", _gpu_only(extend_epilogues)),
     # A norm and the GEMM reading its rows, as one node (GPU builds only: the kernels are Triton).
     ("fuse_norm_gemm", _gpu_only(fuse_norm_gemm)),
+    # Last: the bodies fused after shape_arithmetic that read a model input copied its declared (symbolic) type;
+    # the static dims go into them too, so the kernel generators see the shapes the profiles fix.
+    ("specialize_bodies", specialize_bodies),
 ]
 
 

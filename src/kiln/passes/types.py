@@ -33,13 +33,14 @@ def _subst_type(t: ValueType, dims: Dims) -> ValueType:
     return TensorType(t.dtype, tuple(substitute(d, dims) for d in t.shape))
 
 
-def specialize(graph: Graph, dims: Dims) -> int:
-    """Substitute the static symbols in every value's type but the model's inputs and outputs."""
+def specialize(graph: Graph, dims: Dims, fused_bodies: bool = False) -> int:
+    """Substitute the static symbols in every value's type but the model's inputs and outputs (with
+    `fused_bodies`, in the bodies of Fused nodes too)."""
     if not dims:
         return 0
     keep = {*graph.inputs, *graph.outputs}
     count = 0
-    for g in graphs(graph):
+    for g in _with_bodies(graph) if fused_bodies else graphs(graph):
         values = [*g.inputs, *(v for n in g.nodes for v in n.outputs)]
         for v in values:
             if v in keep:
@@ -49,6 +50,17 @@ def specialize(graph: Graph, dims: Dims) -> int:
                 v.type = t
                 count += 1
     return count
+
+
+def _with_bodies(graph: Graph) -> list[Graph]:
+    out = []
+    for g in graphs(graph):
+        out.append(g)
+        for n in g.nodes:
+            body = n.attrs.get("body") if n.op == "Fused" else None
+            if isinstance(body, Graph):
+                out.extend(_with_bodies(body))
+    return out
 
 
 def refine_types(graph: Graph) -> int:
