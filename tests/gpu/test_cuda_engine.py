@@ -196,12 +196,15 @@ def test_profile_times_each_step_alone_and_the_sum_matches_the_whole_run(tmp_pat
     assert 0.3 < p["total_ms_median"] / p["whole_ms_median"] < 3, p
 
 
-def test_a_token_id_past_the_vocabulary_is_an_input_error_and_the_context_survives() -> None:
+@pytest.mark.parametrize("tactic", ["triton.gather", "cuda.gather"])
+def test_a_token_id_past_the_vocabulary_is_an_input_error_and_the_context_survives(tactic: str) -> None:
     """On a GPU an out-of-range Gather index is flagged on the device and raised when the results reach the host
     (InputError naming the node), through the CUDA graph too; the CUDA context stays usable (a device-side
-    assertion would break it for good)."""
+    assertion would break it for good). Both GPU gather tactics (triton.gather ranks first, so an untimed build
+    takes it; cuda.gather is set in the plan)."""
     from onnx import numpy_helper
 
+    from kiln.runtime.plan import Choice
     from kiln.utils.errors import InputError
 
     emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), "emb")
@@ -210,7 +213,9 @@ def test_a_token_id_past_the_vocabulary_is_an_input_error_and_the_context_surviv
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], [emb])
     engine = kiln.build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
                         kiln.BuilderConfig(device="cuda", opt_level=0))
-    assert "cuda.gather" in [c.tactic for c in engine.plan.choices[0]]
+    (at,) = [i for i, n in enumerate(engine.plan.graph.nodes) if n.op == "Gather"]
+    assert engine.plan.choices[0][at].tactic == "triton.gather"
+    engine.plan.choices[0][at] = Choice(tactic)
     ctx = engine.create_context()
     good, table = np.array([[1, 2, 3], [4, 5, -1]]), numpy_helper.to_array(emb)
     for _ in range(3):  # eager first run, then the captured graph
