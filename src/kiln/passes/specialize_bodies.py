@@ -6,9 +6,9 @@ reading a model input copies that input's declared type into the body: BERT's ma
 read `attention_mask` as (batch, seq) in a domain of (1, 128), which the pointwise generator cannot broadcast, so
 the group ran on torch as two kernels instead of one generated kernel.
 
-Rewrite: in every graph and every Fused body (nested ones too), every value but the model's inputs and outputs gets
-the static symbols substituted (`types.specialize` with `fused_bodies`, run at the end). Nothing else changes; a build without static dims
-(dynamic profiles) is left as it is.
+Rewrite: in every graph and every Fused body (nested ones too), every value but the model's inputs and outputs
+gets the static symbols substituted (`types.specialize` with `fused_bodies`, run at the end). Nothing else changes;
+a build without static dims (dynamic profiles) is left as it is.
 """
 
 from __future__ import annotations
