@@ -179,3 +179,22 @@ def test_summary_reports_each_pass() -> None:
               {"name": "cse", "counts": {"merged": 2, "constants_merged": 1}, "nodes_after": 210}]
     assert pass_lines(passes) == ["fold_batchnorm: 53 folded (-> 212 layers)",
                                   "cse: 2 merged, 1 constants merged (-> 210 layers)"]
+
+
+def test_summary_reports_the_whole_engine_search(engine: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """GPU builds record what `kiln.tune.refine` did per profile; the summary shows it (set by hand here: CPU builds
+    do not search)."""
+    from kiln.cli.build import print_summary, refine_line
+
+    e = kiln.load(engine)
+    e.plan.stats["tuning"]["refine"] = [
+        {"groups": 10, "trials": 28, "kept": ["ae3a024057c6 x12: cuda.linear -> triton.gemm{'tile': 'x'} (0.9737x)"],
+         "rejected": [], "seconds": 3.81, "before_ms": 0.4269, "after_ms": 0.4209},
+        {"skipped": "another profile takes its opt shapes"}]
+    print_summary(e, str(engine), 123, {"import": 0.1})
+    out = capsys.readouterr().out
+    assert "refine      profile 0: 28 trials over 10 groups in 3.8 s, 1 changed; engine 0.4269 -> 0.4209 ms" in out
+    assert "ae3a024057c6 x12: cuda.linear -> triton.gemm{'tile': 'x'} (0.9737x)" in out
+    assert "refine      profile 1: not run: another profile takes its opt shapes" in out
+    assert refine_line({"groups": 0, "trials": 0, "kept": [], "seconds": 0.0}) == \
+        "0 trials over 0 groups in 0.0 s, 0 changed"

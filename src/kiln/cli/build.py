@@ -257,7 +257,7 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"  profile {k}   {shapes}")
     print(f"  tuning      {_tuning(tuning)}")
     for k, r in enumerate(tuning.get("refine", [])):
-        print(f"  refine      {refine_line(r)}" + (f"  (profile {k})" if len(plan.choices) > 1 else ""))
+        print("  refine      " + (f"profile {k}: " if len(plan.choices) > 1 else "") + refine_line(r))
     for w in tuning.get("warnings", []):
         print(f"  warning: {w}")
     mem = plan.memory
