@@ -124,6 +124,20 @@ def test_the_largest_groups_go_first_and_the_deadline_stops_the_search() -> None
     assert out == [A] * 4 and report.trials == 0 and not decided  # not decided: a later build searches again
 
 
+def test_a_change_kept_before_the_deadline_stays_and_is_reported_but_its_group_is_not_decided(monkeypatch: Any) \
+        -> None:
+    g = Group("k1", [0, 1], [(10e-6, A), (10.1e-6, B), (10.2e-6, C)])
+    ticks = [0.0, 5.0]  # the first try starts in time, the second (and anything later) after the deadline
+
+    monkeypatch.setattr(refine.time, "perf_counter", lambda: ticks.pop(0) if len(ticks) > 1 else ticks[0])
+    report = refine.RefineReport()
+    decided: list[Any] = []
+    out = refine.search({g.key: g}, [A, A], CostBench({"a": 5, "b": 3, "c": 1}, [A, A]), 1.0, report,
+                        lambda grp, c: decided.append(c))
+    assert out == [B, B] and report.trials == 1 and report.kept == ["k1 x2: a -> b (0.6000x)"]
+    assert not decided  # c was never tried: a later build searches this group again
+
+
 def test_outputs_are_compared_with_the_current_engines() -> None:
     y = torch.linspace(-1, 1, 64)
     refine.check_same_outputs({"y": y + 1e-4, "i": torch.arange(3)}, {"y": y, "i": torch.arange(3)})

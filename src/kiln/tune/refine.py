@@ -112,9 +112,11 @@ def search(groups: Mapping[str, Group], choices: list[Choice], bench: Bench, dea
     report.groups = len(todo)
     for _, g, chosen, tries in sorted(todo, key=lambda x: -x[0]):
         gain = 1.0
+        stopped = False
         for alt in tries:
             if time.perf_counter() > deadline:
-                return current
+                stopped = True
+                break
             trial = list(current)
             for i in g.nodes:
                 trial[i] = alt
@@ -130,6 +132,8 @@ def search(groups: Mapping[str, Group], choices: list[Choice], bench: Bench, dea
         if current[g.nodes[0]] != chosen:
             report.kept.append(f"{g.key[:12]} x{len(g.nodes)}: {_label(chosen)} -> {_label(current[g.nodes[0]])} "
                                f"({gain:.4f}x)")
+        if stopped:  # out of time: what was kept stays, but the group is not decided (a later build goes on)
+            return current
         if decided is not None:
             decided(g, current[g.nodes[0]])
     return current
