@@ -71,7 +71,7 @@ def _view(node: Node) -> DType | None:
     vals = (x, node.outputs[0])
     if not all(isinstance(v.type, TensorType) and v.type.dtype in TYPES for v in vals):
         return None
-    return x.type.dtype if x.type.dtype is node.outputs[0].type.dtype else None  # type: ignore[union-attr]
+    return x.dtype if x.dtype is node.outputs[0].dtype else None  # both are tensors: checked above
 
 
 class GlobalAvgPoolKernel:
