@@ -132,8 +132,10 @@ def test_vit_b_16_has_the_bert_structure_per_block() -> None:
 
 def test_the_late_list_on_a_float16_bert() -> None:
     """What a GPU FP16 build does after lowering, run here on the CPU (the late list skips CPU builds): the
-    pooler's output Cast joins its Gemm + Tanh epilogue, the 4 post-LN norms of a 2-layer BERT join the GEMMs
-    reading them (keeping their rows), and the lowered graph computes exactly what it did."""
+    pooler's output Cast joins its Gemm + Tanh epilogue, the residual Adds of the 4 post-LN norms of a 2-layer BERT
+    move into the norms (so those norms stay out of the GEMMs reading them; the embedding's LN, whose sum is a
+    pointwise group of two Adds, joins its GEMM keeping its rows), and the lowered graph computes exactly what it
+    did."""
     import torch
 
     from kiln.build.builder import lower_graph
@@ -152,7 +154,8 @@ def test_the_late_list_on_a_float16_bert() -> None:
     records = optimize_late(g, PassContext(static_dims={"batch": 1, "seq": 16}, device="cuda"))
     counts = {r.name: r.result.counts for r in records}
     assert counts.pop("specialize_bodies")["specialized"] >= 1  # the mask group's body reads attention_mask
-    assert counts == {"extend_epilogues": {"steps": 1}, "fuse_norm_gemm": {"with_norm_output": 4}}
+    assert counts == {"extend_epilogues": {"steps": 1}, "fuse_residual_norm": {"after_epilogue": 4},
+                      "fuse_norm_gemm": {"with_norm_output": 1}}
     from kiln.kernels.pointwise.codegen import check
 
     mask = next(n for n in g.nodes if n.op == "Fused" and any(v.name == "attention_mask" for v in n.inputs))

@@ -127,7 +127,8 @@ def test_not_fused_when_another_gemm_input_comes_from_the_rows() -> None:
 
 
 def test_the_late_list_fuses_on_gpu_builds_only() -> None:
-    assert [name for name, _ in LATE] == ["extend_epilogues", "fuse_norm_gemm", "specialize_bodies"]
+    assert [name for name, _ in LATE] == ["extend_epilogues", "fuse_residual_norm", "fuse_norm_gemm",
+                                          "specialize_bodies"]
     for device, fused in (("cpu", 0), ("cuda", 1)):
         g, x = _graph()
         h = _ln(g, x).outputs[0]

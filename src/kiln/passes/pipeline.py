@@ -29,6 +29,7 @@ from kiln.passes.pack_attention import pack_attention
 from kiln.passes.patch_embedding import patch_embedding
 from kiln.passes.pointwise_fusion import pointwise_fusion
 from kiln.passes.reshape_sinking import sink_reshapes
+from kiln.passes.residual_norm import fuse_residual_norm
 from kiln.passes.shape_arithmetic import shape_arithmetic
 from kiln.passes.specialize_bodies import specialize_bodies
 from kiln.passes.transpose_sinking import sink_transposes
@@ -108,6 +109,9 @@ LATE: list[tuple[str, PassFactory]] = [
     # The float32 Casts FP16 lowering puts before model outputs join the epilogue before them (GPU builds: the
     # kernels take a Cast step; one kernel less per output at batch 1).
     ("extend_epilogues", _gpu_only(extend_epilogues)),
+    # The residual Add a norm normalizes, into the norm's kernel (GPU builds); after the epilogues are final (it
+    # takes their last Add) and before fuse_norm_gemm, which leaves such norms as they are.
+    ("fuse_residual_norm", _gpu_only(fuse_residual_norm)),
     # A norm and the GEMM reading its rows, as one node (GPU builds only: the kernels are Triton).
     ("fuse_norm_gemm", _gpu_only(fuse_norm_gemm)),
     # Last: the bodies fused after shape_arithmetic that read a model input copied its declared (symbolic) type;

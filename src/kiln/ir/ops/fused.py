@@ -15,6 +15,8 @@ the fused node's inputs. `kind` tells the code generators which template applies
 - "normalized": a LayerNormalization or RMSNormalization over the last axis, then an anchor (MatMul, Gemm) reading
   its result as A, and the anchor's epilogue steps - a GEMM that normalizes A's rows as it loads them; outputs
   [result] or [the norm's result, result] (`kiln.passes.fuse_norm_gemm`);
+- "residual_norm": the Add of a residual and the LayerNormalization or RMSNormalization of the sum - one norm kernel
+  that reads both addends (`kiln.passes.residual_norm`); outputs [the norm's result];
 - "embedding": lookups (Gather along axis 0 of constant tables by runtime indices) and other terms summed by Adds,
   then a LayerNormalization of the sum - one kernel, a program per token (`kiln.passes.fuse_embeddings`);
 - "region": anything else grouped for scheduling.
@@ -31,7 +33,7 @@ import torch
 from kiln.ir.graph import ValueType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, value_of
 
-KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "normalized", "embedding", "region")
+KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "normalized", "residual_norm", "embedding", "region")
 
 
 def _infer(ctx: InferCtx) -> list[ValueType]:

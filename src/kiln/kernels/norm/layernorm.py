@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from kiln.kernels.norm.common import (
     shape,
     static_ints,
 )
+
+NORMS = frozenset({"LayerNormalization", "RMSNormalization"})
 
 
 def _drop_leading_ones(dims: Sequence[Any]) -> tuple[Any, ...]:
@@ -108,6 +111,82 @@ def _kernel(node: Node, config: dict[str, Any], rms: bool) -> Kernel:
         return [y, mean.reshape(dims), rstd.reshape(dims)]
 
     return run
+
+
+# --- a norm of a residual sum ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResidualNorm:
+    """A "residual_norm" Fused node (`kiln.passes.residual_norm`) in the kernel's terms: the norm, the node input
+    index of the Add's two operands, of the scale and of B (None: absent), and whether the node outputs the sum."""
+
+    norm: Node
+    a_at: int
+    r_at: int
+    w_at: int
+    b_at: int | None
+    keep_sum: bool
+
+
+def residual_norm_view(node: Node) -> ResidualNorm | None:
+    """The view of a "residual_norm" node that the Triton norm kernels take (the norm under `triton.layernorm`'s
+    rules; the Add of two node inputs of the sum's type: no broadcast, no cast), or None."""
+    if node.op != "Fused" or node.attrs.get("kind") != "residual_norm":
+        return None
+    body = node.attrs["body"]
+    if len(body.nodes) != 2 or body.nodes[0].op != "Add" or body.nodes[1].op not in NORMS:
+        return None
+    add, norm = body.nodes
+    s, y = add.outputs[0], norm.outputs[0]
+    at = {v: i for i, v in enumerate(body.inputs)}
+    if norm.inputs[0] is not s or len(add.inputs) != 2 or any(v not in at or v.type != s.type for v in add.inputs):
+        return None
+    if any(v is not None and v not in at for v in norm.inputs[1:]) or body.outputs not in ([y], [s, y]):
+        return None
+    if not _supported(norm, [0, 1, 2] if norm.op == "LayerNormalization" else [0, 1]):
+        return None
+    b = norm.inputs[2] if norm.op == "LayerNormalization" and len(norm.inputs) > 2 else None
+    return ResidualNorm(norm, at[add.inputs[0]], at[add.inputs[1]], at[norm.inputs[1]],
+                        None if b is None else at[b], len(body.outputs) == 2)
+
+
+class TritonResidualNorm(TritonTactic):
+    """A "residual_norm" node as one norm kernel that loads both addends and normalizes their sum (rounded to its
+    type first, as the Add rounds it), writing the sum too when the node outputs it - under the rules of
+    `triton.layernorm`. Rows longer than the config's `max_row` add with torch first."""
+
+    name = "triton.residual_norm"
+    ops = frozenset({"Fused"})
+
+    def supports(self, node: Node) -> bool:
+        return residual_norm_view(node) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        from kiln.kernels.norm import triton_kernels as tk
+
+        view = residual_norm_view(node)
+        assert view is not None
+        norm = view.norm
+        axis = _axis(norm)
+        assert axis is not None
+        eps, rms = float(norm.attrs["epsilon"]), norm.op == "RMSNormalization"
+        fallback = reference(node)
+
+        def run(xs: list[Any]) -> list[Any]:
+            a, r, w = xs[view.a_at], xs[view.r_at], xs[view.w_at]
+            b = None if view.b_at is None else xs[view.b_at]
+            n = math.prod(a.shape[axis:])
+            if a.numel() == 0 or a.shape != r.shape or a.dtype != r.dtype or w.numel() != n or \
+                    (b is not None and b.numel() != n):
+                return fallback(xs)
+            s = torch.empty(a.shape, dtype=a.dtype, device=a.device) if view.keep_sum else None
+            y, _, _, _ = tk.layernorm(a, w, b, n, eps, rms, False, config, residual=r, sum_out=s)
+            assert y is not None
+            return [y] if s is None else [s, y]
+
+        return run
 
 
 # --- a norm that quantizes its result ----------------------------------------------------------------------------

@@ -167,11 +167,11 @@ def quantize_tile(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.
 
 
 @triton.jit
-def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_zero, n_rows, n, eps,
-                    RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr, PD: tl.constexpr,
-                    QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr, QUANT: tl.constexpr,
-                    SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _layernorm_rows(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_zero, n_rows, n,
+                    eps, RES: tl.constexpr, RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr,
+                    XD: tl.constexpr, PD: tl.constexpr, QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
+                    QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     km.pdl_sync(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -180,6 +180,10 @@ def _layernorm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_sca
     mask = live[:, None] & cmask[None, :]
     offs = rows[:, None] * n + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RES > 0:  # the norm of x + r, the sum rounded to X's type as the Add makes it (RES 2: written too)
+        x = _rd(x + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32), XD)
+        if RES == 2:
+            tl.store(s_ptr + offs, x.to(s_ptr.dtype.element_ty), mask=mask)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     b = w
     if HAS_B:
@@ -273,12 +277,23 @@ def quantize_flags(quant: Quantize | None, y_dtype: torch.dtype) -> dict[str, An
 
 
 def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int, eps: float, rms: bool, stats: bool,
-              config: dict[str, Any], quant: Quantize | None = None) \
+              config: dict[str, Any], quant: Quantize | None = None, residual: torch.Tensor | None = None,
+              sum_out: torch.Tensor | None = None) \
         -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """LayerNormalization (or RMSNormalization) over the trailing `n` elements of non-empty x; `w` and `b` hold
     exactly `n` elements. Returns Y (None when `quant` drops it), per-row Mean and InvStdDev (float32, flat) when
-    `stats`, and the quantized Y when `quant` is given."""
+    `stats`, and the quantized Y when `quant` is given.
+
+    With `residual` (x's shape and dtype) the norm is of x + residual, rounded to x's dtype (what an Add makes),
+    written to `sum_out` (contiguous, x's shape and dtype) when given. Rows streamed in chunks (longer than the
+    config's `max_row`) add with torch first."""
+    p = plan(n, config)
+    if residual is not None and p.looped:
+        s = torch.add(x, residual, out=sum_out) if sum_out is not None else x + residual
+        return layernorm(s, w, b, n, eps, rms, stats, config, quant)
     x, w = x.contiguous(), w.contiguous()
+    r = x if residual is None else residual.contiguous()
+    res = 0 if residual is None else 1 if sum_out is None else 2
     b = None if b is None else b.contiguous()
     rows = x.numel() // n
     xd, pd = x.dtype, promote(x.dtype, w.dtype)
@@ -292,14 +307,14 @@ def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int, 
     flags = dict(RMS=rms, HAS_B=b is not None, STATS=stats, XD=TL[xd], PD=TL[w.dtype if rms else pd], QD=TL[qd],
                  STORE_Y=keep_y, **quantize_flags(quant, yd))
     scalars = (y if q is None else q, 1.0 if quant is None else quant.scale, 0.0 if quant is None else quant.zero)
-    p = plan(n, config)
     bias = w if b is None else b
     if p.looped:
         _layernorm_looped[(rows,)](x, w, bias, y, mean, rstd, *scalars, n, eps, **flags, BLOCK=p.block,
                                    num_warps=p.num_warps, **_options())
     else:
-        _layernorm_rows[grid_rows(rows, p)](x, w, bias, y, mean, rstd, *scalars, rows, n, eps, **flags,
-                                            ROWS=p.rows, BLOCK=p.block, num_warps=p.num_warps, **_options())
+        _layernorm_rows[grid_rows(rows, p)](x, r, r if sum_out is None else sum_out, w, bias, y, mean, rstd,
+                                            *scalars, rows, n, eps, RES=res, **flags, ROWS=p.rows, BLOCK=p.block,
+                                            num_warps=p.num_warps, **_options())
     return (y if keep_y else None), (mean if stats else None), (rstd if stats else None), q
 
 
