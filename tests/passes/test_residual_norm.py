@@ -107,7 +107,7 @@ def _unchanged(build: object) -> None:
     assert not fuse_residual_norm(g).changed and _kinds(g) == before
 
 
-def test_left_alone_when_the_add_broadcasts_or_the_statistics_are_read() -> None:
+def test_left_alone_when_the_add_broadcasts_the_statistics_are_read_or_the_kernels_refuse_the_norm() -> None:
     def broadcast(g: Graph, x: Value, h: Value) -> None:
         s = g.add("Add", [x, _c(g, "row", K, seed=7)], name="shift")[0]
         g.outputs.append(_ln(g, s))
@@ -117,6 +117,10 @@ def test_left_alone_when_the_add_broadcasts_or_the_statistics_are_read() -> None
         y, mean, _ = g.add("LayerNormalization", [_ffn_down(g, x, h), _c(g, "g", K), _c(g, "b", K)], name="ln")
         g.outputs += [y, mean]
     _unchanged(stats)
+
+    def scalar_scale(g: Graph, x: Value, h: Value) -> None:  # a scale the norm kernels do not take
+        g.outputs.append(g.add("LayerNormalization", [_ffn_down(g, x, h), _c(g, "g", 1)], name="ln")[0])
+    _unchanged(scalar_scale)
 
     def half_stats(g: Graph, x: Value, h: Value) -> None:
         y = g.add("LayerNormalization", [_ffn_down(g, x, h), _c(g, "g", K), _c(g, "b", K)],

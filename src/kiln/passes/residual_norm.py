@@ -19,15 +19,18 @@ Rewrite cases:
 - Add(a, r) -> s (bare, or the one node of a Fused[pointwise]); Norm(s) -> Y  =>  Fused[residual_norm](a, r, ...).
 The node outputs [Y] when the norm alone read s, else [s, Y] (s keeps its name and readers).
 
-Conditions: the norm's statistics outputs unread, float32 statistics, s its input X only; a, r and s of one float
-type and one shape (no broadcast); in an epilogue, the Add is the last step, its one output the node's only output,
-and its operand r comes from outside the body.
+Conditions: what the norm kernels take (float32 statistics; a static normalized shape, the scale and B of exactly
+that shape), the norm's statistics outputs unread, s its input X only; a, r and s of one float type and one shape
+(no broadcast); in an epilogue, the Add is the last step, its one output the node's only output, and its operand r
+comes from outside the body.
 
 Order: in the late list (`kiln.passes.pipeline.LATE`), after the epilogues are final (`extend_epilogues`) and
 before `fuse_norm_gemm`, which then leaves these norms unfused (their kernel is the residual norm's). GPU builds.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
@@ -61,12 +64,29 @@ def fuse_residual_norm(graph: Graph) -> PassResult:
 
 
 def _norm_ok(norm: Node, uses: Uses) -> bool:
+    """What the norm kernels take (else the moved Add would run unfused): float32 statistics, a static normalized
+    shape, scale (and B) of exactly that shape give or take leading 1s; and the statistics outputs unread."""
     s, y = norm.inputs[0], norm.outputs[0]
-    if s is None or not s.is_tensor or not s.dtype.is_float or not y.dtype.is_float:
+    if s is None or not s.is_tensor or not s.dtype.is_float or not y.dtype.is_float or s.shape is None:
         return False
-    if norm.attrs["stash_type"] is not DType.FLOAT32:
+    rank, axis = len(s.shape), int(norm.attrs["axis"])
+    axis = axis + rank if axis < 0 else axis
+    normalized = _squeezed(s.shape[axis:]) if 0 <= axis < rank else None
+    if norm.attrs["stash_type"] is not DType.FLOAT32 or normalized is None or \
+            not all(isinstance(d, int) for d in normalized):
         return False
+    for v in norm.inputs[1:]:
+        if v is not None and (v.shape is None or _squeezed(v.shape) != normalized):
+            return False
     return not any(uses.readers.get(o) or o in uses.outputs for o in norm.outputs[1:])
+
+
+def _squeezed(dims: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
+    """dims without their leading 1s."""
+    i = 0
+    while i < len(dims) and dims[i] == 1:
+        i += 1
+    return tuple(dims[i:])
 
 
 def _same(s: Value, *vs: Value | None) -> bool:
