@@ -51,9 +51,6 @@ class CostBench:
         assert self.last is not None
         self.current = self.last
 
-    def time_s(self) -> float:
-        return self._t(self.current)
-
 
 def _search(groups: list[Group], choices: list[Choice], bench: CostBench, deadline: float | None = None) -> \
         tuple[list[Choice], refine.RefineReport, list[tuple[str, Choice]]]:
@@ -94,6 +91,7 @@ def test_later_runners_up_must_beat_the_one_kept_before_them() -> None:
     out, report, _ = _search([g], [A, A], CostBench({"a": 5, "b": 3, "c": 2}, [A, A]))
     assert out == [C, C] and report.trials == 2
     assert "a -> c (0.4000x)" in report.kept[0]  # the gain over the tuned choice: 3/5 then 2/3
+    assert report.gain == pytest.approx(0.4)  # the engine's, over every group (one here)
 
 
 def test_groups_decided_before_or_off_their_tuned_choice_are_left_alone() -> None:
@@ -240,3 +238,16 @@ def test_cpu_builds_do_not_search() -> None:
     stats = kiln.build(_two_matmuls(), BuilderConfig()).plan.stats["tuning"]
     assert "refine" not in stats  # the search times CUDA graphs: GPU builds only
     assert BuilderConfig().to_json()["refine"] is True and BuilderConfig(refine=False).to_json()["refine"] is False
+
+
+def test_the_reported_engine_time_after_is_the_time_before_times_the_kept_ratios() -> None:
+    """No second measurement at the end (the card is warmer by then): unchanged means the same number."""
+    g = Group("k1", [0, 1], [(10e-6, A), (10.1e-6, B)])
+    for b_cost, kept in ((6.0, False), (4.0, True)):
+        def bench(make: Any, feeds: Any, choices: list[Choice], b: float = b_cost) -> CostBench:
+            return CostBench({"a": 5, "b": b}, choices)
+
+        out, rep = refine.refine({g.key: g}, [A, A], lambda c: None, {}, TimingCache(), bench=bench)  # type: ignore
+        assert rep.before_ms == pytest.approx(10 * 1e3)  # CostBench's first_s: 5 + 5 "seconds"
+        assert bool(rep.kept) is kept and out == ([B, B] if kept else [A, A])
+        assert rep.after_ms == pytest.approx(rep.before_ms * (0.8 if kept else 1.0))
