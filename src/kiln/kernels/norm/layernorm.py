@@ -42,6 +42,13 @@ def _axis(node: Node) -> int | None:
     return None if s is None else norm_axis(node.attrs["axis"], len(s))
 
 
+def _params(norm: Node) -> tuple[int, float, bool]:
+    """(axis, epsilon, whether RMS) of a norm the tactics took (its axis is known)."""
+    axis = _axis(norm)
+    assert axis is not None
+    return axis, float(norm.attrs["epsilon"]), norm.op == "RMSNormalization"
+
+
 def _full_shape(node: Node, i: int, axis: int) -> bool:
     """Input i holds one value per normalized element: its shape is X's normalized shape (static), give or take
     leading 1s. (Other broadcasts, e.g. one value for every row, are left to other tactics.)"""
@@ -92,8 +99,7 @@ class TritonRMSNorm(TritonTactic):
 def _kernel(node: Node, config: dict[str, Any], rms: bool) -> Kernel:
     from kiln.kernels.norm import triton_kernels as tk
 
-    axis, eps = _axis(node), float(node.attrs["epsilon"])
-    assert axis is not None
+    axis, eps, _ = _params(node)
     stats = len(node.outputs) > 1
     fallback = reference(node)
 
@@ -168,10 +174,7 @@ class TritonResidualNorm(TritonTactic):
 
         view = residual_norm_view(node)
         assert view is not None
-        norm = view.norm
-        axis = _axis(norm)
-        assert axis is not None
-        eps, rms = float(norm.attrs["epsilon"]), norm.op == "RMSNormalization"
+        axis, eps, rms = _params(view.norm)
         fallback = reference(node)
 
         def run(xs: list[Any]) -> list[Any]:
@@ -225,10 +228,7 @@ class TritonNormQuantize(TritonTactic):
         view = norm_quantize_view(node)
         assert view is not None
         norm = view.op
-        rms = norm.op == "RMSNormalization"
-        axis = _axis(norm)
-        assert axis is not None
-        eps = float(norm.attrs["epsilon"])
+        axis, eps, rms = _params(norm)
         x_at, w_at = view.at[norm.inputs[0]], view.at[norm.inputs[1]]  # type: ignore[index]
         bias = norm.inputs[2] if len(norm.inputs) > 2 else None
         b_at = None if bias is None else view.at[bias]
