@@ -55,8 +55,8 @@ class Bench(Protocol):
     """Times engines that differ in their choices, made as `Bench(make, feeds, choices)`: `choices` give the current
     engine. `ratio(choices)` is the median time of the engine with `choices` over the current one's, and the share
     of rounds it was faster in (raising `Mismatch` when that engine cannot run or computes something else);
-    `accept()` makes the engine of the last `ratio` call the current one; `time_s()` is the current one's time a
-    run, `first_s` the first engine's."""
+    `accept()` makes the engine of the last `ratio` call the current one; `first_s` is the first engine's time a
+    run."""
 
     first_s: float
 
