@@ -14,7 +14,7 @@ channels-last.
 The weight is laid out once at build time as [KH * KW, C] row-major. The window (kernel, stride, padding,
 dilation) is passed at run time, not compiled in: one compile per epilogue and tile serves every layer (with the
 window as compile-time constants, MobileNetV3's depthwise layers took 50 s of compiles on an H100 machine). The
-space is two tiles (`TILES`).
+space is four tiles (`TILES`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,14 @@ class Tile(NamedTuple):
 TILES: dict[str, Tile] = {
     "64x64-w4": Tile(64, 64, 4),
     "256x16-w4": Tile(256, 16, 4),
+    "16x64-w2": Tile(16, 64, 2),
+    "32x32-w2": Tile(32, 32, 2),
 }
 """64 channels of float16 are one 128-byte line per pixel; the 16-wide tile is for the 16-channel layers at the
 start of MobileNets, where a wider tile would leave most lanes masked. (32x128 and 128x32 tiles were in the space
-too; on an H100 they never won a MobileNetV3 layer, and every tile is a compile per layer shape.)"""
+too; on an H100 they never won a MobileNetV3 layer, and every tile is a compile per layer shape.) The two small
+tiles are for batch 1, where a layer is too small to fill the GPU with large tiles: MobileNetV3's 5x5 layer at
+7x7 x 672 channels is 11 programs of 64x64 on 132 SMs, 44 of 16x64."""
 
 WINDOW = """\
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
