@@ -33,7 +33,7 @@ import torch
 from kiln.runtime.engine import Engine
 from kiln.runtime.plan import Choice
 from kiln.tune.cache import TimingCache
-from kiln.tune.tuner import Group
+from kiln.tune.tuner import Group, label
 
 SLACK = 0.25
 """A runner-up is tried when its time alone was at most this much above the chosen candidate's."""
@@ -95,7 +95,7 @@ class RefineReport:
 
 
 def _label(c: Choice) -> str:
-    return c.tactic + (f"{dict(c.config)}" if c.config else "")
+    return label(c.tactic, c.config)
 
 
 def search(groups: Mapping[str, Group], choices: list[Choice], bench: Bench, deadline: float,

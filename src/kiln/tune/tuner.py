@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -155,6 +155,11 @@ def _graph_sig(g: Graph) -> dict[str, Any]:
             "nodes": [[n.op, {k: _attr_sig(a) for k, a in sorted(n.attrs.items())}, [ref(v) for v in n.inputs],
                        [ref(v) for v in n.outputs]] for n in g.nodes],
             "outputs": [ref(v) for v in g.outputs]}
+
+
+def label(tactic: str, config: Mapping[str, Any]) -> str:
+    """A candidate as the timing cache's `candidates` entries name it: the tactic, then its configuration."""
+    return tactic + (f"{dict(config)}" if config else "")
 
 
 def signature(node: Node, args: list[Any], device: torch.device) -> dict[str, Any]:
@@ -494,7 +499,7 @@ class _ProfileTuner:
         kernels_passed = 0
         for rank, tactic in enumerate(self.cands[i][:limit]):
             for cfg in _configs(tactic, self.s.opt_level):
-                label = tactic.name + (f"{cfg}" if cfg else "")
+                cand_label = label(tactic.name, cfg)
                 t0 = time.perf_counter()
                 t1 = None
                 try:
@@ -504,21 +509,21 @@ class _ProfileTuner:
                         got = kernel(list(args))
                     why = _mismatch(node, got, results, lambda k: high.get(node, args, k))
                     if why is not None:
-                        timings[label] = "mismatch"
-                        turned_down.append(f"{label} (outputs differ from the reference: {why})")
+                        timings[cand_label] = "mismatch"
+                        turned_down.append(f"{cand_label} (outputs differ from the reference: {why})")
                         continue
                     t1 = time.perf_counter()
                     t, captured = timed(_call(kernel, args), self.s.device)
                 except Exception as e:
-                    timings[label] = f"failed: {type(e).__name__}"
-                    turned_down.append(f"{label} ({type(e).__name__}: {e})")
+                    timings[cand_label] = f"failed: {type(e).__name__}"
+                    turned_down.append(f"{cand_label} ({type(e).__name__}: {e})")
                     continue
                 finally:
                     now = time.perf_counter()
                     self.report.spent(tactic.name, (t1 or now) - t0, now - t1 if t1 is not None else 0.0)
                 self.report.candidates_timed += 1
                 kernels_passed += tactic.name != "reference"
-                timings[label] = round(t * 1e6, 3) if captured else f"{round(t * 1e6, 3)} (not capturable)"
+                timings[cand_label] = round(t * 1e6, 3) if captured else f"{round(t * 1e6, 3)} (not capturable)"
                 # A step that cannot be captured keeps the whole plan out of CUDA graphs: any capturable
                 # candidate wins over it, whatever the timings.
                 cand = (not captured, t, rank, Choice(tactic.name, cfg))
@@ -543,7 +548,7 @@ class _ProfileTuner:
         out = []
         for tactic in self.cands[i]:
             for cfg in tactic.configs():
-                t = timings.get(tactic.name + (f"{cfg}" if cfg else ""))
+                t = timings.get(label(tactic.name, cfg))
                 if isinstance(t, (int, float)):
                     out.append((t / 1e6, Choice(tactic.name, cfg)))
         return sorted(out, key=lambda tc: tc[0])

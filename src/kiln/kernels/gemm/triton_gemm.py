@@ -39,6 +39,7 @@ from kiln.kernels.base import Kernel
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.epilogue import Anchored, steps_view
 from kiln.kernels.pointwise.codegen import epilogue_graph
+from kiln.kernels.pointwise.layout import WIDE_LIMIT
 from kiln.kernels.pointwise.rules import NARROW, float_text, storage
 from kiln.kernels.pointwise.tile import TileProgram, load_function, tile_program
 from kiln.kernels.registry import register
@@ -56,8 +57,6 @@ from kiln.kernels.templates import (
 from kiln.utils.errors import InputError, UnsupportedError
 
 ANCHORS = frozenset({"MatMul", "Gemm"})
-WIDE_LIMIT = 2**31 - 2**16
-"""Tensors whose element offsets may reach this use int64 index math."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
 from kiln.kernels.base import Kernel
+from kiln.kernels.pointwise.layout import WIDE_LIMIT
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
 from kiln.kernels.templates import TemplateTactic
@@ -94,7 +95,7 @@ class GlobalAvgPoolKernel:
         if h * w == 0:  # the mean of nothing, as torch gives it
             return [out.fill_(float("nan"))]
         t = self.tile
-        wide = x.numel() >= 2**31 - 2**16
+        wide = x.numel() >= WIDE_LIMIT
         grid = (n * math.ceil(c / t.block_c),)
         self.fn[grid](x, out, c, w, h * w, x.stride(0), x.stride(1), x.stride(2), x.stride(3), out.stride(0),
                       out.stride(1), 1.0 / (h * w), BLOCK_S=t.block_s, BLOCK_C=t.block_c, WIDE=wide,

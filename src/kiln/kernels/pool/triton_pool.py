@@ -19,6 +19,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
 from kiln.kernels.base import Kernel
 from kiln.kernels.conv.triton_depthwise import WINDOW
+from kiln.kernels.pointwise.layout import WIDE_LIMIT
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
 from kiln.kernels.templates import TemplateTactic
@@ -117,7 +118,7 @@ class MaxPoolKernel:
         m = n * oh * ow
         if m == 0 or c == 0:
             return [out]
-        wide = max(x.numel(), out.numel()) >= 2**31 - 2**16
+        wide = max(x.numel(), out.numel()) >= WIDE_LIMIT
         t = self.tile
         grid = (math.ceil(m / t.block_m), math.ceil(c / t.block_n))
         self.fn[grid](x, out, m, c, h, w, oh, ow, x.stride(0), x.stride(2), x.stride(3), out.stride(0),
