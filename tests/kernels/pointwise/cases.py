@@ -660,6 +660,27 @@ case("QuantizeLinear-float16-scale-uint8")(lambda r: op_case("QuantizeLinear", [
     torch.tensor(128, dtype=torch.uint8)]))
 case("QuantizeLinear-ties-no-zero-point")(lambda r: op_case("QuantizeLinear", [
     r.halves(*SHAPE) * 3, torch.tensor(1.0)]))
+case("QuantizeLinear-ties-int8-zero-point-extremes")(lambda r: op_case("QuantizeLinear", [
+    _extremes(r.halves(*SHAPE) * 40), torch.tensor(1.0), torch.tensor(5, dtype=torch.int8)]))
+case("QuantizeLinear-ties-uint8-high-zero-point")(lambda r: op_case("QuantizeLinear", [
+    _extremes(r.halves(*SHAPE) * 3), torch.tensor(0.5), torch.tensor(250, dtype=torch.uint8)]))
+case("QuantizeLinear-constant-zero-point")(lambda r: _quantize_constant_zero(r))
+
+
+def _extremes(x: torch.Tensor) -> torch.Tensor:
+    """x with the values that saturate or sit on a rounding tie at the range's ends."""
+    x.view(-1)[:8] = torch.tensor([INF, -INF, 3e38, -3e38, 127.5, -128.5, 255.5, -0.5], dtype=x.dtype)
+    return x
+
+
+def _quantize_constant_zero(r: Inputs) -> Case:
+    """The zero point a constant 0 (kiln's own symmetric quantization): the generator bakes it in."""
+    x = _extremes(r.halves(*SHAPE, dtype=D.FLOAT16) * 30)
+    g, (vx,) = graph((D.FLOAT16, x.shape))
+    zp = g.add_initializer("zp", torch.tensor(0, dtype=torch.int8))
+    sc = g.add_initializer("scale", torch.tensor(0.25, dtype=torch.float16))
+    g.outputs = list(g.add("QuantizeLinear", [vx, sc, zp], {}))
+    return Case(g, [x])
 
 # --- DequantizeLinear (per tensor: an int8 operand of a quantized layer's epilogue, the residual's int8 copy) -----
 

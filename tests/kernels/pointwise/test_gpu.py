@@ -138,3 +138,20 @@ def test_cuda_graph_replay() -> None:
     graph_.replay()
     torch.cuda.synchronize()
     assert compare(out[0].cpu(), reference(g, xs)[0].cpu()) is None
+
+
+@pytest.mark.parametrize("name", ["float16-every-value", "bfloat16-every-value", "float32-relative-error",
+                                  "special-values"])
+def test_narrow_gelu_on_cuda(name: str) -> None:
+    """`km.gelu_narrow` with the GPU's exp2 (an approximation) against float64: the interpreter test's bounds."""
+    from tests.kernels.pointwise import gelu_cases
+    from tests.kernels.pointwise.test_gelu_narrow import check_exhaustive, check_float32, check_specials
+
+    r = gelu_cases.run_case(name, "cuda")
+    print(name, r)
+    if name.endswith("every-value"):
+        check_exhaustive(r, name.split("-")[0])
+    elif name == "float32-relative-error":
+        check_float32(r)
+    else:
+        check_specials(r)
