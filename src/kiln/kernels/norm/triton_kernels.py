@@ -158,12 +158,17 @@ def quantize_tile(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.
                   QHI: tl.constexpr):
     """QuantizeLinear of a kernel's result y (float32 holding Y's values; shared with the quantizing attention) as
     the reference computes it: Y / scale in the scale's type SD (a float32 quotient rounded once to SD is SD's
-    exactly rounded quotient), then QUANT 1: round half to even, + zero, clamped to [QLO, QHI] (int8/uint8);
-    QUANT 2: saturated to float8 E4M3's +-448, NaN kept (the caller's float8 store rounds to nearest even)."""
+    exactly rounded quotient), then QUANT 1: round half to even, + zero, clamped to [QLO, QHI] (int8/uint8),
+    returned as an int32 whose low byte is the code (the caller's store to 8 bits keeps it); QUANT 2: saturated to
+    float8 E4M3's +-448, NaN kept (the caller's float8 store rounds to nearest even)."""
     q = _rd(tl.div_rn(_rd(_rd(y, YD), SD), tl.zeros_like(y) + scale), SD)
     if QUANT == 2:
         return tl.where(q != q, q, tl.minimum(tl.maximum(q, -448.0), 448.0))
-    return tl.minimum(tl.maximum(km.round_even(q) + zero, QLO), QHI)
+    # why: as the generated epilogues (pointwise.rules' QuantizeLinear): clamped to [QLO - zero, QHI - zero],
+    # adding 1.5 * 2**23 rounds half to even into the low mantissa bits, where + zero is exact - float adds
+    # instead of rint and a float-to-integer conversion on the quarter-rate unit
+    c = tl.minimum(tl.maximum(q, QLO - zero), QHI - zero) + 12582912.0
+    return (c + zero).to(tl.int32, bitcast=True)
 
 
 @triton.jit
