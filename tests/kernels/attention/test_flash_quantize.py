@@ -43,3 +43,21 @@ def test_takes_quantizing_attentions_on_cuda_at_every_level() -> None:
     node, _ = attention_quantize(1, 8, 2, 16, torch.float32, DType.INT8)
     node.attrs["body"].nodes[0].attrs["softcap"] = 5.0  # what the flash kernel leaves to other tactics
     assert not t.applicable(node, CUDA)
+
+
+def test_sdpa_then_quantize_is_the_tuners_other_choice() -> None:
+    """`cuda.sdpa_quantize` takes the same quantizing attentions where torch's attention does (not a softcap, not
+    on the CPU), times the three fast backends, and ranks after the one-kernel Triton form for untimed builds.
+    Its numbers are checked on the GPU (`test_triton_flash_gpu.py`)."""
+    t, flash = registry.get("cuda.sdpa_quantize"), registry.get("triton.flash_attention_quantize")
+    assert [c["backend"] for c in t.configs()] == ["flash", "efficient", "cudnn"]
+    assert t.priority > flash.priority
+    for make in (*CASES.values(), *FP8_CASES.values()):
+        node, _ = make()
+        assert t.applicable(node, CUDA) and not t.applicable(node, CPU)
+    node, _ = attention_quantize(1, 8, 2, 16, torch.float32, DType.INT8)
+    node.attrs["body"].nodes[0].attrs["softcap"] = 5.0
+    assert not t.applicable(node, CUDA)
+    plain, _ = attention_quantize(1, 8, 2, 16, torch.float32, DType.INT8)
+    plain.attrs["kind"] = "pointwise"  # not a quantizing node
+    assert not t.applicable(plain, CUDA)

@@ -92,3 +92,15 @@ def test_quantizing_attention_on_cuda(name: str) -> None:
         pytest.skip("float8 needs sm_89+")
     problems = quantize_cases.run_case(name, "cuda")
     assert len(problems) == 4 and all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("name", ["f32-int8-keep-y", "f16-int8-mask-only-q", "f32-uint8-zero128-mask",
+                                  "bert-f16-fp8-mask-keep-y", "f16-fp8-only-q"])
+def test_sdpa_then_quantize_on_cuda(name: str) -> None:
+    """`cuda.sdpa_quantize` (torch's attention, then the QuantizeLinear's own kernel) against the same reference."""
+    from tests.kernels.attention import quantize_cases
+
+    if "fp8" in name and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm_89+")
+    problems = quantize_cases.run_sdpa_case(name)
+    assert problems and all(p is None for p in problems.values()), problems

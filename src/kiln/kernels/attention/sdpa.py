@@ -5,6 +5,11 @@ Takes 4-D [batch, heads, seq, head] or packed 3-D [batch, seq, heads*head] Q/K/V
 grouped-query K/V, a float additive mask (broadcast over heads), `is_causal` without a mask, any scale.
 Left to the reference: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, softcap, boolean masks
 (a row with no allowed key must give zeros, as the reference defines), extra outputs.
+
+`cuda.sdpa_quantize` takes a "quantizing" node (an Attention and the per-tensor QuantizeLinear of its output, as
+INT8/FP8 builds fuse them): the attention on a torch backend, then the QuantizeLinear's own kernel - beside
+`triton.flash_attention_quantize`, so that the tuner can weigh torch's faster attention (cuDNN's, on Hopper)
+plus a quantize pass against the Triton kernel that stores 8 bits itself.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
 from kiln.kernels.base import Kernel, SubgraphRunner, Tactic
+from kiln.kernels.norm.common import quantizing_view, separate_quantize
 from kiln.kernels.registry import register
 
 FLOATS = frozenset({DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16})
@@ -94,4 +100,36 @@ class Sdpa(Tactic):
         return run
 
 
-register(Sdpa())
+
+class SdpaQuantize(Tactic):
+    """A "quantizing" Attention node as `cuda.sdpa` (one config per backend but math) followed by the node's
+    QuantizeLinear alone; the float output too when the node keeps it."""
+
+    name = "cuda.sdpa_quantize"
+    ops = frozenset({"Fused"})
+    devices = frozenset({"cuda"})
+    space = {"backend": [b for b in BACKENDS if b != "math"]}
+    priority = 65  # untimed builds (level 0) keep the one-kernel triton.flash_attention_quantize (60)
+
+    def applicable(self, node: Node, device: torch.device) -> bool:
+        view = quantizing_view(node, ("Attention",))
+        return view is not None and _SDPA.applicable(view.op, device)
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device,
+              run_subgraph: SubgraphRunner | None = None) -> Kernel:
+        view = quantizing_view(node, ("Attention",))
+        assert view is not None
+        at = [view.at[v] for v in view.op.inputs if v is not None]
+        attention = _SDPA.build(view.op, config, device)
+        quantize = separate_quantize(view, device)
+
+        def run(xs: list[Any]) -> list[Any]:
+            (y,) = attention([xs[i] for i in at])
+            return ([y] if view.keep_y else []) + quantize([y])
+
+        return run
+
+
+_SDPA = Sdpa()
+register(_SDPA)
+register(SdpaQuantize())
