@@ -162,13 +162,15 @@ def quantize_tile(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.
     returned as an int32 whose low byte is the code (the caller's store to 8 bits keeps it); QUANT 2: saturated to
     float8 E4M3's +-448, NaN kept (the caller's float8 store rounds to nearest even)."""
     q = _rd(tl.div_rn(_rd(_rd(y, YD), SD), tl.zeros_like(y) + scale), SD)
-    if QUANT == 2:
-        return tl.where(q != q, q, tl.minimum(tl.maximum(q, -448.0), 448.0))
-    # why: as the generated epilogues (pointwise.rules' QuantizeLinear): clamped to [QLO - zero, QHI - zero],
-    # adding 1.5 * 2**23 rounds half to even into the low mantissa bits, where + zero is exact - float adds
-    # instead of rint and a float-to-integer conversion on the quarter-rate unit
-    c = tl.minimum(tl.maximum(q, QLO - zero), QHI - zero) + 12582912.0
-    return (c + zero).to(tl.int32, bitcast=True)
+    if QUANT == 2:  # why: an if/else on the constexpr - one branch is compiled, so the result has one type
+        r = tl.where(q != q, q, tl.minimum(tl.maximum(q, -448.0), 448.0))
+    else:
+        # why: as the generated epilogues (pointwise.rules' QuantizeLinear): clamped to [QLO - zero, QHI - zero],
+        # adding 1.5 * 2**23 rounds half to even into the low mantissa bits, where + zero is exact - float adds
+        # instead of rint and a float-to-integer conversion on the quarter-rate unit
+        c = tl.minimum(tl.maximum(q, QLO - zero), QHI - zero) + 12582912.0
+        r = (c + zero).to(tl.int32, bitcast=True)
+    return r
 
 
 @triton.jit
