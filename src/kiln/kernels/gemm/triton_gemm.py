@@ -110,7 +110,10 @@ where the grid, not the MMA, limits speed (fused residual: 8.2 us vs cuBLAS + pa
 The three with "-e"/"p" (epilogue on column slices, persistent programs; `NEXT_TILES` until measured) joined after
 an H200 run (2026-11-27, `bench_gpu.py`, CUDA-graph medians): BERT-base bs128 FFN-up + erf GELU + residual 190 us
 (persistent, 4 slices) vs 224 for the best whole-tile TMA tile, FFN-down + GELU + residual 137 (2 slices) vs 159,
-ViT-B/16 bs128 QKV 147 (persistent 128x128) vs 173."""
+ViT-B/16 bs128 QKV 147 (persistent 128x128) vs 173. With the erf GELU as `km.gelu_narrow` (H100, 2026-11-27,
+CUDA-graph medians, old and new epilogue in one process): BERT-base bs128 FFN-up + bias + GELU best 169.1 us (the
+pointer 128x256 tile; persistent 4-slice 170.9) against 197.0 with libdevice's erf and cuBLAS + GELU pass 190.3;
+ViT-B/16 268.8 (persistent 4-slice) against 307.7 and 300.7."""
 
 INT8_TILES: dict[str, Tile] = {
     "64x128x128-w4s4": Tile(64, 128, 128, 8, 4, 4),
@@ -131,7 +134,9 @@ best on BERT-base's attention output + residual (43.1 vs 45.2 us), FFN-up + GELU
 QKV (tie), and ResNet-50's 1x1 downsample (115.5 vs 117.9) and 512->128 1x1 (35.8 vs 39.2). Its form with the
 epilogue on 2 column slices (from `INT8_NEXT_TILES`) was best on all four BERT-base bs128 GEMMs on an H200
 (2026-11-27, CUDA-graph medians: QKV 64.9 vs 72.0 us, FFN-up + GELU + quantize 173.4 vs 176.8, FFN-down + residual
-77.3 vs 81.0, attention output + residual 32.5 vs 33.8), not on ResNet-50's 1x1 + int8 residual (278 vs 216)."""
+77.3 vs 81.0, attention output + residual 32.5 vs 33.8), not on ResNet-50's 1x1 + int8 residual (278 vs 216).
+Requantizing by float adds and the narrow GELU (H100, 2026-11-27): BERT-base bs128 FFN-up + GELU + quantize 139.3 us
+on that tile, from 182.2 (best) and 200.9 (that tile)."""
 
 
 
