@@ -165,11 +165,7 @@ def quantize_tile(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.
     if QUANT == 2:  # why: an if/else on the constexpr - one branch is compiled, so the result has one type
         r = tl.where(q != q, q, tl.minimum(tl.maximum(q, -448.0), 448.0))
     else:
-        # why: as the generated epilogues (pointwise.rules' QuantizeLinear): clamped to [QLO - zero, QHI - zero],
-        # adding 1.5 * 2**23 rounds half to even into the low mantissa bits, where + zero is exact - float adds
-        # instead of rint and a float-to-integer conversion on the quarter-rate unit
-        c = tl.minimum(tl.maximum(q, QLO - zero), QHI - zero) + 12582912.0
-        r = (c + zero).to(tl.int32, bitcast=True)
+        r = km.round_to_8bit(q, QLO, QHI, zero)
     return r
 
 

@@ -185,6 +185,23 @@ else:
         return libdevice.rint(x)
 
 
+ROUNDER = tl.constexpr(12582912.0)
+"""1.5 * 2**23: a float32 sum with it lies in [2**23, 2**24), where the spacing is 1, for any addend below 2**22."""
+
+
+@triton.jit
+def round_to_8bit(q, lo, hi, zero):
+    """QuantizeLinear's integer step: round_half_even(q) + zero saturated to [lo, hi] (an 8-bit type's range; the
+    bounds and the zero point integer-valued floats), as an int32 whose low byte is the code - store it to int8 or
+    uint8. Clamped to [lo - zero, hi - zero] first (clamping commutes with rounding to integers), |q| < 2**9, so
+    adding ROUNDER rounds it half to even into the sum's low mantissa bits, and adding the zero point there is exact.
+    Why: two float adds and a clamp, where rint and the float-to-integer conversion run on the quarter-rate unit that
+    bounds the requantizing epilogues of int8 layers. Without a zero point pass -0.0 (x + -0.0 folds away). NaN
+    gives lo, as rint and the clamp did."""
+    c = tl.minimum(tl.maximum(q, lo - zero), hi - zero) + ROUNDER
+    return (c + zero).to(tl.int32, bitcast=True)
+
+
 @triton.jit
 def power(x, y, whole, odd):
     """x ** y (IEEE pow special cases); `whole`: y is an integer, `odd`: y is an odd integer."""

@@ -341,8 +341,6 @@ def _cast(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
 
 
 _QRANGE = {D.INT8: (-128, 127), D.UINT8: (0, 255)}
-_ROUNDER = 12582912.0
-"""1.5 * 2**23: float32 sums with it lie in [2**23, 2**24), whose spacing is 1, for any addend of magnitude < 2**22."""
 
 
 def _quantize_precision(n: Node) -> DType:
@@ -377,16 +375,8 @@ def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
         m, t = float_text(FP8_MAX), b.let(q, D.FLOAT32).text
         return b.let(f"tl.where({t} != {t}, {t}, tl.minimum(tl.maximum({t}, -{m}), {m}))", out, False)
     lo, hi = _QRANGE[out]
-    # why: rint and the float-to-integer conversion run on the quarter-rate unit, which bounds the epilogues of
-    # int8 layers. Clamped to [lo - zp, hi - zp] (integers: clamping commutes with rounding), |q| < 2**9, so adding
-    # 1.5 * 2**23 rounds q half-even to an integer held in the sum's low mantissa bits (float32 spacing is 1 in
-    # [2**23, 2**24)); adding the zero point there is exact, and the low byte is the saturated 8-bit result
-    if zp is None or zp.value == 0:
-        c = f"tl.minimum(tl.maximum({q}, {lo}.0), {hi}.0) + {float_text(_ROUNDER)}"
-    else:
-        z = f"{zp.text}.to(tl.float32)"
-        c = f"(tl.minimum(tl.maximum({q}, {lo}.0 - {z}), {hi}.0 - {z}) + {float_text(_ROUNDER)}) + {z}"
-    return b.let(f"({c}).to(tl.int32, bitcast=True).to({storage(out)})", out)
+    z = "-0.0" if zp is None or zp.value == 0 else f"{zp.text}.to(tl.float32)"
+    return b.let(f"km.round_to_8bit({q}, {lo}.0, {hi}.0, {z}).to({storage(out)})", out)
 
 
 def _quantize_check(n: Node) -> str | None:
