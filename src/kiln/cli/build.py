@@ -323,7 +323,8 @@ INT8_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInte
 INT8_TACTICS = frozenset({"cuda.int8_gemm", "triton.int8_gemm", "triton.int8_gemm_next", "cuda.matmul_integer",
                           "triton.int8_conv", "triton.int8_conv_next", "cuda.conv_integer"})
 """The tactics that run a layer's products on int8 kernels (the build report counts them)."""
-FP8_TACTICS = frozenset({"cuda.fp8_gemm", "triton.fp8_gemm", "triton.fp8_gemm_next", "triton.fp8_conv"})
+FP8_TACTICS = frozenset({"cuda.fp8_gemm", "triton.fp8_gemm", "triton.fp8_gemm_next", "triton.fp8_gemm_fast",
+                         "triton.fp8_conv"})
 """The tactics that run a layer's products on float8 kernels."""
 
 

@@ -115,12 +115,13 @@ def dot_options(dtype: DType, tf32: bool, promote: str) -> str:
     """The extra arguments of a template's `tl.dot` for products in `dtype`: an int32 accumulator for int8 (tl.dot
     defaults to float32); for float8, `max_num_imprecise_acc=promote` (float32 partial sums every `promote`
     products: on sm_90 Triton otherwise sums a whole K loop in the tensor cores' ~14-bit accumulator, and over
-    K=3072 the result drifts past float16's tolerance; cuBLASLt without fast accumulation does the same); the
-    float32 product precision otherwise (`tf32`; half-precision operands take none)."""
+    K=3072 the result drifts past float16's tolerance; cuBLASLt without fast accumulation does the same), or none
+    where `promote` is "" (that whole-loop sum, asked for: `Tile.fast`); the float32 product precision otherwise
+    (`tf32`; half-precision operands take none)."""
     if dtype is DType.INT8:
         return ", out_dtype=tl.int32"
     if dtype is DType.FLOAT8_E4M3FN:
-        return f", max_num_imprecise_acc={promote}"
+        return f", max_num_imprecise_acc={promote}" if promote else ""
     return "" if dtype in NARROW else f', input_precision="{"tf32" if tf32 else "ieee"}"'
 
 

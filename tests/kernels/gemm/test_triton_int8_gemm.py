@@ -96,3 +96,28 @@ def test_float8_layers_take_the_fp8_template_with_float32_sums_and_a_float8_stor
     # the int8 layer's requantizing step rounds and saturates by float adds (no rint, no float-to-int conversion)
     text8 = source(quantized_spec(i8))
     assert "round_even" not in text8 and "km.round_to_8bit(" in text8
+
+
+def test_fp8_fast_accumulation_only_for_short_reductions() -> None:
+    """`triton.fp8_gemm_fast` renders the float8 product without float32 promotion, takes layers of at most
+    FP8_FAST_MAX_K products (a longer sum drifts past the tuner's check: measured on an H100 at K=3072), ranks after
+    cuBLASLt and the promoted tiles, and is a float8-only form."""
+    from kiln.kernels.gemm.triton_gemm import FP8_FAST_MAX_K, FP8_FAST_TILES, render
+
+    fast, promoted, cublas = (registry.get(n) for n in ("triton.fp8_gemm_fast", "triton.fp8_gemm", "cuda.fp8_gemm"))
+    short, _ = quantized((130,), FP8_FAST_MAX_K, 64, act="Gelu", requant=True, half=True, fp8=True)
+    long, _ = quantized((130,), FP8_FAST_MAX_K + 16, 64, act=None, half=True, fp8=True)
+    assert fast.applicable(short, CUDA) and not fast.applicable(long, CUDA) and promoted.applicable(long, CUDA)
+    i8, _ = quantized((130,), 128, 64, act=None, half=True)
+    assert not fast.applicable(i8, CUDA)
+    assert promoted.priority < cublas.priority < fast.priority
+    assert FP8_FAST_TILES and all(t.fast and t.tma for t in FP8_FAST_TILES.values())
+    s = quantized_spec(short, DType.FLOAT8_E4M3FN)
+    assert s is not None
+    text = render(s, False, tma=True, subtile=2, fast=True)
+    assert "max_num_imprecise_acc" not in text and "tl.dot(" in text and "tl.float8e4nv" in text
+    assert "max_num_imprecise_acc=128" in render(s, False, tma=True, subtile=2)
+    s8 = quantized_spec(i8)
+    assert s8 is not None
+    with pytest.raises(ValueError, match="float8"):
+        render(s8, False, fast=True)

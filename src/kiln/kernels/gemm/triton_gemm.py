@@ -85,6 +85,10 @@ class Tile:
     last_sums: bool = False
     """With split_k: one kernel - the last program of a tile to finish its share (a counter per tile) sums the
     shares in order and runs the epilogue - instead of a second kernel doing that."""
+    fast: bool = False
+    """Float8 only: the tensor cores sum the whole K loop in their own accumulator (about 14 significant bits),
+    without adding a partial sum into float32 every FP8_PROMOTE products - faster, less accurate, so offered
+    (`triton.fp8_gemm_fast`) only for reductions of at most FP8_FAST_MAX_K products."""
 
 
 TILES: dict[str, Tile] = {
@@ -484,20 +488,43 @@ def _norm_prologue(s: Spec) -> tuple[tuple[str, str, str], str, list[str], list[
 
 FP8_PROMOTE = 128
 """Float8 products a tensor-core accumulation takes before its partial sum is added into the float32 accumulator."""
-FP8_TILES = {name: t for name, t in INT8_TILES.items() if t.block_k >= FP8_PROMOTE}
+FP8_TILES = {**{name: t for name, t in INT8_TILES.items() if t.block_k >= FP8_PROMOTE},
+             "tma-128x128x128-w4s3-e2": Tile(128, 128, 128, 8, 4, 3, tma=True, subtile=2)}
 """`triton.fp8_gemm`'s space: the int8 tiles whose K step holds FP8_PROMOTE products (Triton promotes at most once
-per K step)."""
+per K step), and a 128x128 tile of 4 warps in 3 stages (96 KiB: two programs an SM, so one's promotions and
+epilogue overlap the other's products) with the epilogue in 2 column slices. Timed on an H100 (2026-11-27, CUDA-graph
+medians, BERT-base bs128 layers): it won three of the four - attention output + residual 43.4 us (best before 45.8),
+FFN-up + GELU + float8 quantize 153.0 (157.1; cuBLASLt + a pass 167.0), FFN-down + residual 100.5 (cuBLASLt
+104.1) - and was second on QKV + bias (93.2; cuBLASLt 80.7). The same shape with 4 stages (two programs no longer
+fit) took 133-244 us."""
+
+FP8_FAST_MAX_K = 1024
+"""The longest reduction `triton.fp8_gemm_fast` takes. Measured on an H100 (BERT-base bs128, 2026-11-27): over
+K=768 the unpromoted sums passed the tuner's check (QKV's largest error 1.2e-3 of the output range against 6.1e-4
+promoted; FFN-up's float8 codes off the float32 result 1.66 % against 1.33 %), over K=3072 they failed it (2.7e-3
+against 4.8e-4)."""
+
+FP8_FAST_TILES: dict[str, Tile] = {
+    "tma-128x128x64-w4s4-e2-fast": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=2, fast=True),
+    "tma-128x128x64-w4s4-fast": Tile(128, 128, 64, 8, 4, 4, tma=True, fast=True),
+}
+"""`triton.fp8_gemm_fast`'s space: the int8 winners' shapes (a 64-deep K step: no promotion to fit) summing the
+whole K loop in the tensor cores. On an H100 (as above): FFN-up + GELU + quantize 136.8 us (the int8 layer 137.8),
+QKV 86.3, attention output + residual 42.6."""
 
 
 
 def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, subtile: int = 1,
-           split: bool = False, last_sums: bool = False) -> str:
+           split: bool = False, last_sums: bool = False, fast: bool = False) -> str:
     """The kernel source for `s` (`tf32`: float32 products in TF32; `tma`: operands through TMA descriptors;
     `persistent`: the body in a loop over output tiles, `_persistent`; `subtile`: the epilogue on that many column
     slices, `templates.subtiles`; `split`: K shared among programs - `kiln_gemm_part` writes each share's float32
     partial tile, then `kiln_gemm` sums a tile's partials and runs the epilogue; with `last_sums`, one kernel whose
     last program per tile does that, `_LAST_SUMS`). An int8 spec accumulates in int32 and dequantizes the tile with
-    one per-channel float32 multiply (`dq_ptr`) before its epilogue."""
+    one per-channel float32 multiply (`dq_ptr`) before its epilogue; a float8 spec sums in float32, promoting the
+    tensor cores' partial sum every FP8_PROMOTE products unless `fast` (`Tile.fast`)."""
+    if fast and s.dtype is not DType.FLOAT8_E4M3FN:
+        raise ValueError("fast accumulation is a float8 form")
     int8 = s.dtype is DType.INT8
     scaled = s.dq is not None  # int8 or float8 products: dequantized by one multiply per output channel
     lines: list[str] = []
@@ -522,7 +549,7 @@ def render(s: Spec, tf32: bool, tma: bool = False, persistent: bool = False, sub
         lines.extend(s.program.lines)
         result = s.program.result.text
         what = ", ".join([what, *sorted(set(s.program.ops))])
-    precision = dot_options(s.dtype, tf32, str(FP8_PROMOTE))
+    precision = dot_options(s.dtype, tf32, "" if fast else str(FP8_PROMOTE))
     dequant = DEQUANTIZE if scaled else ""
     zero = "0" if int8 else "0.0"
     mainloop = (_TMA_LOOP if tma else _POINTER_LOOP).format(precision=precision, zero=zero)
@@ -587,9 +614,9 @@ def _persistent(text: str) -> str:
 
 
 def source(s: Spec, tma: bool = False, persistent: bool = False, subtile: int = 1, split: bool = False,
-           last_sums: bool = False) -> str:
+           last_sums: bool = False, fast: bool = False) -> str:
     """The kernel source for `s`, with float32 products in TF32 exactly when torch's matmuls use it now."""
-    return render(s, bool(torch.backends.cuda.matmul.allow_tf32), tma, persistent, subtile, split, last_sums)
+    return render(s, bool(torch.backends.cuda.matmul.allow_tf32), tma, persistent, subtile, split, last_sums, fast)
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------
@@ -643,7 +670,11 @@ class GemmKernel:
         self.stages = _stages(tile, s.dtype.torch.itemsize, device)
         if tile.tma:
             _check_tma(s, device)
-        self.source = source(s, tile.tma, tile.persistent, tile.subtile, tile.split_k > 1, tile.last_sums)
+        if tile.fast and s.k > FP8_FAST_MAX_K:
+            raise UnsupportedError(f"triton.gemm: a reduction of {s.k} float8 products is promoted to float32 "
+                                   f"(fast accumulation only up to K = {FP8_FAST_MAX_K})")
+        self.source = source(s, tile.tma, tile.persistent, tile.subtile, tile.split_k > 1, tile.last_sums,
+                             tile.fast)
         self.fn = load_function(self.source, "kiln_gemm", "kiln_gemm")
         two = tile.split_k > 1 and not tile.last_sums
         self._part_fn = load_function(self.source, "kiln_gemm", "kiln_gemm_part") if two else None
@@ -753,8 +784,8 @@ class GemmKernel:
             fn = self.fn
             if t.tma or t.split_k > 1:  # e.g. a strided A view: the same arithmetic on pointers
                 if self._pointer_fn is None:
-                    self._pointer_fn = load_function(source(s, persistent=t.persistent, subtile=t.subtile),
-                                                     "kiln_gemm", "kiln_gemm")
+                    self._pointer_fn = load_function(
+                        source(s, persistent=t.persistent, subtile=t.subtile, fast=t.fast), "kiln_gemm", "kiln_gemm")
                 fn = self._pointer_fn
             fn[grid](x2, w, *extra, out, *tail, *x2.stride(), *w.stride(), *extra_strides, *strides, **consts)
 
@@ -994,6 +1025,22 @@ class TritonFp8GemmNext(TritonFp8Gemm):
     priority = 26
 
 
+class TritonFp8GemmFast(TritonFp8Gemm):
+    """`triton.fp8_gemm` without the float32 promotion (`Tile.fast`), for layers of at most FP8_FAST_MAX_K
+    products: its results still pass the tuner's accuracy check against the float32-widened layer or are dropped.
+    Ranked after `cuda.fp8_gemm` and the promoted tiles, and timed from the default optimization level up."""
+
+    name = "triton.fp8_gemm_fast"
+    min_opt_level = 3
+    tiles = FP8_FAST_TILES
+    space = {"tile": tuple(FP8_FAST_TILES)}
+    priority = 31
+
+    def view(self, node: Node) -> Spec | None:
+        s = super().view(node)
+        return s if s is not None and s.k <= FP8_FAST_MAX_K else None
+
+
 SPLIT_TILES: dict[str, Tile] = {
     "64x64x64-w4s4-k2": Tile(64, 64, 64, 4, 4, 4, split_k=2),
     "64x64x64-w4s4-k4": Tile(64, 64, 64, 4, 4, 4, split_k=4),
@@ -1057,4 +1104,5 @@ register(TritonFp8Gemm())
 register(TritonGemmNext())
 register(TritonInt8GemmNext())
 register(TritonFp8GemmNext())
+register(TritonFp8GemmFast())
 register(TritonGemmSplitK())
