@@ -13,8 +13,9 @@ from typing import Any
 
 from kiln.utils.errors import KilnError
 
-CACHE_VERSION = 3  # 2: GPU candidates timed as CUDA-graph replays with L2 flushed; 3: the generated epilogues' GELU
-# and 8-bit rounding got cheaper (km.gelu_narrow, km.round_to_8bit), so choices timed before are stale
+CACHE_VERSION = 4  # 2: GPU candidates timed as CUDA-graph replays with L2 flushed; 3: the generated epilogues' GELU
+# and 8-bit rounding got cheaper (km.gelu_narrow, km.round_to_8bit), so choices timed before are stale; 4: float8
+# layers have new candidates (triton.fp8_gemm's 4-warp tile, triton.fp8_gemm_fast) a cached choice never met
 _KIND = "kiln-timing-cache"
 
 
