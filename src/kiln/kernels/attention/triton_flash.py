@@ -123,12 +123,13 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
     return acc, l_i, m_new
 
 
-def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_zero, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-               smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m, HEAD_D: tl.constexpr,
-               HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr,
-               ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
-               QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr, PDL: tl.constexpr):
+def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_rscale, q_zero, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn,
+               svd, smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m,
+               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+               KEY_MASK: tl.constexpr, ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr,
+               STORE_Y: tl.constexpr, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr,
+               QHI: tl.constexpr, PDL: tl.constexpr):
     pdl_sync(PDL)  # why: with PDL on (kiln.kernels.pdl), this kernel may start before the one before it ends
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -173,8 +174,8 @@ def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_zero, sqb, sqh, sqm, sqd, skb, skh,
     if STORE_Y:
         tl.store(O + o_at, out.to(O.dtype.element_ty), mask=o_ok)
     if QUANT > 0:  # the quantizing form: QO is laid out as O
-        tl.store(QO + o_at, quantize_tile(out, q_scale, q_zero, YD, QUANT, SD, QLO, QHI).to(QO.dtype.element_ty),
-                 mask=o_ok)
+        yq = quantize_tile(out, q_scale, q_rscale, q_zero, YD, QUANT, SD, QLO, QHI)
+        tl.store(QO + o_at, yq.to(QO.dtype.element_ty), mask=o_ok)
 
 
 @functools.cache
@@ -301,7 +302,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     units = LOG2E if kind == FLOAT_MASK else 1.0
     q_mul = scale if kind == FLOAT_MASK else scale * LOG2E
     _kernel()[(num_m * b * h,)](
-        q, k, v, m4, o, qo, 1.0 if quant is None else quant.scale, 0.0 if quant is None else quant.zero,
+        q, k, v, m4, o, qo, *((1.0, 1.0, 0.0) if quant is None else (quant.scale, quant.reciprocal, quant.zero)),
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *o.stride(),
         h, h // hkv, sq, skv, width, q_mul, num_m,
         HEAD_D=d, HEAD_DV=dv, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,

@@ -126,6 +126,7 @@ INT8_TILES: dict[str, Tile] = {
     "tma-64x128x128-w4s4": Tile(64, 128, 128, 8, 4, 4, tma=True),
     "tma-128x128x64-w4s4": Tile(128, 128, 64, 8, 4, 4, tma=True),
     "tma-128x128x64-w4s4-e2": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=2),
+    "tma-128x128x128-w4s3-e2": Tile(128, 128, 128, 8, 4, 3, tma=True, subtile=2),
 }
 """int8 tiles: mostly the float tiles' shapes with twice the K step (the same bytes per stage). The "tma-" tiles load
 both operands with TMA (zero-filled past the edges) where the GPU has it (sm_90+) and the rows are 16-byte aligned; the
@@ -140,7 +141,10 @@ epilogue on 2 column slices (from `INT8_NEXT_TILES`) was best on all four BERT-b
 (2026-11-27, CUDA-graph medians: QKV 64.9 vs 72.0 us, FFN-up + GELU + quantize 173.4 vs 176.8, FFN-down + residual
 77.3 vs 81.0, attention output + residual 32.5 vs 33.8), not on ResNet-50's 1x1 + int8 residual (278 vs 216).
 Requantizing by float adds and the narrow GELU (H100, 2026-11-27): BERT-base bs128 FFN-up + GELU + quantize 139.3 us
-on that tile, from 182.2 (best) and 200.9 (that tile)."""
+on that tile, from 182.2 (best) and 200.9 (that tile). "tma-128x128x128-w4s3-e2" (4 warps, 3 stages of 32 KiB: two
+programs an SM) joined after an H100 run (2026-11-27, CUDA-graph medians, BERT-base bs128): FFN-down + residual 90.8
+vs 104.2 us, attention output + residual 40.9 vs 42.6, QKV a tie (85.3 vs 85.5), FFN-up + GELU + quantize 143.6
+vs 139.6."""
 
 
 
@@ -488,12 +492,11 @@ def _norm_prologue(s: Spec) -> tuple[tuple[str, str, str], str, list[str], list[
 
 FP8_PROMOTE = 128
 """Float8 products a tensor-core accumulation takes before its partial sum is added into the float32 accumulator."""
-FP8_TILES = {**{name: t for name, t in INT8_TILES.items() if t.block_k >= FP8_PROMOTE},
-             "tma-128x128x128-w4s3-e2": Tile(128, 128, 128, 8, 4, 3, tma=True, subtile=2)}
+FP8_TILES = {name: t for name, t in INT8_TILES.items() if t.block_k >= FP8_PROMOTE}
 """`triton.fp8_gemm`'s space: the int8 tiles whose K step holds FP8_PROMOTE products (Triton promotes at most once
-per K step), and a 128x128 tile of 4 warps in 3 stages (96 KiB: two programs an SM, so one's promotions and
-epilogue overlap the other's products) with the epilogue in 2 column slices. Timed on an H100 (2026-11-27, CUDA-graph
-medians, BERT-base bs128 layers): it won three of the four - attention output + residual 43.4 us (best before 45.8),
+per K step). Among them the 128x128 tile of 4 warps in 3 stages (96 KiB: two programs an SM, so one's promotions
+and epilogue overlap the other's products) with the epilogue in 2 column slices, timed on an H100 (2026-11-27,
+CUDA-graph medians, BERT-base bs128 layers): it won three of the four - attention output + residual 43.4 us (best before 45.8),
 FFN-up + GELU + float8 quantize 153.0 (157.1; cuBLASLt + a pass 167.0), FFN-down + residual 100.5 (cuBLASLt
 104.1) - and was second on QKV + bias (93.2; cuBLASLt 80.7). The same shape with 4 stages (two programs no longer
 fit) took 133-244 us."""

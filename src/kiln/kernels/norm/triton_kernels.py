@@ -154,14 +154,15 @@ def _affine(v, w, b, RMS: tl.constexpr, HAS_B: tl.constexpr, XD: tl.constexpr, P
 
 
 @triton.jit
-def quantize_tile(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr,
-                  QHI: tl.constexpr):
+def quantize_tile(y, scale, rscale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.constexpr,
+                  QLO: tl.constexpr, QHI: tl.constexpr):
     """QuantizeLinear of a kernel's result y (float32 holding Y's values; shared with the quantizing attention) as
     the reference computes it: Y / scale in the scale's type SD (a float32 quotient rounded once to SD is SD's
-    exactly rounded quotient), then QUANT 1: round half to even, + zero, clamped to [QLO, QHI] (int8/uint8),
-    returned as an int32 whose low byte is the code (the caller's store to 8 bits keeps it); QUANT 2: saturated to
-    float8 E4M3's +-448, NaN kept (the caller's float8 store rounds to nearest even)."""
-    q = _rd(tl.div_rn(_rd(_rd(y, YD), SD), tl.zeros_like(y) + scale), SD)
+    exactly rounded quotient; `km.quotient`, from the scale's float32 reciprocal `rscale`, `Quantize.reciprocal`),
+    then QUANT 1: round half to even, + zero, clamped to [QLO, QHI] (int8/uint8), returned as an int32 whose low
+    byte is the code (the caller's store to 8 bits keeps it); QUANT 2: saturated to float8 E4M3's +-448, NaN kept
+    (the caller's float8 store rounds to nearest even)."""
+    q = _rd(km.quotient(_rd(_rd(y, YD), SD), scale, rscale), SD)
     if QUANT == 2:  # why: an if/else on the constexpr - one branch is compiled, so the result has one type
         r = tl.where(q != q, q, tl.minimum(tl.maximum(q, -448.0), 448.0))
     else:
@@ -170,7 +171,8 @@ def quantize_tile(y, scale, zero, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.
 
 
 @triton.jit
-def _layernorm_rows(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_zero, n_rows, n,
+def _layernorm_rows(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_rscale, q_zero,
+                    n_rows, n,
                     eps, RES: tl.constexpr, RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr,
                     XD: tl.constexpr, PD: tl.constexpr, QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
                     QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
@@ -205,12 +207,12 @@ def _layernorm_rows(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr
     if STORE_Y:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if QUANT > 0:
-        yq = quantize_tile(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
+        yq = quantize_tile(y, q_scale, q_rscale, q_zero, YD, QUANT, SD, QLO, QHI)
         tl.store(q_ptr + offs, yq.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_zero, n, eps,
+def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_scale, q_rscale, q_zero, n, eps,
                       RMS: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, XD: tl.constexpr,
                       PD: tl.constexpr, QD: tl.constexpr, STORE_Y: tl.constexpr, YD: tl.constexpr,
                       QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
@@ -247,7 +249,7 @@ def _layernorm_looped(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, q_s
         if STORE_Y:
             tl.store(y_ptr + base + c, y.to(y_ptr.dtype.element_ty), mask=mask)
         if QUANT > 0:
-            yq = quantize_tile(y, q_scale, q_zero, YD, QUANT, SD, QLO, QHI)
+            yq = quantize_tile(y, q_scale, q_rscale, q_zero, YD, QUANT, SD, QLO, QHI)
             tl.store(q_ptr + base + c, yq.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -265,6 +267,11 @@ class Quantize:
     out: torch.dtype
     precision: torch.dtype
     keep_y: bool
+
+    @property
+    def reciprocal(self) -> float:
+        """1 / scale rounded to float32 (IEEE division, on the host): what `km.quotient` corrects the product with."""
+        return float(torch.tensor(1.0) / torch.tensor(self.scale, dtype=torch.float32))
 
     @staticmethod
     def of(view: QuantizedOutput) -> Quantize:
@@ -309,7 +316,8 @@ def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int, 
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device) if stats else y
     flags = dict(RMS=rms, HAS_B=b is not None, STATS=stats, XD=TL[xd], PD=TL[w.dtype if rms else pd], QD=TL[qd],
                  STORE_Y=keep_y, **quantize_flags(quant, yd))
-    scalars = (y if q is None else q, 1.0 if quant is None else quant.scale, 0.0 if quant is None else quant.zero)
+    scalars = (y if q is None else q, *((1.0, 1.0, 0.0) if quant is None else (quant.scale, quant.reciprocal,
+                                                                               quant.zero)))
     bias = w if b is None else b
     if p.looped:
         _layernorm_looped[(rows,)](x, w, bias, y, mean, rstd, *scalars, n, eps, **flags, BLOCK=p.block,
