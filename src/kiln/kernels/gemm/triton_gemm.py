@@ -496,10 +496,10 @@ FP8_TILES = {name: t for name, t in INT8_TILES.items() if t.block_k >= FP8_PROMO
 """`triton.fp8_gemm`'s space: the int8 tiles whose K step holds FP8_PROMOTE products (Triton promotes at most once
 per K step). Among them the 128x128 tile of 4 warps in 3 stages (96 KiB: two programs an SM, so one's promotions
 and epilogue overlap the other's products) with the epilogue in 2 column slices, timed on an H100 (2026-11-27,
-CUDA-graph medians, BERT-base bs128 layers): it won three of the four - attention output + residual 43.4 us (best before 45.8),
-FFN-up + GELU + float8 quantize 153.0 (157.1; cuBLASLt + a pass 167.0), FFN-down + residual 100.5 (cuBLASLt
-104.1) - and was second on QKV + bias (93.2; cuBLASLt 80.7). The same shape with 4 stages (two programs no longer
-fit) took 133-244 us."""
+CUDA-graph medians, BERT-base bs128 layers): it won three of the four - attention output + residual 43.4 us (best
+before 45.8), FFN-up + GELU + float8 quantize 153.0 (157.1; cuBLASLt + a pass 167.0), FFN-down + residual 100.5
+(cuBLASLt 104.1) - and was second on QKV + bias (93.2; cuBLASLt 80.7). The same shape with 4 stages (two programs
+no longer fit) took 133-244 us."""
 
 FP8_FAST_MAX_K = 1024
 """The longest reduction `triton.fp8_gemm_fast` takes. Measured on an H100 (BERT-base bs128, 2026-11-27): over

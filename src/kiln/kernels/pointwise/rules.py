@@ -362,18 +362,15 @@ def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
             return rounded(e)
         return f"{rounded(e)}.to({storage(prec)})" + (".to(tl.float32)" if prec in NARROW else "")
 
-    if not b.reciprocal_quotients:  # the IEEE quotient (Triton's `/` is div.full.f32, up to 2 ulps off)
-        sp = as_prec(s)
-        if s.value is not None:
-            r = torch.tensor(1.0) / torch.tensor(in_dtype(float(s.value), prec), dtype=torch.float32)
-            q = f"km.quotient({as_prec(x)}, {sp}, {float_text(float(r))})"
-        else:
-            q = f"km.quotient({as_prec(x)}, {sp}, tl.div_rn(1.0, {sp}))"
-    elif s.value is not None:  # a baked constant: its float32 reciprocal, as the kernel would form it
-        r = torch.tensor(1.0) / torch.tensor(in_dtype(float(s.value), prec), dtype=torch.float32)
-        q = f"({as_prec(x)} * {float_text(float(r))})"
+    sp = as_prec(s)
+    if s.value is not None:  # a baked constant: its float32 reciprocal, rounded as IEEE division rounds it
+        r = float_text(float(torch.tensor(1.0) / torch.tensor(in_dtype(float(s.value), prec), dtype=torch.float32)))
     else:  # a scalar operand: one division per program
-        q = f"({as_prec(x)} * (1.0 / {as_prec(s)}))"
+        r = f"tl.div_rn(1.0, {sp})"
+    if not b.reciprocal_quotients:  # the IEEE quotient (Triton's `/` is div.full.f32, up to 2 ulps off)
+        q = f"km.quotient({as_prec(x)}, {sp}, {r})"
+    else:
+        q = f"({as_prec(x)} * {r})"
     if prec in NARROW:
         q = f"{q}.to({storage(prec)}).to(tl.float32)"
     if out is FP8:  # saturate to +-448 (NaN stays NaN); the store's conversion rounds to nearest even
