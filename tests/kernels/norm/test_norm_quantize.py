@@ -52,6 +52,10 @@ def test_refuses_what_the_kernel_cannot_write() -> None:
     assert scale is not None and isinstance(scale.data, torch.Tensor)
     scale.data = -scale.data  # a negative scale: not a quantize the kernels (or the pass) take
     assert norm_quantize_view(node) is None
+    scale.data = torch.tensor(1e-39)  # subnormal: its float32 reciprocal overflows, which km.quotient cannot use
+    assert norm_quantize_view(node) is None
+    scale.data = torch.tensor(3e-38)  # the smallest normal scales still have a finite reciprocal
+    assert norm_quantize_view(node) is not None
     node, _ = norm_quantize(4, 64, torch.float32, DType.INT8)
     node.attrs["body"].nodes[0].attrs["stash_type"] = DType.FLOAT16  # the norm rules of triton.layernorm apply
     assert not registry.get("triton.norm_quantize").applicable(node, CUDA)

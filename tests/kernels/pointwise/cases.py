@@ -665,6 +665,18 @@ case("QuantizeLinear-ties-int8-zero-point-extremes")(lambda r: op_case("Quantize
 case("QuantizeLinear-ties-uint8-high-zero-point")(lambda r: op_case("QuantizeLinear", [
     _extremes(r.halves(*SHAPE) * 3), torch.tensor(0.5), torch.tensor(250, dtype=torch.uint8)]))
 case("QuantizeLinear-constant-zero-point")(lambda r: _quantize_constant_zero(r))
+case("QuantizeLinear-constant-subnormal-scale")(lambda r: _quantize_constant_scale(r, 1e-39))
+
+
+def _quantize_constant_scale(r: Inputs, scale: float) -> Case:
+    """A constant float32 scale baked into the source; 1e-39 (subnormal): its reciprocal overflows float32, so the
+    generator divides per value instead of correcting the product with the reciprocal (`km.quotient`)."""
+    x = r.randn(*SHAPE, scale=scale * 60.0)
+    g, (vx,) = graph((D.FLOAT32, x.shape))
+    sc = g.add_initializer("scale", torch.tensor(scale, dtype=torch.float32))
+    g.outputs = list(g.add("QuantizeLinear", [vx, sc, g.add_initializer("zp", torch.tensor(0, dtype=torch.int8))],
+                           {}))
+    return Case(g, [x])
 
 
 def _extremes(x: torch.Tensor) -> torch.Tensor:

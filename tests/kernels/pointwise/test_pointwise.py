@@ -293,3 +293,21 @@ def test_tactic_takes_a_lone_elementwise_node() -> None:
     g2.outputs = [clip, grow]
     for n in g2.nodes:
         assert not t.applicable(n, torch.device("cuda")), n.op  # an omitted input; a shape-dependent Expand
+
+
+def test_quantize_divides_by_the_corrected_reciprocal_where_it_is_finite() -> None:
+    """A constant scale: km.quotient with its float32 reciprocal baked in; a scale whose reciprocal overflows
+    (subnormal) or a computed one: IEEE division per value (`tl.div_rn`); never Triton's approximate `/`."""
+    def source(scale: torch.Tensor | None) -> str:
+        g, ins = graph((F32, (64,)), *([] if scale is not None else [(F32, ())]))
+        s = g.add_initializer("s", scale) if scale is not None else ins[1]
+        zero = g.add_initializer("z", torch.tensor(0, dtype=torch.int8))
+        g.outputs = list(g.add("QuantizeLinear", [ins[0], s, zero]))
+        reads = [_contig(64), *([] if scale is not None else [_contig()])]
+        return render(build_program(g), lay.plan((64,), [*reads, _contig(64)], 1024).layout)
+
+    normal, tiny, computed = source(torch.tensor(0.37)), source(torch.tensor(1e-39)), source(None)
+    assert "km.quotient(" in normal and "tl.div_rn" not in normal
+    assert "tl.div_rn(" in tiny and "km.quotient" not in tiny
+    assert "tl.div_rn(" in computed and "km.quotient" not in computed
+    assert not any(" / " in src.split("def kiln_pointwise")[1] for src in (normal, tiny, computed))

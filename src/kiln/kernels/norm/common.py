@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -172,6 +173,12 @@ class QuantizedOutput:
     precision: torch.dtype
 
 
+def reciprocal(scale: float) -> float:
+    """1 / scale in float32, rounded as IEEE division rounds it (inf where it overflows): the factor `km.quotient`
+    corrects its product with."""
+    return float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
+
+
 def quantizing_view(node: Node, ops: Sequence[str]) -> QuantizedOutput | None:
     """The view of a "quantizing" Fused node whose op is one of `ops`, its QuantizeLinear per tensor with a constant
     positive scale and zero point, to a type in `WRITTEN` (float8 saturating, zero point 0); else None."""
@@ -190,8 +197,8 @@ def quantizing_view(node: Node, ops: Sequence[str]) -> QuantizedOutput | None:
         if v is not None and (c is None or not isinstance(c.data, torch.Tensor) or c.data.numel() != 1):
             return None  # per-channel or computed scales: the quantize pass keeps them
         values.append(0.0 if c is None else float(c.data.float().reshape(())))  # type: ignore[union-attr]
-    if not values or not values[0] > 0:
-        return None
+    if not values or not values[0] > 0 or not math.isfinite(reciprocal(values[0])):
+        return None  # why: km.quotient needs the scale's float32 reciprocal finite (a scale above ~2.9e-39)
     zero = values[1] if len(values) > 1 else 0.0
     out = q.outputs[0].dtype
     if out not in WRITTEN or (out is DType.FLOAT8_E4M3FN and (int(q.attrs.get("saturate", 1)) != 1 or zero != 0)):

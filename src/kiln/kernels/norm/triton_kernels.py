@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import pdl
-from kiln.kernels.norm.common import QuantizedOutput, grid_rows, next_pow2, plan, promote, warps
+from kiln.kernels.norm.common import QuantizedOutput, grid_rows, next_pow2, plan, promote, reciprocal, warps
 from kiln.kernels.pointwise import mathlib as km
 
 TL: dict[torch.dtype, Any] = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -270,8 +270,9 @@ class Quantize:
 
     @property
     def reciprocal(self) -> float:
-        """1 / scale rounded to float32 (IEEE division, on the host): what `km.quotient` corrects the product with."""
-        return float(torch.tensor(1.0) / torch.tensor(self.scale, dtype=torch.float32))
+        """1 / scale rounded to float32 (IEEE division, on the host; finite for every scale `quantizing_view`
+        takes): what `km.quotient` corrects the product with."""
+        return reciprocal(self.scale)
 
     @staticmethod
     def of(view: QuantizedOutput) -> Quantize:

@@ -363,14 +363,17 @@ def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
         return f"{rounded(e)}.to({storage(prec)})" + (".to(tl.float32)" if prec in NARROW else "")
 
     sp = as_prec(s)
-    if s.value is not None:  # a baked constant: its float32 reciprocal, rounded as IEEE division rounds it
-        r = float_text(float(torch.tensor(1.0) / torch.tensor(in_dtype(float(s.value), prec), dtype=torch.float32)))
-    else:  # a scalar operand: one division per program
-        r = f"tl.div_rn(1.0, {sp})"
-    if not b.reciprocal_quotients:  # the IEEE quotient (Triton's `/` is div.full.f32, up to 2 ulps off)
+    r = None  # a baked constant: its float32 reciprocal, rounded as IEEE division rounds it (when finite)
+    if s.value is not None:
+        rv = float(torch.tensor(1.0) / torch.tensor(in_dtype(float(s.value), prec), dtype=torch.float32))
+        r = float_text(rv) if math.isfinite(rv) else None
+    if b.reciprocal_quotients:
+        q = f"({as_prec(x)} * {r or f'tl.div_rn(1.0, {sp})'})"
+    elif r is not None:  # the IEEE quotient (Triton's `/` is div.full.f32, up to 2 ulps off)
         q = f"km.quotient({as_prec(x)}, {sp}, {r})"
-    else:
-        q = f"({as_prec(x)} * {r})"
+    else:  # a computed scale (or one whose reciprocal overflows): IEEE division per value
+        xv = b.let(as_prec(x), D.FLOAT32).text
+        q = f"tl.div_rn({xv}, tl.zeros_like({xv}) + {sp})"
     if prec in NARROW:
         q = f"{q}.to({storage(prec)}).to(tl.float32)"
     if out is FP8:  # saturate to +-448 (NaN stays NaN); the store's conversion rounds to nearest even
