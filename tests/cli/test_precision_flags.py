@@ -74,3 +74,15 @@ def test_the_build_report_counts_every_int8_and_fp8_kernel() -> None:
     fp8 = {n for n in names if "fp8" in n and "quantize" not in n}
     assert int8 and int8 <= INT8_TACTICS <= names
     assert fp8 and fp8 <= FP8_TACTICS <= names
+
+
+def test_the_fp8_line_names_the_unpromoted_layers() -> None:
+    """A GPU FP8 build whose tuner kept `triton.fp8_gemm_fast` on some layers says how many sum without float32
+    promotion; without any, the line is as before."""
+    from kiln.cli.build import fp8_summary
+
+    lowered = {"fp8_layers": 4, "calibrator": "minmax"}
+    line = fp8_summary(lowered, ["triton.fp8_gemm_fast", "cuda.fp8_gemm", "triton.fp8_gemm_fast", "triton.layernorm"])
+    assert line.startswith("fp8: 4 layers quantized to float8 E4M3 (minmax calibration); 3 run on FP8 kernels")
+    assert "; 2 of them sum their products in the tensor cores without float32 promotion" in line
+    assert "promotion" not in fp8_summary(lowered, ["cuda.fp8_gemm", "triton.fp8_gemm"])

@@ -226,10 +226,7 @@ def print_summary(engine: Engine, path: str, size: int, times: dict[str, float])
         print(f"    int8: {lowered['int8_folded_layers']} Gemm/MatMul/Conv layers quantized in the model (Q/DQ), "
               f"{on_int8} of them on int8 kernels")
     if lowered.get("precision") == "fp8":
-        print(f"    fp8: {lowered['fp8_layers']} layers quantized to float8 E4M3 ({lowered['calibrator']} calibration"
-              f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); "
-              f"{sum(c.tactic in FP8_TACTICS for c in plan.choices[0]) if plan.choices else 0} run on FP8 "
-              f"kernels, the others compute their results in float")
+        print(f"    {fp8_summary(lowered, [c.tactic for c in plan.choices[0]] if plan.choices else [])}")
     if lowered.get("precision") == "int8":
         print(f"    int8: {lowered['int8_layers']} layers quantized ({lowered['calibrator']} calibration"
               f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); {on_int8} run on "
@@ -326,6 +323,18 @@ INT8_TACTICS = frozenset({"cuda.int8_gemm", "triton.int8_gemm", "triton.int8_gem
 FP8_TACTICS = frozenset({"cuda.fp8_gemm", "triton.fp8_gemm", "triton.fp8_gemm_next", "triton.fp8_gemm_fast",
                          "triton.fp8_conv"})
 """The tactics that run a layer's products on float8 kernels."""
+
+
+def fp8_summary(lowered: dict[str, Any], tactics: list[str]) -> str:
+    """The build report's float8 line: layers quantized, how many run on FP8 kernels (`tactics`: the plan's chosen
+    tactic per step) and how many of those sum without float32 promotion (`triton.fp8_gemm_fast`)."""
+    on = sum(t in FP8_TACTICS for t in tactics)
+    fast = sum(t == "triton.fp8_gemm_fast" for t in tactics)
+    return (f"fp8: {lowered['fp8_layers']} layers quantized to float8 E4M3 ({lowered['calibrator']} calibration"
+            f"{', scales from the cache' if lowered.get('calibration_cache_used') else ''}); {on} run on FP8 "
+            f"kernels, the others compute their results in float"
+            + (f"; {fast} of them sum their products in the tensor cores without float32 promotion (short "
+               f"sums only, each layer checked against its float32 result while tuning)" if fast else ""))
 
 
 def mix(items: Any) -> str:
