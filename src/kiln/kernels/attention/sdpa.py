@@ -100,7 +100,6 @@ class Sdpa(Tactic):
         return run
 
 
-
 class SdpaQuantize(Tactic):
     """A "quantizing" Attention node as `cuda.sdpa` (one config per backend but math) followed by the node's
     QuantizeLinear alone; the float output too when the node keeps it."""

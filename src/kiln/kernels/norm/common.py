@@ -19,6 +19,7 @@ from kiln.ir.graph import Node, TensorType, Value
 from kiln.ir.ops import get_op
 from kiln.ir.ops.base import RefCtx
 from kiln.kernels.base import Kernel, Tactic
+from kiln.kernels.pointwise.rules import reciprocal
 
 FLOATS = frozenset({DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16})
 
@@ -171,12 +172,8 @@ class QuantizedOutput:
     scale: float
     zero: float
     precision: torch.dtype
-
-
-def reciprocal(scale: float) -> float:
-    """1 / scale in float32, rounded as IEEE division rounds it (inf where it overflows): the factor `km.quotient`
-    corrects its product with."""
-    return float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
+    reciprocal: float
+    """1 / scale in float32 (`rules.reciprocal`, finite), for `km.quotient`."""
 
 
 def quantizing_view(node: Node, ops: Sequence[str]) -> QuantizedOutput | None:
@@ -197,8 +194,9 @@ def quantizing_view(node: Node, ops: Sequence[str]) -> QuantizedOutput | None:
         if v is not None and (c is None or not isinstance(c.data, torch.Tensor) or c.data.numel() != 1):
             return None  # per-channel or computed scales: the quantize pass keeps them
         values.append(0.0 if c is None else float(c.data.float().reshape(())))  # type: ignore[union-attr]
-    if not values or not values[0] > 0 or not math.isfinite(reciprocal(values[0])):
-        return None  # why: km.quotient needs the scale's float32 reciprocal finite (a scale above ~2.9e-39)
+    inverse = reciprocal(values[0]) if values and values[0] > 0 else math.inf
+    if not math.isfinite(inverse):
+        return None  # a scale not positive, or whose float32 reciprocal (km.quotient's factor) overflows: < ~2.9e-39
     zero = values[1] if len(values) > 1 else 0.0
     out = q.outputs[0].dtype
     if out not in WRITTEN or (out is DType.FLOAT8_E4M3FN and (int(q.attrs.get("saturate", 1)) != 1 or zero != 0)):
@@ -208,7 +206,7 @@ def quantizing_view(node: Node, ops: Sequence[str]) -> QuantizedOutput | None:
         return None
     p = q.attrs.get("precision") or q.inputs[1].dtype  # the reference divides in this type
     precision = p.torch if p in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16) else torch.float32
-    return QuantizedOutput(op, q, at, keep, values[0], zero, precision)
+    return QuantizedOutput(op, q, at, keep, values[0], zero, precision, inverse)
 
 
 def separate_quantize(view: QuantizedOutput, device: torch.device) -> Kernel:

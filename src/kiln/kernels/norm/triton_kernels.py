@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import pdl
-from kiln.kernels.norm.common import QuantizedOutput, grid_rows, next_pow2, plan, promote, reciprocal, warps
+from kiln.kernels.norm.common import QuantizedOutput, grid_rows, next_pow2, plan, promote, warps
 from kiln.kernels.pointwise import mathlib as km
 
 TL: dict[torch.dtype, Any] = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -267,17 +267,14 @@ class Quantize:
     out: torch.dtype
     precision: torch.dtype
     keep_y: bool
-
-    @property
-    def reciprocal(self) -> float:
-        """1 / scale rounded to float32 (IEEE division, on the host; finite for every scale `quantizing_view`
-        takes): what `km.quotient` corrects the product with."""
-        return reciprocal(self.scale)
+    reciprocal: float
+    """1 / scale in float32, formed once (`QuantizedOutput.reciprocal`): what `km.quotient` corrects with."""
 
     @staticmethod
     def of(view: QuantizedOutput) -> Quantize:
         """What a "quantizing" node's QuantizeLinear asks of the kernel storing its op's result."""
-        return Quantize(view.scale, view.zero, view.quantize.outputs[0].dtype.torch, view.precision, view.keep_y)
+        return Quantize(view.scale, view.zero, view.quantize.outputs[0].dtype.torch, view.precision, view.keep_y,
+                        view.reciprocal)
 
 
 def quantize_flags(quant: Quantize | None, y_dtype: torch.dtype) -> dict[str, Any]:

@@ -349,6 +349,12 @@ def _quantize_precision(n: Node) -> DType:
     return p if p in F32 else n.inputs[1].dtype  # type: ignore[union-attr]
 
 
+def reciprocal(scale: float) -> float:
+    """1 / scale in float32, rounded as IEEE division rounds it (inf where it overflows): the factor `km.quotient`
+    corrects its product with, formed on the host once per kernel."""
+    return float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
+
+
 def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
     """y = saturate(round_half_even(x / scale) + zero_point) to int8/uint8, per tensor. The quotient is formed in
     the precision's type: float32 division of two values of that type rounded once to it is the exactly rounded
@@ -365,7 +371,7 @@ def _quantize(b: Builder, n: Node, xs: list[Expr | None]) -> Expr:
     sp = as_prec(s)
     r = None  # a baked constant: its float32 reciprocal, rounded as IEEE division rounds it (when finite)
     if s.value is not None:
-        rv = float(torch.tensor(1.0) / torch.tensor(in_dtype(float(s.value), prec), dtype=torch.float32))
+        rv = reciprocal(in_dtype(float(s.value), prec))
         r = float_text(rv) if math.isfinite(rv) else None
     if b.reciprocal_quotients:
         q = f"({as_prec(x)} * {r or f'tl.div_rn(1.0, {sp})'})"
