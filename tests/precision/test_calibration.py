@@ -14,6 +14,7 @@ import torch
 from kiln.ir import DType, Graph, TensorType
 from kiln.precision.calibration import (
     CALIBRATORS,
+    ENTROPY_MAX_CLIPPED,
     SCALE_FLOOR,
     CalibrationCache,
     CalibrationError,
@@ -225,6 +226,22 @@ def test_percentile_of_uniform() -> None:
 def test_entropy_and_mse_clip_outliers(gaussian_with_outliers: Histogram, method: str) -> None:
     t = threshold(gaussian_with_outliers, method)
     assert 2.0 < t < 0.5 * gaussian_with_outliers.amax, t
+
+
+@pytest.mark.parametrize("where", ["pooled", "bimodal"])
+def test_entropy_does_not_clip_the_bulk(where: str) -> None:
+    # values away from zero: a threshold under them all once scored KL 0 (P and Q the same one-bin spike)
+    g = torch.Generator().manual_seed(3)
+    if where == "pooled":  # ResNet-50's average-pooled features (random weights): 1.04 +- 0.16, none near zero
+        x = 1.0 + 0.16 * torch.randn(400_000, generator=g)
+    else:
+        x = torch.cat([0.1 * torch.randn(200_000, generator=g), 5.0 + 0.1 * torch.randn(200_000, generator=g)])
+    h = _hist(x)
+    t = threshold(h, "entropy")
+    assert float((x.abs() > t).double().mean()) <= ENTROPY_MAX_CLIPPED
+    s = t / 127
+    err = float(((x / s).round().clamp(-127, 127) * s - x).norm() / x.norm())
+    assert err < 0.01, (t, err)  # without the bound: 0.73 (pooled) and 0.92 (bimodal)
 
 
 def test_entropy_keeps_uniform_range() -> None:
