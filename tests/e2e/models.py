@@ -181,3 +181,75 @@ def vad_signal(n_chunks: int = 50, chunk: int = 512, sr: int = 16000) -> np.ndar
     env[int(0.75 * n):int(0.95 * n)] = 0.6
     sig += 0.3 * env * voiced * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))
     return sig.astype(np.float32)
+
+
+EXPORTERS = ("torchscript", "dynamo")
+"""torch.onnx.export's two exporters: the TorchScript tracer (`dynamo=False`) and torch.export (`dynamo=True`, the
+default since torch 2.9; needs onnxscript)."""
+
+
+class _LastHidden(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+def hf_default(arch: str, exporter: str) -> str:
+    """A small transformers model as transformers builds it by default - SDPA attention, not the "eager" one the
+    other exports here ask for - exported as users do, by `exporter` (EXPORTERS), at batch 2, sequence 16
+    (static shapes). `arch`: "bert" (multi-head attention, padding mask) or "llama" (grouped-query attention, 4
+    query heads on 2 key/value heads, rotary embedding, causal + padding mask). Every parameter redrawn (biases and
+    norm weights included), so no step is an identity the optimizer would rightly drop."""
+
+    def export(path: str) -> None:
+        import transformers
+
+        torch.manual_seed(0)
+        if arch == "bert":
+            config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=128)
+            model = transformers.BertModel(config, add_pooling_layer=False)
+        else:
+            config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+            model = transformers.LlamaModel(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(1.0 if p.dim() == 1 and "norm" in name.lower() else 0.0, 0.05)
+        ids = torch.ones(2, 16, dtype=torch.int64)
+        args, names = (ids, ids), (["input_ids", "attention_mask"], ["hidden"])
+        if exporter == "dynamo":
+            _dynamo_export(_LastHidden(model), args, path, *names)
+        else:
+            _export(_LastHidden(model), args, path, *names)
+
+    return cached(f"{arch}_sdpa_{exporter}", export)
+
+
+def _dynamo_export(model: torch.nn.Module, args: tuple, path: str, names_in: list[str], names_out: list[str]) -> None:
+    """torch.onnx.export(dynamo=True) into a scratch folder (it may write the weights beside the model), then
+    saved as one file with the weights inside (small models), as `cached` keeps it."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        f = os.path.join(folder, "model.onnx")
+        torch.onnx.export(model.eval(), args, f, input_names=names_in, output_names=names_out, dynamo=True)
+        onnx.save(onnx.load(f), path)
+
+
+def mobilenet_v3_small_dynamo() -> str:
+    """torchvision MobileNetV3-Small (squeeze-excitation blocks) through torch.export, at batch 2."""
+
+    def export(path: str) -> None:
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.mobilenet_v3_small(weights=None)
+        _dynamo_export(model, (torch.zeros(2, 3, 224, 224),), path, ["image"], ["logits"])
+
+    return cached("mobilenet_v3_small_dynamo", export)

@@ -11,6 +11,7 @@ import torch
 
 from kiln.ir import DType, Graph, TensorType
 from kiln.ir.graph import Value
+from kiln.ir.interpreter import Interpreter
 from kiln.passes.fuse_attention import fuse_attention
 from tests.passes.pattern_util import ops, rand, rewrite_preserves
 
@@ -46,8 +47,10 @@ def _merge_heads(g: Graph, y4: Value) -> Value:
     return r
 
 
-def bert(*, k_perm: str = "0231", mask: str = "add", probs_output: bool = False, kv_heads: int = H) -> Graph:
-    """The HF BERT/GPT-2 export shape on packed q, k, v [B, S, H*D]."""
+def bert(*, k_perm: str = "0231", mask: str = "add", probs_output: bool = False, kv_heads: int = H,
+         guard: bool = False) -> Graph:
+    """The HF BERT/GPT-2 export shape on packed q, k, v [B, S, H*D]. `k_perm` "rows": K^T as torch.export spells
+    it (`_rows_transposed`); `guard`: torch's SDPA export, its probabilities read through Where(IsNaN(p), 0, p)."""
     g = Graph()
     q = g.add_input("q", TensorType(F32, ("batch", "seq", H * D)))
     k = g.add_input("k", TensorType(F32, ("batch", "seq", kv_heads * D)))
@@ -56,6 +59,11 @@ def bert(*, k_perm: str = "0231", mask: str = "add", probs_output: bool = False,
     v4 = _split_heads(g, v, kv_heads)
     if k_perm == "0231":
         kt = _split_heads(g, k, kv_heads, (0, 2, 3, 1))
+    elif k_perm == "rows":
+        k4 = _split_heads(g, k, kv_heads)
+        if kv_heads != H:
+            v4 = _repeat_kv(g, v4, H // kv_heads)
+        kt = _rows_transposed(g, k4, H // kv_heads)
     else:
         k4 = _split_heads(g, k, kv_heads)
         if kv_heads != H:
@@ -67,12 +75,34 @@ def bert(*, k_perm: str = "0231", mask: str = "add", probs_output: bool = False,
         m = g.add_input("mask", TensorType(F32, ("batch", 1, "seq", "seq")))
         (s,) = g.add("Add", [s, m])
     (p,) = g.add("Softmax", [s], {"axis": -1})
-    (p2,) = g.add("Cast", [p], {"to": F32})
+    if guard:
+        (nan,) = g.add("IsNaN", [p])
+        (p2,) = g.add("Where", [nan, _c(g, 0.0), p])
+    else:
+        (p2,) = g.add("Cast", [p], {"to": F32})
     (y4,) = g.add("MatMul", [p2, v4])
     g.outputs = [_merge_heads(g, y4)]
     if probs_output:
         g.outputs.append(p)
     return g
+
+
+def _rows_transposed(g: Graph, k4: Value, n: int) -> Value:
+    """K^T [B, H, D, S] from k4 [B, Hkv, S, D] as torch.export writes K.transpose(-2, -1) (after the per-head
+    repeat of a grouped-query K when n > 1, Unsqueeze + Expand going straight into the 3-D Reshape):
+    Reshape(Transpose(Reshape(k4, [-1, S, D]), [0, 2, 1]), [B, H, D, S])."""
+    x = k4
+    if n > 1:
+        (u,) = g.add("Unsqueeze", [k4, _c(g, [2], torch.int64)])
+        (shape,) = g.add("Concat", [_dim(g, k4, 0), _c(g, [k4.shape[1], n], torch.int64), _dim(g, k4, 2),
+                                    _dim(g, k4, 3)], {"axis": 0})
+        (x,) = g.add("Expand", [u, shape])
+    (rows,) = g.add("Concat", [_c(g, [-1], torch.int64), _dim(g, k4, 2), _c(g, [D], torch.int64)], {"axis": 0})
+    (r,) = g.add("Reshape", [x, rows])
+    (t,) = g.add("Transpose", [r], {"perm": (0, 2, 1)})
+    (back,) = g.add("Concat", [_dim(g, k4, 0), _c(g, [H, D], torch.int64), _dim(g, k4, 2)], {"axis": 0})
+    (kt,) = g.add("Reshape", [t, back])
+    return kt
 
 
 def _repeat_kv(g: Graph, x: Value, n: int) -> Value:
@@ -109,6 +139,39 @@ def test_grouped_query_heads() -> None:
     g, res = rewrite_preserves(lambda: bert(k_perm="0213+0132", kv_heads=2), fuse_attention, _packed_feeds(2))
     assert ops(g) == ["Attention"] and res.counts == {"attention_packed": 1}
     assert g.nodes[0].attrs["q_num_heads"] == H and g.nodes[0].attrs["kv_num_heads"] == 2
+
+
+@pytest.mark.parametrize("kv_heads", [H, 2])
+def test_torch_export_forms_become_packed_attention(kv_heads: int) -> None:
+    """torch.export's K^T (a 3-D transpose between reshapes; for grouped-query K straight from the repeat's
+    Expand) and SDPA's NaN guard on the probabilities: still one packed Attention, same outputs."""
+    g, res = rewrite_preserves(lambda: bert(k_perm="rows", kv_heads=kv_heads, guard=True), fuse_attention,
+                               _packed_feeds(kv_heads))
+    assert ops(g) == ["Attention"] and res.counts == {"attention_packed": 1}
+    assert [v.name for v in g.nodes[0].inputs] == ["q", "k", "v", "mask"]
+    assert g.nodes[0].attrs["q_num_heads"] == H and g.nodes[0].attrs["kv_num_heads"] == kv_heads
+
+
+def test_the_nan_guard_zeroes_what_attention_zeroes() -> None:
+    """A -inf mask hiding every key of a row: softmax gives NaN there and the guard 0; Attention gives 0 itself."""
+    feeds = _packed_feeds()
+    feeds["mask"][1, :, 2, :] = -np.inf  # query 2 of the second sequence sees no key
+    feeds["mask"][1, :, 3, 1:] = -np.inf  # query 3 sees one
+    before = Interpreter(bert(guard=True)).run(dict(feeds))["y"]
+    assert not np.isnan(before).any() and (before[1, 2] == 0).all()
+    _g, res = rewrite_preserves(lambda: bert(guard=True), fuse_attention, feeds)
+    assert res.counts == {"attention_packed": 1}
+
+
+def test_a_nan_guard_read_elsewhere_does_not_match() -> None:
+    def build() -> Graph:
+        g = bert(guard=True)
+        where = next(n for n in g.nodes if n.op == "IsNaN")
+        g.outputs.append(where.outputs[0])
+        return g
+
+    g, res = rewrite_preserves(build, fuse_attention, _packed_feeds())
+    assert not res.changed and "Softmax" in ops(g)
 
 
 def test_probabilities_read_elsewhere_do_not_match() -> None:

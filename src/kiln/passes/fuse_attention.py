@@ -7,13 +7,17 @@ The matched chain, from the Softmax outwards:
     scores = scores + mask                   optional; or Where(cond, scores, -inf) / Where(cond, -inf, scores)
                                              (a fill <= -1e30 is kept as an additive 0 / fill mask)
     probs  = Softmax(Cast?(scores), -1)      a Cast to a wider float here sets softmax_precision
+    probs  = Where(IsNaN(probs), 0, probs)   optional: torch's SDPA export zeroing the rows a -inf mask hides
+                                             entirely, as `Attention` does (a NaN from NaN inputs is not zeroed)
     out    = MatMul(Cast?(probs), V)
 
 Rewrite cases:
-- 4-D: Q [B, H, Sq, D], K [B, Hkv, Skv, D] (K^T as Transpose(K, [0, 1, 3, 2]); any other K^T gets that
+- 4-D: Q [B, H, Sq, D], K [B, Hkv, Skv, D] (K^T as Transpose(K, [0, 1, 3, 2]), or as torch.export writes it,
+  Reshape(Transpose(Reshape(K, [B*H, Skv, D]), [0, 2, 1]), [B, H, D, Skv]); any other K^T gets that
   Transpose), V [B, Hkv, Skv, Dv]                          -> Attention(Q, K, V, mask?, scale=a*b*c)
-- grouped-query: K and V repeated per query head by Reshape(Expand(Unsqueeze(kv, 2))) (HF repeat_kv) are read
-  before the repeat                                       -> Attention with Hkv < H key/value heads
+- grouped-query: K and V repeated per query head by Reshape(Expand(Unsqueeze(kv, 2))) (HF repeat_kv; torch.export
+  reshapes K's Expand straight to the 3-D rows above) are read before the repeat
+                                                          -> Attention with Hkv < H key/value heads
 - with the head split and merge around it: Q/K/V = Transpose(Reshape(x [B, S, H*D], [B, S, H, D]), [0, 2, 1, 3])
   (K^T also as one Transpose(.., [0, 2, 3, 1])) and out -> Transpose([0, 2, 1, 3]) -> Reshape([B, Sq, H*Dv])
                                                           -> Attention(q, k, v, mask?, q_num_heads=H,
@@ -71,6 +75,8 @@ class _Operand:
     packed: Value | None = None
     split: Value | None = None
     heads: sym.Dim | None = None
+    repeated: bool = False
+    """v4 is a grouped-query K before the per-head repeat the pattern read it through (`_key_by_rows`)."""
 
 
 def _peel_scale(v: Value) -> tuple[Value, float, list[Node]]:
@@ -130,27 +136,59 @@ def _key(kt: Value) -> tuple[_Operand | None, float]:
         found = _split_heads(t.inputs[0])
         if found is not None:
             return _Operand(None, found[0], t.inputs[0], found[1]), 1.0
-    return None, 1.0
+    return _key_by_rows(kt), 1.0
+
+
+def _key_by_rows(kt: Value) -> _Operand | None:
+    """K^T [B, H, D, S] = Reshape(Transpose(Reshape(y, [B*H, S, D]), [0, 2, 1])) - torch.export's spelling of
+    K.transpose(-2, -1) - with y the K [B, H, S, D], or the per-head repeat Expand(Unsqueeze(kv, 2)) [B, Hkv, n,
+    S, D] of a grouped-query K (then the operand is kv, `repeated`)."""
+    outer = producer(kt, "Reshape")
+    t = producer(outer.inputs[0], "Transpose") if outer is not None else None
+    inner = producer(t.inputs[0], "Reshape") if t is not None and _perm(t, 0, 2, 1) else None
+    y = inner.inputs[0] if inner is not None else None
+    x3 = inner.outputs[0].shape if inner is not None else None
+    if y is None or y.shape is None or x3 is None or len(x3) != 3 or kt.shape is None or len(kt.shape) != 4:
+        return None
+    b, h, d, s = kt.shape
+    if not (same_dim(x3[0], sym.mul(b, h)) and same_dim(x3[1], s) and same_dim(x3[2], d)):
+        return None
+    if same_shape(y.shape, (b, h, s, d)):
+        return _operand(y)
+    kv = _unrepeat(y)
+    if kv is not None and kv.shape is not None and same_dim(sym.mul(kv.shape[1], y.shape[2]), h):
+        return _Operand(kv, heads=kv.shape[1], repeated=True)
+    return None
+
+
+def _unrepeat(e: Value) -> Value | None:
+    """kv [B, Hkv, S, D] when e = Expand(Unsqueeze(kv, 2), [B, Hkv, n, S, D]): each of kv's heads repeated n times in
+    a row, as query heads h read key/value head h // n."""
+    expand = producer(e, "Expand")
+    unsq = producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    if unsq is None or expand is None:
+        return None
+    kv, axes = unsq.inputs[0], small_value(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
+    x = expand.outputs[0].shape
+    if kv is None or kv.shape is None or len(kv.shape) != 4 or axes is None or x is None or len(x) != 5:
+        return None
+    if axes.reshape(-1).tolist() not in ([2], [-3]):
+        return None
+    b, hkv, s, d = kv.shape
+    if not (same_dim(x[0], b) and same_dim(x[1], hkv) and same_dim(x[3], s) and same_dim(x[4], d)):
+        return None
+    return kv
 
 
 def _repeat_kv(v4: Value) -> Value:
     """kv [B, Hkv, S, D] when v4 = Reshape(Expand(Unsqueeze(kv, 2), [B, Hkv, n, S, D]), [B, Hkv*n, S, D])."""
     reshape = producer(v4, "Reshape")
-    expand = producer(reshape.inputs[0], "Expand") if reshape is not None else None
-    unsq = producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
-    if unsq is None or expand is None or v4.shape is None:
-        return v4
-    kv, axes = unsq.inputs[0], small_value(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
-    e = expand.outputs[0].shape
-    if kv is None or kv.shape is None or len(kv.shape) != 4 or axes is None or e is None or len(e) != 5:
-        return v4
-    if axes.reshape(-1).tolist() not in ([2], [-3]):
+    e = reshape.inputs[0] if reshape is not None else None
+    kv = _unrepeat(e) if e is not None else None
+    if kv is None or kv.shape is None or v4.shape is None or e is None or e.shape is None:
         return v4
     b, hkv, s, d = kv.shape
-    if not (same_dim(e[0], b) and same_dim(e[1], hkv) and same_dim(e[3], s) and same_dim(e[4], d)
-            and same_shape(v4.shape, (b, sym.mul(hkv, e[2]), s, d))):
-        return v4
-    return kv
+    return kv if same_shape(v4.shape, (b, sym.mul(hkv, e.shape[2]), s, d)) else v4
 
 
 def _mask_step(s: Value) -> tuple[Node, Value, Value, object] | None:
@@ -229,10 +267,30 @@ def _reroute(shapes: list[Node], candidates: list[Value | None]) -> bool:
     return True
 
 
+def _nan_guard(uses: Uses, p: Value) -> Value | None:
+    """Where(IsNaN(p), 0, p) - torch's SDPA export zeroing the rows a mask hides entirely (all -inf: softmax NaN),
+    which `Attention` zeroes itself - when p is read by that pair alone: the Where's output."""
+    rs = readers(uses, p)
+    isnan = next((n for n in rs if n.op == "IsNaN"), None)
+    where = next((n for n in rs if n.op == "Where"), None)
+    if len(rs) != 2 or isnan is None or where is None or p in uses.outputs:
+        return None
+    flag = isnan.outputs[0]
+    if where.inputs[0] is not flag or where.inputs[2] is not p or scalar(where.inputs[1]) != 0.0:
+        return None
+    out = where.outputs[0]
+    return out if private(uses, flag, where) and out.type == p.type else None
+
+
 def _probs_reader(sm: Node, uses: Uses) -> tuple[Node, Value] | None:
-    """The MatMul reading the probabilities (through Casts and Identities), and the probabilities' last value."""
+    """The MatMul reading the probabilities (through Casts, Identities and the NaN guard, `_nan_guard`), and the
+    probabilities' last value."""
     p = sm.outputs[0]
-    for _ in range(4):
+    for _ in range(5):
+        guarded = _nan_guard(uses, p)
+        if guarded is not None:
+            p = guarded
+            continue
         n = sole_reader(uses, p, ("Cast", "Identity", "MatMul"))
         if n is None:
             return None
@@ -305,8 +363,9 @@ def _attention(graph: Graph, sm: Node, uses: Uses) -> str | None:
         return None
     q, v = _operand(q_in), _operand(mm2.inputs[1])
     if k is not None and k.v4 is not None and v.v4 is not None:
-        k_base, v_base = _repeat_kv(k.v4), _repeat_kv(v.v4)
-        if (k_base is k.v4) != (v_base is v.v4):
+        k_base = k.v4 if k.repeated else _repeat_kv(k.v4)
+        v_base = _repeat_kv(v.v4)
+        if (k.repeated or k_base is not k.v4) != (v_base is not v.v4):
             return None
         k, v = _operand(k_base), _operand(v_base)
     attrs: dict[str, object] = {"scale": scale}

@@ -18,7 +18,7 @@ from kiln.passes.fuse_embeddings import fuse_embeddings
 from kiln.passes.fuse_gelu import fuse_gelu
 from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from kiln.passes.fuse_normalization import fuse_normalization
-from kiln.passes.fuse_reductions import fuse_reductions
+from kiln.passes.fuse_reductions import fuse_reductions, pool_means
 from kiln.passes.fuse_softmax import fuse_softmax
 from kiln.passes.layout import layout
 from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, PassResult, run_passes
@@ -57,6 +57,8 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     # Reductions before normalization (the norm rules look for ReduceMean).
     ("fuse_reductions", _plain(fuse_reductions)),
     ("fuse_normalization", _plain(fuse_normalization)),
+    # After the norms (their patterns read ReduceMean): a spatial mean as GlobalAveragePool, a pooling op.
+    ("pool_means", _plain(pool_means)),
     # Softmax before attention (attention matches from the Softmax op).
     ("fuse_softmax", _plain(fuse_softmax)),
     ("fuse_gelu", _plain(fuse_gelu)),
