@@ -229,16 +229,24 @@ def _mha_fastpath_off() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fast)
 
 
-def export_onnx(spec: ModelSpec, model: nn.Module, path: Path) -> Path:
-    """Export the fp32 model to ONNX (opset 17, TorchScript exporter, dynamic batch). Returns `path`."""
-    module = spec.export_variant(model).eval()
+def export_onnx(spec: ModelSpec, model: nn.Module, path: Path, *, exporter: str = "torchscript",
+                as_built: bool = False) -> Path:
+    """Export the fp32 model to ONNX with a dynamic batch: by the TorchScript exporter (opset OPSET) or, `exporter`
+    "dynamo", by torch.export (its own opset; weights kept inside the file); `as_built`: the model itself rather
+    than its export variant (`ModelSpec.export_variant`). Returns `path`."""
+    module = (model if as_built else spec.export_variant(model)).eval()
     args = tuple(make_inputs(spec, 2, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = {"input_names": [i.name for i in spec.inputs], "output_names": list(spec.outputs),
+             "dynamic_axes": spec.dynamic}
     with _mha_fastpath_off(), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(module, args, str(path), input_names=[i.name for i in spec.inputs],
-                          output_names=list(spec.outputs), dynamic_axes=spec.dynamic, opset_version=OPSET,
-                          dynamo=False)
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
+        if exporter == "dynamo":
+            torch.onnx.export(module, args, str(path), dynamo=True, external_data=False, **names)
+        elif exporter == "torchscript":
+            torch.onnx.export(module, args, str(path), opset_version=OPSET, dynamo=False, **names)
+        else:
+            raise ValueError(f"unknown exporter '{exporter}'")
     model.eval()  # the exporter restores the training flag it found; make sure nothing was left in train mode
     return path
 

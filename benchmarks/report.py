@@ -163,10 +163,18 @@ def header(env: dict[str, Any]) -> str:
         f"- settings: precision {s['precision']}; warm-up {s['warmup']} iterations; "
         f"{_iters_text(s)}; {s['rotate']} input sets rotated; TF32 {_on(s['tf32'])}; cudnn.benchmark "
         f"{_on(s['cudnn_benchmark'])}; channels_last {_on(s['channels_last'])}; kiln opt_level {s['kiln_opt_level']}"
-        f"; cosine bar {s['min_cosine']}",
+        f"{_export_text(s)}; cosine bar {s['min_cosine']}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _export_text(s: dict[str, Any]) -> str:
+    """How the ONNX file was made, when not the default (runs recorded before these settings existed had none)."""
+    parts = [f"exporter {s['exporter']}"] if s.get("exporter", "torchscript") != "torchscript" else []
+    if s.get("as_built"):
+        parts.append("models exported as built")
+    return "".join(f"; {p}" for p in parts)
 
 
 def _iters_text(s: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks import checks, modes, report
-from benchmarks.models import DEFAULT_MODELS, SPECS, ModelSpec, export_onnx, make_inputs, onnx_input_dtypes
+from benchmarks.models import DEFAULT_MODELS, OPSET, SPECS, ModelSpec, export_onnx, make_inputs, onnx_input_dtypes
 from benchmarks.results import ERROR, FAILED, SKIPPED, CaseResult, ModeResult
 from benchmarks.timing import choose_iters, measure, sync, timed, warm_up
 
@@ -69,6 +69,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="leave torch.backends.cudnn.benchmark off (default: on, as for fixed-shape inference)")
     p.add_argument("--channels-last", action="store_true",
                    help="PyTorch vision models in channels_last memory format (inputs stay NCHW-contiguous)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="the ONNX export kiln builds from: torch.onnx.export's TorchScript tracer (default, opset "
+                        f"{OPSET}) or torch.export (dynamo=True, torch's own default since 2.9; needs onnxscript)")
+    p.add_argument("--as-built", action="store_true",
+                   help="export each model as PyTorch runs it, not its export variant (BERT: transformers' "
+                        "default SDPA attention instead of the eager attention TensorRT users export)")
     p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
                    help="fresh (default): a new TORCHINDUCTOR_CACHE_DIR/TRITON_CACHE_DIR under --workdir, so "
                         "compile and cold-build times are cold; default: whatever the environment says")
@@ -98,7 +104,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"models": args.model_list, "batches": args.batch_list, "modes": args.mode_list,
             "precision": args.precision, "warmup": args.warmup, "iters": args.iters, "seconds": args.seconds,
             "rotate": args.rotate, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark,
-            "channels_last": args.channels_last, "kiln_opt_level": args.kiln_opt_level,
+            "channels_last": args.channels_last, "exporter": args.exporter, "as_built": args.as_built,
+            "kiln_opt_level": args.kiln_opt_level,
             "kiln_time_budget_s": args.kiln_time_budget, "kiln_calibrator": args.kiln_calibrator,
             "kiln_accuracy_target": args.kiln_accuracy_target,
             "min_cosine": args.min_cosine or checks.MIN_COSINE[args.precision],
@@ -131,8 +138,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
     onnx_path, export_s, export_error = None, None, None
     if any(m in args.mode_list for m in modes.KILN_MODES):
         try:
-            onnx_path, export_s = timed(lambda: export_onnx(spec, cpu_model, args.workdir / f"{name}.onnx"),
-                                        torch.device("cpu"))
+            how = ("-as-built" if args.as_built else "") + ("-dynamo" if args.exporter == "dynamo" else "")
+            path = args.workdir / f"{name}{how}.onnx"
+            onnx_path, export_s = timed(lambda: export_onnx(spec, cpu_model, path, exporter=args.exporter,
+                                                            as_built=args.as_built), torch.device("cpu"))
             log(f"[{name}] exported to {onnx_path} in {export_s:.1f} s")
         except Exception as e:
             export_error = f"export: {type(e).__name__}: {e}"

@@ -198,3 +198,20 @@ def test_the_nopdl_and_norefine_modes_build_from_the_kiln_timings_and_report_aga
              for p in (tmp_path / "eng").glob("*.kiln")}
     assert saved == {"tiny_cnn-bs2-fp32.kiln": (None, True), "tiny_cnn-bs2-fp32-nopdl.kiln": (False, True),
                      "tiny_cnn-bs2-fp32-norefine.kiln": (None, False)}
+
+
+@pytest.mark.parametrize("how", [["--exporter", "dynamo"], ["--as-built"]])
+def test_the_export_can_be_torch_export_or_the_model_as_built(tmp_path: Path, how: list[str]) -> None:
+    """--exporter dynamo (torch.export, torch's default) and --as-built (BERT with transformers' default SDPA
+    attention, not the eager export variant): kiln builds and checks that file; the settings line says so."""
+    out, results = tmp_path / "x.json", tmp_path / "R.md"
+    argv = ["--models", "tiny_bert", "--batch", "2", "--device", "cpu", "--precision", "fp32", "--modes",
+            "eager,kiln", "--warmup", "1", "--iters", "3", "--results", str(results), "--json", str(out),
+            "--workdir", str(tmp_path / "work"), "--kiln-opt-level", "1", *how]
+    case = _one_case(argv, out)
+    m = next(m for m in case["modes"] if m["mode"] == "kiln")
+    assert m["status"] == "ok", m.get("error")
+    assert min(c["cosine"] for c in m["checks"]) > 0.9999
+    name = "tiny_bert-dynamo.onnx" if how[0] == "--exporter" else "tiny_bert-as-built.onnx"
+    assert (tmp_path / "work" / name).exists()
+    assert ("exporter dynamo" if how[0] == "--exporter" else "models exported as built") in results.read_text()
