@@ -328,6 +328,8 @@ class Importer:
         try:
             return int(onnx.defs.get_schema(op_type, version, domain).since_version)
         except onnx.defs.SchemaError:
+            if find_handler(domain, op_type, version) is not None:
+                return 1  # an op onnx does not define (onnxruntime's contrib ops): one handler for every version
             if domain == "" and op_type in OPS:
                 raise UnsupportedError(f"{op_type} is not defined in ONNX opset {version}", op=op_type, node=name,
                                        opset=version) from None

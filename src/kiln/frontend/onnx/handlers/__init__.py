@@ -84,4 +84,5 @@ from kiln.frontend.onnx.handlers import (  # noqa: E402, F401  isort: skip
     control,
     misc,
     rnn,
+    contrib,
 )

@@ -1,0 +1,312 @@
+"""ONNX Runtime's contrib ops (domain com.microsoft, and SimplifiedLayerNormalization, which onnxruntime registers in
+the ONNX domain) as kiln ops.
+
+onnxruntime's transformer optimizer (`onnxruntime.transformers.optimizer`, and Optimum's ORTOptimizer on top of it)
+rewrites exported models into these; many published "optimized" ONNX files hold them. Each lowers here to the ops
+kiln's passes already fuse (a LayerNorm after an Add becomes a residual norm, a packed QKV MatMul a GEMM, Split and
+Attention the packed attention), with onnxruntime's semantics, which the tests hold them to (onnxruntime itself is
+the reference):
+
+- SkipLayerNormalization(input, skip, gamma, beta?, bias?): s = input + skip (+ bias); LayerNormalization(s) over
+  the last axis; outputs (Y, mean, inv_std_var, s). SkipSimplifiedLayerNormalization: the same with RMS
+  normalization (no beta); SimplifiedLayerNormalization(X, scale): RMS normalization, (Y, inv_std_var).
+- Gelu / BiasGelu(A, B) / FastGelu(X, bias?): erf GELU, of A + B; the tanh approximation of X (+ bias).
+  QuickGelu(alpha): x * sigmoid(alpha * x). BiasAdd(X, bias, skip): X + bias + skip (onnxruntime runs it on
+  CUDA only).
+- FusedMatMul(A, B; transA, transB, alpha): alpha * op(A) @ op(B), op swapping the last two axes (the batch
+  transposes transBatchA/B are refused).
+- EmbedLayerNormalization(ids, segment_ids?, word, position, segment?, gamma, beta, mask?, position_ids?): the
+  lookups summed (positions 0..S-1 unless given), LayerNormalization; outputs (Y, mask_index, sum), mask_index the
+  count of mask values equal to 1 per sequence (zeros without a mask).
+- Attention(input, weights, bias?, mask_index?, past?, attention_bias?): Q, K, V = split(input @ weights + bias)
+  (`qkv_hidden_sizes`, else thirds), scaled dot-product attention over `num_heads` heads, `scale` (else
+  1/sqrt(head size)), causal when `unidirectional`; the mask adds `mask_filter_value` (-10000) where a key is
+  hidden: mask_index [B] (keys at and past that end hidden), [B, T] or [B, S, T] (0 hides), plus attention_bias.
+- MultiHeadAttention(query, key, value, bias?, key_padding_mask?, attention_bias?): the same on separate 3-D Q, K, V.
+
+Refused with the reason (`UnsupportedError` naming the node): key/value caches (past/present inputs and outputs),
+rotary attention (`do_rotary`), 2*B and 4-D mask_index forms, MultiHeadAttention's packed forms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.frontend.onnx.context import NodeCtx
+from kiln.frontend.onnx.handlers import onnx_op
+from kiln.ir import symbolic as sym
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Value
+
+MS = "com.microsoft"
+MASK_FILTER_VALUE = -10000.0
+"""onnxruntime's default for `mask_filter_value`: what a hidden key's score gets added."""
+
+
+def _out(n: NodeCtx, i: int) -> bool:
+    """Whether output i has a name (is asked for)."""
+    return i < len(n.output_names) and bool(n.output_names[i])
+
+
+def _one(n: NodeCtx, op: str, inputs: list[Value | None], attrs: dict[str, Any] | None = None) -> Value:
+    (v,) = n.emit(op, inputs, attrs, outputs=1)
+    return v
+
+
+def _need(n: NodeCtx, i: int, what: str) -> Value:
+    v = n.input(i)
+    if v is None:
+        raise n.fail(f"input {i} ({what}) is required")
+    return v
+
+
+def _float_const(n: NodeCtx, x: Value, value: float, hint: str) -> Value:
+    return n.const(float(value), x.dtype if x.dtype.is_float else DType.FLOAT32, hint=hint)
+
+
+# --- normalizations ---------------------------------------------------------------------------------------------
+
+
+def _skip_sum(n: NodeCtx, bias_at: int) -> Value:
+    s = _one(n, "Add", [_need(n, 0, "input"), _need(n, 1, "skip")])
+    bias = n.input(bias_at)
+    return _one(n, "Add", [s, bias]) if bias is not None else s
+
+
+def _inv_rms(n: NodeCtx, x: Value, eps: float) -> Value:
+    """1 / sqrt(mean(x^2 over the last axis) + eps), keeping the axis (RMS normalization's inv_std_var)."""
+    sq = _one(n, "Mul", [x, x])
+    mean = _one(n, "ReduceMean", [sq, n.const([-1], DType.INT64, hint="axes")], {"keepdims": 1})
+    root = _one(n, "Sqrt", [_one(n, "Add", [mean, _float_const(n, x, eps, "epsilon")])])
+    return _one(n, "Reciprocal", [root])
+
+
+@onnx_op("SkipLayerNormalization", domain=MS)
+def skip_layer_normalization(n: NodeCtx) -> list[Value | None]:
+    s = _skip_sum(n, 4)
+    eps = float(n.attr("epsilon", 1e-12))
+    stats = _out(n, 1) or _out(n, 2)
+    outs = n.emit("LayerNormalization", [s, _need(n, 2, "gamma"), n.input(3)], {"axis": -1, "epsilon": eps},
+                  outputs=3 if stats else 1)
+    return [outs[0], *(outs[1:] if stats else [None, None]), s]
+
+
+@onnx_op("SkipSimplifiedLayerNormalization", domain=MS)
+def skip_simplified_layer_normalization(n: NodeCtx) -> list[Value | None]:
+    if _out(n, 1):
+        raise n.fail("output 1 (mean) is not defined for RMS normalization")
+    s = _skip_sum(n, 3)
+    eps = float(n.attr("epsilon", 1e-12))
+    y = _one(n, "RMSNormalization", [s, _need(n, 2, "gamma")], {"axis": -1, "epsilon": eps})
+    return [y, None, _inv_rms(n, s, eps) if _out(n, 2) else None, s]
+
+
+@onnx_op("SimplifiedLayerNormalization", domain="")
+def simplified_layer_normalization(n: NodeCtx) -> list[Value | None]:
+    x = _need(n, 0, "X")
+    eps = float(n.attr("epsilon", 1e-5))
+    axis = int(n.attr("axis", -1))
+    if axis not in (-1, (x.rank or 0) - 1):
+        raise n.fail(f"axis {axis}: kiln takes SimplifiedLayerNormalization over the last axis only")
+    y = _one(n, "RMSNormalization", [x, _need(n, 1, "scale")], {"axis": -1, "epsilon": eps})
+    return [y, _inv_rms(n, x, eps) if _out(n, 1) else None]
+
+
+# --- activations and sums ---------------------------------------------------------------------------------------
+
+
+@onnx_op("Gelu", domain=MS)
+def gelu(n: NodeCtx) -> list[Value]:
+    return [_one(n, "Gelu", [_need(n, 0, "X")], {"approximate": "none"})]
+
+
+@onnx_op("BiasGelu", domain=MS)
+def bias_gelu(n: NodeCtx) -> list[Value]:
+    s = _one(n, "Add", [_need(n, 0, "A"), _need(n, 1, "B")])
+    return [_one(n, "Gelu", [s], {"approximate": "none"})]
+
+
+@onnx_op("FastGelu", domain=MS)
+def fast_gelu(n: NodeCtx) -> list[Value]:
+    x = _need(n, 0, "X")
+    if n.input(1) is not None:
+        x = _one(n, "Add", [x, n.input(1)])
+    return [_one(n, "Gelu", [x], {"approximate": "tanh"})]
+
+
+@onnx_op("QuickGelu", domain=MS)
+def quick_gelu(n: NodeCtx) -> list[Value]:
+    return [_one(n, "Swish", [_need(n, 0, "X")], {"alpha": float(n.attr("alpha", 1.702))})]
+
+
+@onnx_op("BiasAdd", domain=MS)
+def bias_add(n: NodeCtx) -> list[Value]:
+    s = _one(n, "Add", [_need(n, 0, "X"), _need(n, 1, "bias")])
+    return [_one(n, "Add", [s, _need(n, 2, "skip")])]
+
+
+@onnx_op("FusedMatMul", domain=MS)
+def fused_matmul(n: NodeCtx) -> list[Value]:
+    if n.attr("transBatchA", 0) or n.attr("transBatchB", 0):
+        raise n.fail("transBatchA / transBatchB are not supported", hint="export without onnxruntime's fusions")
+    ops = []
+    for i, flag in ((0, "transA"), (1, "transB")):
+        v = _need(n, i, "A" if i == 0 else "B")
+        if n.attr(flag, 0):
+            if v.rank is None or v.rank < 2:
+                raise n.fail(f"{flag} needs an input of known rank >= 2")
+            perm = [*range(v.rank - 2), v.rank - 1, v.rank - 2]
+            v = _one(n, "Transpose", [v], {"perm": perm})
+        ops.append(v)
+    y = _one(n, "MatMul", ops)
+    alpha = float(n.attr("alpha", 1.0))
+    return [y if alpha == 1.0 else _one(n, "Mul", [y, _float_const(n, y, alpha, "alpha")])]
+
+
+# --- embeddings -------------------------------------------------------------------------------------------------
+
+
+def _seq_len(n: NodeCtx, x: Value, axis: int) -> Value:
+    """x.shape[axis] as an int64 scalar."""
+    shape = _one(n, "Shape", [x])
+    return _one(n, "Gather", [shape, n.const(axis, DType.INT64, hint="axis")], {"axis": 0})
+
+
+def _positions(n: NodeCtx, x: Value, axis: int) -> Value:
+    """0, 1, ..., x.shape[axis] - 1 (int64)."""
+    return _one(n, "Range", [n.const(0, DType.INT64, hint="start"), _seq_len(n, x, axis),
+                             n.const(1, DType.INT64, hint="step")])
+
+
+@onnx_op("EmbedLayerNormalization", domain=MS)
+def embed_layer_normalization(n: NodeCtx) -> list[Value | None]:
+    ids = _need(n, 0, "input_ids")
+    total = _one(n, "Gather", [_need(n, 2, "word_embedding"), ids], {"axis": 0})
+    pos = n.input(8) if n.input(8) is not None else _positions(n, ids, 1)
+    total = _one(n, "Add", [total, _one(n, "Gather", [_need(n, 3, "position_embedding"), pos], {"axis": 0})])
+    if n.input(1) is not None and n.input(4) is not None:
+        total = _one(n, "Add", [total, _one(n, "Gather", [n.input(4), n.input(1)], {"axis": 0})])
+    eps = float(n.attr("epsilon", 1e-12))
+    y = _one(n, "LayerNormalization", [total, _need(n, 5, "gamma"), _need(n, 6, "beta")],
+             {"axis": -1, "epsilon": eps})
+    mask_index = None
+    if _out(n, 1):
+        mask = n.input(7)
+        if mask is None:  # no mask: every sequence counts as empty, as onnxruntime writes it
+            zero = n.const(0, DType.INT32, hint="zero")
+            rows = _one(n, "Unsqueeze", [_seq_len(n, ids, 0), n.const([0], DType.INT64, hint="axes")])
+            mask_index = _one(n, "Expand", [zero, rows])
+        else:
+            ones = _one(n, "Equal", [mask, n.const(1, mask.dtype, hint="one")])  # onnxruntime counts the 1s
+            counts = _one(n, "Cast", [ones], {"to": DType.INT32})
+            mask_index = _one(n, "ReduceSum", [counts, n.const([1], DType.INT64, hint="axes")], {"keepdims": 0})
+    return [y, mask_index, total]
+
+
+# --- attention --------------------------------------------------------------------------------------------------
+
+
+def _no_cache(n: NodeCtx, inputs: dict[int, str], outputs: dict[int, str]) -> None:
+    for i, what in inputs.items():
+        if n.input(i) is not None:
+            raise n.fail(f"input {i} ({what}): key/value caches are not supported",
+                         hint="export the model without past key/values (a full-sequence encoder or prefill)")
+    for i, what in outputs.items():
+        if _out(n, i):
+            raise n.fail(f"output {i} ({what}): key/value caches are not supported",
+                         hint="export the model without present key/values")
+
+
+def _hidden_bias(n: NodeCtx, hide: Value, like: Value) -> Value:
+    """0 where `hide` is false, mask_filter_value where it is true, in `like`'s float type."""
+    fill = float(n.attr("mask_filter_value", MASK_FILTER_VALUE))
+    return _one(n, "Where", [hide, _float_const(n, like, fill, "mask_filter"), _float_const(n, like, 0.0, "zero")])
+
+
+def _key_mask(n: NodeCtx, mask: Value | None, bias: Value | None, q: Value, k: Value) -> Value | None:
+    """The additive mask [B, 1, 1 or S, T] of a mask_index / key_padding_mask, plus attention_bias."""
+    out = None
+    if mask is not None:
+        b, t = q.shape[0] if q.shape else None, k.shape[1] if k.shape else None
+        if mask.rank == 1:
+            if mask.shape is None or b is None or sym.equal(mask.shape[0], b) is not True:
+                raise n.fail(f"a 1-D mask of shape {mask.shape} is taken as the keys' end per sequence [batch]; "
+                             f"the [2 * batch] form (ends and starts) is not supported")
+            end = _one(n, "Unsqueeze", [_one(n, "Cast", [mask], {"to": DType.INT64}),
+                                        n.const([1], DType.INT64, hint="axes")])
+            hide = _one(n, "GreaterOrEqual", [_positions(n, k, 1), end])  # [B, T]
+            out = _hidden_bias(n, hide, q)
+            axes = [1, 2]
+        elif mask.rank in (2, 3):
+            if mask.shape is not None and t is not None and sym.equal(mask.shape[-1], t) is False:
+                raise n.fail(f"the mask's last dim {mask.shape[-1]} is not the keys' length {t}")
+            out = _hidden_bias(n, _one(n, "Not", [_one(n, "Greater", [mask, n.const(0, mask.dtype, hint="zero")])]),
+                               q)
+            axes = [1, 2] if mask.rank == 2 else [1]
+        else:
+            raise n.fail(f"a mask of rank {mask.rank} is not supported (masks of shape [B], [B, T] or [B, S, T])")
+        out = _one(n, "Unsqueeze", [out, n.const(axes, DType.INT64, hint="axes")])
+    if bias is not None:
+        out = bias if out is None else _one(n, "Add", [out, bias])
+    return out
+
+
+def _attend(n: NodeCtx, q: Value, k: Value, v: Value, heads: int, mask: Value | None) -> list[Value]:
+    attrs: dict[str, Any] = {"q_num_heads": heads, "kv_num_heads": heads}
+    scale = float(n.attr("scale", 0.0) or 0.0)
+    if scale:
+        attrs["scale"] = scale
+    if n.attr("unidirectional", 0):
+        attrs["is_causal"] = 1
+    return [_one(n, "Attention", [q, k, v, mask], attrs)]
+
+
+def _heads(n: NodeCtx) -> int:
+    heads = n.attr("num_heads")
+    if not heads or int(heads) <= 0:
+        raise n.fail("attribute num_heads is required")
+    return int(heads)
+
+
+@onnx_op("Attention", domain=MS)
+def attention(n: NodeCtx) -> list[Value]:
+    _no_cache(n, {4: "past", 6: "past_sequence_length"}, {1: "present"})
+    if n.attr("do_rotary", 0):
+        raise n.fail("rotary attention (do_rotary) is not supported")
+    heads = _heads(n)
+    x, w = _need(n, 0, "input"), _need(n, 1, "weights")
+    if x.rank is not None and x.rank != 3:
+        raise n.fail(f"input must be [batch, sequence, hidden], got {x.type}")
+    if w.shape is None or len(w.shape) != 2 or not isinstance(w.shape[1], int):
+        raise n.fail(f"weights must be [input_hidden, qkv_hidden] with a static width, got {w.type}")
+    sizes = [int(s) for s in (n.attr("qkv_hidden_sizes") or [])] or [w.shape[1] // 3] * 3
+    if len(sizes) != 3 or sum(sizes) != w.shape[1] or sizes[0] != sizes[1] or any(s % heads for s in sizes):
+        raise n.fail(f"qkv_hidden_sizes {sizes} must be 3 sizes with Q = K, summing to the weights' width "
+                     f"{w.shape[1]}, each a multiple of num_heads {heads}")
+    qkv = _one(n, "MatMul", [x, w])
+    if n.input(2) is not None:
+        qkv = _one(n, "Add", [qkv, n.input(2)])
+    q, k, v = n.emit("Split", [qkv, n.const(sizes, DType.INT64, hint="sizes")], {"axis": -1}, outputs=3)
+    mask = _key_mask(n, n.input(3), n.input(5), q, k)
+    return _attend(n, q, k, v, heads, mask)
+
+
+@onnx_op("MultiHeadAttention", domain=MS)
+def multi_head_attention(n: NodeCtx) -> list[Value]:
+    _no_cache(n, {6: "past_key", 7: "past_value", 8: "past_sequence_length", 9: "cache_indirection"},
+              {1: "present_key", 2: "present_value", 3: "qk"})
+    heads = _heads(n)
+    q, k, v = _need(n, 0, "query"), n.input(1), n.input(2)
+    if k is None or v is None or q.rank != 3 or k.rank != 3 or v.rank != 3:
+        raise n.fail("only the 3-D form is supported: query [B, S, D], key [B, L, D], value [B, L, Dv] "
+                     "(not packed QKV/KV nor 4-D key/value)")
+    bias = n.input(3)
+    if bias is not None:
+        d, dv = q.shape[2] if q.shape else None, v.shape[2] if v.shape else None
+        if not isinstance(d, int) or not isinstance(dv, int):
+            raise n.fail("a bias needs static hidden sizes for query and value")
+        bq, bk, bv = n.emit("Split", [bias, n.const([d, d, dv], DType.INT64, hint="sizes")], {"axis": 0},
+                            outputs=3)
+        q, k, v = _one(n, "Add", [q, bq]), _one(n, "Add", [k, bk]), _one(n, "Add", [v, bv])
+    mask = _key_mask(n, n.input(4), n.input(5), q, k)
+    return _attend(n, q, k, v, heads, mask)

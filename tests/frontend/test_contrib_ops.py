@@ -1,0 +1,178 @@
+"""onnxruntime's contrib ops (com.microsoft) imported as kiln ops: every case is a one-node model run by onnxruntime
+(the reference: these ops are its own) and by kiln's reference interpreter on the same random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import kiln
+from kiln.utils.errors import UnsupportedError
+
+B, S, H, HEADS = 2, 5, 8, 2
+MS = "com.microsoft"
+F32, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+
+
+def _rand(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _model(op: str, inputs: dict[str, np.ndarray | None], outputs: list[str], domain: str = MS,
+           inits: dict[str, np.ndarray] | None = None, **attrs) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A one-node model: `inputs` in order (None: omitted, "" in the node), those in `inits` as initializers."""
+    inits = inits or {}
+    names = [("" if a is None else k) for k, a in inputs.items()]
+    node = helper.make_node(op, names, outputs, domain=domain, **attrs)
+    elem = {np.dtype(np.float32): F32, np.dtype(np.int32): I32, np.dtype(np.int64): I64}
+    ins = [helper.make_tensor_value_info(k, elem[a.dtype], list(a.shape))
+           for k, a in inputs.items() if a is not None and k not in inits]
+    outs = [helper.make_tensor_value_info(o, I32 if o == "mask_index" else F32, None) for o in outputs if o]
+    g = helper.make_graph([node], "contrib", ins, outs,
+                          [onnx.numpy_helper.from_array(a, k) for k, a in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    feeds = {k: a for k, a in inputs.items() if a is not None and k not in inits}
+    return model, feeds
+
+
+def _same(model: onnx.ModelProto, feeds: dict[str, np.ndarray], atol: float = 2e-6) -> None:
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = kiln.run_reference(model, feeds)
+    names = [o.name for o in model.graph.output]
+    for name, w in zip(names, want):
+        g = np.asarray(got[name])
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype, w.dtype)
+        scale = max(float(np.abs(w).max()), 1.0) if w.size else 1.0
+        np.testing.assert_allclose(g, w, rtol=0, atol=atol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("form", ["plain", "beta+bias", "all outputs"])
+def test_skip_layer_normalization(form: str) -> None:
+    ins = {"input": _rand(B, S, H), "skip": _rand(B, S, H, seed=1), "gamma": _rand(H, seed=2),
+           "beta": _rand(H, seed=3) if form != "plain" else None, "bias": _rand(H, seed=4) if form != "plain" else None}
+    outs = ["y", "mean", "inv_std", "sum"] if form == "all outputs" else ["y", "", "", "sum"]
+    _same(*_model("SkipLayerNormalization", ins, outs, epsilon=1e-5))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_skip_simplified_layer_normalization(bias: bool) -> None:
+    ins = {"input": _rand(B, S, H), "skip": _rand(B, S, H, seed=1), "gamma": _rand(H, seed=2),
+           "bias": _rand(H, seed=4) if bias else None}
+    _same(*_model("SkipSimplifiedLayerNormalization", ins, ["y", "", "", "sum"], epsilon=1e-6))
+
+
+def test_simplified_layer_normalization_in_the_onnx_domain() -> None:
+    model, feeds = _model("SimplifiedLayerNormalization", {"x": _rand(B, S, H), "scale": _rand(H, seed=2)},
+                          ["y", "inv_std"], domain="", epsilon=1e-6)
+    _same(model, feeds)
+
+
+@pytest.mark.parametrize(("op", "inputs"), [
+    ("Gelu", ["X"]), ("BiasGelu", ["A", "B"]), ("FastGelu", ["X"]), ("FastGelu", ["X", "bias"]),
+    ("QuickGelu", ["X"]),
+])
+def test_activations(op: str, inputs: list[str]) -> None:
+    shapes = {"X": (B, S, H), "A": (B, S, H), "B": (H,), "bias": (H,)}
+    ins = {k: _rand(*shapes[k], seed=i, scale=2.0) for i, k in enumerate(inputs)}
+    _same(*_model(op, ins, ["y"]))
+
+
+def test_bias_add() -> None:
+    """onnxruntime has BiasAdd on CUDA only: numpy is the reference here."""
+    x, bias, skip = _rand(B, S, H), _rand(H, seed=1), _rand(B, S, H, seed=2)
+    model, feeds = _model("BiasAdd", {"X": x, "bias": bias, "skip": skip}, ["y"])
+    np.testing.assert_allclose(np.asarray(kiln.run_reference(model, feeds)["y"]), x + bias + skip, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("ta", "tb", "alpha"), [(0, 0, 1.0), (1, 0, 0.5), (0, 1, 2.0), (1, 1, 1.0)])
+def test_fused_matmul(ta: int, tb: int, alpha: float) -> None:
+    a = _rand(3, H, S) if ta else _rand(3, S, H)
+    b = _rand(4, H, seed=1) if tb else _rand(H, 4, seed=1)
+    _same(*_model("FusedMatMul", {"A": a, "B": b}, ["y"], transA=ta, transB=tb, alpha=alpha))
+
+
+@pytest.mark.parametrize("form", ["segments+mask", "no mask", "position ids"])
+def test_embed_layer_normalization(form: str) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30, (B, S)).astype(np.int32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 2, 1, 1, 1]], np.int32)  # onnxruntime counts the 1s: the 2 does not count
+    ins = {"ids": ids, "seg": rng.integers(0, 2, (B, S)).astype(np.int32) if form != "no mask" else None,
+           "word": _rand(30, H), "pos": _rand(S + 3, H, seed=1), "segemb": _rand(2, H, seed=2) if form != "no mask"
+           else None, "gamma": _rand(H, seed=3), "beta": _rand(H, seed=4),
+           "mask": mask if form != "no mask" else None,
+           "position_ids": np.array([[2, 3, 4, 5, 6]] * B, np.int32) if form == "position ids" else None}
+    inits = {k: ins[k] for k in ("word", "pos", "segemb", "gamma", "beta") if ins[k] is not None}
+    _same(*_model("EmbedLayerNormalization", ins, ["y", "mask_index", "sum"], inits=inits, epsilon=1e-5))
+
+
+def _attention_inputs(mask: str) -> dict[str, np.ndarray | None]:
+    m: np.ndarray | None = None
+    if mask == "end":
+        m = np.array([3, 5], np.int32)
+    elif mask == "raw":
+        m = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)
+    elif mask == "3d":
+        m = np.tril(np.ones((S, S), np.int32))[None].repeat(B, 0)
+    return {"input": _rand(B, S, H), "weights": _rand(H, 3 * H, seed=1, scale=0.5), "bias": _rand(3 * H, seed=2),
+            "mask_index": m}
+
+
+@pytest.mark.parametrize("mask", ["none", "end", "raw", "3d"])
+@pytest.mark.parametrize("causal", [0, 1])
+def test_attention(mask: str, causal: int) -> None:
+    ins = _attention_inputs(mask)
+    _same(*_model("Attention", ins, ["y"], inits={"weights": ins["weights"], "bias": ins["bias"]}, num_heads=HEADS,
+                  unidirectional=causal))
+
+
+def test_attention_with_its_own_scale_sizes_and_bias() -> None:
+    ins = {"input": _rand(B, S, H), "weights": _rand(H, 2 * H + 4, seed=1, scale=0.5),
+           "bias": _rand(2 * H + 4, seed=2), "mask_index": np.array([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]], np.int32),
+           "past": None, "attention_bias": _rand(1, HEADS, S, S, seed=3)}
+    _same(*_model("Attention", ins, ["y"], num_heads=HEADS, qkv_hidden_sizes=[H, H, 4], scale=0.3,
+                  mask_filter_value=-500.0))
+
+
+@pytest.mark.parametrize("mask", ["none", "raw"])
+def test_multi_head_attention(mask: str) -> None:
+    ins = {"query": _rand(B, S, H), "key": _rand(B, S + 2, H, seed=1), "value": _rand(B, S + 2, H, seed=2),
+           "bias": _rand(3 * H, seed=3),
+           "key_padding_mask": np.array([[1] * (S + 2), [1] * S + [0, 0]], np.int32) if mask == "raw" else None}
+    _same(*_model("MultiHeadAttention", ins, ["y"], num_heads=HEADS))
+
+
+def test_key_value_caches_are_refused_by_name() -> None:
+    ins = _attention_inputs("none")
+    ins["past"] = _rand(2, B, HEADS, 3, H // HEADS)
+    model, _ = _model("Attention", ins, ["y", "present"], num_heads=HEADS)
+    with pytest.raises(UnsupportedError, match=r"input 4 \(past\): key/value caches are not supported"):
+        kiln.run_reference(model, {})
+
+
+@pytest.mark.slow
+def test_the_ort_transformer_optimizer_output_runs_as_onnxruntime_runs_it(tmp_path) -> None:
+    """The small BERT of the e2e tests optimized by onnxruntime's own tool (EmbedLayerNormalization, Attention,
+    SkipLayerNormalization, BiasGelu): kiln builds it, its attentions are kiln's Attention, and the outputs match
+    onnxruntime's."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from tests.e2e import models as M
+
+    out = str(tmp_path / "bert-ort.onnx")
+    optimize_model(M.bert_small(), model_type="bert", num_heads=4, hidden_size=64).save_model_to_file(out)
+    contrib = {n.op_type for n in onnx.load(out).graph.node if n.domain == MS}
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization"} <= contrib, contrib
+    rng = np.random.default_rng(0)
+    mask = np.ones((2, 16), np.int64)
+    mask[0, 11:] = 0
+    feeds = {"input_ids": rng.integers(0, 1000, (2, 16)), "attention_mask": mask,
+             "token_type_ids": np.zeros((2, 16), np.int64)}
+    want = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, feeds)
+    engine = kiln.build(out, kiln.BuilderConfig(device="cpu", profiles=[{k: (2, 16) for k in feeds}]))
+    assert sum(n.op == "Attention" for n in engine.plan.graph.nodes) == 2
+    got = engine.create_context().run(feeds)
+    for name, w in zip(("last_hidden_state", "pooler_output"), want):
+        np.testing.assert_allclose(np.asarray(got[name]), w, rtol=0, atol=2e-5 * float(np.abs(w).max()))
