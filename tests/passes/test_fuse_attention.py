@@ -48,9 +48,10 @@ def _merge_heads(g: Graph, y4: Value) -> Value:
 
 
 def bert(*, k_perm: str = "0231", mask: str = "add", probs_output: bool = False, kv_heads: int = H,
-         guard: bool = False) -> Graph:
+         guard: bool = False, flat: bool = False) -> Graph:
     """The HF BERT/GPT-2 export shape on packed q, k, v [B, S, H*D]. `k_perm` "rows": K^T as torch.export spells
-    it (`_rows_transposed`); `guard`: torch's SDPA export, its probabilities read through Where(IsNaN(p), 0, p)."""
+    it (`_rows_transposed`); `guard`: torch's SDPA export, its probabilities read through Where(IsNaN(p), 0, p);
+    `flat`: the merged heads reshaped to [B*S, H*D] (torch.export's GPT-2, for its Gemm)."""
     g = Graph()
     q = g.add_input("q", TensorType(F32, ("batch", "seq", H * D)))
     k = g.add_input("k", TensorType(F32, ("batch", "seq", kv_heads * D)))
@@ -81,7 +82,12 @@ def bert(*, k_perm: str = "0231", mask: str = "add", probs_output: bool = False,
     else:
         (p2,) = g.add("Cast", [p], {"to": F32})
     (y4,) = g.add("MatMul", [p2, v4])
-    g.outputs = [_merge_heads(g, y4)]
+    if flat:
+        (t,) = g.add("Transpose", [y4], {"perm": (0, 2, 1, 3)})
+        (y,) = g.add("Reshape", [t, _c(g, [-1, H * D], torch.int64)], outputs=["y"])
+        g.outputs = [y]
+    else:
+        g.outputs = [_merge_heads(g, y4)]
     if probs_output:
         g.outputs.append(p)
     return g
@@ -150,6 +156,13 @@ def test_torch_export_forms_become_packed_attention(kv_heads: int) -> None:
     assert ops(g) == ["Attention"] and res.counts == {"attention_packed": 1}
     assert [v.name for v in g.nodes[0].inputs] == ["q", "k", "v", "mask"]
     assert g.nodes[0].attrs["q_num_heads"] == H and g.nodes[0].attrs["kv_num_heads"] == kv_heads
+
+
+def test_heads_merged_into_other_rows_still_pack() -> None:
+    """The merge's Transpose read by a Reshape to [B*S, H*D]: packed Attention, then [B, S, H, D] rows (a view)."""
+    g, res = rewrite_preserves(lambda: bert(flat=True), fuse_attention, _packed_feeds())
+    assert ops(g) == ["Attention", "Reshape", "Reshape"] and res.counts == {"attention_packed": 1}
+    assert g.nodes[1].outputs[0].shape == ("batch", "seq", H, D)
 
 
 def test_the_nan_guard_zeroes_what_attention_zeroes() -> None:

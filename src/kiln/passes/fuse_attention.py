@@ -22,6 +22,7 @@ Rewrite cases:
   (K^T also as one Transpose(.., [0, 2, 3, 1])) and out -> Transpose([0, 2, 1, 3]) -> Reshape([B, Sq, H*Dv])
                                                           -> Attention(q, k, v, mask?, q_num_heads=H,
                                                              kv_num_heads=Hkv) on the 3-D tensors
+  (the merge's Transpose read otherwise: that Attention, Reshape([0, 0, H, Dv]) in its place)
   Reshape targets are read from the inferred shapes, which inference computes from constant targets and from
   Shape -> Gather -> Concat chains alike.
 - causal: a constant mask over square scores that lets query i see exactly keys 0..i (an additive 0 / <= -1e30
@@ -230,17 +231,19 @@ def _mask_input(graph: Graph, mask: Value | None, how: object, dtype: DType, bef
     return m
 
 
-def _merge_heads(y4: Value, uses: Uses) -> tuple[Node, list[Node]] | None:
+def _merge_heads(y4: Value, uses: Uses) -> tuple[Node, list[Node], bool] | None:
     """The Reshape of Transpose(y4, [0, 2, 1, 3]) to [B, S, H*Dv], both read only along this chain or by Shape
-    nodes (returned: they must be rerouted to a value of the same shape)."""
+    nodes (returned: they must be rerouted to a value of the same shape), and False; or, when the rows
+    [B, S, H, Dv] are read some other way (torch.export's GPT-2 reshapes them to [B*S, H*Dv] for its Gemm), the
+    Transpose, the Shape nodes reading y4, and True (the rows are then the packed result, reshaped)."""
     t, shapes = _one_reader(uses, y4, "Transpose")
     if t is None or not _perm(t, 0, 2, 1, 3) or y4.shape is None:
         return None
     r, more = _one_reader(uses, t.outputs[0], "Reshape")
     b, h, s, d = y4.shape
-    if r is None or not same_shape(r.outputs[0].shape, (b, s, sym.mul(h, d))):
-        return None
-    return r, shapes + more
+    if r is not None and same_shape(r.outputs[0].shape, (b, s, sym.mul(h, d))):
+        return r, shapes + more, False
+    return (t, shapes, True) if isinstance(h, int) and isinstance(d, int) else None
 
 
 def _one_reader(uses: Uses, v: Value, op: str) -> tuple[Node | None, list[Node]]:
@@ -377,7 +380,8 @@ def _attention(graph: Graph, sm: Node, uses: Uses) -> str | None:
             and _shapes_ok(_bhsd(q.split), _bhsd(k.split), _bhsd(v.split), scores)
             and _reroute(merge[1], [q.v4, q.split, v.v4, v.split])):
         attrs.update(q_num_heads=q.heads, kv_num_heads=k.heads)
-        return _emit(graph, merge[0], [q.packed, k.packed, v.packed], sc, attrs, dtype, "attention_packed")
+        rows = y4.shape[1:4:2] if merge[2] else None  # (H, Dv): the packed result is reshaped to [B, S, H, Dv]
+        return _emit(graph, merge[0], [q.packed, k.packed, v.packed], sc, attrs, dtype, "attention_packed", rows)
     k_shape = _bhsd(k.split) if k is not None and k.v4 is None else (
         k.v4.shape if k is not None and k.v4 is not None else _swap_last(kt_in.shape))
     if q.v4 is None or v.v4 is None or not _shapes_ok(q.v4.shape, k_shape, v.v4.shape, scores):
@@ -420,7 +424,8 @@ def _causal(mask: Value | None, how: object, scores: Value) -> bool:
 
 
 def _emit(graph: Graph, anchor: Node, inputs: list[Value | None], sc: _Scores, attrs: dict[str, object],
-          dtype: DType, what: str) -> str | None:
+          dtype: DType, what: str, rows: tuple | None = None) -> str | None:
+    """`rows` (H, Dv): the Attention's [B, S, H*Dv] result reshaped to [B, S, H, Dv] replaces `anchor`'s output."""
     if _causal(sc.mask, sc.how, sc.mm1.outputs[0]):
         attrs = {**attrs, "is_causal": 1}
         sc = replace(sc, mask=None, how=None)
@@ -428,6 +433,9 @@ def _emit(graph: Graph, anchor: Node, inputs: list[Value | None], sc: _Scores, a
     out = anchor.outputs[0]
     (y,) = add_node(graph, anchor, "Attention", [*inputs, *([m] if m is not None else [])], attrs,
                     name=f"{anchor.name}/Attention")
+    if rows is not None:  # Reshape's 0 keeps B and S as they are
+        target = add_const(graph, f"{anchor.name}.rows", torch.tensor([0, 0, *rows], dtype=torch.int64))
+        (y,) = add_node(graph, anchor, "Reshape", [y, target], name=f"{anchor.name}/rows")
     if y.type != out.type:  # cannot happen for a matched pattern; never change an output's type
         remove_dead(graph, [y.producer] if y.producer is not None else [])
         return None
