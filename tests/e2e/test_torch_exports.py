@@ -1,10 +1,11 @@
 """Models as users export them today: transformers' default SDPA attention, through both of torch.onnx.export's
 exporters (the TorchScript tracer and torch.export, the default since torch 2.9), and a CNN through torch.export.
 
-On the GPU pass pipeline every attention becomes one `Attention` node - torch.export writes K^T as a 3-D transpose
-between two reshapes (for grouped-query attention straight from the per-head repeat) and SDPA's export reads the
-probabilities through a NaN guard - and every spatial mean a GlobalAveragePool (a pooling op the channels-last
-regions go through). kiln's CPU engine matches onnxruntime on sequences with padding, one of them all padding.
+On the GPU pass pipeline every attention becomes one `Attention` node on the packed [B, S, H*D] tensors - torch.export
+writes K^T as a 3-D transpose between two reshapes (for grouped-query attention straight from the per-head repeat)
+and SDPA's export reads the probabilities through a NaN guard; LLaMA's rotate-half rotary embeddings become
+`RotaryEmbedding` - and every spatial mean a GlobalAveragePool (a pooling op the channels-last regions go
+through). kiln's CPU engine matches onnxruntime on sequences with padding, one of them all padding.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def test_sdpa_exports_fuse_every_attention(arch: str, exporter: str) -> None:
     path = M.hf_default(arch, exporter)
     found = _gpu_ops(path)
     assert found["Attention"] == 2 and found["Softmax"] == 0 and found["IsNaN"] == 0, found
-    if arch == "bert":  # on the packed [B, S, H*D] tensors: no head split or merge left
-        assert found["Transpose"] == 0, found
+    assert found["Transpose"] == 0, found  # on the packed [B, S, H*D] tensors: no head split or merge left
+    if arch == "llama":  # its rotary embeddings (Q and K of each layer) on those packed tensors
+        assert found["RotaryEmbedding"] == 4 and found["Neg"] == 0, found
     feeds = _feeds()
     for padded in (False, True):
         if padded:

@@ -19,6 +19,7 @@ from kiln.passes.fuse_gelu import fuse_gelu
 from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from kiln.passes.fuse_normalization import fuse_normalization
 from kiln.passes.fuse_reductions import fuse_reductions, pool_means
+from kiln.passes.fuse_rotary import fuse_rotary
 from kiln.passes.fuse_softmax import fuse_softmax
 from kiln.passes.layout import layout
 from kiln.passes.manager import Pass, PassContext, PassFactory, PassRecord, PassResult, run_passes
@@ -62,6 +63,8 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     # Softmax before attention (attention matches from the Softmax op).
     ("fuse_softmax", _plain(fuse_softmax)),
     ("fuse_gelu", _plain(fuse_gelu)),
+    # RoPE before attention: on a head split's packed input, it leaves attention its packed form.
+    ("fuse_rotary", _plain(fuse_rotary)),
     ("fuse_attention", _plain(fuse_attention)),
     # Reads the Attention nodes; before sibling merging and epilogue fusion, which then see BERT's shape.
     ("pack_attention", _plain(pack_attention)),

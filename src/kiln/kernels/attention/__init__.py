@@ -1,3 +1,3 @@
 """attention tactics (GPU)."""
 
-from kiln.kernels.attention import sdpa, triton_flash  # noqa: F401  (registers its tactics)
+from kiln.kernels.attention import sdpa, triton_flash, triton_rotary  # noqa: F401  (registers its tactics)

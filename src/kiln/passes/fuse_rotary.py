@@ -1,0 +1,231 @@
+"""Rotary position embedding recognition: the rotate-half form models spell RoPE in becomes one `RotaryEmbedding`.
+
+The matched form (transformers' `apply_rotary_pos_emb`, LLaMA / Qwen / Mistral / ModernBERT ...), on a head tensor
+x [B, H, S, D] with D even and h = D / 2:
+
+    rotated = Concat([Neg(Slice(x, h:D, last axis)), Slice(x, 0:h, last axis)], last axis)
+    y       = x * cos + rotated * sin              (the two products in either order, each operand order)
+
+where cos and sin are [B or 1, 1, S, D] with equal halves: constants whose two halves are equal, or computed ones
+that are Unsqueeze(c, 1) of a c made from Concat([f, f], last axis) by elementwise steps that keep the halves
+equal (Cos, Sin, Cast, Mul/Div by a scalar constant) - transformers' `cat((freqs, freqs), -1).cos()` (times its
+attention scaling). Rewritten as
+
+    RotaryEmbedding(x, cos[..., :h] [B or 1, S, h], sin[..., :h])       non-interleaved, the whole head rotated
+
+and, when x is a head split Transpose(Reshape(x3 [B, S, H*D], [B, S, H, D]), [0, 2, 1, 3]), on x3 itself
+(num_heads=H), the result split the same way: attention recognition then sees its usual packed form.
+Every intermediate must be read only inside the pattern; the products' rounding changes (RotaryEmbedding rounds
+once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import symbolic as sym
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.manager import PassResult
+from kiln.passes.matching import (
+    add_const,
+    add_node,
+    const,
+    private,
+    producer,
+    remove_dead,
+    same_dim,
+    scalar,
+    small_value,
+)
+from kiln.passes.pattern import apply_rules, rule
+from kiln.passes.rewrite import Uses, redirect
+
+_KEEP_HALVES = frozenset({"Cos", "Sin", "Cast", "Identity"})
+
+
+def _last_axis_slice(n: Node | None, x: Value, d: int) -> tuple[int, int] | None:
+    """(start, end) of a Slice of x along its last axis (of size d) with step 1, clamped to [0, d]."""
+    if n is None or n.op != "Slice" or n.inputs[0] is not x or len(n.inputs) < 4 or x.rank is None:
+        return None
+    starts, ends, axes = (small_value(v) for v in n.inputs[1:4])
+    steps = small_value(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] is not None else torch.ones(1)
+    if any(t is None or t.numel() != 1 for t in (starts, ends, axes, steps)):
+        return None
+    assert starts is not None and ends is not None and axes is not None and steps is not None
+    if int(axes.reshape(())) % x.rank != x.rank - 1 or int(steps.reshape(())) != 1:
+        return None
+    start, end = int(starts.reshape(())), int(ends.reshape(()))
+    start, end = start + d if start < 0 else start, end + d if end < 0 else end
+    return max(0, min(start, d)), max(0, min(end, d))
+
+
+def _rotate_half(r: Value, uses: Uses, mul: Node) -> tuple[Value, list[Node]] | None:
+    """x when r = Concat([Neg(x[..., h:]), x[..., :h]], -1), every step read only along the pattern."""
+    cat = producer(r, "Concat")
+    if cat is None or len(cat.inputs) != 2 or not private(uses, r, mul):
+        return None
+    neg = producer(cat.inputs[0], "Neg")
+    first = producer(neg.inputs[0], "Slice") if neg is not None else None
+    second = producer(cat.inputs[1], "Slice")
+    x = first.inputs[0] if first is not None else None
+    if x is None or second is None or x.shape is None or not isinstance(x.shape[-1], int) or x.shape[-1] % 2:
+        return None
+    if int(cat.attrs["axis"]) % x.rank != x.rank - 1:  # type: ignore[operator]
+        return None
+    d = x.shape[-1]
+    h = d // 2
+    if _last_axis_slice(first, x, d) != (h, d) or _last_axis_slice(second, x, d) != (0, h):
+        return None
+    assert neg is not None and first is not None
+    steps = [cat, neg, first, second]
+    for v, reader in ((cat.inputs[0], cat), (cat.inputs[1], cat), (neg.inputs[0], neg)):
+        if v is None or not private(uses, v, reader):
+            return None
+    return x, steps
+
+
+def _equal_halves(v: Value) -> bool:
+    """v's last axis is two equal halves: a constant that is, or elementwise steps that keep it from a
+    Concat([f, f], last axis)."""
+    c = const(v)
+    if isinstance(c, torch.Tensor):
+        if c.dim() == 0 or c.shape[-1] % 2:
+            return False
+        h = c.shape[-1] // 2
+        return bool(torch.equal(c[..., :h], c[..., h:]))
+    for _ in range(8):
+        p = v.producer
+        if p is None:
+            return False
+        keeps = p.op in _KEEP_HALVES or (p.op == "Unsqueeze" and _unsqueezes_before_last(p))
+        if keeps or (p.op in ("Mul", "Div") and scalar(p.inputs[1]) is not None):
+            v = p.inputs[0]  # type: ignore[assignment]
+        elif p.op == "Mul" and scalar(p.inputs[0]) is not None:
+            v = p.inputs[1]  # type: ignore[assignment]
+        elif p.op == "Concat" and len(p.inputs) == 2 and p.inputs[0] is p.inputs[1] and v.rank is not None:
+            return int(p.attrs["axis"]) % v.rank == v.rank - 1
+        else:
+            return False
+        if v is None:
+            return False
+    return False
+
+
+def _unsqueezes_before_last(p: Node) -> bool:
+    axes = small_value(p.inputs[1]) if len(p.inputs) > 1 else None
+    out = p.outputs[0]
+    return axes is not None and out.rank is not None and all(int(a) % out.rank != out.rank - 1
+                                                             for a in axes.reshape(-1).tolist())
+
+
+def _table_ok(v: Value, x: Value) -> bool:
+    """v is [B or 1, 1, S, D] (heads broadcast) in x's dtype with equal halves."""
+    s, xs = v.shape, x.shape
+    if s is None or xs is None or len(s) != 4 or len(xs) != 4 or s[1] != 1 or v.dtype is not x.dtype:
+        return False
+    if not (same_dim(s[2], xs[2]) and same_dim(s[3], xs[3]) and (s[0] == 1 or same_dim(s[0], xs[0]))):
+        return False
+    return _equal_halves(v)
+
+
+def _table(graph: Graph, at: Node, v: Value, h: int) -> Value:
+    """v [B or 1, 1, S, 2h] as the [B or 1, S, h] table RotaryEmbedding reads (one per v: every layer reads the
+    same cos and sin)."""
+    c = const(v)
+    if isinstance(c, torch.Tensor):
+        return add_const(graph, f"{at.name}.table", c[:, 0, :, :h].contiguous())
+    made = next((n.outputs[0] for n in graph.nodes if n.op == "Squeeze" and _is_table(n, v, h)), None)
+    if made is not None:
+        return made
+    ints = {n: add_const(graph, f"{at.name}.{n}", torch.tensor(val, dtype=torch.int64))
+            for n, val in (("start", [0]), ("end", [h]), ("axis", [3]), ("heads", [1]))}
+    (half,) = add_node(graph, at, "Slice", [v, ints["start"], ints["end"], ints["axis"]], name=f"{at.name}/half")
+    (table,) = add_node(graph, at, "Squeeze", [half, ints["heads"]], name=f"{at.name}/table")
+    return table
+
+
+def _is_table(squeeze: Node, v: Value, h: int) -> bool:
+    """squeeze = Squeeze(Slice(v, [0], [h], [3]), [1]): a table made for v already."""
+    sl = producer(squeeze.inputs[0], "Slice")
+    if sl is None or sl.inputs[0] is not v or len(sl.inputs) != 4 or len(squeeze.inputs) != 2:
+        return False
+    want = ([0], [h], [3], [1])
+    got = [small_value(x) for x in (*sl.inputs[1:4], squeeze.inputs[1])]
+    return all(t is not None and t.reshape(-1).tolist() == w for t, w in zip(got, want))
+
+
+def _split_heads(x: Value) -> tuple[Value, int] | None:
+    """(x3, H) when x = Transpose(Reshape(x3 [B, S, H*D], [B, S, H, D]), [0, 2, 1, 3]) with static H."""
+    t = producer(x, "Transpose")
+    r = producer(t.inputs[0], "Reshape") if t is not None else None
+    if t is None or r is None or tuple(t.attrs.get("perm") or ()) != (0, 2, 1, 3):
+        return None
+    x3, x4 = r.inputs[0], r.outputs[0]
+    if x3 is None or x3.shape is None or x4.shape is None or len(x3.shape) != 3 or len(x4.shape) != 4:
+        return None
+    b, s, h, d = x4.shape
+    if not isinstance(h, int) or not (same_dim(b, x3.shape[0]) and same_dim(s, x3.shape[1])
+                                      and same_dim(sym.mul(h, d), x3.shape[2])):
+        return None
+    return x3, h
+
+
+def _rotary(graph: Graph, add: Node, uses: Uses) -> str | None:
+    y = add.outputs[0]
+    muls = [producer(v, "Mul") for v in add.inputs]
+    if len(add.inputs) != 2 or muls[0] is None or muls[1] is None or muls[0] is muls[1]:
+        return None
+    for direct, turned in ((muls[0], muls[1]), (muls[1], muls[0])):
+        assert direct is not None and turned is not None
+        for ri in (0, 1):
+            r, sin = turned.inputs[ri], turned.inputs[1 - ri]
+            found = _rotate_half(r, uses, turned) if r is not None else None
+            if found is None or sin is None:
+                continue
+            x, steps = found
+            if x not in direct.inputs or direct.inputs[0] is direct.inputs[1]:
+                continue
+            cos = direct.inputs[1] if direct.inputs[0] is x else direct.inputs[0]
+            if cos is None or x.shape is None or y.shape != x.shape or x.dtype not in (DType.FLOAT32, DType.FLOAT16,
+                                                                                        DType.BFLOAT16):
+                continue
+            if not (private(uses, direct.outputs[0], add) and private(uses, turned.outputs[0], add)):
+                continue
+            return _emit(graph, add, x, cos, sin, [direct, turned, *steps])
+    return None
+
+
+def _emit(graph: Graph, add: Node, x: Value, cos: Value, sin: Value, replaced: list[Node]) -> str | None:
+    if not (_table_ok(cos, x) and _table_ok(sin, x)):
+        return None
+    h = int(x.shape[3]) // 2  # type: ignore[index]
+    cos_t, sin_t = _table(graph, add, cos, h), _table(graph, add, sin, h)
+    split = _split_heads(x)
+    y = add.outputs[0]
+    if split is not None:
+        x3, heads = split
+        (y3,) = add_node(graph, add, "RotaryEmbedding", [x3, cos_t, sin_t], {"num_heads": heads},
+                         name=f"{add.name}/rotary")
+        target = add_const(graph, f"{add.name}.heads", torch.tensor([0, 0, heads, -1], dtype=torch.int64))
+        (y4,) = add_node(graph, add, "Reshape", [y3, target], name=f"{add.name}/split")
+        (out,) = add_node(graph, add, "Transpose", [y4], {"perm": (0, 2, 1, 3)}, name=f"{add.name}/heads")
+        what = "rotary_packed"
+    else:
+        (out,) = add_node(graph, add, "RotaryEmbedding", [x, cos_t, sin_t], name=f"{add.name}/rotary")
+        what = "rotary"
+    if out.type != y.type:  # never change a value's type
+        remove_dead(graph, [out.producer] if out.producer is not None else [])
+        return None
+    redirect(graph, y, out)
+    remove_dead(graph, [add, *replaced])
+    return what
+
+
+RULES = [rule("Add", _rotary)]
+
+
+def fuse_rotary(graph: Graph) -> PassResult:
+    """Replace rotate-half RoPE by `RotaryEmbedding` (counts: rotary_packed on a head split's [B, S, H*D] input,
+    rotary on a [B, H, S, D] one)."""
+    return apply_rules(graph, RULES)

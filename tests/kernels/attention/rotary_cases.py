@@ -1,0 +1,73 @@
+"""RotaryEmbedding cases for `triton.rotary` ([B, S, H*D] and [B, H, S, D] inputs, per-sequence and shared tables,
+head sizes that are no power of two), against the op table's reference computed in float64. Shared by the
+interpreter test (CPU, small shapes) and the GPU test (`device="cuda"`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kiln.ir import DType, Graph, TensorType
+from kiln.ir.graph import Node
+from kiln.ir.ops import OPS
+from kiln.ir.ops.base import RefCtx
+from kiln.kernels import registry
+from kiln.kernels.attention.triton_rotary import TILES
+
+CUDA = torch.device("cuda")
+ALL = tuple(TILES)
+TOLERANCE = {DType.FLOAT16: 1e-3, DType.BFLOAT16: 8e-3, DType.FLOAT32: 2e-6}
+"""Relative to the largest |y|: the output's own rounding (computed in float32, rounded once)."""
+
+
+def rotary(x: tuple[int, ...], dt: DType, heads: int, table_batch: int) -> tuple[Node, list[torch.Tensor]]:
+    """A RotaryEmbedding node on X of shape `x` (3-D: num_heads=heads) and its inputs: angles of a real RoPE
+    (position times inverse frequencies), tables [table_batch, S, D/2]."""
+    s, d = (x[1], x[2] // heads) if len(x) == 3 else (x[2], x[3])
+    g = Graph()
+    v = g.add_input("x", TensorType(dt, x))
+    c = g.add_input("cos", TensorType(dt, (table_batch, s, d // 2)))
+    n = g.add_input("sin", TensorType(dt, (table_batch, s, d // 2)))
+    attrs = {"num_heads": heads} if len(x) == 3 else {}
+    g.outputs.extend(g.add("RotaryEmbedding", [v, c, n], attrs, name="rope", outputs=1))
+    gen = torch.Generator().manual_seed(0)
+    inv = 1.0 / 10000 ** (torch.arange(0, d // 2, dtype=torch.float64) / (d // 2))
+    pos = torch.arange(s, dtype=torch.float64)[None, :, None] + torch.arange(table_batch)[:, None, None] * 3
+    angles = pos * inv
+    return g.nodes[0], [torch.randn(x, generator=gen).to(dt.torch), angles.cos().to(dt.torch),
+                        angles.sin().to(dt.torch)]
+
+
+def run(node: Node, xs: list[torch.Tensor], tiles: tuple[str, ...] = ALL, device: str = "cpu") -> \
+        dict[str, str | None]:
+    """{tile: what differs from the reference, or None}."""
+    tactic = registry.get("triton.rotary")
+    if not tactic.applicable(node, CUDA):
+        return {"applicable": "refused"}
+    want = OPS["RotaryEmbedding"].ref(RefCtx(node), [x.double() for x in xs])[0]
+    dt = node.inputs[0].dtype  # type: ignore[union-attr]
+    scale = float(want.abs().max()) or 1.0
+    out: dict[str, str | None] = {}
+    for tile in tiles:
+        got = tactic.build(node, {"tile": tile}, CUDA)([x.to(device) for x in xs])[0]
+        if got.shape != want.shape or got.dtype != xs[0].dtype:
+            out[tile] = f"shape/dtype {tuple(got.shape)} {got.dtype}, want {tuple(want.shape)} {xs[0].dtype}"
+            continue
+        err = float((got.cpu().double() - want).abs().max()) / scale
+        out[tile] = None if err <= TOLERANCE[dt] else f"max error {err:.3g} of the largest |y| (> {TOLERANCE[dt]})"
+    return out
+
+
+F16, F32 = DType.FLOAT16, DType.FLOAT32
+CASES: dict[str, Callable[[], tuple[Node, list[torch.Tensor]]]] = {
+    "packed-shared-table-f32": lambda: rotary((2, 5, 4 * 16), F32, 4, 1),  # [B, S, H*D], one table for all
+    "packed-per-sequence-f16": lambda: rotary((3, 7, 2 * 12), F16, 2, 3),  # D = 12: half 6, no power of two
+    "heads-first-f32": lambda: rotary((2, 3, 6, 8), F32, 3, 2),  # [B, H, S, D]
+    "heads-first-odd-rows-f16": lambda: rotary((1, 5, 9, 32), F16, 5, 1),  # 45 rows: ragged last block
+}
+
+
+def run_case(name: str, device: str = "cpu") -> dict[str, str | None]:
+    node, xs = CASES[name]()
+    return run(node, xs, ALL, device)
