@@ -95,11 +95,12 @@ def test_rotate_half_on_heads_first_input() -> None:
     assert res.counts == {"rotary": 1} and ops(g) == ["RotaryEmbedding"]
 
 
-def test_q_and_k_share_one_computed_table() -> None:
+@pytest.mark.parametrize("form", ["computed", "constant"])
+def test_q_and_k_share_one_table(form: str) -> None:
     def build() -> Graph:
-        g = llama(form="computed")
+        g = llama(form=form)
         x2 = g.add_input("x2", TensorType(F32, ("batch", H, S, D)))
-        cos, sin = (n.outputs[0] for n in g.nodes if n.op == "Unsqueeze")
+        cos, sin = (n.inputs[1] for n in g.nodes if n.op == "Mul")  # llama's products: (q, cos), (rot, sin)
         (neg,) = g.add("Neg", [_slice(g, x2, D // 2, D)])
         (rot,) = g.add("Concat", [neg, _slice(g, x2, 0, D // 2)], {"axis": -1})
         (a,) = g.add("Mul", [x2, cos])
@@ -108,7 +109,7 @@ def test_q_and_k_share_one_computed_table() -> None:
         g.outputs.append(y2)
         return g
 
-    feeds = {**_feeds(form="computed"), "x2": rand(B, H, S, D, seed=5)}
+    feeds = {**_feeds(form=form), "x2": rand(B, H, S, D, seed=5)}
     g, res = rewrite_preserves(build, fuse_rotary, feeds)
     assert res.counts == {"rotary_packed": 1, "rotary": 1}
     tables = {n.inputs[i].name for n in g.nodes if n.op == "RotaryEmbedding" for i in (1, 2)}

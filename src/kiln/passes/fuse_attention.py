@@ -157,8 +157,11 @@ def _key_by_rows(kt: Value) -> _Operand | None:
     if same_shape(y.shape, (b, h, s, d)):
         return _operand(y)
     kv = _unrepeat(y)
-    if kv is not None and kv.shape is not None and same_dim(sym.mul(kv.shape[1], y.shape[2]), h):
-        return _Operand(kv, heads=kv.shape[1], repeated=True)
+    if kv is None or kv.shape is None:
+        return None
+    kb, hkv, ks, kd = kv.shape
+    if same_shape((kb, sym.mul(hkv, y.shape[2]), ks, kd), (b, h, s, d)):
+        return _Operand(kv, heads=hkv, repeated=True)
     return None
 
 

@@ -134,7 +134,9 @@ def _table(graph: Graph, at: Node, v: Value, h: int) -> Value:
     same cos and sin)."""
     c = const(v)
     if isinstance(c, torch.Tensor):
-        return add_const(graph, f"{at.name}.table", c[:, 0, :, :h].contiguous())
+        name = f"{v.name}.rotary_table"
+        found = graph.initializers.get(name)
+        return found if found is not None else graph.add_initializer(name, c[:, 0, :, :h].contiguous())
     made = next((n.outputs[0] for n in graph.nodes if n.op == "Squeeze" and _is_table(n, v, h)), None)
     if made is not None:
         return made
