@@ -32,7 +32,9 @@ def _gpu_ops(path: str) -> Counter[str]:
     context = PassContext(static_dims=static_dims(g, resolve_profiles(g, [])), device="cuda")
     optimize(g, context)
     optimize_late(g, context)
-    return Counter(n.op for n in g.nodes)
+    found = Counter(n.op for n in g.nodes)
+    found["causal Attention"] = sum(n.op == "Attention" and n.attrs.get("is_causal") == 1 for n in g.nodes)
+    return found
 
 
 def _feeds() -> dict[str, np.ndarray]:
@@ -51,6 +53,9 @@ def test_sdpa_exports_fuse_every_attention(arch: str, exporter: str) -> None:
     assert found["Transpose"] == 0, found  # on the packed [B, S, H*D] tensors: no head split or merge left
     if arch == "llama":  # its rotary embeddings (Q and K of each layer) on those packed tensors
         assert found["RotaryEmbedding"] == 4 and found["Neg"] == 0, found
+        # the causal triangle ANDed into the padding mask: is_causal where the export fills with -inf (exact),
+        # kept in the mask where torch.export fills with finfo.min (`kiln.passes.narrow_masks`)
+        assert found["causal Attention"] == (2 if exporter == "torchscript" else 0), found
     feeds = _feeds()
     for padded in (False, True):
         if padded:

@@ -11,9 +11,15 @@ is the same mask broadcast; the attention kernel then reads one row of it per ke
 [BLOCK_M, BLOCK_N] tile (which it holds beside the scores: compiled for sm_90a, the tile spills 736 bytes a
 thread at 64 x 64, the row none), and the Where writes S times fewer values.
 
-Rewrite case:
+Rewrite cases:
 - Where(And(c, x) | And(x, c), a, b), c a constant of all true, a and b constants, read only as Attention masks
   -> Where(x, a, b), when it still broadcasts to every reader's [B, H, Sq, Skv].
+- the same with c the causal triangle (constant [1, 1, S, S], query i keeping keys 0..i), a = 0 and b = -inf -
+  LLaMA-style models' TorchScript export of causal + padding masks - read only by Attention nodes of S queries
+  and S keys: Where(x, 0, -inf) and is_causal on every reader (exact: a key hidden by both is -inf either way, a
+  row hidden entirely is all -inf either way); the kernels then skip the blocks above the diagonal.
+  With a finite fill (torch.export writes finfo.min) a row hidden entirely averages over all keys, and would
+  average over keys 0..i alone under is_causal: those masks stay.
 
 Run after fuse_attention (it reads Attention nodes) and before pointwise fusion (which would take the And).
 """
@@ -56,6 +62,10 @@ def _narrow(g: Graph, where: Node, uses: Uses) -> bool:
         return False
     p, q = both.inputs
     x = q if _all_true(p) else p if _all_true(q) else None
+    causal = False
+    if x is None and _causal_fill(a, b):
+        x = q if _triangle(p, readers) else p if _triangle(q, readers) else None
+        causal = x is not None
     if x is None or x.shape is None or out.shape is None:
         return False
     (narrow,) = add_node(g, where, "Where", [x, a, b], name=f"{where.name}.narrow")
@@ -64,6 +74,37 @@ def _narrow(g: Graph, where: Node, uses: Uses) -> bool:
         return False
     for r in readers:
         r.inputs[MASK_INPUT] = narrow
+        if causal:
+            r.attrs["is_causal"] = 1
+    return True
+
+
+def _causal_fill(a: Value | None, b: Value | None) -> bool:
+    """Where(cond, 0, -inf): kept keys add 0, hidden ones -inf."""
+    ca, cb = const(a), const(b)
+    return (isinstance(ca, torch.Tensor) and isinstance(cb, torch.Tensor) and ca.numel() == 1 and cb.numel() == 1
+            and float(ca.reshape(())) == 0.0 and float(cb.reshape(())) == float("-inf"))
+
+
+def _triangle(v: Value | None, readers: list[Node]) -> bool:
+    """v is the constant causal triangle [1, 1, S, S] (True where key j <= query i) and every reader attends S
+    queries over S keys, not causal yet (nor windowed or cached)."""
+    c = const(v)
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.bool or c.dim() != 4 or c.shape[:2] != (1, 1):
+        return False
+    n = c.shape[-1]
+    if c.shape[-2] != n or n < 2 or not torch.equal(c[0, 0], torch.ones(n, n, dtype=torch.bool).tril()):
+        return False
+    for r in readers:
+        a = r.attrs
+        q, k = r.inputs[0], r.inputs[1]
+        seq = 1 if q is not None and q.rank == 3 else 2
+        if a.get("is_causal") or a.get("left_window_size", -1) != -1 or a.get("right_window_size", -1) != -1:
+            return False
+        if len(r.inputs) > 4 and any(i is not None for i in r.inputs[4:]):
+            return False
+        if q is None or k is None or q.shape is None or k.shape is None or q.shape[seq] != n or k.shape[seq] != n:
+            return False
     return True
 
 
