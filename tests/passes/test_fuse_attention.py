@@ -333,3 +333,44 @@ def test_a_constant_causal_triangle_becomes_is_causal(form: str) -> None:
         assert node.attrs["is_causal"] == 0 and len(node.inputs) == 4
     else:
         assert node.attrs["is_causal"] == 1 and len(node.inputs) == 3 and ops(g) == ["Attention"]
+
+
+def _swin(*, bias: bool = True, window_batch: int = 1, heads_in_mask: int = 1) -> Graph:
+    """Swin's shifted-window attention: q, k, v [B*nW, H, S, D]; the scores plus a relative position bias
+    [1, H, S, S], then viewed as [B, nW, H, S, S] for a per-window mask, and back, then softmax."""
+    nw, batch = 3, 2
+    g = Graph()
+    q, k, v = (g.add_input(n, TensorType(F32, (batch * nw, H, S, D))) for n in "qkv")
+    (qs,) = g.add("Mul", [q, _c(g, 1 / math.sqrt(D))])
+    (kt,) = g.add("Transpose", [k], {"perm": (0, 1, 3, 2)})
+    (s,) = g.add("MatMul", [qs, kt])
+    if bias:
+        (s,) = g.add("Add", [s, _c(g, np.random.default_rng(7).standard_normal((1, H, S, S)).tolist())])
+    (s5,) = g.add("Reshape", [s, _c(g, [-1, nw, H, S, S], torch.int64)])
+    hide = np.zeros((window_batch, nw, heads_in_mask, S, S), np.float32)
+    hide[:, 1, :, :2, 3:] = -100.0  # the shifted windows hide some pairs
+    (s5,) = g.add("Add", [s5, g.add_initializer("window_mask", torch.tensor(hide))])
+    (s4,) = g.add("Reshape", [s5, _c(g, [-1, H, S, S], torch.int64)])
+    (p,) = g.add("Softmax", [s4], {"axis": -1})
+    (y,) = g.add("MatMul", [p, v], outputs=["y"])
+    g.outputs = [y]
+    return g
+
+
+def _swin_feeds() -> dict[str, np.ndarray]:
+    return {n: rand(6, H, S, D, seed=i) for i, n in enumerate("qkv")}
+
+
+@pytest.mark.parametrize(("bias", "heads_in_mask"), [(True, 1), (False, 1), (True, H)])
+def test_shifted_windows_fold_into_heads(bias: bool, heads_in_mask: int) -> None:
+    """One Attention over [B, nW*H, S, D] with a [1, nW*H, S, S] mask (window mask + position bias)."""
+    g, res = rewrite_preserves(lambda: _swin(bias=bias, heads_in_mask=heads_in_mask), fuse_attention,
+                               _swin_feeds())
+    assert res.counts == {"attention_windows": 1} and "Softmax" not in ops(g)
+    att = next(n for n in g.nodes if n.op == "Attention")
+    assert att.inputs[0].shape == (2, 3 * H, S, D) and att.inputs[3].shape == (1, 3 * H, S, S)
+
+
+def test_a_window_mask_per_image_is_not_folded() -> None:
+    _g, res = rewrite_preserves(lambda: _swin(window_batch=2), fuse_attention, _swin_feeds())
+    assert not res.changed

@@ -25,6 +25,10 @@ Rewrite cases:
   (the merge's Transpose read otherwise: that Attention, Reshape([0, 0, H, Dv]) in its place)
   Reshape targets are read from the inferred shapes, which inference computes from constant targets and from
   Shape -> Gather -> Concat chains alike.
+- Swin's shifted windows: scores [B*nW, H, S, S] viewed as [B, nW, H, S, S] to add a mask per window wm
+  [1, nW, 1 or H, S, S], then viewed back (a per-head mask before, the relative position bias [1, H, S, S], allowed)
+                                                          -> Attention on Q, K, V viewed as [B, nW*H, S, D], the
+                                                             masks summed as one [1, nW*H, S, S], result viewed back
 - causal: a constant mask over square scores that lets query i see exactly keys 0..i (an additive 0 / <= -1e30
   triangle, or a Where on a boolean triangle, as GPT-style exports fold their causal buffer) -> is_causal=1 and
   no mask input (kernels then skip the masked half instead of reading a mask).
@@ -314,6 +318,8 @@ class _Scores:
     mask: Value | None
     how: object
     scale: float
+    window: tuple[Value, int] | None = None
+    """(wm [1, nW, 1 or H, S, S], nW): Swin's per-window mask, added in a [B, nW, H, S, S] view (`_windows`)."""
 
 
 def _scores(sm: Node, uses: Uses) -> _Scores | None:
@@ -325,6 +331,10 @@ def _scores(sm: Node, uses: Uses) -> _Scores | None:
     if cast is not None and cast.inputs[0] is not None and cast.inputs[0].dtype.is_float:
         steps.append(cast)
         s = cast.inputs[0]
+    window = _windows(s) if s is not None else None
+    if window is not None:
+        s, wm, nw, window_steps = window
+        steps += window_steps
     mask, how = None, None
     found = _mask_step(s) if s is not None else None
     if found is not None:
@@ -341,7 +351,33 @@ def _scores(sm: Node, uses: Uses) -> _Scores | None:
         if not private(uses, step.outputs[0], reader):
             return None
         reader = step
-    return _Scores(mm1, mask, how, factor)
+    if window is not None and (how not in (None, "add") or (mask is not None and (mask.shape is None or mask.rank != 4
+                                                                                 or mask.shape[0] != 1))):
+        return None  # a window mask beside a mask of its own for each of the B * nW windows: not folded
+    return _Scores(mm1, mask, how, factor, None if window is None else (wm, nw))
+
+
+def _windows(s: Value) -> tuple[Value, Value, int, list[Node]] | None:
+    """Swin's shifted-window scores: s = Reshape(Add(Reshape(s4 [B*nW, H, S, S], [B, nW, H, S, S]), wm), back to
+    s4's shape), wm [1, nW, 1 or H, S, S] a mask per window: (s4, wm, nW, the three steps outermost first)."""
+    outer = producer(s, "Reshape")
+    add = producer(outer.inputs[0], "Add") if outer is not None else None
+    if add is None or add.outputs[0].shape is None or len(add.outputs[0].shape) != 5:
+        return None
+    for i in (0, 1):
+        inner, wm = producer(add.inputs[i], "Reshape"), add.inputs[1 - i]
+        s4 = inner.inputs[0] if inner is not None else None
+        if s4 is None or wm is None or s4.shape is None or wm.shape is None or len(wm.shape) != 5:
+            continue
+        b5, nw, h, q, k = add.outputs[0].shape
+        if not (isinstance(nw, int) and isinstance(h, int) and same_shape(s4.shape, s.shape)
+                and same_shape(inner.outputs[0].shape, (b5, nw, h, q, k))  # type: ignore[union-attr]
+                and same_shape(s4.shape, (sym.mul(b5, nw), h, q, k))
+                and wm.shape[0] == 1 and wm.shape[1] == nw and wm.shape[2] in (1, h)
+                and same_dim(wm.shape[3], q) and same_dim(wm.shape[4], k)):
+            continue
+        return s4, wm, nw, [outer, add, inner]  # type: ignore[list-item]
+    return None
 
 
 def _attention(graph: Graph, sm: Node, uses: Uses) -> str | None:
@@ -377,6 +413,8 @@ def _attention(graph: Graph, sm: Node, uses: Uses) -> str | None:
     attrs: dict[str, object] = {"scale": scale}
     if x.dtype is not dtype:
         attrs["softmax_precision"] = x.dtype
+    if sc.window is not None:
+        return _emit_windows(graph, mm2, q, k, v, kt_in, sc, attrs, dtype, scores)
     merge = _merge_heads(y4, uses)
     if (merge is not None and k is not None and q.packed is not None and k.packed is not None
             and v.packed is not None and isinstance(q.heads, int) and isinstance(k.heads, int)
@@ -396,6 +434,46 @@ def _attention(graph: Graph, sm: Node, uses: Uses) -> str | None:
     else:
         (k4,) = add_node(graph, mm2, "Transpose", [kt_in], {"perm": (0, 1, 3, 2)}, name=f"{mm2.name}/K")
     return _emit(graph, mm2, [q.v4, k4, v.v4], sc, attrs, dtype, "attention")
+
+
+def _emit_windows(graph: Graph, mm2: Node, q: _Operand, k: _Operand | None, v: _Operand, kt_in: Value,
+                  sc: _Scores, attrs: dict[str, object], dtype: DType, scores: Value) -> str | None:
+    """Windows folded into heads: Q, K, V [B*nW, H, S, D] viewed as [B, nW*H, S, D], the window mask (plus a
+    per-head mask [1, H, S, S], Swin's relative position bias) as one [1, nW*H, S, S] mask that broadcasts over B,
+    and the result viewed back as [B*nW, H, S, Dv]."""
+    assert sc.window is not None
+    wm, nw = sc.window
+    if q.v4 is None or v.v4 is None or k is None or k.v4 is None or k.repeated or scores.shape is None:
+        return None
+    ks = k.v4.shape
+    if ks is None or not _shapes_ok(q.v4.shape, ks, v.v4.shape, scores):
+        return None
+    h, n_q, n_k = scores.shape[1:]
+    if not (isinstance(h, int) and isinstance(n_q, int) and isinstance(n_k, int)) or ks[1] != h:
+        return None  # windows of a static size, as many key/value heads as query heads
+    # Reshape's 0 keeps that dim of the input: S and D of [B*nW, H, S, D]
+    folded = add_const(graph, f"{mm2.name}.windows", torch.tensor([-1, nw * h, 0, 0], dtype=torch.int64))
+    views = [add_node(graph, mm2, "Reshape", [t, folded], name=f"{mm2.name}/windows")[0] for t in (q.v4, k.v4, v.v4)]
+    full = add_const(graph, f"{mm2.name}.window_mask", torch.tensor([1, nw, h, n_q, n_k], dtype=torch.int64))
+    mask = wm
+    if sc.mask is not None:  # [1, H, S, S] -> [1, 1, H, S, S], added to each window's mask
+        (m5,) = add_node(graph, mm2, "Unsqueeze", [sc.mask, add_const(graph, f"{mm2.name}.axis", torch.tensor([1]))],
+                         name=f"{mm2.name}/bias")
+        (mask,) = add_node(graph, mm2, "Add", [wm, m5], name=f"{mm2.name}/window_bias")
+    if mask.shape is None or mask.shape[2] != h:
+        (mask,) = add_node(graph, mm2, "Expand", [mask, full], name=f"{mm2.name}/window_heads")
+    flat = add_const(graph, f"{mm2.name}.mask4", torch.tensor([1, nw * h, n_q, n_k], dtype=torch.int64))
+    (m4,) = add_node(graph, mm2, "Reshape", [mask, flat], name=f"{mm2.name}/window_mask")
+    (y,) = add_node(graph, mm2, "Attention", [*views, m4], attrs, name=f"{mm2.name}/Attention")
+    back = add_const(graph, f"{mm2.name}.unfold", torch.tensor([-1, h, 0, 0], dtype=torch.int64))
+    (y4,) = add_node(graph, mm2, "Reshape", [y, back], name=f"{mm2.name}/unfold")
+    out = mm2.outputs[0]
+    if y4.type != out.type:
+        remove_dead(graph, [y4.producer] if y4.producer is not None else [])
+        return None
+    redirect(graph, out, y4)
+    remove_dead(graph, [mm2])
+    return "attention_windows"
 
 
 def _bhsd(split: Value | None) -> tuple | None:
@@ -467,6 +545,6 @@ RULES = [rule("Softmax", _attention)]
 
 def fuse_attention(graph: Graph) -> PassResult:
     """Replace decomposed attention by `Attention` (counts: attention_packed on the 3-D [B, S, H*D] tensors,
-    attention on 4-D [B, H, S, D] ones)."""
+    attention on 4-D [B, H, S, D] ones, attention_windows for Swin's windows folded into heads)."""
     return apply_rules(graph, RULES)
 
