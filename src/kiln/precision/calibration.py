@@ -42,7 +42,8 @@ ENTROPY_MAX_CLIPPED = 0.01
 outliers (on ReLU, Gaussian, Laplace or GELU activations it clips under 0.1 %); its divergence, though, does not see
 how far clipped values move, only that they land in the last bin, so on a tensor whose values sit away from zero
 (pooled features around 1.0, a bimodal tensor) a threshold under the bulk makes P and Q one and the same spike:
-KL 0, every value clipped. ResNet-50's pooled features (random weights) lost 59 % of their norm that way."""
+KL 0, every value clipped. ResNet-50's pooled features (random weights) came out with an error of 59 % of their
+norm that way."""
 CACHE_KIND = "kiln-calibration-cache"
 CACHE_VERSION = 1
 
@@ -307,7 +308,7 @@ def _entropy(hist: Histogram) -> float:
     best_i, best_kl = hist.nbins, math.inf
     for i in range(ENTROPY_LEVELS, hist.nbins + 1):
         if suffix[i] > most_clipped or not bins[:i].any():
-            continue  # nothing below this threshold: not a candidate (sparse, discrete-valued inputs)
+            continue  # clips too much, or nothing lies below it (sparse, discrete-valued inputs): no candidate
         p = bins[:i].copy()
         p[-1] += suffix[i]
         kl = _kl(p, _quantized(bins[:i]))

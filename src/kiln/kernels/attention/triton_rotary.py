@@ -124,7 +124,7 @@ class TritonRotary(TemplateTactic):
     devices = frozenset({"cuda"})
     tiles = TILES
     space = {"tile": tuple(TILES)}
-    priority = 40
+    priority = 1100  # after the reference until it has run on a GPU: untimed builds (level 0) keep torch's ops
 
     def view(self, node: Node) -> DType | None:
         return view(node)
