@@ -1,5 +1,4 @@
-"""fuse_reductions: sum / N -> mean, sums of squares -> ReduceSumSquare / ReduceL2, F.normalize's Expand;
-pool_means: a spatial ReduceMean -> GlobalAveragePool."""
+"""fuse_reductions: sum / N -> mean, sums of squares -> ReduceSumSquare / ReduceL2, F.normalize's Expand."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import torch
 
 from kiln.ir import DType, Graph, TensorType
 from kiln.ir.graph import Value
-from kiln.passes.fuse_reductions import fuse_reductions, pool_means
+from kiln.passes.fuse_reductions import fuse_reductions
 from tests.passes.pattern_util import ops, rand, rewrite_preserves
 
 X = {"x": rand(2, 6, 5)}
@@ -101,31 +100,3 @@ def test_torch_normalize_drops_the_expand() -> None:
     g, res = rewrite_preserves(build, fuse_reductions, feeds)
     assert ops(g) == ["ReduceL2", "Clip", "Div"] and res.counts == {"l2_normalize": 1}
 
-
-IMAGE = {"x": rand(2, 3, 4, 5)}
-
-
-def _image_mean(axes: list[int], keepdims: int) -> Graph:
-    g = Graph()
-    x = g.add_input("x", TensorType(DType.FLOAT32, ("batch", 3, 4, 5)))
-    (y,) = g.add("ReduceMean", [x, _c(g, axes, torch.int64)], {"keepdims": keepdims}, outputs=["y"])
-    g.outputs = [y]
-    return g
-
-
-@pytest.mark.parametrize("axes", [[2, 3], [-1, -2]])
-def test_spatial_mean_is_global_average_pool(axes: list[int]) -> None:
-    g, res = rewrite_preserves(lambda: _image_mean(axes, 1), pool_means, IMAGE)
-    assert ops(g) == ["GlobalAveragePool"] and res.counts == {"global_pool": 1}
-
-
-def test_spatial_mean_without_kept_dims_is_pool_and_flatten() -> None:
-    g, res = rewrite_preserves(lambda: _image_mean([2, 3], 0), pool_means, IMAGE)
-    assert ops(g) == ["GlobalAveragePool", "Flatten"] and res.counts == {"global_pool_flat": 1}
-    assert g.outputs[0].shape == ("batch", 3)
-
-
-@pytest.mark.parametrize("axes", [[1, 2, 3], [3], [1]])
-def test_other_means_stay(axes: list[int]) -> None:
-    _g, res = rewrite_preserves(lambda: _image_mean(axes, 1), pool_means, IMAGE)
-    assert not res.changed

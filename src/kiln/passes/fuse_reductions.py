@@ -10,14 +10,6 @@ Rewrite cases (sq(x) is Pow(x, 2) or Mul(x, x); N is the number of reduced eleme
   F.normalize returns x / eps where 0 < ||x|| < eps.
 
 Same axes and keepdims as the original reduction; every intermediate must be read only inside the pattern.
-
-`pool_means` (its own pipeline step, after the norms are recognized, whose patterns read ReduceMean):
-- ReduceMean(x [N, C, H, W], axes [2, 3], keepdims=1)         -> GlobalAveragePool(x)
-- the same with keepdims=0                                    -> Flatten(GlobalAveragePool(x), axis=1)
-torch.export spells adaptive_avg_pool2d(x, 1) and x.mean((2, 3)) so (a squeeze-excitation block's mean,
-ResNet's last pooling); as a pooling op it runs on the pooling kernels and stays channels-last between
-convolutions (`kiln.passes.layout`), where a ReduceMean made a GPU engine convert the activation to row-major and
-back around it.
 """
 
 from __future__ import annotations
@@ -134,32 +126,6 @@ def _replace(graph: Graph, node: Node, op: str, red: Node, what: str, *, x: Valu
     redirect(graph, out, y)
     remove_dead(graph, [node])
     return what
-
-
-def _pool_mean(graph: Graph, node: Node, uses: Uses) -> str | None:
-    x, out = node.inputs[0], node.outputs[0]
-    if x is None or x.rank != 4 or not x.dtype.is_float or reduce_axes(node, 4) != [2, 3]:
-        return None
-    (y,) = add_node(graph, node, "GlobalAveragePool", [x], {}, name=f"{node.name}/pool")
-    what = "global_pool"
-    if not node.attrs.get("keepdims", 1):
-        (y,) = add_node(graph, node, "Flatten", [y], {"axis": 1}, name=f"{node.name}/flat")
-        what = "global_pool_flat"
-    if y.type != out.type:
-        remove_dead(graph, [n for n in (y.producer,) if n is not None])
-        return None
-    redirect(graph, out, y)
-    remove_dead(graph, [node])
-    return what
-
-
-POOL_RULES = [rule("ReduceMean", _pool_mean)]
-
-
-def pool_means(graph: Graph) -> PassResult:
-    """ReduceMean over the spatial axes of a 4-D tensor as GlobalAveragePool (counts: global_pool,
-    global_pool_flat)."""
-    return apply_rules(graph, POOL_RULES)
 
 
 RULES = [

@@ -18,7 +18,7 @@ from kiln.passes.fuse_embeddings import fuse_embeddings
 from kiln.passes.fuse_gelu import fuse_gelu
 from kiln.passes.fuse_norm_gemm import fuse_norm_gemm
 from kiln.passes.fuse_normalization import fuse_normalization
-from kiln.passes.fuse_reductions import fuse_reductions, pool_means
+from kiln.passes.fuse_reductions import fuse_reductions
 from kiln.passes.fuse_rotary import fuse_rotary
 from kiln.passes.fuse_softmax import fuse_softmax
 from kiln.passes.layout import layout
@@ -29,6 +29,7 @@ from kiln.passes.noops import remove_noops
 from kiln.passes.pack_attention import pack_attention
 from kiln.passes.patch_embedding import patch_embedding
 from kiln.passes.pointwise_fusion import pointwise_fusion
+from kiln.passes.pool_means import pool_means
 from kiln.passes.reshape_sinking import sink_reshapes
 from kiln.passes.residual_norm import fuse_residual_norm
 from kiln.passes.shape_arithmetic import shape_arithmetic
