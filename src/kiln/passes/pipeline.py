@@ -11,6 +11,7 @@ from kiln.passes.concat_add import distribute_adds
 from kiln.passes.constant_folding import fold_constants
 from kiln.passes.cse import eliminate_common_subexpressions
 from kiln.passes.dead_nodes import dead_nodes
+from kiln.passes.einsum_matmul import einsum_matmul
 from kiln.passes.epilogue_fusion import epilogue_fusion, extend_epilogues
 from kiln.passes.fold_affine import fold_affine
 from kiln.passes.fuse_attention import fuse_attention
@@ -56,6 +57,8 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     ("dead_nodes", _plain(dead_nodes)),
     # --- patterns: single ops for what exporters decompose ----------------------------------------------------
     # All of these before any fusion: a fused node hides its pieces from the matchers.
+    # Einsum matrix products as MatMul first: every later pattern (epilogues, attention) reads MatMul.
+    ("einsum_matmul", _plain(einsum_matmul)),
     # Reductions before normalization (the norm rules look for ReduceMean).
     ("fuse_reductions", _plain(fuse_reductions)),
     ("fuse_normalization", _plain(fuse_normalization)),
