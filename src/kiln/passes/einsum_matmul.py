@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from kiln.ir.graph import Graph, Node
 from kiln.passes.manager import PassResult
-from kiln.passes.matching import add_node, remove_dead
+from kiln.passes.matching import add_node, swap_in
 from kiln.passes.pattern import apply_rules, rule
-from kiln.passes.rewrite import Uses, redirect
+from kiln.passes.rewrite import Uses
 
 
 def _terms(equation: str) -> tuple[str, str, str] | None:
@@ -65,13 +65,7 @@ def _einsum(graph: Graph, node: Node, uses: Uses) -> str | None:
         perm = [*range(b.rank - 2), b.rank - 1, b.rank - 2]  # type: ignore[union-attr]
         (b,) = add_node(graph, node, "Transpose", [b], {"perm": perm}, name=f"{node.name}/b")
     (y,) = add_node(graph, node, "MatMul", [a, b], name=f"{node.name}/matmul")
-    out = node.outputs[0]
-    if y.type != out.type:
-        remove_dead(graph, [y.producer] if y.producer is not None else [])
-        return None
-    redirect(graph, out, y)
-    remove_dead(graph, [node])
-    return "matmul_transposed" if swapped else "matmul"
+    return swap_in(graph, node, y, "matmul_transposed" if swapped else "matmul")
 
 
 RULES = [rule("Einsum", _einsum)]

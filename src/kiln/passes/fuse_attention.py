@@ -63,6 +63,7 @@ from kiln.passes.matching import (
     scalar,
     small_value,
     sole_reader,
+    swap_in,
 )
 from kiln.passes.pattern import apply_rules, rule
 from kiln.passes.rewrite import Uses, redirect
@@ -467,13 +468,7 @@ def _emit_windows(graph: Graph, mm2: Node, q: _Operand, k: _Operand | None, v: _
     (y,) = add_node(graph, mm2, "Attention", [*views, m4], attrs, name=f"{mm2.name}/Attention")
     back = add_const(graph, f"{mm2.name}.unfold", torch.tensor([-1, h, 0, 0], dtype=torch.int64))
     (y4,) = add_node(graph, mm2, "Reshape", [y, back], name=f"{mm2.name}/unfold")
-    out = mm2.outputs[0]
-    if y4.type != out.type:
-        remove_dead(graph, [y4.producer] if y4.producer is not None else [])
-        return None
-    redirect(graph, out, y4)
-    remove_dead(graph, [mm2])
-    return "attention_windows"
+    return swap_in(graph, mm2, y4, "attention_windows")
 
 
 def _bhsd(split: Value | None) -> tuple | None:

@@ -33,13 +33,13 @@ from kiln.passes.matching import (
     const,
     private,
     producer,
-    remove_dead,
     same_dim,
     scalar,
     small_value,
+    swap_in,
 )
 from kiln.passes.pattern import apply_rules, rule
-from kiln.passes.rewrite import Uses, redirect
+from kiln.passes.rewrite import Uses
 
 _KEEP_HALVES = frozenset({"Cos", "Sin", "Cast", "Identity"})
 
@@ -204,7 +204,6 @@ def _emit(graph: Graph, add: Node, x: Value, cos: Value, sin: Value, replaced: l
     h = int(x.shape[3]) // 2  # type: ignore[index]
     cos_t, sin_t = _table(graph, add, cos, h), _table(graph, add, sin, h)
     split = _split_heads(x)
-    y = add.outputs[0]
     if split is not None:
         x3, heads = split
         (y3,) = add_node(graph, add, "RotaryEmbedding", [x3, cos_t, sin_t], {"num_heads": heads},
@@ -216,12 +215,7 @@ def _emit(graph: Graph, add: Node, x: Value, cos: Value, sin: Value, replaced: l
     else:
         (out,) = add_node(graph, add, "RotaryEmbedding", [x, cos_t, sin_t], name=f"{add.name}/rotary")
         what = "rotary"
-    if out.type != y.type:  # never change a value's type
-        remove_dead(graph, [out.producer] if out.producer is not None else [])
-        return None
-    redirect(graph, y, out)
-    remove_dead(graph, [add, *replaced])
-    return what
+    return swap_in(graph, add, out, what, replaced)
 
 
 RULES = [rule("Add", _rotary)]

@@ -15,7 +15,7 @@ from kiln.ir.graph import Graph, Node, Shape, Value
 from kiln.ir.ops import get_op
 from kiln.ir.ops.base import RefCtx, const_value
 from kiln.ir.ops.tensor import shape_values
-from kiln.passes.rewrite import Uses
+from kiln.passes.rewrite import Uses, redirect
 
 _EVAL_OPS = frozenset({"Cast", "Sqrt", "Div", "Mul", "Add", "Sub", "Reciprocal", "Pow", "Neg", "Identity",
                        "Squeeze", "Unsqueeze", "Reshape", "Expand"})
@@ -212,6 +212,18 @@ def remove_dead(graph: Graph, roots: Iterable[Node]) -> int:
                 del graph.initializers[v.name]
     graph.remove_nodes([n for n in graph.nodes if id(n) in dead])
     return len(dead)
+
+
+def swap_in(graph: Graph, node: Node, y: Value, what: str, replaced: Iterable[Node] = ()) -> str | None:
+    """`y` (just built) takes the place of `node`'s one output when their types agree: its readers move to `y`, and
+    `node` and `replaced` go where nothing reads them any more; returns `what`. Otherwise the new nodes making `y`
+    are dropped and None returned (a rewrite never changes a value's type)."""
+    if y.type != node.outputs[0].type:
+        remove_dead(graph, [y.producer] if y.producer is not None else [])
+        return None
+    redirect(graph, node.outputs[0], y)
+    remove_dead(graph, [node, *replaced])
+    return what
 
 
 def finalize(graph: Graph, replaced: list[Node]) -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from kiln.ir.graph import Graph, Node
 from kiln.passes.manager import PassResult
-from kiln.passes.matching import add_node, reduce_axes, remove_dead
+from kiln.passes.matching import add_node, reduce_axes, swap_in
 from kiln.passes.pattern import apply_rules, rule
-from kiln.passes.rewrite import Uses, redirect
+from kiln.passes.rewrite import Uses
 
 
 def _pool_mean(graph: Graph, node: Node, uses: Uses) -> str | None:
-    x, out = node.inputs[0], node.outputs[0]
+    x = node.inputs[0]
     if x is None or x.rank != 4 or not x.dtype.is_float or reduce_axes(node, 4) != [2, 3]:
         return None
     (y,) = add_node(graph, node, "GlobalAveragePool", [x], {}, name=f"{node.name}/pool")
@@ -28,12 +28,7 @@ def _pool_mean(graph: Graph, node: Node, uses: Uses) -> str | None:
     if not node.attrs.get("keepdims", 1):
         (y,) = add_node(graph, node, "Flatten", [y], {"axis": 1}, name=f"{node.name}/flat")
         what = "global_pool_flat"
-    if y.type != out.type:
-        remove_dead(graph, [n for n in (y.producer,) if n is not None])
-        return None
-    redirect(graph, out, y)
-    remove_dead(graph, [node])
-    return what
+    return swap_in(graph, node, y, what)
 
 
 RULES = [rule("ReduceMean", _pool_mean)]
