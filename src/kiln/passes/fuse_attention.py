@@ -63,6 +63,7 @@ from kiln.passes.matching import (
     scalar,
     small_value,
     sole_reader,
+    split_heads,
     swap_in,
 )
 from kiln.passes.pattern import apply_rules, rule
@@ -110,23 +111,11 @@ def _perm(node: Node | None, *perm: int) -> bool:
     return node is not None and node.op == "Transpose" and tuple(node.attrs.get("perm") or ()) == perm
 
 
-def _split_heads(r: Value | None) -> tuple[Value, sym.Dim] | None:
-    """r = Reshape(x [B, S, E], -> [B, S, H, D]) with E = H * D: returns (x, H)."""
-    reshape = producer(r, "Reshape")
-    x = reshape.inputs[0] if reshape is not None else None
-    if r is None or r.shape is None or len(r.shape) != 4 or x is None or x.shape is None or len(x.shape) != 3:
-        return None
-    b, s, h, d = r.shape
-    if not (same_dim(b, x.shape[0]) and same_dim(s, x.shape[1]) and same_dim(sym.mul(h, d), x.shape[2])):
-        return None
-    return x, h
-
-
 def _operand(v4: Value) -> _Operand:
     """Q, K or V as [B, H, S, D], with the packed tensor it was split from when it was."""
     t = producer(v4, "Transpose")
     if t is not None and _perm(t, 0, 2, 1, 3):
-        found = _split_heads(t.inputs[0])
+        found = split_heads(t.inputs[0])
         if found is not None:
             return _Operand(v4, found[0], t.inputs[0], found[1])
     return _Operand(v4, heads=v4.shape[1] if v4.shape else None)
@@ -139,7 +128,7 @@ def _key(kt: Value) -> tuple[_Operand | None, float]:
         k4, factor, _ = _peel_scale(t.inputs[0])
         return _operand(k4), factor
     if t is not None and _perm(t, 0, 2, 3, 1):
-        found = _split_heads(t.inputs[0])
+        found = split_heads(t.inputs[0])
         if found is not None:
             return _Operand(None, found[0], t.inputs[0], found[1]), 1.0
     return _key_by_rows(kt), 1.0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir import symbolic as sym
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.manager import PassResult
@@ -36,6 +35,7 @@ from kiln.passes.matching import (
     same_dim,
     scalar,
     small_value,
+    split_heads,
     swap_in,
 )
 from kiln.passes.pattern import apply_rules, rule
@@ -157,20 +157,13 @@ def _is_table(squeeze: Node, v: Value, h: int) -> bool:
     return all(t is not None and t.reshape(-1).tolist() == w for t, w in zip(got, want))
 
 
-def _split_heads(x: Value) -> tuple[Value, int] | None:
-    """(x3, H) when x = Transpose(Reshape(x3 [B, S, H*D], [B, S, H, D]), [0, 2, 1, 3]) with static H."""
+def _head_split(x: Value) -> tuple[Value, int] | None:
+    """(x3, H) when x = Transpose(split, [0, 2, 1, 3]) of a head split (`matching.split_heads`) with static H."""
     t = producer(x, "Transpose")
-    r = producer(t.inputs[0], "Reshape") if t is not None else None
-    if t is None or r is None or tuple(t.attrs.get("perm") or ()) != (0, 2, 1, 3):
+    if t is None or tuple(t.attrs.get("perm") or ()) != (0, 2, 1, 3):
         return None
-    x3, x4 = r.inputs[0], r.outputs[0]
-    if x3 is None or x3.shape is None or x4.shape is None or len(x3.shape) != 3 or len(x4.shape) != 4:
-        return None
-    b, s, h, d = x4.shape
-    if not isinstance(h, int) or not (same_dim(b, x3.shape[0]) and same_dim(s, x3.shape[1])
-                                      and same_dim(sym.mul(h, d), x3.shape[2])):
-        return None
-    return x3, h
+    found = split_heads(t.inputs[0])
+    return (found[0], found[1]) if found is not None and isinstance(found[1], int) else None
 
 
 def _rotary(graph: Graph, add: Node, uses: Uses) -> str | None:
@@ -203,7 +196,7 @@ def _emit(graph: Graph, add: Node, x: Value, cos: Value, sin: Value, replaced: l
         return None
     h = int(x.shape[3]) // 2  # type: ignore[index]
     cos_t, sin_t = _table(graph, add, cos, h), _table(graph, add, sin, h)
-    split = _split_heads(x)
+    split = _head_split(x)
     if split is not None:
         x3, heads = split
         (y3,) = add_node(graph, add, "RotaryEmbedding", [x3, cos_t, sin_t], {"num_heads": heads},

@@ -214,6 +214,19 @@ def remove_dead(graph: Graph, roots: Iterable[Node]) -> int:
     return len(dead)
 
 
+def split_heads(r: Value | None) -> tuple[Value, sym.Dim] | None:
+    """(x, H) when r = Reshape(x [B, S, E], [B, S, H, D]) with E = H * D: an attention's head split (before the
+    Transpose to [B, H, S, D])."""
+    reshape = producer(r, "Reshape")
+    x = reshape.inputs[0] if reshape is not None else None
+    if r is None or r.shape is None or len(r.shape) != 4 or x is None or x.shape is None or len(x.shape) != 3:
+        return None
+    b, s, h, d = r.shape
+    if not (same_dim(b, x.shape[0]) and same_dim(s, x.shape[1]) and same_dim(sym.mul(h, d), x.shape[2])):
+        return None
+    return x, h
+
+
 def swap_in(graph: Graph, node: Node, y: Value, what: str, replaced: Iterable[Node] = ()) -> str | None:
     """`y` (just built) takes the place of `node`'s one output when their types agree: its readers move to `y`, and
     `node` and `replaced` go where nothing reads them any more; returns `what`. Otherwise the new nodes making `y`
