@@ -93,6 +93,33 @@ def test_cuda_graph_replay_matches_step_by_step_and_follows_new_inputs() -> None
     assert graphed.graphs is not None and len(graphed.graphs.graphs) == 2 and not graphed.graphs.eager_keys
 
 
+def test_an_engine_that_cannot_be_captured_says_so_and_runs_eagerly() -> None:
+    """GatherND by data-dependent indices checks them on the host (a sync CUDA graphs refuse): the context warns
+    once, naming the node, and runs step by step with the right values."""
+    import logging
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("GatherND", ["r", "i"], ["y"], name="pick")]
+    g = helper.make_graph(nodes, "gnd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3]),
+                                         helper.make_tensor_value_info("i", TensorProto.INT64, [2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    ctx = kiln.build(model, kiln.BuilderConfig(device="cuda")).create_context()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("kiln").addHandler(handler)
+    try:
+        x = np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)
+        for i in ([[3, 1], [0, 2]], [[1, 1], [2, 0]]):
+            y = ctx.run({"x": x, "i": np.array(i, dtype=np.int64)})["y"]
+            np.testing.assert_array_equal(y, np.maximum(x, 0)[tuple(np.array(i).T)])
+    finally:
+        logging.getLogger("kiln").removeHandler(handler)
+    assert ctx.graphs is not None and ctx.graphs.eager_keys
+    assert len(seen) == 1 and "no CUDA graph" in seen[0] and "pick" in seen[0], seen
+
+
 def test_no_tf32_engine_runs_without_tf32(tmp_path) -> None:
     cfg = kiln.BuilderConfig(device="cuda", profiles=[{"x": (4, 3, 32, 32)}], tf32=False)
     ctx = kiln.build(_cnn(), cfg).create_context()

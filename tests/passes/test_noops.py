@@ -208,3 +208,57 @@ def test_gather_of_every_index_in_order_is_a_reshape() -> None:
     for indices in (torch.tensor([1, 0, 2, 3, 4, 5]), torch.arange(5)):
         g, result = preserves(build(indices), remove_noops, [{"x": rand(6, 1)}])
         assert ops(g) == ["Gather", "Relu"]
+
+
+def _gathernd(shape: tuple[int, ...], indices: torch.Tensor, batch_dims: int = 0,
+              dtype: DType = F32) -> Callable[[], Graph]:
+    def make() -> Graph:
+        g = Graph()
+        x = g.add_input("x", TensorType(dtype, shape))
+        (y,) = g.add("GatherND", [x, g.add_initializer("i", indices)], {"batch_dims": batch_dims})
+        (z,) = g.add("Not" if dtype == DType.BOOL else "Relu", [y], outputs=["z"])
+        g.outputs = [z]
+        return g
+    return make
+
+
+def test_gathernd_of_the_whole_grid_is_a_reshape() -> None:
+    """torch.export's `mask[arange(B)[:, None, None, None], arange(S)]` on a [B, S] bool mask: GatherND by the
+    [B, 1, 1, S, 2] grid of every (b, s) in order - a Reshape to [B, 1, 1, S], no kernel (GatherND's reference
+    kernel cannot be captured in a CUDA graph: the whole BERT engine ran without one)."""
+    b, s = 3, 5
+    rows, cols = torch.arange(b).reshape(b, 1, 1, 1), torch.arange(s).reshape(1, 1, 1, s)
+    grid = torch.stack(torch.broadcast_tensors(rows, cols), -1)
+    feeds = [{"x": np.random.default_rng(k).random((b, s)) > 0.5} for k in range(2)]
+    g, result = preserves(_gathernd((b, s), grid, dtype=DType.BOOL), remove_noops, feeds)
+    assert ops(g) == ["Reshape", "Not"] and result.counts["gathernd_constant"] == 1
+
+
+@pytest.mark.parametrize("case", ["rows", "elements", "negative", "batch_dims", "empty_k"])
+def test_gathernd_by_constant_indices_is_a_gather(case: str) -> None:
+    """Any other constant in-range indices: one Gather of the flattened data by constant offsets (negative
+    indices wrapped; batch_dims offsets per batch); the values are GatherND's (the op table's reference)."""
+    shape, idx, bd = {
+        "rows": ((4, 3, 2), torch.tensor([[2], [0], [3]]), 0),
+        "elements": ((4, 3, 2), torch.tensor([[[1, 2], [3, 0]], [[0, 0], [2, 1]]]), 0),
+        "negative": ((4, 3, 2), torch.tensor([[-1, -3, 1], [0, 2, -2]]), 0),
+        "batch_dims": ((2, 4, 3), torch.tensor([[[3], [1]], [[0], [0]]]), 1),
+        "empty_k": ((2, 3), torch.zeros(4, 0, dtype=torch.int64), 0),
+    }[case]
+    g, result = preserves(_gathernd(shape, idx, bd), remove_noops, [{"x": rand(*shape) - 0.5}])
+    assert "GatherND" not in ops(g) and result.counts["gathernd_constant"] == 1
+
+
+def test_gathernd_out_of_range_or_dynamic_stays() -> None:
+    """An index out of range keeps the GatherND (its kernel names the error at run time); so do indices that
+    are not constant."""
+    g = _gathernd((4, 3), torch.tensor([[4, 0]]))()
+    result = remove_noops(g)
+    assert ops(g) == ["GatherND", "Relu"] and not result.counts
+    g = Graph()
+    x = g.add_input("x", TensorType(F32, (4, 3)))
+    i = g.add_input("i", TensorType(DType.INT64, (2, 2)))
+    (y,) = g.add("GatherND", [x, i])
+    g.outputs = [y]
+    remove_noops(g)
+    assert ops(g) == ["GatherND"]

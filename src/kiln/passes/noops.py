@@ -23,13 +23,18 @@ Rewrite cases (the pattern table at the bottom, in order):
 - Where with a constant condition that is all true (-> X) or all false (-> Y), when that operand already has
   the output's shape;
 - Gather along axis a by constant indices that are 0, 1, ..., n-1 in order (n = the axis' static size) only
-  reshapes: it becomes a Reshape to its output's static shape (and then joins the reshapes around it).
+  reshapes: it becomes a Reshape to its output's static shape (and then joins the reshapes around it);
+- GatherND by constant in-range indices into data of static shape is a Gather of the flattened data by
+  constant linear offsets (GatherND has only a reference kernel, which a CUDA graph cannot capture; Gather has
+  GPU kernels). torch.export writes `mask[arange(B)[:, None], arange(S)]`-style indexing so; those offsets are
+  0, 1, ..., n-1 and the Gather rule above then leaves a Reshape.
 A value that is an output of its graph is bypassed only when the replacing value can take its name
 (`can_redirect`): a graph input, an outer value or another output never can.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,6 +44,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, TensorType, Value
 from kiln.ir.ops import const_value, get_op
 from kiln.passes.manager import PassResult
+from kiln.passes.matching import add_const, add_node
 from kiln.passes.pattern import Rule, apply_rules, rule
 from kiln.passes.rewrite import Uses, graphs, try_redirect
 from kiln.passes.shape_arithmetic import reshape_target
@@ -323,6 +329,33 @@ def _gather_in_order(g: Graph, node: Node, uses: Uses) -> str | None:
     return "gather_in_order"
 
 
+def _gathernd_constant(g: Graph, node: Node, uses: Uses) -> str | None:
+    """GatherND(data, constant indices) -> Gather(Reshape(data, [N, *rest]), constant linear offsets)."""
+    data, idx = node.inputs[0], node.inputs[1]
+    shape, c = _shape(data), _const(idx)
+    if shape is None or c is None or c.dim() == 0 or c.dtype.is_floating_point or c.dtype == torch.bool:
+        return None
+    if not all(isinstance(d, int) for d in shape):
+        return None
+    b, k = int(node.attrs["batch_dims"]), int(c.shape[-1])
+    if b + k > len(shape) or tuple(c.shape[:b]) != tuple(shape[:b]):
+        return None
+    dims = [int(d) for d in shape[b:b + k]]
+    size = torch.tensor(dims, dtype=torch.int64)
+    ci = c.to(torch.int64)
+    ci = torch.where(ci < 0, ci + size, ci)
+    if bool(((ci < 0) | (ci >= size)).any()):
+        return None  # out of range: the runtime's kernel names the error
+    strides = torch.tensor([math.prod(dims[j + 1:]) for j in range(k)], dtype=torch.int64)
+    lin = (ci * strides).sum(-1)
+    nb = math.prod(int(d) for d in shape[:b])
+    lin = lin + torch.arange(nb, dtype=torch.int64).reshape(*shape[:b], *([1] * (lin.dim() - b))) * math.prod(dims)
+    target = add_const(g, f"{node.name}.rows", torch.tensor([nb * math.prod(dims), *shape[b + k:]], dtype=torch.int64))
+    rows = add_node(g, node, "Reshape", [data, target])[0]
+    _become(node, "Gather", [rows, add_const(g, f"{node.name}.offsets", lin)], {"axis": 0})
+    return "gathernd_constant"
+
+
 RULES: list[Rule] = [
     rule("Identity", _identity),
     rule("Dropout", _dropout),
@@ -337,4 +370,5 @@ RULES: list[Rule] = [
     rule(tuple(_NEUTRAL), _neutral),
     rule("Where", _where),
     rule("Gather", _gather_in_order),
+    rule("GatherND", _gathernd_constant),
 ]

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from kiln.utils.log import logger
+
 Fn = Callable[[dict[str, torch.Tensor]], dict[str, Any]]
 
 
@@ -84,6 +86,8 @@ class GraphCache:
         except Exception as e:  # not capturable (host reads of device data, ...): run this key eagerly
             torch.cuda.synchronize(self.device)
             self.eager_keys[key] = f"{type(e).__name__}: {e}"
+            logger.warning("no CUDA graph for input shapes %s: each run launches every kernel from the host and "
+                           "the GPU waits for it between kernels (slower). Why: %s", key, self.eager_keys[key])
             return None
         cap = Captured(static, outputs, graph)
         self.graphs[key] = cap
