@@ -337,6 +337,7 @@ def _gathernd_constant(g: Graph, node: Node, uses: Uses) -> str | None:
         return None
     if not all(isinstance(d, int) for d in shape):
         return None
+    shape = tuple(int(d) for d in shape)
     b, k = int(node.attrs["batch_dims"]), int(c.shape[-1])
     if b + k > len(shape) or tuple(c.shape[:b]) != tuple(shape[:b]):
         return None
