@@ -18,7 +18,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
 from kiln.kernels.base import Kernel
-from kiln.kernels.conv.triton_depthwise import WINDOW
+from kiln.kernels.conv.triton_depthwise import WINDOW, pixel_strides, pixel_vec
 from kiln.kernels.pointwise.layout import WIDE_LIMIT
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
@@ -46,7 +46,7 @@ import triton.language as tl
 def kiln_maxpool(x_ptr, out_ptr, M, C, H, W, OH, OW, stride_xb, stride_xh, stride_xw, stride_ob, stride_oh,
                  stride_ow, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, WIDE: tl.constexpr, VEC: tl.constexpr):
 {window}    acc = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
     for kh in tl.static_range(KH):
         ih = ih0 + kh * DH
@@ -121,9 +121,9 @@ class MaxPoolKernel:
         wide = max(x.numel(), out.numel()) >= WIDE_LIMIT
         t = self.tile
         grid = (math.ceil(m / t.block_m), math.ceil(c / t.block_n))
-        self.fn[grid](x, out, m, c, h, w, oh, ow, x.stride(0), x.stride(2), x.stride(3), out.stride(0),
-                      out.stride(2), out.stride(3), KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, WIDE=wide, num_warps=t.num_warps)
+        vec = pixel_vec(x, out)
+        self.fn[grid](x, out, m, c, h, w, oh, ow, *pixel_strides(x, vec), *pixel_strides(out, vec), KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
+                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, WIDE=wide, VEC=vec, num_warps=t.num_warps)
         return [out]
 
 
