@@ -56,6 +56,7 @@ tiles are for batch 1, where a layer is too small to fill the GPU with large til
 7x7 x 672 channels is 11 programs of 64x64 on 132 SMs, 44 of 16x64."""
 
 WINDOW = """\
+    C = C * VEC
     stride_xb = stride_xb * VEC
     stride_xh = stride_xh * VEC
     stride_xw = stride_xw * VEC
@@ -79,18 +80,18 @@ WINDOW = """\
 """The start of a sliding-window kernel over a channels-last input (`triton.depthwise`, `triton.maxpool`): a tile
 of BLOCK_M output pixels (`offs_m`, at image `ob`, row `oh`, column `ow`) x BLOCK_N channels (`offs_n`), the
 window's top-left input pixel (`ih0`, `iw0`) and the row pointers of each pixel's image (`x_rows`). The kernel
-takes its pixel strides (image, row, column of input and output) divided by VEC (`pixel_vec`) and multiplies them
-back here, so that Triton knows they are multiples of VEC: a channels-last row of 72 or 120 channels is a multiple
-of 8 elements but not of 16, the only divisibility Triton finds in an argument by itself, and without it every
-load and store is one element wide (H100, MobileNetV3 at batch 128: its 72-, 120-, 184- and 200-channel
+takes the channel count and its pixel strides (image, row, column of input and output) divided by VEC
+(`pixel_vec`) and multiplies them back here, so that Triton knows they are multiples of VEC: a channels-last row of
+72 or 120 channels is a multiple of 8 elements but not of 16, the only divisibility Triton finds in an argument by
+itself, and without it every load and store (masked by `offs_n < C`) is one element wide (H100, MobileNetV3 at batch 128: its 72-, 120-, 184- and 200-channel
 depthwise layers all lost to cuDNN, 183.8 us for the 3x3 one on 72 x 56 x 56)."""
 
 
-def pixel_vec(*ts: torch.Tensor) -> int:
-    """The largest of 16, 8, 4, 2, 1 dividing the image, row and column strides of every 4-D tensor in `ts` (16
-    int8 elements or 8 float16 ones are one 16-byte vector)."""
-    strides = [st for t in ts for st in (t.stride(0), t.stride(2), t.stride(3))]
-    return next(v for v in (16, 8, 4, 2, 1) if all(st % v == 0 for st in strides))
+def pixel_vec(c: int, *ts: torch.Tensor) -> int:
+    """The largest of 16, 8, 4, 2, 1 dividing the channel count `c` and the image, row and column strides of every
+    4-D tensor in `ts` (16 int8 elements or 8 float16 ones are one 16-byte vector)."""
+    sizes = [c, *(st for t in ts for st in (t.stride(0), t.stride(2), t.stride(3)))]
+    return next(v for v in (16, 8, 4, 2, 1) if all(st % v == 0 for st in sizes))
 
 
 def pixel_strides(t: torch.Tensor, vec: int) -> tuple[int, int, int]:
@@ -172,9 +173,9 @@ class DepthwiseKernel(SpecKernel):
         t = self.tile
         grid = (math.ceil(m / t.block_m), math.ceil(s.c / t.block_n))
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.pad, s.dilation
-        vec = pixel_vec(x, out)
+        vec = pixel_vec(s.c, x, out)
         (xb, xh, xw), (ob, oh_, ow_) = pixel_strides(x, vec), pixel_strides(out, vec)
-        self.fn[grid](x, w, out, *bias, *views, m, s.c, h, wd, oh, ow, xb, x.stride(1), xh, xw, ob, out.stride(1),
+        self.fn[grid](x, w, out, *bias, *views, m, s.c // vec, h, wd, oh, ow, xb, x.stride(1), xh, xw, ob, out.stride(1),
                       oh_, ow_, *(st for v in bias + views for st in v.stride()), kh, kw, sh, sw, ph, pw, dh, dw,
                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, WIDE=wide, VEC=vec, num_warps=t.num_warps)
         return [out]

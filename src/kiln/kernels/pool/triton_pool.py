@@ -121,8 +121,8 @@ class MaxPoolKernel:
         wide = max(x.numel(), out.numel()) >= WIDE_LIMIT
         t = self.tile
         grid = (math.ceil(m / t.block_m), math.ceil(c / t.block_n))
-        vec = pixel_vec(x, out)
-        self.fn[grid](x, out, m, c, h, w, oh, ow, *pixel_strides(x, vec), *pixel_strides(out, vec),
+        vec = pixel_vec(c, x, out)
+        self.fn[grid](x, out, m, c // vec, h, w, oh, ow, *pixel_strides(x, vec), *pixel_strides(out, vec),
                       KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, WIDE=wide, VEC=vec, num_warps=t.num_warps)
         return [out]
