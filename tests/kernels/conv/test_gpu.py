@@ -15,6 +15,7 @@ from kiln.kernels import registry
 from tests.kernels.conv import cases as c
 from tests.kernels.conv import depthwise_cases as d
 from tests.kernels.conv import int8_cases as q8
+from tests.kernels.conv import stem_cases as stem
 from tests.kernels.conv.cases import ALL, CASES, CUDA, F16, F32, Case, bare, conv_add_relu, conv_relu, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -137,6 +138,30 @@ def test_depthwise_case_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("name", list(MOBILENET_V3))
 def test_depthwise_mobilenet_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
     problems = run(MOBILENET_V3[name](dt, batch), "cuda", tactic_name="triton.depthwise")
+    assert all(p is None for p in problems.values()), problems
+
+
+# --- triton.stem_conv ------------------------------------------------------------------------------------------
+
+STEMS: dict[str, ShapeMaker] = {  # RGB stems at real sizes, channels-last as the layout pass gives them
+    "mobilenet-3x3-s2-16-hardswish": lambda dt, b: c.conv_hardswish(dt, (b, 3, 224, 224), 16, (3, 3), stem.ALL,
+                                                                    cl=True, stride=(2, 2), pad=(1, 1)),
+    "resnet-7x7-s2-64-relu": lambda dt, b: c.conv_relu(dt, (b, 3, 224, 224), 64, (7, 7), stem.ALL, cl=True,
+                                                       stride=(2, 2), pad=(3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(stem.CASES))
+def test_stem_case_on_cuda(name: str) -> None:
+    problems = stem.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("batch", [128, 1])
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+@pytest.mark.parametrize("name", list(STEMS))
+def test_stem_real_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
+    problems = run(STEMS[name](dt, batch), "cuda", tactic_name="triton.stem_conv")
     assert all(p is None for p in problems.values()), problems
 
 
