@@ -17,7 +17,8 @@ CACHE_VERSION = 5  # 2: GPU candidates timed as CUDA-graph replays with L2 flush
 # and 8-bit rounding got cheaper (km.gelu_narrow, km.round_to_8bit), so choices timed before are stale; 4: int8 and
 # float8 layers have new candidates (the 4-warp 128x128x128 tile, triton.fp8_gemm_fast) a cached choice never met,
 # and a norm or attention that quantizes its output got cheaper (km.quotient), which turns "fused" against "separate";
-# 5: depthwise convs and max pools on channel counts that are not multiples of 16 got 2-3x faster (vector loads)
+# 5: depthwise convs and max pools on channel counts that are not multiples of 16 got 2-3x faster (vector loads),
+# and convs of few input channels have a new candidate (triton.stem_conv)
 _KIND = "kiln-timing-cache"
 
 
