@@ -183,27 +183,7 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb,
               PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PADDED: tl.constexpr, EVEN_C: tl.constexpr,
               WIDE: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % rows
-    pid_n = (pid % group) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
-    # why: wrapped rows and columns are real pixels and channels, so the loads need no M/N masks; the store drops them
-    pix = offs_m % M
-    ob = pix // (OH * OW)
-    oh = (pix // OW) % OH
-    ow = pix % OW
-    ih0 = oh * SH - PH
+{prologue}    ih0 = oh * SH - PH
     iw0 = ow * SW - PW
     x_rows = x_ptr + ob * stride_xb
     w_cols = w_ptr + (offs_n % N)[None, :] * stride_wn
@@ -233,6 +213,32 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb,
             w = tl.load(w_ptrs, mask=(chans < C)[:, None], other={zero})
         acc = tl.dot(x, w, acc{precision})
 {dequant}{tail}'''
+
+PROLOGUE = """\
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows
+    pid_n = (pid % group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    # why: wrapped rows and columns are real pixels and channels, so the loads need no M/N masks; the store drops them
+    pix = offs_m % M
+    ob = pix // (OH * OW)
+    oh = (pix // OW) % OH
+    ow = pix % OW
+"""
+"""The start of the pointer-form implicit-GEMM kernels (`triton.conv`, `triton.stem_conv`): the program's output
+tile - rows `offs_m` (pixels `ob`, `oh`, `ow`, grouped GROUP_M row tiles at a time), columns `offs_n` - and its K
+offsets `offs_k`."""
 
 _TAIL = """    rm = offs_m[:, None]
     rn = offs_n[None, :]
@@ -315,7 +321,7 @@ def render(s: Spec, tf32: bool, tma: bool = False, subtile: int = 1) -> str:
     if subtile > 1:
         tail = subtiles(tail, subtile)
     return (_TMA_SOURCE if tma else _SOURCE).format(what=e.what, pointers=pointers, strides=e.strides,
-                          precision=precision, acc_type="tl.int32" if int8 else "tl.float32",
+                          prologue=PROLOGUE, precision=precision, acc_type="tl.int32" if int8 else "tl.float32",
                           zero="0" if int8 else "0.0", dequant=dequant, tail=tail)
 
 

@@ -22,7 +22,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.kernels.base import Kernel
-from kiln.kernels.conv.triton_conv import _TAIL, ConvKernel, Spec, epilogue, spec
+from kiln.kernels.conv.triton_conv import _TAIL, PROLOGUE, ConvKernel, Spec, epilogue, spec
 from kiln.kernels.gemm.triton_gemm import Tile
 from kiln.kernels.pointwise.rules import storage
 from kiln.kernels.pointwise.tile import load_function
@@ -56,26 +56,7 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C: tl.constexpr, H, W, OH, 
               PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PADDED: tl.constexpr, EVEN_C: tl.constexpr,
               WIDE: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % rows
-    pid_n = (pid % group) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-    # why: wrapped rows and columns are real pixels and channels, so the loads need no M/N masks; the store drops them
-    pix = offs_m % M
-    ob = pix // (OH * OW)
-    oh = (pix // OW) % OH
-    ow = pix % OW
-    ih0 = (oh * SH - PH)[:, None]
+{prologue}    ih0 = (oh * SH - PH)[:, None]
     iw0 = (ow * SW - PW)[:, None]
     x_rows = (x_ptr + ob * stride_xb)[:, None]
     w_cols = w_ptr + (offs_n % N)[None, :] * stride_wn
@@ -98,7 +79,7 @@ def render(s: Spec, tf32: bool) -> str:
     """The kernel source for `s` (`tf32`: float32 products in TF32)."""
     e = epilogue(s, "tl.load(b_ptr + (offs_n % N) * stride_b)")
     tail = _TAIL.format(epilogue=e.lines, result=e.result, out=storage(s.out), also="")
-    return _SOURCE.format(what=e.what, pointers=e.pointers, strides=e.strides,
+    return _SOURCE.format(what=e.what, pointers=e.pointers, strides=e.strides, prologue=PROLOGUE,
                           precision=dot_options(s.dtype, tf32, "BLOCK_K"), tail=tail)
 
 
