@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +24,15 @@ execution contexts at once (they keep no per-call state)."""
 
 SubgraphRunner = Callable[[Any, list[Any]], list[Any]]
 """Runs a subgraph (If/Loop/Scan bodies) with given input values; supplied by the runtime."""
+
+
+def plan_layouts(kernel: Kernel, node: Node, layouts: Mapping[str, str]) -> None:
+    """Tell a kernel that can make its outputs channels-last (it has a `channels_last_outputs` attribute) which of
+    them the plan keeps so (`graph.layouts`), so that the runtime need not convert them after it. The runtime and
+    the tuner call this after every build, on GPU plans."""
+    if hasattr(kernel, "channels_last_outputs"):
+        kernel.channels_last_outputs = tuple(v is not None and layouts.get(v.name) == "channels_last"
+                                             for v in node.outputs)
 
 
 class DeferredCheck:

@@ -29,7 +29,7 @@ from kiln.ir.interpreter import (
     to_device,
 )
 from kiln.kernels import pdl, registry
-from kiln.kernels.base import Kernel
+from kiln.kernels.base import Kernel, plan_layouts
 from kiln.runtime import engine_file
 from kiln.runtime.cuda_graphs import GraphCache, copy_all
 from kiln.runtime.device import DeviceInfo, describe
@@ -302,10 +302,13 @@ class ExecutionContext:
         if profile not in self._kernels:
             plan = self.engine.plan
             built = []
+            layouts = plan.graph.layouts if self.device.type == "cuda" else {}
             with pdl.mode(self.engine.pdl):  # generated kernels take it in their source
                 for node, choice in zip(plan.graph.nodes, plan.choices[profile]):
                     tactic = registry.get(choice.tactic)
-                    built.append(tactic.build(node, dict(choice.config), self.device, self._run_subgraph))
+                    kernel = tactic.build(node, dict(choice.config), self.device, self._run_subgraph)
+                    plan_layouts(kernel, node, layouts)
+                    built.append(kernel)
             self._kernels[profile] = built
             self._checks += [c for k in built for c in getattr(k, "checks", ())]
         return self._kernels[profile]

@@ -23,7 +23,7 @@ from kiln.ir.interpreter import Interpreter, tf32_mode
 from kiln.ir.ops import get_op
 from kiln.ir.ops.base import RefCtx
 from kiln.kernels import registry
-from kiln.kernels.base import Kernel, Tactic
+from kiln.kernels.base import Kernel, Tactic, plan_layouts
 from kiln.runtime.device import describe
 from kiln.runtime.engine import to_layout, versions
 from kiln.runtime.plan import Choice, Profile
@@ -402,8 +402,11 @@ def candidates(node: Node, settings: TuneSettings) -> list[Tactic]:
     return found or registry.candidates(node, settings.device)[-1:]
 
 
-def _call(kernel: Kernel, args: list[Any]) -> Callable[[], Any]:
-    return lambda: kernel(list(args))
+def _call(kernel: Kernel, args: list[Any], converted: list[bool]) -> Callable[[], Any]:
+    """One run of `kernel` as the runtime makes it: the outputs flagged in `converted` brought to channels-last."""
+    if not any(converted):
+        return lambda: kernel(list(args))
+    return lambda: [to_layout(r) if c else r for r, c in zip(kernel(list(args)), converted)]
 
 
 def _in_space(tactics: list[Tactic], entry: dict[str, Any]) -> bool:
@@ -478,6 +481,9 @@ class _ProfileTuner:
     def choose(self, i: int, node: Node, args: list[Any], results: list[Any]) -> Choice:
         layouts = self.graph.layouts  # time candidates on inputs in the memory format they will get at run time
         args = [to_layout(x) if v is not None and v.name in layouts else x for x, v in zip(args, node.inputs)]
+        # why: the runtime converts an output the plan keeps channels-last after a kernel that wrote it otherwise,
+        # so that conversion is part of what a candidate costs
+        converted = [v is not None and v.name in layouts for v in node.outputs]
         key = cache_key(signature(node, args, self.s.device))
         entry = self.cache.get(key)
         names = {t.name for t in self.cands[i]}
@@ -504,6 +510,7 @@ class _ProfileTuner:
                 t1 = None
                 try:
                     kernel = tactic.build(node, cfg, self.s.device)
+                    plan_layouts(kernel, node, layouts)
                     with warnings.catch_warnings():  # a library saying why it cannot: the mismatch/failure says it
                         warnings.simplefilter("ignore")
                         got = kernel(list(args))
@@ -513,7 +520,7 @@ class _ProfileTuner:
                         turned_down.append(f"{cand_label} (outputs differ from the reference: {why})")
                         continue
                     t1 = time.perf_counter()
-                    t, captured = timed(_call(kernel, args), self.s.device)
+                    t, captured = timed(_call(kernel, args, converted), self.s.device)
                 except Exception as e:
                     timings[cand_label] = f"failed: {type(e).__name__}"
                     turned_down.append(f"{cand_label} ({type(e).__name__}: {e})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ class Case:
     """Call with out=[inputs[alias]] (in place)."""
     out_strided: bool = False
     """Call with non-contiguous out tensors."""
+    channels_last: bool = False
+    """Ask for channels-last new outputs (`PointwiseKernel.channels_last_outputs`) and check that they are."""
     block: int = 1024
     num_warps: int = 4
     wide: bool = False
@@ -349,6 +351,9 @@ for _dt in (D.INT8, D.INT32, D.INT64, D.UINT8):
     case(f"Cast-from-{_dt}")(_cast_all(_dt, lambda r, dt=_dt: r.ints(*_RANGE[dt], *SHAPE, dtype=dt),
                                        (*_CAST_TARGETS, D.UINT8)))
 case("Cast-from-bool")(_cast_all(D.BOOL, lambda r: r.bools(*SHAPE), (*_CAST_TARGETS, D.UINT8)))
+case("Cast-float32-nchw-to-float16-channels-last")(lambda r: replace(
+    op_case("Cast", [r.randn(2, 3, 5, 7)], to=F16), channels_last=True))
+case("Relu-Neg-nchw-input-two-channels-last-outputs")(lambda r: replace(_two_outputs(r), channels_last=True))
 case("Cast-float32-to-uint8")(_cast_all(F32, lambda r: r.uniform(0, 255.9, *SHAPE), (D.UINT8,)))
 case("Cast-specials-to-bool")(_cast_all(F32, lambda r: torch.tensor([NAN, INF, -0.0, 0.0, 1e-30]), (D.BOOL, F16)))
 
@@ -625,6 +630,8 @@ def run_case(name: str, device: str = "cpu") -> str | None:
     xs = [x.to(device) for x in c.inputs]
     before = [x.clone() for x in xs]
     kernel = codegen.PointwiseKernel(c.graph, block=c.block, num_warps=c.num_warps)
+    if c.channels_last:
+        kernel.channels_last_outputs = (True,) * len(c.graph.outputs)
     out = None
     if c.alias is not None:
         out = [xs[c.alias]]
@@ -641,6 +648,8 @@ def run_case(name: str, device: str = "cpu") -> str | None:
         return "the int64 index path was not taken"
     if out is not None and not all(g is o for g, o in zip(got, out)):
         return "the out tensors were not returned"
+    if c.channels_last and not all(g.dim() != 4 or g.is_contiguous(memory_format=torch.channels_last) for g in got):
+        return f"asked for channels-last outputs, got strides {[g.stride() for g in got]}"
     problems = [f"output {i}: {p}" for i, (g, w) in enumerate(zip(got, want))
                 if (p := compare(g.cpu(), w, c.rtol.get(DType.from_torch(w.dtype)))) is not None]
     if len(got) != len(want):
@@ -649,6 +658,15 @@ def run_case(name: str, device: str = "cpu") -> str | None:
         if i != c.alias and not torch.equal(x.nan_to_num(), b.nan_to_num()):
             problems.append(f"input {i} was modified")
     return "; ".join(problems) or None
+
+
+def _two_outputs(r: Inputs) -> Case:
+    """An NCHW input, two outputs (a ReLU and its negation), both asked channels-last."""
+    g = Graph("case")
+    x = g.add_input("x", TensorType(F32, (2, 4, 3, 5)))
+    y = g.add("Relu", [x])[0]
+    g.outputs = [y, g.add("Neg", [y])[0]]
+    return Case(g, [r.randn(2, 4, 3, 5)])
 
 
 # --- QuantizeLinear (per tensor: int8 outputs of the requantizing epilogues) --------------------------------------

@@ -311,3 +311,26 @@ def test_quantize_divides_by_the_corrected_reciprocal_where_it_is_finite() -> No
     assert "tl.div_rn(" in tiny and "km.quotient" not in tiny
     assert "tl.div_rn(" in computed and "km.quotient" not in computed
     assert not any(" / " in src.split("def kiln_pointwise")[1] for src in (normal, tiny, computed))
+
+
+def test_the_plan_tells_a_pointwise_kernel_which_outputs_are_channels_last() -> None:
+    """`base.plan_layouts`, as the runtime and the tuner call it after a build: a generated kernel learns the
+    outputs the layout pass keeps channels-last (it then writes them so, no conversion after it); a kernel
+    without the attribute (a plain function) is left alone."""
+    from kiln.kernels.base import plan_layouts
+
+    g, (x,) = graph((F32, (2, 3, 8, 8)))
+    g.outputs = list(g.add("Cast", [x], {"to": F16}, name="to_half"))
+    node = g.nodes[0]
+    kernel = TACTICS["triton.pointwise"].build(node, {"BLOCK": 1024, "num_warps": 4}, torch.device("cuda"))
+    assert kernel.channels_last_outputs == ()
+    plan_layouts(kernel, node, {node.outputs[0].name: "channels_last"})
+    assert kernel.channels_last_outputs == (True,)
+    plan_layouts(kernel, node, {})
+    assert kernel.channels_last_outputs == (False,)
+
+    def plain(xs: list[Any]) -> list[Any]:
+        return xs
+
+    plan_layouts(plain, node, {node.outputs[0].name: "channels_last"})
+    assert not hasattr(plain, "channels_last_outputs")

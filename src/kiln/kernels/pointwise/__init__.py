@@ -69,8 +69,7 @@ class TritonPointwise(Tactic):
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
         body = body_of(node)
         assert body is not None
-        kernel = PointwiseKernel(body, block=int(config.get("BLOCK", 1024)), num_warps=int(config.get("num_warps", 4)))
-        return lambda xs: kernel(xs)
+        return PointwiseKernel(body, block=int(config.get("BLOCK", 1024)), num_warps=int(config.get("num_warps", 4)))
 
 
 register(TritonPointwise())

@@ -377,6 +377,9 @@ class PointwiseKernel:
         self._consts: dict[torch.device, list[torch.Tensor]] = {}
         self._plans: dict[Any, _Planned] = {}
         self._fns: dict[lay.Layout, Any] = {}
+        self.channels_last_outputs: tuple[bool, ...] = ()
+        """Per graph output, whether a new output tensor is made channels-last (the layout the plan gives that value:
+        an NCHW input's Cast into a channels-last region then transposes as it converts, in one pass)."""
 
     def source(self, layout: lay.Layout) -> str:
         return render(self.program, layout)
@@ -384,7 +387,7 @@ class PointwiseKernel:
     def __call__(self, inputs: Sequence[torch.Tensor], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         reads = self._operands(inputs)
         key = (*[(t.shape, t.stride(), t.dtype) for t in reads],
-               None if out is None else tuple((t.shape, t.stride(), t.dtype) for t in out))
+               self.channels_last_outputs if out is None else tuple((t.shape, t.stride(), t.dtype) for t in out))
         found = self._plans.get(key)
         if found is None:
             if len(self._plans) >= _MAX_PLANS:  # why: a model with dynamic shapes must not grow this forever
@@ -393,8 +396,8 @@ class PointwiseKernel:
         domain, launch, fn = found
         if out is None:
             device = reads[0].device if reads else _device(inputs)
-            order = _output_order(reads, domain)
-            outs = [_empty(domain, order, d.torch, device) for d in self.out_dtypes]
+            outs = [_empty(domain, self._order(k, reads, domain), d.torch, device)
+                    for k, d in enumerate(self.out_dtypes)]
         else:
             outs = list(out)
         if fn is not None:
@@ -428,13 +431,19 @@ class PointwiseKernel:
                 raise InputError(f"pointwise kernel: an input has dtype {t.dtype}, the graph declares {op.dtype}")
         domain = self._domain(reads)
         if out is None:
-            outs = [(domain, _strides(domain, _output_order(reads, domain))) for _ in self.out_dtypes]
+            outs = [(domain, _strides(domain, self._order(k, reads, domain))) for k in range(len(self.out_dtypes))]
         else:
             self._check_out(out, domain)
             outs = [(tuple(t.shape), tuple(t.stride())) for t in out]
         ops = [(tuple(t.shape), tuple(t.stride())) for t in reads] + outs
         launch = lay.plan(domain, ops, self.block)
         return domain, launch, self._kernel(launch.layout) if launch.numel else None
+
+    def _order(self, k: int, reads: Sequence[torch.Tensor], domain: tuple[int, ...]) -> list[int]:
+        """The memory order of new output `k`."""
+        if len(domain) == 4 and k < len(self.channels_last_outputs) and self.channels_last_outputs[k]:
+            return [0, 2, 3, 1]
+        return _output_order(reads, domain)
 
     def _domain(self, reads: list[torch.Tensor]) -> tuple[int, ...]:
         try:
