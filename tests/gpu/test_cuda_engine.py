@@ -120,6 +120,43 @@ def test_an_engine_that_cannot_be_captured_says_so_and_runs_eagerly() -> None:
     assert len(seen) == 1 and "no CUDA graph" in seen[0] and "pick" in seen[0], seen
 
 
+def test_convnext_block_runs_channels_last_with_view_transposes() -> None:
+    """A ConvNeXt block (depthwise 7x7 -> NHWC -> LayerNorm -> Linear -> GELU -> Linear -> NCHW -> + residual):
+    one channels-last region, the transposes `cuda.transpose` views; values as the CPU reference."""
+    rng = np.random.default_rng(5)
+
+    def init(name: str, *shape: int, scale: float = 0.2) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "dw", "dwb"], ["d"], pads=[3, 3, 3, 3], group=16, name="dwconv"),
+        helper.make_node("Transpose", ["d"], ["t"], perm=[0, 2, 3, 1], name="to_nhwc"),
+        helper.make_node("LayerNormalization", ["t", "g", "b"], ["n"], axis=-1, name="norm"),
+        helper.make_node("MatMul", ["n", "w1"], ["h"], name="fc1"),
+        helper.make_node("Gelu", ["h"], ["a"], name="gelu"),
+        helper.make_node("MatMul", ["a", "w2"], ["o"], name="fc2"),
+        helper.make_node("Transpose", ["o"], ["u"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Add", ["u", "x"], ["r"], name="residual"),
+        helper.make_node("Conv", ["r", "pw"], ["y"], name="next"),
+    ]
+    g = helper.make_graph(nodes, "cnx", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16, 14, 14])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8, 14, 14])],
+                          [init("dw", 16, 1, 7, 7), init("dwb", 16), init("g", 16, scale=1.0), init("b", 16),
+                           init("w1", 16, 64), init("w2", 64, 16), init("pw", 8, 16, 1, 1)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    engine = kiln.build(model, kiln.BuilderConfig(device="cuda", tf32=False))
+    plan = engine.plan
+    tactics = {n.name: c.tactic for n, c in zip(plan.graph.nodes, plan.choices[0])}
+    assert [t for name, t in tactics.items() if "to_n" in name] == ["cuda.transpose"] * 2, tactics
+    convs = [n for n in plan.graph.nodes
+             if n.op == "Conv" or (n.op == "Fused" and n.attrs["body"].nodes[0].op == "Conv")]
+    assert len(convs) == 2 and all(n.outputs[0].name in plan.graph.layouts for n in convs)  # one channels-last region
+    x = rng.standard_normal((8, 16, 14, 14)).astype(np.float32)
+    ref = kiln.run_reference(model, {"x": x})["y"]
+    out = engine.create_context().run({"x": x})["y"]
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
 def test_no_tf32_engine_runs_without_tf32(tmp_path) -> None:
     cfg = kiln.BuilderConfig(device="cuda", profiles=[{"x": (4, 3, 32, 32)}], tf32=False)
     ctx = kiln.build(_cnn(), cfg).create_context()

@@ -79,3 +79,23 @@ def test_a_lone_conv_read_row_major_at_once_stays_row_major() -> None:
     g.outputs.append(g.add("Reshape", [c, shape], name="flat")[0])
     result = decide_layout(g, "cuda")
     assert g.layouts == {} and result.counts["regions"] == 0
+
+
+def test_convnext_blocks_go_to_nhwc_and_back_for_free() -> None:
+    """ConvNeXt's block: depthwise conv -> Transpose(0, 2, 3, 1) -> LayerNorm -> Linear -> Transpose(0, 3, 1, 2)
+    -> + residual. A Transpose(0, 2, 3, 1) of a channels-last value is that value's memory (no conversion), so the
+    two convs and the residual are one channels-last region: before, each such Transpose counted as a conversion,
+    the region of two convs lost to its three transposes and stayed row-major (ConvNeXt-T's first stage did)."""
+    g = Graph()
+    c = g.add_input("x", TensorType(F32, (2, 8, 6, 6)))
+    d = g.add("Conv", [c, _w(g, "dw", 8, 1, 7, 7)], {"pads": (3, 3, 3, 3), "group": 8}, name="dwconv")[0]
+    t = g.add("Transpose", [d], {"perm": (0, 2, 3, 1)}, name="to_nhwc")[0]
+    n = g.add("LayerNormalization", [t, _w(g, "gamma", 8), _w(g, "beta", 8)], {"axis": -1}, name="norm")[0]
+    m = g.add("MatMul", [n, _w(g, "fc", 8, 8)], name="fc")[0]
+    b = g.add("Transpose", [m], {"perm": (0, 3, 1, 2)}, name="to_nchw")[0]
+    s = g.add("Add", [b, c], name="residual")[0]
+    g.outputs.append(g.add("Conv", [s, _w(g, "w2", 4, 8, 1, 1)], name="next")[0])
+    result = decide_layout(g, "cuda")
+    assert {"x", "dwconv_out0", "to_nchw_out0", "residual_out0", "next_out0"} <= set(g.layouts)
+    assert "to_nhwc_out0" not in g.layouts and "fc_out0" not in g.layouts  # row-major NHWC: the view's layout
+    assert result.counts["conversions"] == 2  # the graph input and output only

@@ -16,6 +16,8 @@ Cases:
 - no convolution in a region (a transformer's 4-D attention tensors): left row-major;
 - fewer convolutions than conversions (ViT's patch embedding: one conv, its input and its reshaped output):
   left row-major;
+- a Transpose(0, 2, 3, 1) reading a channels-last value costs nothing (ConvNeXt's blocks: the permuted tensor
+  is that value's memory), so it is no conversion;
 - an INT8 build: its "quantized" convolutions count as convolutions and per-tensor Quantize/DequantizeLinear as
   elementwise, so int8 activations stay channels-last from layer to layer (the builder decides again after
   folding the Q/DQ pairs, since quantization adds values the first decision never saw).
@@ -141,9 +143,19 @@ def _conversions(graph: Graph, chosen: set[Value], flexible: dict[Node, list[Val
     """Where a channels-last value meets a row-major reader, writer, graph input or output."""
     n = sum(v in chosen for v in graph.inputs) + sum(v in chosen for v in graph.outputs)
     for node in graph.nodes:
+        if _reads_as_nhwc(node):
+            continue
         members = set(flexible.get(node, ()))
         n += sum(v in chosen and v not in members for v in node.inputs if v is not None)
     return n
+
+
+def _reads_as_nhwc(node: Node) -> bool:
+    """A Transpose(0, 2, 3, 1) of a 4-D value: a channels-last tensor is that result in memory already (a view,
+    no conversion; ConvNeXt's blocks go to NHWC so before their LayerNorm and Linear layers, and come back by
+    Transpose(0, 3, 1, 2), which `cuda.transpose` makes a view too)."""
+    x = node.inputs[0] if node.inputs else None
+    return node.op == "Transpose" and _4d(x) and [int(p) for p in node.attrs.get("perm") or ()] == [0, 2, 3, 1]
 
 
 def layout(ctx: PassContext) -> Pass:
