@@ -19,8 +19,8 @@ CACHE_VERSION = 5  # 2: GPU candidates timed as CUDA-graph replays with L2 flush
 # and a norm or attention that quantizes its output got cheaper (km.quotient), which turns "fused" against "separate";
 # 5: depthwise convs and max pools on channel counts that are not multiples of 16 got 2-3x faster (vector loads),
 # convs of few input channels and transposes have new candidates (triton.stem_conv, cuda.transpose), and a
-# candidate's time now includes the
-# conversion of an output the plan keeps channels-last when the kernel wrote it otherwise
+# candidate's time now includes the conversion of an output the plan keeps channels-last when the kernel wrote it
+# otherwise
 _KIND = "kiln-timing-cache"
 
 
