@@ -21,15 +21,21 @@ TOLERANCE = {DType.FLOAT16: 1e-3, DType.BFLOAT16: 8e-3, DType.FLOAT32: 2e-6}
 """Relative to the largest |y|: the output's own rounding (computed in float32, rounded once)."""
 
 
-def rotary(x: tuple[int, ...], dt: DType, heads: int, table_batch: int) -> tuple[Node, list[torch.Tensor]]:
+def rotary(x: tuple[int, ...], dt: DType, heads: int, table_batch: int, rotated: int = 0,
+           interleaved: bool = False) -> tuple[Node, list[torch.Tensor]]:
     """A RotaryEmbedding node on X of shape `x` (3-D: num_heads=heads) and its inputs: angles of a real RoPE
-    (position times inverse frequencies), tables [table_batch, S, D/2]."""
-    s, d = (x[1], x[2] // heads) if len(x) == 3 else (x[2], x[3])
+    (position times inverse frequencies), tables [table_batch, S, R/2] for R = `rotated` dims (0: the head, D)."""
+    s, hd = (x[1], x[2] // heads) if len(x) == 3 else (x[2], x[3])
+    d = rotated or hd
     g = Graph()
     v = g.add_input("x", TensorType(dt, x))
     c = g.add_input("cos", TensorType(dt, (table_batch, s, d // 2)))
     n = g.add_input("sin", TensorType(dt, (table_batch, s, d // 2)))
-    attrs = {"num_heads": heads} if len(x) == 3 else {}
+    attrs: dict[str, int] = {"num_heads": heads} if len(x) == 3 else {}
+    if rotated:
+        attrs["rotary_embedding_dim"] = rotated
+    if interleaved:
+        attrs["interleaved"] = 1
     g.outputs.extend(g.add("RotaryEmbedding", [v, c, n], attrs, name="rope", outputs=1))
     gen = torch.Generator().manual_seed(0)
     inv = 1.0 / 10000 ** (torch.arange(0, d // 2, dtype=torch.float64) / (d // 2))
@@ -65,6 +71,12 @@ CASES: dict[str, Callable[[], tuple[Node, list[torch.Tensor]]]] = {
     "packed-per-sequence-f16": lambda: rotary((3, 7, 2 * 12), F16, 2, 3),  # D = 12: half 6, no power of two
     "heads-first-f32": lambda: rotary((2, 3, 6, 8), F32, 3, 2),  # [B, H, S, D]
     "heads-first-odd-rows-f16": lambda: rotary((1, 5, 9, 32), F16, 5, 1),  # 45 rows: ragged last block
+    # GPT-NeoX / Phi: the first R dims rotated, the rest copied (8 of 32; 10 of 24: 14 copied, no power of two)
+    "partial-packed-f16": lambda: rotary((2, 5, 4 * 32), F16, 4, 1, rotated=8),
+    "partial-heads-first-f32": lambda: rotary((2, 3, 4, 24), F32, 3, 2, rotated=10),
+    # GPT-J: (even, odd) pairs rotated, the whole head or its first R dims
+    "interleaved-packed-f32": lambda: rotary((2, 4, 2 * 16), F32, 2, 1, interleaved=True),
+    "interleaved-partial-f16": lambda: rotary((1, 3, 6, 20), F16, 3, 1, rotated=12, interleaved=True),
 }
 
 

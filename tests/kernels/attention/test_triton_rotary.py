@@ -29,7 +29,7 @@ def test_refuses_what_it_does_not_render() -> None:
     tactic = registry.get("triton.rotary")
     node, _ = rotary((2, 5, 64), DType.FLOAT16, 4, 1)
     assert tactic.applicable(node, CUDA) and not tactic.applicable(node, torch.device("cpu"))
-    for attrs in ({"interleaved": 1}, {"rotary_embedding_dim": 8}, {"positions": 1}):
+    for attrs in ({"positions": 1},):
         g = Graph()
         x = g.add_input("x", TensorType(DType.FLOAT16, (2, 5, 64)))
         if attrs.pop("positions", 0):  # tables [max positions, D/2] indexed by position ids
@@ -38,14 +38,18 @@ def test_refuses_what_it_does_not_render() -> None:
         else:
             t, ids = g.add_input("t", TensorType(DType.FLOAT16, (1, 5, 8))), []
         g.add("RotaryEmbedding", [x, t, t, *ids], {"num_heads": 4, **attrs}, name="rope", outputs=1)
-        assert not tactic.applicable(g.nodes[0], CUDA), attrs  # interleaved, partial, position ids
+        assert not tactic.applicable(g.nodes[0], CUDA), attrs  # position ids
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("shape,heads,table", [((1, 128, 32 * 128), 32, 1), ((8, 512, 8 * 128), 8, 1),
-                                               ((4, 32, 300, 64), 32, 4)])
-def test_llama_shapes_on_the_gpu(shape: tuple[int, ...], heads: int, table: int) -> None:
-    node, xs = rotary(shape, DType.FLOAT16, heads, table)
+@pytest.mark.parametrize("shape,heads,table,rotated,interleaved", [
+    ((1, 128, 32 * 128), 32, 1, 0, False), ((8, 512, 8 * 128), 8, 1, 0, False), ((4, 32, 300, 64), 32, 4, 0, False),
+    ((4, 256, 32 * 80), 32, 1, 32, False),  # Phi-2: 32 of 80 dims rotated
+    ((2, 16, 128, 256), 16, 1, 64, True),  # GPT-J: 64 of 256, interleaved
+])
+def test_llm_shapes_on_the_gpu(shape: tuple[int, ...], heads: int, table: int, rotated: int,
+                               interleaved: bool) -> None:
+    node, xs = rotary(shape, DType.FLOAT16, heads, table, rotated, interleaved)
     problems = run(node, xs, ALL, "cuda")
     assert all(p is None for p in problems.values()), problems

@@ -1,11 +1,13 @@
-"""`triton.rotary`: RotaryEmbedding (non-interleaved, the whole head rotated, tables without position ids) as one
-Triton kernel, in float32 and rounded once (float16, bfloat16, float32).
+"""`triton.rotary`: RotaryEmbedding (tables without position ids; halves or interleaved pairs; the whole head or its
+first `rotary_embedding_dim` dims rotated) as one Triton kernel, in float32 and rounded once (float16, bfloat16,
+float32).
 
-X is [B, S, H*D] (num_heads H) or [B, H, S, D]; the tables cos and sin are [B or 1, S, D/2] (a table of one row
-serves every sequence). Each program takes BLOCK_R rows (one head of one token each) and both halves of each:
-y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin. Why: the rotate-half form transformers models export (Slice, Neg,
-Concat, two products and a sum on each of Q and K, `kiln.passes.fuse_rotary`) took three kernels per tensor on
-the GPU; this is one, reading x once.
+X is [B, S, H*D] (num_heads H) or [B, H, S, D]; the tables cos and sin are [B or 1, S, R/2] for R rotated dims
+(a table of one row serves every sequence). Each program takes BLOCK_R rows (one head of one token each) and both
+halves of each: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, where x1, x2 are the rotated dims' two halves, or
+their even and odd dims (`interleaved`, GPT-J's form); dims past R are copied (GPT-NeoX's and Phi's partial
+rotary). Why: the rotate-half form transformers models export (Slice, Neg, Concat, two products and a sum on each
+of Q and K, `kiln.passes.fuse_rotary`) took three kernels per tensor on the GPU; this is one, reading x once.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import triton.language as tl
 
 
 @triton.jit
-def kiln_rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, stride_xb, stride_xs, stride_xh, stride_cb, stride_cs,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
+def kiln_rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, D, stride_xb, stride_xs, stride_xh, stride_cb,
+                stride_cs, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                INTERLEAVED: tl.constexpr, WIDE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     if WIDE:
         rows = rows.to(tl.int64)
@@ -51,26 +54,37 @@ def kiln_rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, stride_xb, stride
     b = token // S
     cols = tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (cols < HALF)[None, :]
-    x_at = (b * stride_xb + s * stride_xs + head * stride_xh)[:, None] + cols[None, :]
+    x_row = b * stride_xb + s * stride_xs + head * stride_xh
+    if INTERLEAVED:
+        at1 = x_row[:, None] + 2 * cols[None, :]
+        at2 = at1 + 1
+    else:
+        at1 = x_row[:, None] + cols[None, :]
+        at2 = at1 + HALF
     t_at = (b * stride_cb + s * stride_cs)[:, None] + cols[None, :]
-    x1 = tl.load(x_ptr + x_at, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_at + HALF, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + at1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + at2, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + t_at, mask=mask, other=0.0).to(tl.float32)
     n = tl.load(sin_ptr + t_at, mask=mask, other=0.0).to(tl.float32)
     out = y_ptr.dtype.element_ty
-    tl.store(y_ptr + x_at, (x1 * c - x2 * n).to(out), mask=mask)
-    tl.store(y_ptr + x_at + HALF, (x2 * c + x1 * n).to(out), mask=mask)
+    tl.store(y_ptr + at1, (x1 * c - x2 * n).to(out), mask=mask)
+    tl.store(y_ptr + at2, (x2 * c + x1 * n).to(out), mask=mask)
+    if BLOCK_P > 0:  # the dims past the rotated ones, copied
+        rest = tl.arange(0, BLOCK_P)
+        keep = ok[:, None] & (rest < D - 2 * HALF)[None, :]
+        p_at = x_row[:, None] + 2 * HALF + rest[None, :]
+        tl.store(y_ptr + p_at, tl.load(x_ptr + p_at, mask=keep, other=0.0), mask=keep)
 '''
 
 
 def view(node: Node) -> DType | None:
-    """The dtype of a RotaryEmbedding this kernel takes, else None: non-interleaved, the whole head rotated, no
-    position ids, float X and tables of X's dtype, X [B, S, H*D] with num_heads or [B, H, S, D], tables of rank 3."""
+    """The dtype of a RotaryEmbedding this kernel takes, else None: no position ids, float X and tables of X's
+    dtype, X [B, S, H*D] with num_heads or [B, H, S, D], tables of rank 3."""
     if node.op != "RotaryEmbedding" or len(node.inputs) < 3 or (len(node.inputs) > 3 and node.inputs[3] is not None):
         return None
     a = node.attrs
     x, cos, sin = node.inputs[:3]
-    if a.get("interleaved") or a.get("rotary_embedding_dim") or x is None or cos is None or sin is None:
+    if x is None or cos is None or sin is None:
         return None
     if not all(isinstance(v.type, TensorType) and v.type.dtype is x.dtype for v in (x, cos, sin)):
         return None
@@ -82,9 +96,12 @@ def view(node: Node) -> DType | None:
 
 
 class RotaryKernel:
-    def __init__(self, tile: Tile, num_heads: int | None) -> None:
+    def __init__(self, tile: Tile, num_heads: int | None, rotated: int, interleaved: bool) -> None:
         self.tile = tile
         self.num_heads = num_heads
+        self.rotated = rotated
+        """The rotated dims (0: the whole head)."""
+        self.interleaved = interleaved
         self.fn = load_function(_SOURCE, "kiln_rotary", "kiln_rotary")
 
     def __call__(self, xs: list[Any]) -> list[Any]:
@@ -100,9 +117,11 @@ class RotaryKernel:
             b, heads, s, d = x.shape
             x = x.contiguous()
             strides = (x.stride(0), x.stride(2), x.stride(1))
-        half = d // 2
-        if d % 2 or cos.shape[-1] != half or sin.shape[-1] != half or cos.shape != sin.shape:
-            raise InputError(f"triton.rotary: tables of {list(cos.shape)} / {list(sin.shape)} for heads of {d}")
+        rot = self.rotated or d
+        half = rot // 2
+        if rot % 2 or rot > d or cos.shape[-1] != half or sin.shape[-1] != half or cos.shape != sin.shape:
+            raise InputError(f"triton.rotary: tables of {list(cos.shape)} / {list(sin.shape)} for {rot} rotated "
+                             f"dims of heads of {d}")
         if cos.shape[0] not in (1, b) or cos.shape[1] != s:
             raise InputError(f"triton.rotary: tables of {list(cos.shape)} for {b} sequences of {s}")
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -112,8 +131,10 @@ class RotaryKernel:
             return [y]
         t = self.tile
         grid = (-(-rows // t.block_r),)
-        self.fn[grid](x, cos, sin, y, rows, s, heads, half, *strides, cos.stride(0) if cos.shape[0] > 1 else 0,
+        rest = d - rot
+        self.fn[grid](x, cos, sin, y, rows, s, heads, half, d, *strides, cos.stride(0) if cos.shape[0] > 1 else 0,
                       cos.stride(1), BLOCK_R=t.block_r, BLOCK_D=1 << max(half - 1, 0).bit_length(),
+                      BLOCK_P=0 if rest == 0 else 1 << (rest - 1).bit_length(), INTERLEAVED=self.interleaved,
                       WIDE=x.numel() >= WIDE_LIMIT, num_warps=t.num_warps)
         return [y]
 
@@ -130,8 +151,10 @@ class TritonRotary(TemplateTactic):
         return view(node)
 
     def make(self, node: Node, view: DType, tile: Tile, device: torch.device) -> Kernel:
-        heads = node.attrs.get("num_heads")
-        return RotaryKernel(tile, int(heads) if heads else None)
+        a = node.attrs
+        heads = a.get("num_heads")
+        return RotaryKernel(tile, int(heads) if heads else None, int(a.get("rotary_embedding_dim") or 0),
+                            bool(a.get("interleaved")))
 
 
 register(TritonRotary())
