@@ -200,8 +200,9 @@ class _LastHidden(torch.nn.Module):
 def hf_default(arch: str, exporter: str) -> str:
     """A small transformers model as transformers builds it by default - SDPA attention, not the "eager" one the
     other exports here ask for - exported as users do, by `exporter` (EXPORTERS), at batch 2, sequence 16
-    (static shapes). `arch`: "bert" (multi-head attention, padding mask) or "llama" (grouped-query attention, 4
-    query heads on 2 key/value heads, rotary embedding, causal + padding mask). Every parameter redrawn (biases and
+    (static shapes). `arch`: "bert" (multi-head attention, padding mask), "llama" (grouped-query attention, 4
+    query heads on 2 key/value heads, rotary embedding, causal + padding mask) or "phi" (a rotary embedding on half
+    of each head's dims, causal + padding mask). Every parameter redrawn (biases and
     norm weights included), so no step is an identity the optimizer would rightly drop."""
 
     def export(path: str) -> None:
@@ -212,6 +213,10 @@ def hf_default(arch: str, exporter: str) -> str:
             config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, intermediate_size=128)
             model = transformers.BertModel(config, add_pooling_layer=False)
+        elif arch == "phi":
+            config = transformers.PhiConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128, partial_rotary_factor=0.5)
+            model = transformers.PhiModel(config)
         else:
             config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)

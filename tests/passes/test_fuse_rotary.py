@@ -132,3 +132,48 @@ def test_tables_with_unequal_halves_stay() -> None:
 
     _g, res = rewrite_preserves(build, fuse_rotary, _feeds())
     assert not res.changed
+
+
+DF = 12  # a head of 12 dims, its first D = 8 rotated (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor)
+
+
+def neox(*, packed: bool = True, broken: str = "") -> Graph:
+    """q_rot, q_pass = q[..., :D], q[..., D:]; q = Concat([q_rot * cos + rotate_half(q_rot) * sin, q_pass])."""
+    g = Graph()
+    if packed:
+        x3 = g.add_input("x", TensorType(F32, ("batch", S, H * DF)))
+        (r,) = g.add("Reshape", [x3, _c(g, [0, 0, H, DF], torch.int64)])
+        (q,) = g.add("Transpose", [r], {"perm": (0, 2, 1, 3)})
+    else:
+        q = g.add_input("x", TensorType(F32, ("batch", H, S, DF)))
+    cos, sin = _tables(g, "constant")
+    q_rot, q_pass = _slice(g, q, 0, D), _slice(g, q, D, 1 << 30)
+    (neg,) = g.add("Neg", [_slice(g, q_rot, D // 2, D)])
+    (rot,) = g.add("Concat", [neg, _slice(g, q_rot, 0, D // 2)], {"axis": -1})
+    (a,) = g.add("Mul", [q_rot, cos])
+    (b,) = g.add("Mul", [rot, sin])
+    (e,) = g.add("Add", [a, b])
+    (y,) = g.add("Concat", [e, q_pass], {"axis": -1}, outputs=["y"])
+    g.outputs = [y]
+    if broken == "pass-read":
+        g.outputs.append(q_pass)
+    return g
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_partial_rotary_becomes_one_rotary_embedding(packed: bool) -> None:
+    feeds = {"x": rand(B, S, H * DF) if packed else rand(B, H, S, DF)}
+    g, res = rewrite_preserves(lambda: neox(packed=packed), fuse_rotary, feeds)
+    assert res.counts == {("rotary_packed_partial" if packed else "rotary_partial"): 1}
+    rope = next(n for n in g.nodes if n.op == "RotaryEmbedding")
+    assert rope.inputs[0].name == "x" and rope.attrs["rotary_embedding_dim"] == D
+    assert rope.inputs[1].shape == (1, S, D // 2)
+    assert not {"Neg", "Slice", "Concat"} & set(ops(g))
+
+
+def test_partial_rotary_whose_rest_is_read_elsewhere_rotates_only_the_slice() -> None:
+    g, res = rewrite_preserves(lambda: neox(packed=False, broken="pass-read"), fuse_rotary,
+                               {"x": rand(B, H, S, DF)})
+    assert res.counts == {"rotary": 1} and "Concat" in ops(g)
+    rope = next(n for n in g.nodes if n.op == "RotaryEmbedding")
+    assert not rope.attrs.get("rotary_embedding_dim") and rope.inputs[0].shape[-1] == D

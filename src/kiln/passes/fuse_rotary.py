@@ -15,6 +15,10 @@ attention scaling). Rewritten as
 
 and, when x is a head split Transpose(Reshape(x3 [B, S, H*D], [B, S, H, D]), [0, 2, 1, 3]), on x3 itself
 (num_heads=H), the result split the same way: attention recognition then sees its usual packed form.
+
+Partial rotary (GPT-NeoX, Phi, StableLM): x = Slice(x_full, 0:r) of the last axis and the result joined back,
+Concat([y, Slice(x_full, r:D)], last axis), becomes RotaryEmbedding(x_full, ..., rotary_embedding_dim=r) (packed
+the same way).
 Every intermediate must be read only inside the pattern; the products' rounding changes (RotaryEmbedding rounds
 once).
 """
@@ -32,6 +36,7 @@ from kiln.passes.matching import (
     const,
     private,
     producer,
+    readers,
     same_dim,
     scalar,
     small_value,
@@ -187,28 +192,63 @@ def _rotary(graph: Graph, add: Node, uses: Uses) -> str | None:
                 continue
             if not (private(uses, direct.outputs[0], add) and private(uses, turned.outputs[0], add)):
                 continue
-            return _emit(graph, add, x, cos, sin, [direct, turned, *steps])
+            replaced = [direct, turned, *steps]
+            partial = _partial(uses, add, x, replaced)
+            if partial is not None:
+                full, cat, more = partial
+                return _emit(graph, add, cat, full, x, cos, sin, [add, *replaced, *more])
+            return _emit(graph, add, add, x, x, cos, sin, replaced)
     return None
 
 
-def _emit(graph: Graph, add: Node, x: Value, cos: Value, sin: Value, replaced: list[Node]) -> str | None:
+def _partial(uses: Uses, add: Node, x: Value, pattern: list[Node]) -> tuple[Value, Node, list[Node]] | None:
+    """(x_full, cat, its pieces) when x = x_full[..., :r] and the rotated result is joined back to the rest,
+    Concat([result, x_full[..., r:]], last axis) - GPT-NeoX's and Phi's partial rotary; x and the rest read only
+    along the pattern."""
+    sl = producer(x, "Slice")
+    full = sl.inputs[0] if sl is not None else None
+    if sl is None or full is None or full.shape is None or x.shape is None or full.rank is None:
+        return None
+    d, r = full.shape[-1], x.shape[-1]
+    if not isinstance(d, int) or not isinstance(r, int) or r >= d or _last_axis_slice(sl, full, d) != (0, r):
+        return None
+    after = readers(uses, add.outputs[0])
+    cat = after[0] if len(after) == 1 else None
+    if cat is None or cat.op != "Concat" or len(cat.inputs) != 2 or cat.inputs[0] is not add.outputs[0]:
+        return None
+    rest = producer(cat.inputs[1], "Slice")
+    if rest is None or rest.inputs[0] is not full or _last_axis_slice(rest, full, d) != (r, d):
+        return None
+    if int(cat.attrs["axis"]) % full.rank != full.rank - 1 or not private(uses, cat.inputs[1], cat):  # type: ignore[arg-type]
+        return None
+    if not all(any(n is m for m in pattern) for n in readers(uses, x)):
+        return None
+    return full, cat, [sl, rest]
+
+
+def _emit(graph: Graph, add: Node, end: Node, src: Value, x: Value, cos: Value, sin: Value,
+          replaced: list[Node]) -> str | None:
+    """RotaryEmbedding of `src` in place of `end`'s output, with tables from cos and sin as they multiply x (src
+    itself, or its first x.shape[-1] dims: a partial rotary)."""
     if not (_table_ok(cos, x) and _table_ok(sin, x)):
         return None
-    h = int(x.shape[3]) // 2  # type: ignore[index]
+    r = int(x.shape[3])  # type: ignore[index]
+    h = r // 2
     cos_t, sin_t = _table(graph, add, cos, h), _table(graph, add, sin, h)
-    split = _head_split(x)
+    attrs = {} if src is x else {"rotary_embedding_dim": r}
+    split = _head_split(src)
     if split is not None:
         x3, heads = split
-        (y3,) = add_node(graph, add, "RotaryEmbedding", [x3, cos_t, sin_t], {"num_heads": heads},
+        (y3,) = add_node(graph, end, "RotaryEmbedding", [x3, cos_t, sin_t], {"num_heads": heads, **attrs},
                          name=f"{add.name}/rotary")
         target = add_const(graph, f"{add.name}.heads", torch.tensor([0, 0, heads, -1], dtype=torch.int64))
-        (y4,) = add_node(graph, add, "Reshape", [y3, target], name=f"{add.name}/split")
-        (out,) = add_node(graph, add, "Transpose", [y4], {"perm": (0, 2, 1, 3)}, name=f"{add.name}/heads")
+        (y4,) = add_node(graph, end, "Reshape", [y3, target], name=f"{add.name}/split")
+        (out,) = add_node(graph, end, "Transpose", [y4], {"perm": (0, 2, 1, 3)}, name=f"{add.name}/heads")
         what = "rotary_packed"
     else:
-        (out,) = add_node(graph, add, "RotaryEmbedding", [x, cos_t, sin_t], name=f"{add.name}/rotary")
+        (out,) = add_node(graph, end, "RotaryEmbedding", [src, cos_t, sin_t], attrs, name=f"{add.name}/rotary")
         what = "rotary"
-    return swap_in(graph, add, out, what, replaced)
+    return swap_in(graph, end, out, what + ("_partial" if attrs else ""), replaced)
 
 
 RULES = [rule("Add", _rotary)]
