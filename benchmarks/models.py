@@ -190,6 +190,12 @@ SPECS: dict[str, ModelSpec] = {
     "vit_b_16": ModelSpec("vit_b_16", _torchvision("vit_b_16"), (InputSpec("x", IMAGE),), ("logits",),
                           VISION_DYNAMIC),
     "bert_base": _bert_spec("bert_base", tiny=False),
+    # beyond the four, by name only: the layouts ConvNeXt's NHWC round trips and EfficientNet's
+    # squeeze-excitation blocks and odd channel counts need
+    "convnext_tiny": ModelSpec("convnext_tiny", _torchvision("convnext_tiny"), (InputSpec("x", IMAGE),), ("logits",),
+                               VISION_DYNAMIC, hidden=True),
+    "efficientnet_b0": ModelSpec("efficientnet_b0", _torchvision("efficientnet_b0"), (InputSpec("x", IMAGE),),
+                                 ("logits",), VISION_DYNAMIC, hidden=True),
     "tiny_cnn": ModelSpec("tiny_cnn", lambda: TupleOut(_seeded(TinyCNN, (3, 32, 32))).eval(),
                           (InputSpec("x", (3, 32, 32)),), ("logits",), VISION_DYNAMIC, hidden=True),
     "tiny_bert": _bert_spec("tiny_bert", tiny=True),
