@@ -20,7 +20,8 @@ from kiln.ir.graph import Node
 Kernel = Callable[[list[Any]], list[Any]]
 """A built kernel: the step's input values (tensors on the engine's device, or None for omitted optional
 inputs) -> its output values. Kernels must not modify their inputs and must be safe to call from several
-execution contexts at once (they keep no per-call state)."""
+execution contexts at once (they keep no per-call state). Optional attributes the runtime and tuner read: `checks`
+(`DeferredCheck`s) and `channels_last_outputs` (set by `plan_layouts`; a result may be a view of an input)."""
 
 SubgraphRunner = Callable[[Any, list[Any]], list[Any]]
 """Runs a subgraph (If/Loop/Scan bodies) with given input values; supplied by the runtime."""
