@@ -7,6 +7,7 @@ the graph after each pass that changed it, and KILN_DUMP_GRAPHS=DIR writes the g
 from __future__ import annotations
 
 from kiln.ir.graph import Graph
+from kiln.passes.attention_batch import fold_attention_batch
 from kiln.passes.concat_add import distribute_adds
 from kiln.passes.constant_folding import fold_constants
 from kiln.passes.cse import eliminate_common_subexpressions
@@ -69,6 +70,8 @@ PIPELINE: list[tuple[str, PassFactory]] = [
     ("fuse_gelu", _plain(fuse_gelu)),
     # RoPE before attention: on a head split's packed input, it leaves attention its packed form.
     ("fuse_rotary", _plain(fuse_rotary)),
+    # 5-D attention (MaxViT) on 4-D operands: after the Softmax exists, before attention recognition reads it.
+    ("fold_attention_batch", _plain(fold_attention_batch)),
     ("fuse_attention", _plain(fuse_attention)),
     # Reads the Attention nodes; before sibling merging and epilogue fusion, which then see BERT's shape.
     ("pack_attention", _plain(pack_attention)),
