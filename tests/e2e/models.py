@@ -201,8 +201,9 @@ def hf_default(arch: str, exporter: str) -> str:
     """A small transformers model as transformers builds it by default - SDPA attention, not the "eager" one the
     other exports here ask for - exported as users do, by `exporter` (EXPORTERS), at batch 2, sequence 16
     (static shapes). `arch`: "bert" (multi-head attention, padding mask), "llama" (grouped-query attention, 4
-    query heads on 2 key/value heads, rotary embedding, causal + padding mask) or "phi" (a rotary embedding on half
-    of each head's dims, causal + padding mask). Every parameter redrawn (biases and
+    query heads on 2 key/value heads, rotary embedding, causal + padding mask), "phi" (a rotary embedding on half
+    of each head's dims, causal + padding mask) or "gptj" (an interleaved rotary embedding on 8 of each head's 16
+    dims, in [B, S, H, D]). Every parameter redrawn (biases and
     norm weights included), so no step is an identity the optimizer would rightly drop."""
 
     def export(path: str) -> None:
@@ -213,6 +214,10 @@ def hf_default(arch: str, exporter: str) -> str:
             config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, intermediate_size=128)
             model = transformers.BertModel(config, add_pooling_layer=False)
+        elif arch == "gptj":
+            config = transformers.GPTJConfig(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_inner=128,
+                                             rotary_dim=8, bos_token_id=0, eos_token_id=0)
+            model = transformers.GPTJModel(config)
         elif arch == "phi":
             config = transformers.PhiConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, intermediate_size=128, partial_rotary_factor=0.5)

@@ -45,7 +45,7 @@ def _feeds() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("exporter", M.EXPORTERS)
-@pytest.mark.parametrize("arch", ["bert", "llama", "phi"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "phi", "gptj"])
 def test_sdpa_exports_fuse_every_attention(arch: str, exporter: str) -> None:
     path = M.hf_default(arch, exporter)
     found = _gpu_ops(path)
@@ -53,7 +53,7 @@ def test_sdpa_exports_fuse_every_attention(arch: str, exporter: str) -> None:
     assert found["Transpose"] == 0, found  # on the packed [B, S, H*D] tensors: no head split or merge left
     if arch != "bert":  # its rotary embeddings (Q and K of each layer) on those packed tensors
         assert found["RotaryEmbedding"] == 4 and found["Neg"] == 0, found
-        assert found["Slice"] == 0 and found["Concat"] == 0, found  # Phi's: the rotated half and the rest joined
+        assert found["Slice"] == 0 and found["Concat"] == 0, found  # Phi's, GPT-J's: the rotated part and the rest
         # the causal triangle ANDed into the padding mask: is_causal where the export fills with -inf (exact),
         # kept in the mask where torch.export fills with finfo.min (`kiln.passes.narrow_masks`)
         assert found["causal Attention"] == (2 if exporter == "torchscript" else 0), found

@@ -177,3 +177,64 @@ def test_partial_rotary_whose_rest_is_read_elsewhere_rotates_only_the_slice() ->
     assert res.counts == {"rotary": 1} and "Concat" in ops(g)
     rope = next(n for n in g.nodes if n.op == "RotaryEmbedding")
     assert not rope.attrs.get("rotary_embedding_dim") and rope.inputs[0].shape[-1] == D
+
+
+def _pairs_table(g: Graph, heads_axis: int) -> tuple[Value, Value]:
+    """cos, sin with each angle twice in a row ([c0, c0, c1, c1, ...]), [1, 1, S, D] or [1, S, 1, D]."""
+    twice = np.repeat(_angles(), 2, axis=-1)
+    emb = twice[None, None] if heads_axis == 1 else twice[None, :, None]
+    return _c(g, np.cos(emb).astype(np.float32)), _c(g, np.sin(emb).astype(np.float32))
+
+
+def _every_other(g: Graph, x: Value, start: int) -> Value:
+    (s,) = g.add("Slice", [x, _c(g, [start], torch.int64), _c(g, [1 << 30], torch.int64), _c(g, [-1], torch.int64),
+                           _c(g, [2], torch.int64)])
+    return s
+
+
+def gptj(*, heads_axis: int = 2, partial: bool = True, table: str = "pairs") -> Graph:
+    """GPT-J: q [B, S, H, DF] split from x [B, S, H*DF] (heads_axis 2) or given [B, H, S, D]; its first D dims
+    rotated by rotate_every_two: Reshape(Concat([Unsqueeze(-q[..., 1::2]), Unsqueeze(q[..., 0::2])], -1))."""
+    g = Graph()
+    width = DF if partial else D
+    if heads_axis == 2:
+        x3 = g.add_input("x", TensorType(F32, ("batch", S, H * width)))
+        (q,) = g.add("Reshape", [x3, _c(g, [0, 0, H, width], torch.int64)])
+    else:
+        q = g.add_input("x", TensorType(F32, ("batch", H, S, width)))
+    cos, sin = _pairs_table(g, heads_axis)
+    if table == "halves":  # equal halves, not pairs: the rotate-half tables, which this rotation does not use
+        cos, sin = _tables(g, "constant")
+    q_rot = _slice(g, q, 0, D) if partial else q
+    (neg,) = g.add("Neg", [_every_other(g, q_rot, 1)])
+    (u0,) = g.add("Unsqueeze", [neg, _c(g, [-1], torch.int64)])
+    (u1,) = g.add("Unsqueeze", [_every_other(g, q_rot, 0), _c(g, [-1], torch.int64)])
+    (cat,) = g.add("Concat", [u0, u1], {"axis": -1})
+    shape = [0, 0, H, D] if heads_axis == 2 else [0, H, S, D]
+    (rot,) = g.add("Reshape", [cat, _c(g, shape, torch.int64)])
+    (a,) = g.add("Mul", [q_rot, cos])
+    (b,) = g.add("Mul", [rot, sin])
+    (y,) = g.add("Add", [a, b], outputs=["y"] if not partial else 1)
+    if partial:
+        (y,) = g.add("Concat", [y, _slice(g, q, D, 1 << 30)], {"axis": -1}, outputs=["y"])
+    g.outputs = [y]
+    return g
+
+
+@pytest.mark.parametrize("heads_axis,partial", [(2, True), (2, False), (1, False)])
+def test_rotate_every_two_becomes_interleaved_rotary(heads_axis: int, partial: bool) -> None:
+    width = DF if partial else D
+    x = rand(B, S, H * width) if heads_axis == 2 else rand(B, H, S, width)
+    g, res = rewrite_preserves(lambda: gptj(heads_axis=heads_axis, partial=partial), fuse_rotary, {"x": x})
+    what = ("rotary_packed" if heads_axis == 2 else "rotary") + ("_partial" if partial else "")
+    assert res.counts == {what: 1}
+    rope = next(n for n in g.nodes if n.op == "RotaryEmbedding")
+    assert rope.attrs["interleaved"] == 1 and rope.inputs[1].shape == (1, S, D // 2)
+    assert rope.attrs.get("rotary_embedding_dim", 0) == (D if partial else 0)
+    assert not {"Neg", "Slice", "Concat", "Unsqueeze"} & set(ops(g))
+
+
+def test_rotate_every_two_with_rotate_half_tables_stays() -> None:
+    _g, res = rewrite_preserves(lambda: gptj(heads_axis=1, partial=False, table="halves"), fuse_rotary,
+                                {"x": rand(B, H, S, D)})
+    assert not res.changed

@@ -19,6 +19,11 @@ and, when x is a head split Transpose(Reshape(x3 [B, S, H*D], [B, S, H, D]), [0,
 Partial rotary (GPT-NeoX, Phi, StableLM): x = Slice(x_full, 0:r) of the last axis and the result joined back,
 Concat([y, Slice(x_full, r:D)], last axis), becomes RotaryEmbedding(x_full, ..., rotary_embedding_dim=r) (packed
 the same way).
+
+Interleaved rotary (GPT-J's rotate_every_two): rotated = Reshape(Concat([Unsqueeze(Neg(x[..., 1::2]), -1),
+Unsqueeze(x[..., 0::2], -1)], -1), x's shape), with constant tables repeating each angle twice
+([c0, c0, c1, c1, ...]), becomes RotaryEmbedding(interleaved=1) with every other table value. GPT-J rotates x in
+[B, S, H, D] (heads after the sequence; tables [1, S, 1, D]): RotaryEmbedding then reads it as [B, S, H*D].
 Every intermediate must be read only inside the pattern; the products' rounding changes (RotaryEmbedding rounds
 once).
 """
@@ -49,8 +54,8 @@ from kiln.passes.rewrite import Uses
 _KEEP_HALVES = frozenset({"Cos", "Sin", "Cast", "Identity"})
 
 
-def _last_axis_slice(n: Node | None, x: Value, d: int) -> tuple[int, int] | None:
-    """(start, end) of a Slice of x along its last axis (of size d) with step 1, clamped to [0, d]."""
+def _last_axis_slice(n: Node | None, x: Value, d: int, step: int = 1) -> tuple[int, int] | None:
+    """(start, end) of a Slice of x along its last axis (of size d) with step `step`, clamped to [0, d]."""
     if n is None or n.op != "Slice" or n.inputs[0] is not x or len(n.inputs) < 4 or x.rank is None:
         return None
     starts, ends, axes = (small_value(v) for v in n.inputs[1:4])
@@ -58,7 +63,7 @@ def _last_axis_slice(n: Node | None, x: Value, d: int) -> tuple[int, int] | None
     if any(t is None or t.numel() != 1 for t in (starts, ends, axes, steps)):
         return None
     assert starts is not None and ends is not None and axes is not None and steps is not None
-    if int(axes.reshape(())) % x.rank != x.rank - 1 or int(steps.reshape(())) != 1:
+    if int(axes.reshape(())) % x.rank != x.rank - 1 or int(steps.reshape(())) != step:
         return None
     start, end = int(starts.reshape(())), int(ends.reshape(()))
     start, end = start + d if start < 0 else start, end + d if end < 0 else end
@@ -88,6 +93,51 @@ def _rotate_half(r: Value, uses: Uses, mul: Node) -> tuple[Value, list[Node]] | 
         if v is None or not private(uses, v, reader):
             return None
     return x, steps
+
+
+def _rotate_pairs(r: Value, uses: Uses, mul: Node) -> tuple[Value, list[Node]] | None:
+    """x when r = Reshape(Concat([Unsqueeze(Neg(x[..., 1::2]), -1), Unsqueeze(x[..., 0::2], -1)], -1), x's shape)
+    - GPT-J's rotate_every_two - every step read only along the pattern."""
+    rs = producer(r, "Reshape")
+    cat = producer(rs.inputs[0], "Concat") if rs is not None else None
+    if rs is None or cat is None or len(cat.inputs) != 2 or not private(uses, r, mul):
+        return None
+    u0, u1 = producer(cat.inputs[0], "Unsqueeze"), producer(cat.inputs[1], "Unsqueeze")
+    neg = producer(u0.inputs[0], "Neg") if u0 is not None else None
+    odd = producer(neg.inputs[0], "Slice") if neg is not None else None
+    even = producer(u1.inputs[0], "Slice") if u1 is not None else None
+    x = even.inputs[0] if even is not None else None
+    if x is None or odd is None or odd.inputs[0] is not x or x.shape is None or r.shape != x.shape:
+        return None
+    d = x.shape[-1]
+    if not isinstance(d, int) or d % 2 or x.rank is None or cat.outputs[0].rank != x.rank + 1:
+        return None
+    assert u0 is not None and u1 is not None and neg is not None and even is not None
+    rank = x.rank + 1
+    if int(cat.attrs["axis"]) % rank != rank - 1 or not all(_unsqueezes_last(u) for u in (u0, u1)):
+        return None
+    if _last_axis_slice(even, x, d, 2) != (0, d) or _last_axis_slice(odd, x, d, 2) != (1, d):
+        return None
+    steps = [rs, cat, u0, u1, neg, odd, even]
+    for v, reader in ((cat.outputs[0], rs), (cat.inputs[0], cat), (cat.inputs[1], cat), (u0.inputs[0], u0),
+                      (neg.inputs[0], neg), (u1.inputs[0], u1)):
+        if v is None or not private(uses, v, reader):
+            return None
+    return x, steps
+
+
+def _unsqueezes_last(u: Node) -> bool:
+    axes = small_value(u.inputs[1]) if len(u.inputs) > 1 else None
+    rank = u.outputs[0].rank
+    return axes is not None and rank is not None and axes.numel() == 1 and int(axes.reshape(())) % rank == rank - 1
+
+
+def _equal_pairs(v: Value) -> bool:
+    """v's last axis repeats each value twice ([c0, c0, c1, c1, ...]: GPT-J's repeat_interleave): a constant."""
+    c = const(v)
+    if not isinstance(c, torch.Tensor) or c.dim() == 0 or c.shape[-1] % 2:
+        return False
+    return bool(torch.equal(c[..., 0::2], c[..., 1::2]))
 
 
 def _equal_halves(v: Value) -> bool:
@@ -124,24 +174,35 @@ def _unsqueezes_before_last(p: Node) -> bool:
                                                              for a in axes.reshape(-1).tolist())
 
 
-def _table_ok(v: Value, x: Value) -> bool:
-    """v is [B or 1, 1, S, D] (heads broadcast) in x's dtype with equal halves."""
+def _heads_axis(v: Value, x: Value, pairs: bool) -> int | None:
+    """The heads axis of x (1: [B, H, S, D]; 2: [B, S, H, D], GPT-J's) when v is a table broadcast over it -
+    [B or 1, 1, S, D] or [B or 1, S, 1, D] - in x's dtype whose last axis holds each angle twice (equal halves,
+    or equal pairs when `pairs`); else None."""
     s, xs = v.shape, x.shape
-    if s is None or xs is None or len(s) != 4 or len(xs) != 4 or s[1] != 1 or v.dtype is not x.dtype:
-        return False
-    if not (same_dim(s[2], xs[2]) and same_dim(s[3], xs[3]) and (s[0] == 1 or same_dim(s[0], xs[0]))):
-        return False
-    return _equal_halves(v)
+    if s is None or xs is None or len(s) != 4 or len(xs) != 4 or v.dtype is not x.dtype:
+        return None
+    if not same_dim(s[3], xs[3]) or not (s[0] == 1 or same_dim(s[0], xs[0])):
+        return None
+    if s[1] == 1 and same_dim(s[2], xs[2]):
+        axis = 1
+    elif s[2] == 1 and same_dim(s[1], xs[1]) and isinstance(const(v), torch.Tensor):  # computed: [B, H, S, D]
+        axis = 2
+    else:
+        return None
+    return axis if (_equal_pairs(v) if pairs else _equal_halves(v)) else None
 
 
-def _table(graph: Graph, at: Node, v: Value, h: int) -> Value:
-    """v [B or 1, 1, S, 2h] as the [B or 1, S, h] table RotaryEmbedding reads (one per v: every layer reads the
-    same cos and sin)."""
+def _table(graph: Graph, at: Node, v: Value, h: int, axis: int = 1, pairs: bool = False) -> Value:
+    """v [B or 1, 1, S, 2h] (or [B or 1, S, 1, 2h]) as the [B or 1, S, h] table RotaryEmbedding reads: its first
+    half, or every other value when `pairs` (one per v: every layer reads the same cos and sin)."""
     c = const(v)
     if isinstance(c, torch.Tensor):
         name = f"{v.name}.rotary_table"
         found = graph.initializers.get(name)
-        return found if found is not None else graph.add_initializer(name, c[:, 0, :, :h].contiguous())
+        if found is not None:
+            return found
+        c = c.select(axis, 0)
+        return graph.add_initializer(name, (c[..., 0::2] if pairs else c[..., :h]).contiguous())
     made = next((n.outputs[0] for n in graph.nodes if n.op == "Squeeze" and _is_table(n, v, h)), None)
     if made is not None:
         return made
@@ -178,9 +239,10 @@ def _rotary(graph: Graph, add: Node, uses: Uses) -> str | None:
         return None
     for direct, turned in ((muls[0], muls[1]), (muls[1], muls[0])):
         assert direct is not None and turned is not None
-        for ri in (0, 1):
+        for ri, pairs in ((0, False), (1, False), (0, True), (1, True)):
             r, sin = turned.inputs[ri], turned.inputs[1 - ri]
-            found = _rotate_half(r, uses, turned) if r is not None else None
+            rotate = _rotate_pairs if pairs else _rotate_half
+            found = rotate(r, uses, turned) if r is not None else None
             if found is None or sin is None:
                 continue
             x, steps = found
@@ -196,8 +258,8 @@ def _rotary(graph: Graph, add: Node, uses: Uses) -> str | None:
             partial = _partial(uses, add, x, replaced)
             if partial is not None:
                 full, cat, more = partial
-                return _emit(graph, add, cat, full, x, cos, sin, [add, *replaced, *more])
-            return _emit(graph, add, add, x, x, cos, sin, replaced)
+                return _emit(graph, add, cat, full, x, cos, sin, [add, *replaced, *more], pairs)
+            return _emit(graph, add, add, x, x, cos, sin, replaced, pairs)
     return None
 
 
@@ -226,16 +288,31 @@ def _partial(uses: Uses, add: Node, x: Value, pattern: list[Node]) -> tuple[Valu
     return full, cat, [sl, rest]
 
 
-def _emit(graph: Graph, add: Node, end: Node, src: Value, x: Value, cos: Value, sin: Value,
-          replaced: list[Node]) -> str | None:
+def _emit(graph: Graph, add: Node, end: Node, src: Value, x: Value, cos: Value, sin: Value, replaced: list[Node],
+          pairs: bool = False) -> str | None:
     """RotaryEmbedding of `src` in place of `end`'s output, with tables from cos and sin as they multiply x (src
-    itself, or its first x.shape[-1] dims: a partial rotary)."""
-    if not (_table_ok(cos, x) and _table_ok(sin, x)):
+    itself, or its first x.shape[-1] dims: a partial rotary); `pairs`: interleaved."""
+    axis = _heads_axis(cos, x, pairs)
+    if axis is None or _heads_axis(sin, x, pairs) != axis:
         return None
     r = int(x.shape[3])  # type: ignore[index]
     h = r // 2
-    cos_t, sin_t = _table(graph, add, cos, h), _table(graph, add, sin, h)
-    attrs = {} if src is x else {"rotary_embedding_dim": r}
+    cos_t, sin_t = _table(graph, add, cos, h, axis, pairs), _table(graph, add, sin, h, axis, pairs)
+    attrs: dict[str, int] = {} if src is x else {"rotary_embedding_dim": r}
+    if pairs:
+        attrs["interleaved"] = 1
+    tag = "_partial" if src is not x else ""
+    if axis == 2:  # [B, S, H, D]: RotaryEmbedding reads it as [B, S, H*D]
+        heads = src.shape[2] if src.shape is not None else None
+        if not isinstance(heads, int):
+            return None
+        flat = add_const(graph, f"{add.name}.flat", torch.tensor([0, 0, -1], dtype=torch.int64))
+        (x3,) = add_node(graph, end, "Reshape", [src, flat], name=f"{add.name}/flat")
+        (y3,) = add_node(graph, end, "RotaryEmbedding", [x3, cos_t, sin_t], {"num_heads": heads, **attrs},
+                         name=f"{add.name}/rotary")
+        target = add_const(graph, f"{add.name}.heads", torch.tensor([0, 0, heads, -1], dtype=torch.int64))
+        (out,) = add_node(graph, end, "Reshape", [y3, target], name=f"{add.name}/split")
+        return swap_in(graph, end, out, "rotary_packed" + tag, replaced)
     split = _head_split(src)
     if split is not None:
         x3, heads = split
@@ -244,11 +321,9 @@ def _emit(graph: Graph, add: Node, end: Node, src: Value, x: Value, cos: Value, 
         target = add_const(graph, f"{add.name}.heads", torch.tensor([0, 0, heads, -1], dtype=torch.int64))
         (y4,) = add_node(graph, end, "Reshape", [y3, target], name=f"{add.name}/split")
         (out,) = add_node(graph, end, "Transpose", [y4], {"perm": (0, 2, 1, 3)}, name=f"{add.name}/heads")
-        what = "rotary_packed"
-    else:
-        (out,) = add_node(graph, end, "RotaryEmbedding", [src, cos_t, sin_t], attrs, name=f"{add.name}/rotary")
-        what = "rotary"
-    return swap_in(graph, end, out, what + ("_partial" if attrs else ""), replaced)
+        return swap_in(graph, end, out, "rotary_packed" + tag, replaced)
+    (out,) = add_node(graph, end, "RotaryEmbedding", [src, cos_t, sin_t], attrs, name=f"{add.name}/rotary")
+    return swap_in(graph, end, out, "rotary" + tag, replaced)
 
 
 RULES = [rule("Add", _rotary)]
