@@ -176,3 +176,36 @@ def test_the_ort_transformer_optimizer_output_runs_as_onnxruntime_runs_it(tmp_pa
     got = engine.create_context().run(feeds)
     for name, w in zip(("last_hidden_state", "pooler_output"), want):
         np.testing.assert_allclose(np.asarray(got[name]), w, rtol=0, atol=2e-5 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("form", ["3d-ids", "3d-offset", "4d-ids", "3d-interleaved-partial", "4d-partial-offset",
+                                  "3d-heads-from-cache"])
+def test_rotary_embedding(form: str) -> None:
+    """com.microsoft RotaryEmbedding (input, position_ids, cos_cache, sin_cache): ids per token, or one start
+    position; 3-D [B, S, H*D] or 4-D [B, H, S, D]; halves or interleaved; the whole head or its first dims."""
+    heads, d, max_pos = 2, 8, 12
+    rot = 4 if "partial" in form else d
+    angles = np.arange(max_pos)[:, None] / 10000 ** (np.arange(rot // 2) / (rot // 2))
+    x = _rand(B, S, heads * d) if form.startswith("3d") else _rand(B, heads, S, d)
+    if "offset" in form:
+        pos = np.array([3], np.int64)
+    else:
+        pos = np.random.default_rng(1).integers(0, max_pos, (B, S)).astype(np.int64)
+    ins = {"input": x, "position_ids": pos, "cos_cache": np.cos(angles).astype(np.float32),
+           "sin_cache": np.sin(angles).astype(np.float32)}
+    attrs: dict = {}
+    if form != "3d-heads-from-cache":
+        attrs["num_heads"] = heads
+    if "partial" in form:
+        attrs["rotary_embedding_dim"] = rot
+    if "interleaved" in form:
+        attrs["interleaved"] = 1
+    _same(*_model("RotaryEmbedding", ins, ["y"], **attrs))
+
+
+def test_rotary_embedding_packed_batching_is_refused_by_name() -> None:
+    ins = {"input": _rand(B, S, 16), "position_ids": np.zeros((B, S), np.int64),
+           "cos_cache": _rand(8, 4), "sin_cache": _rand(8, 4, seed=1)}
+    model, feeds = _model("RotaryEmbedding", ins, ["y"], num_heads=2, is_packed_batching=1)
+    with pytest.raises(UnsupportedError, match="packed batching"):
+        kiln.run_reference(model, feeds)

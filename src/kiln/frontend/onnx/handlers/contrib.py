@@ -23,9 +23,13 @@ the reference):
   1/sqrt(head size)), causal when `unidirectional`; the mask adds `mask_filter_value` (-10000) where a key is
   hidden: mask_index [B] (keys at and past that end hidden), [B, T] or [B, S, T] (0 hides), plus attention_bias.
 - MultiHeadAttention(query, key, value, bias?, key_padding_mask?, attention_bias?): the same on separate 3-D Q, K, V.
+- RotaryEmbedding(input, position_ids, cos_cache, sin_cache; interleaved, num_heads, rotary_embedding_dim): the
+  ONNX RotaryEmbedding with its inputs reordered; position_ids [B, S], or [1] - the first position, the rest
+  following it; a 3-D input without num_heads has heads of twice the cache's width (or rotary_embedding_dim).
 
 Refused with the reason (`UnsupportedError` naming the node): key/value caches (past/present inputs and outputs),
-rotary attention (`do_rotary`), 2*B and 4-D mask_index forms, MultiHeadAttention's packed forms.
+rotary attention (`do_rotary`), 2*B and 4-D mask_index forms, MultiHeadAttention's packed forms, RotaryEmbedding's
+packed batching and a scale other than 1.
 """
 
 from __future__ import annotations
@@ -310,3 +314,34 @@ def multi_head_attention(n: NodeCtx) -> list[Value]:
         q, k, v = _one(n, "Add", [q, bq]), _one(n, "Add", [k, bk]), _one(n, "Add", [v, bv])
     mask = _key_mask(n, n.input(4), n.input(5), q, k)
     return _attend(n, q, k, v, heads, mask)
+
+
+# --- rotary embedding -------------------------------------------------------------------------------------------
+
+
+@onnx_op("RotaryEmbedding", domain=MS)
+def rotary_embedding(n: NodeCtx) -> list[Value]:
+    x, pos = _need(n, 0, "input"), _need(n, 1, "position_ids")
+    cos, sin = _need(n, 2, "cos_cache"), _need(n, 3, "sin_cache")
+    if int(n.attr("is_packed_batching", 0)):
+        raise n.fail("packed batching (is_packed_batching=1) is not supported")
+    if float(n.attr("scale", 1.0)) != 1.0:
+        raise n.fail(f"scale={n.attr('scale', 1.0)} is not supported (only 1.0)")
+    attrs: dict[str, Any] = {"interleaved": int(n.attr("interleaved", 0))}
+    rot = int(n.attr("rotary_embedding_dim", 0))
+    if rot:
+        attrs["rotary_embedding_dim"] = rot
+    heads = int(n.attr("num_heads", 0))
+    if x.rank == 3 and not heads:  # heads as wide as the caches rotate (onnxruntime's rule)
+        hidden, half = (x.shape[2] if x.shape else None), (cos.shape[1] if cos.shape and cos.rank == 2 else None)
+        if not isinstance(hidden, int) or not isinstance(half, int) or rot or hidden % (2 * half):
+            raise n.fail("a 3-D input needs num_heads (or static hidden and cache sizes)")
+        heads = hidden // (2 * half)
+    if heads:
+        attrs["num_heads"] = heads
+    if pos.rank == 1:  # the first position: S positions from it, shared by every sequence
+        axis = 1 if x.rank == 3 else 2
+        first = _one(n, "Reshape", [pos, n.const([1, 1], DType.INT64, hint="row")])
+        pos = _one(n, "Add", [first, _one(n, "Unsqueeze", [_positions(n, x, axis),
+                                                            n.const([0], DType.INT64, hint="axes")])])
+    return [_one(n, "RotaryEmbedding", [x, cos, sin, pos], attrs)]
