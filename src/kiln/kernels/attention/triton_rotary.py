@@ -1,13 +1,16 @@
-"""`triton.rotary`: RotaryEmbedding (tables without position ids; halves or interleaved pairs; the whole head or its
-first `rotary_embedding_dim` dims rotated) as one Triton kernel, in float32 and rounded once (float16, bfloat16,
-float32).
+"""`triton.rotary`: RotaryEmbedding (tables per sequence, or caches indexed by position ids; halves or interleaved
+pairs; the whole head or its first `rotary_embedding_dim` dims rotated) as one Triton kernel, in float32 and rounded
+once (float16, bfloat16, float32).
 
-X is [B, S, H*D] (num_heads H) or [B, H, S, D]; the tables cos and sin are [B or 1, S, R/2] for R rotated dims
-(a table of one row serves every sequence). Each program takes BLOCK_R rows (one head of one token each) and both
-halves of each: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, where x1, x2 are the rotated dims' two halves, or
-their even and odd dims (`interleaved`, GPT-J's form); dims past R are copied (GPT-NeoX's and Phi's partial
-rotary). Why: the rotate-half form transformers models export (Slice, Neg, Concat, two products and a sum on each
-of Q and K, `kiln.passes.fuse_rotary`) took three kernels per tensor on the GPU; this is one, reading x once.
+X is [B, S, H*D] (num_heads H) or [B, H, S, D]; the tables cos and sin are [B or 1, S, R/2] for R rotated dims (a
+table of one row serves every sequence), or caches [P, R/2] read at each token's position id (ids [B or 1, S]; one
+out of range reads row 0 and the run then raises, naming the node: a `DeferredCheck`, so the kernel stays capturable
+in a CUDA graph, where the reference's host-side range check is not). Each program takes BLOCK_R rows (one head of
+one token each) and both halves of each: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, where x1, x2 are the rotated
+dims' two halves, or their even and odd dims (`interleaved`, GPT-J's form); dims past R are copied (GPT-NeoX's and
+Phi's partial rotary). Why: the rotate-half form transformers models export (Slice, Neg, Concat, two products and a
+sum on each of Q and K, `kiln.passes.fuse_rotary`) took three kernels per tensor on the GPU; this is one, reading x
+once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
-from kiln.kernels.base import Kernel
+from kiln.kernels.base import DeferredCheck, Kernel
 from kiln.kernels.pointwise.layout import WIDE_LIMIT
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
@@ -41,9 +44,9 @@ import triton.language as tl
 
 
 @triton.jit
-def kiln_rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, D, stride_xb, stride_xs, stride_xh, stride_cb,
-                stride_cs, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                INTERLEAVED: tl.constexpr, WIDE: tl.constexpr):
+def kiln_rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, pos_ptr, R, S, H, HALF, D, P, stride_xb, stride_xs, stride_xh,
+                stride_cb, stride_cs, stride_pb, stride_ps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr, POSITIONS: tl.constexpr, WIDE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     if WIDE:
         rows = rows.to(tl.int64)
@@ -61,7 +64,12 @@ def kiln_rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, D, stride_xb, str
     else:
         at1 = x_row[:, None] + cols[None, :]
         at2 = at1 + HALF
-    t_at = (b * stride_cb + s * stride_cs)[:, None] + cols[None, :]
+    if POSITIONS:  # tables [P, HALF] indexed by each token's position (one out of range reads row 0: flagged)
+        p = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=ok, other=0)
+        p = tl.where((p >= 0) & (p < P), p, 0)
+        t_at = (p * stride_cs)[:, None] + cols[None, :]
+    else:
+        t_at = (b * stride_cb + s * stride_cs)[:, None] + cols[None, :]
     x1 = tl.load(x_ptr + at1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + at2, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + t_at, mask=mask, other=0.0).to(tl.float32)
@@ -78,17 +86,21 @@ def kiln_rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, D, stride_xb, str
 
 
 def view(node: Node) -> DType | None:
-    """The dtype of a RotaryEmbedding this kernel takes, else None: no position ids, float X and tables of X's
-    dtype, X [B, S, H*D] with num_heads or [B, H, S, D], tables of rank 3."""
-    if node.op != "RotaryEmbedding" or len(node.inputs) < 3 or (len(node.inputs) > 3 and node.inputs[3] is not None):
+    """The dtype of a RotaryEmbedding this kernel takes, else None: float X and tables of X's dtype, X [B, S, H*D]
+    with num_heads or [B, H, S, D], tables of rank 3 - or of rank 2 with int64 position ids [B or 1, S]."""
+    if node.op != "RotaryEmbedding" or len(node.inputs) < 3:
         return None
     a = node.attrs
     x, cos, sin = node.inputs[:3]
+    pos = node.inputs[3] if len(node.inputs) > 3 else None
     if x is None or cos is None or sin is None:
         return None
     if not all(isinstance(v.type, TensorType) and v.type.dtype is x.dtype for v in (x, cos, sin)):
         return None
-    if x.dtype not in TYPES or x.rank not in (3, 4) or cos.rank != 3 or sin.rank != 3:
+    table_rank = 3 if pos is None else 2
+    if x.dtype not in TYPES or x.rank not in (3, 4) or cos.rank != table_rank or sin.rank != table_rank:
+        return None
+    if pos is not None and (pos.dtype is not DType.INT64 or pos.rank != 2):
         return None
     if x.rank == 3 and not a.get("num_heads"):
         return None
@@ -96,7 +108,9 @@ def view(node: Node) -> DType | None:
 
 
 class RotaryKernel:
-    def __init__(self, tile: Tile, num_heads: int | None, rotated: int, interleaved: bool) -> None:
+    def __init__(self, tile: Tile, num_heads: int | None, rotated: int, interleaved: bool, where: str) -> None:
+        self.check = DeferredCheck(f"{where}: a position id is out of the cos/sin caches' range")
+        self.checks = [self.check]
         self.tile = tile
         self.num_heads = num_heads
         self.rotated = rotated
@@ -122,8 +136,13 @@ class RotaryKernel:
         if rot % 2 or rot > d or cos.shape[-1] != half or sin.shape[-1] != half or cos.shape != sin.shape:
             raise InputError(f"triton.rotary: tables of {list(cos.shape)} / {list(sin.shape)} for {rot} rotated "
                              f"dims of heads of {d}")
-        if cos.shape[0] not in (1, b) or cos.shape[1] != s:
+        pos = xs[3] if len(xs) > 3 else None
+        if pos is None and (cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1] != s):
             raise InputError(f"triton.rotary: tables of {list(cos.shape)} for {b} sequences of {s}")
+        if pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, b) or pos.shape[1] != s):
+            raise InputError(f"triton.rotary: position ids of {list(pos.shape)} for {b} sequences of {s}")
+        if pos is not None:
+            self.check.record((pos < 0) | (pos >= cos.shape[0]))
         cos, sin = cos.contiguous(), sin.contiguous()
         y = torch.empty_like(x)
         rows = b * s * heads
@@ -132,10 +151,16 @@ class RotaryKernel:
         t = self.tile
         grid = (-(-rows // t.block_r),)
         rest = d - rot
-        self.fn[grid](x, cos, sin, y, rows, s, heads, half, d, *strides, cos.stride(0) if cos.shape[0] > 1 else 0,
-                      cos.stride(1), BLOCK_R=t.block_r, BLOCK_D=1 << max(half - 1, 0).bit_length(),
+        if pos is None:
+            table = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
+            ids, id_strides = cos, (0, 0)  # unused: any pointer
+        else:
+            table = (0, cos.stride(0))
+            ids, id_strides = pos, (pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1))
+        self.fn[grid](x, cos, sin, y, ids, rows, s, heads, half, d, cos.shape[0], *strides, *table, *id_strides,
+                      BLOCK_R=t.block_r, BLOCK_D=1 << max(half - 1, 0).bit_length(),
                       BLOCK_P=0 if rest == 0 else 1 << (rest - 1).bit_length(), INTERLEAVED=self.interleaved,
-                      WIDE=x.numel() >= WIDE_LIMIT, num_warps=t.num_warps)
+                      POSITIONS=pos is not None, WIDE=x.numel() >= WIDE_LIMIT, num_warps=t.num_warps)
         return [y]
 
 
@@ -154,7 +179,7 @@ class TritonRotary(TemplateTactic):
         a = node.attrs
         heads = a.get("num_heads")
         return RotaryKernel(tile, int(heads) if heads else None, int(a.get("rotary_embedding_dim") or 0),
-                            bool(a.get("interleaved")))
+                            bool(a.get("interleaved")), f"node '{node.name}' (RotaryEmbedding)")
 
 
 register(TritonRotary())
