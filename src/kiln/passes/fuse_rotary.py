@@ -197,7 +197,7 @@ def _table(graph: Graph, at: Node, v: Value, h: int, axis: int = 1, pairs: bool 
     half, or every other value when `pairs` (one per v: every layer reads the same cos and sin)."""
     c = const(v)
     if isinstance(c, torch.Tensor):
-        name = f"{v.name}.rotary_table"
+        name = f"{v.name}.rotary_table" + (".pairs" if pairs else "") + (f".axis{axis}" if axis != 1 else "")
         found = graph.initializers.get(name)
         if found is not None:
             return found
