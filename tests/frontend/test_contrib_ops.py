@@ -209,3 +209,30 @@ def test_rotary_embedding_packed_batching_is_refused_by_name() -> None:
     model, feeds = _model("RotaryEmbedding", ins, ["y"], num_heads=2, is_packed_batching=1)
     with pytest.raises(UnsupportedError, match="packed batching"):
         kiln.run_reference(model, feeds)
+
+
+def _quantized_mlp(bits: int, block: int, symmetric: bool, k: int = 80) -> onnx.ModelProto:
+    """x [2, 5, k] @ W1 [k, 48] + b1 -> Relu -> @ W2 [48, 24], both MatMuls made MatMulNBits by onnxruntime's own
+    weight-only quantizer (k = 80: a last block of 16 padded values at block 32)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", F32, [2, 5, k])],
+                          [helper.make_tensor_value_info("y", F32, [2, 5, 24])],
+                          [onnx.numpy_helper.from_array(_rand(k, 48, seed=1, scale=0.2), "w1"),
+                           onnx.numpy_helper.from_array(_rand(48, seed=2), "b1"),
+                           onnx.numpy_helper.from_array(_rand(48, 24, seed=3, scale=0.2), "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    out = quantizer.model.model
+    assert sum(node.op_type == "MatMulNBits" for node in out.graph.node) == 2
+    return out
+
+
+@pytest.mark.parametrize("bits,block,symmetric", [(4, 32, False), (4, 32, True), (4, 16, False), (8, 32, False)])
+def test_matmul_nbits_from_onnxruntimes_quantizer(bits: int, block: int, symmetric: bool) -> None:
+    model = _quantized_mlp(bits, block, symmetric)
+    _same(model, {"x": _rand(2, 5, 80, seed=4)}, atol=1e-5)

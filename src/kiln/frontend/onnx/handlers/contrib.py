@@ -23,6 +23,11 @@ the reference):
   1/sqrt(head size)), causal when `unidirectional`; the mask adds `mask_filter_value` (-10000) where a key is
   hidden: mask_index [B] (keys at and past that end hidden), [B, T] or [B, S, T] (0 hides), plus attention_bias.
 - MultiHeadAttention(query, key, value, bias?, key_padding_mask?, attention_bias?): the same on separate 3-D Q, K, V.
+- MatMulNBits(A, B, scales, zero_points?, g_idx?, bias?; K, N, bits, block_size): A @ W^T (+ bias), W [N, K] the
+  weight quantized to `bits` (2-8) in blocks of `block_size` along K: (q - zero point) * scale, the zero point
+  2**(bits - 1) unless given (packed like q, or in A's dtype). The weight is dequantized when the model is imported
+  (B, scales and zero points constants): the engine runs it as a float MatMul - the model runs, without the
+  memory saving of 4-bit weights. g_idx (act-order) is refused.
 - RotaryEmbedding(input, position_ids, cos_cache, sin_cache; interleaved, num_heads, rotary_embedding_dim): the
   ONNX RotaryEmbedding with its inputs reordered; position_ids [B, S], or [1] - the first position, the rest
   following it; a 3-D input without num_heads has heads of twice the cache's width (or rotary_embedding_dim).
@@ -34,13 +39,17 @@ packed batching and a scale other than 1.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import torch
 
 from kiln.frontend.onnx.context import NodeCtx
 from kiln.frontend.onnx.handlers import onnx_op
 from kiln.ir import symbolic as sym
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Value
+from kiln.ir.ops.base import const_value
 
 MS = "com.microsoft"
 MASK_FILTER_VALUE = -10000.0
@@ -345,3 +354,49 @@ def rotary_embedding(n: NodeCtx) -> list[Value]:
         pos = _one(n, "Add", [first, _one(n, "Unsqueeze", [_positions(n, x, axis),
                                                             n.const([0], DType.INT64, hint="axes")])])
     return [_one(n, "RotaryEmbedding", [x, cos, sin, pos], attrs)]
+
+
+# --- weight-only quantized MatMul -------------------------------------------------------------------------------
+
+
+def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Rows of `bits`-bit unsigned values packed into bytes lowest bits first ([..., bytes] uint8), as int32
+    [..., count]."""
+    flat = packed.to(torch.int32).reshape(*packed.shape[:-1], -1)
+    bit = torch.arange(8, dtype=torch.int32)
+    stream = ((flat[..., :, None] >> bit) & 1).reshape(*flat.shape[:-1], -1)  # the bits, lowest first
+    usable = stream.shape[-1] // bits * bits
+    groups = stream[..., :usable].reshape(*stream.shape[:-1], -1, bits)
+    values = (groups << torch.arange(bits, dtype=torch.int32)).sum(-1)
+    return values[..., :count]
+
+
+@onnx_op("MatMulNBits", domain=MS)
+def matmul_nbits(n: NodeCtx) -> list[Value]:
+    a = _need(n, 0, "A")
+    k, cols, bits, block = (int(n.attr(name, d)) for name, d in (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
+    if not 2 <= bits <= 8 or block < 16 or block & (block - 1) or k <= 0 or cols <= 0:
+        raise n.fail(f"K={k}, N={cols}, bits={bits}, block_size={block}: expected bits in 2..8, a power-of-two "
+                     "block_size >= 16 and positive K and N")
+    if n.input(4) is not None:
+        raise n.fail("g_idx (act-order groups) is not supported")
+    b, scales = const_value(_need(n, 1, "B")), const_value(_need(n, 2, "scales"))
+    zp_in = n.input(3)
+    zp = const_value(zp_in) if zp_in is not None else None
+    if not isinstance(b, torch.Tensor) or not isinstance(scales, torch.Tensor) or (zp_in is not None and
+                                                                                   not isinstance(zp, torch.Tensor)):
+        raise n.fail("B, scales and zero_points must be constants (the weight is dequantized at import)")
+    blocks = math.ceil(k / block)
+    q = _unpack(b.reshape(cols, blocks, -1), bits, block).reshape(cols, blocks * block)
+    if zp is None:
+        z = torch.full((cols, blocks), float(1 << (bits - 1)))
+    elif zp.dtype == torch.uint8:  # packed like the weight, a row of zero points per output column
+        z = _unpack(zp.reshape(cols, -1), bits, blocks).to(torch.float64)
+    else:
+        z = zp.reshape(cols, blocks).to(torch.float64)
+    scale = scales.reshape(cols, blocks).to(torch.float64)
+    w = (q.to(torch.float64).reshape(cols, blocks, block) - z[..., None]) * scale[..., None]
+    weight = w.reshape(cols, blocks * block)[:, :k].t().contiguous()  # [K, N]
+    y = _one(n, "MatMul", [a, n.const(weight.to(a.dtype.torch), a.dtype, hint="weight")])
+    bias = n.input(5)
+    return [y if bias is None else _one(n, "Add", [y, bias])]
