@@ -57,6 +57,7 @@ CASES: dict[str, Callable[[], tuple[Node, torch.Tensor]]] = {
     "se-28x28-nchw-f16": lambda: gap((1, 40, 28, 28), F16, False, offset=3.0),  # a mean far from 0
     "head-3x5-nchw-f32": lambda: gap((3, 130, 3, 5), F32, False),
     "one-pixel-channels-last-f32": lambda: gap((2, 17, 1, 1), F32, True),
+    "se-120-channels-last-f32": lambda: gap((3, 120, 5, 6), F32, True),  # rows of 120: a multiple of 8, not 16
     # a crop of a larger tensor (a view: rows are not W apart), so the kernel's (h, w) split of the position shows
     "cropped-view-f32": lambda: _cropped(),
 }

@@ -18,6 +18,7 @@ import torch
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
 from kiln.kernels.base import Kernel
+from kiln.kernels.conv.triton_depthwise import pixel_strides, pixel_vec
 from kiln.kernels.pointwise.layout import WIDE_LIMIT
 from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
@@ -46,7 +47,13 @@ import triton.language as tl
 
 @triton.jit
 def kiln_global_avgpool(x_ptr, out_ptr, C, W, HW, stride_xb, stride_xc, stride_xh, stride_xw, stride_ob,
-                        stride_oc, inv_hw, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+                        stride_oc, inv_hw, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+                        VEC: tl.constexpr):
+    C = C * VEC  # why: passed divided by VEC (see `triton_depthwise.WINDOW`): vector loads for 72 or 120 channels
+    stride_xb = stride_xb * VEC
+    stride_xh = stride_xh * VEC
+    stride_xw = stride_xw * VEC
+    stride_ob = stride_ob * VEC
     pid = tl.program_id(0)
     blocks_c = tl.cdiv(C, BLOCK_C)
     b = pid // blocks_c
@@ -97,8 +104,10 @@ class GlobalAvgPoolKernel:
         t = self.tile
         wide = x.numel() >= WIDE_LIMIT
         grid = (n * math.ceil(c / t.block_c),)
-        self.fn[grid](x, out, c, w, h * w, x.stride(0), x.stride(1), x.stride(2), x.stride(3), out.stride(0),
-                      out.stride(1), 1.0 / (h * w), BLOCK_S=t.block_s, BLOCK_C=t.block_c, WIDE=wide,
+        vec = pixel_vec(c, x) if x.stride(1) == 1 else 1  # channels-last: a pixel's channels are one row
+        xb, xh, xw = pixel_strides(x, vec)
+        self.fn[grid](x, out, c // vec, w, h * w, xb, x.stride(1), xh, xw, out.stride(0) // vec, out.stride(1),
+                      1.0 / (h * w), BLOCK_S=t.block_s, BLOCK_C=t.block_c, WIDE=wide, VEC=vec,
                       num_warps=t.num_warps)
         return [out]
 
