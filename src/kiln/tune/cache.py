@@ -17,11 +17,10 @@ CACHE_VERSION = 5  # 2: GPU candidates timed as CUDA-graph replays with L2 flush
 # and 8-bit rounding got cheaper (km.gelu_narrow, km.round_to_8bit), so choices timed before are stale; 4: int8 and
 # float8 layers have new candidates (the 4-warp 128x128x128 tile, triton.fp8_gemm_fast) a cached choice never met,
 # and a norm or attention that quantizes its output got cheaper (km.quotient), which turns "fused" against "separate";
-# 5: depthwise convs and max pools (and global average pools) on channel counts that are not multiples of 16 got
-# 2-3x faster (vector loads),
-# convs of few input channels and transposes have new candidates (triton.stem_conv, cuda.transpose), and a
-# candidate's time now includes the conversion of an output the plan keeps channels-last when the kernel wrote it
-# otherwise
+# 5: depthwise convs on channel counts that are not multiples of 16 got 2-3x faster (vector loads; max and global
+# average pools got the same hint), convs of few input channels and transposes have new candidates
+# (triton.stem_conv, cuda.transpose), and a candidate's time now includes the conversion of an output the plan
+# keeps channels-last when the kernel wrote it otherwise
 _KIND = "kiln-timing-cache"
 
 
