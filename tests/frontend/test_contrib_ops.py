@@ -236,3 +236,14 @@ def _quantized_mlp(bits: int, block: int, symmetric: bool, k: int = 80) -> onnx.
 def test_matmul_nbits_from_onnxruntimes_quantizer(bits: int, block: int, symmetric: bool) -> None:
     model = _quantized_mlp(bits, block, symmetric)
     _same(model, {"x": _rand(2, 5, 80, seed=4)}, atol=1e-5)
+
+
+def test_matmul_nbits_with_a_bias_input() -> None:
+    model = _quantized_mlp(4, 32, False)
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    cols = next(a.i for a in node.attribute if a.name == "N")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(_rand(cols, seed=9), "nbits_bias"))
+    while len(node.input) < 5:
+        node.input.append("")
+    node.input.append("nbits_bias")
+    _same(model, {"x": _rand(2, 5, 80, seed=4)}, atol=1e-5)
