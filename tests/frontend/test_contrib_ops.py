@@ -247,3 +247,68 @@ def test_matmul_nbits_with_a_bias_input() -> None:
         node.input.append("")
     node.input.append("nbits_bias")
     _same(model, {"x": _rand(2, 5, 80, seed=4)}, atol=1e-5)
+
+
+def _gqa(hq: int, hkv: int, d: int, *, past: int | None, seqlens: list[int], s: int, packed: bool = False,
+         rotary: bool = False, interleaved: bool = False, seed: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """A GroupQueryAttention node and feeds: past of `past` positions (None: no past inputs), S = `s` new tokens."""
+    rng = np.random.default_rng(seed)
+    b = len(seqlens)
+    f = {"query": rng.standard_normal((b, s, (hq + 2 * hkv) * d if packed else hq * d)).astype(np.float32)}
+    if not packed:
+        f["key"] = rng.standard_normal((b, s, hkv * d)).astype(np.float32)
+        f["value"] = rng.standard_normal((b, s, hkv * d)).astype(np.float32)
+    if past is not None:
+        f["past_key"] = rng.standard_normal((b, hkv, past, d)).astype(np.float32)
+        f["past_value"] = rng.standard_normal((b, hkv, past, d)).astype(np.float32)
+    f["seqlens_k"] = np.array(seqlens, np.int32)
+    f["total_sequence_length"] = np.array((past or 0) + s, np.int32)
+    if rotary:
+        angles = np.arange(32)[:, None] / 10000 ** (np.arange(d // 2) / (d // 2))
+        f["cos_cache"], f["sin_cache"] = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    order = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+             "sin_cache"]
+    ins = {k: f.get(k) for k in order[:9 if rotary else 7]}
+    return _model("GroupQueryAttention", ins, ["out", "present_key", "present_value"], num_heads=hq, kv_num_heads=hkv,
+                  do_rotary=int(rotary), rotary_interleaved=int(interleaved))
+
+
+@pytest.mark.parametrize("form", ["prompt", "prompt-right-padded", "prompt-no-past-inputs", "decode",
+                                  "decode-uneven-lengths", "chunk-after-past", "packed-qkv", "multi-query",
+                                  "rotary-prompt", "rotary-decode-interleaved"])
+def test_group_query_attention(form: str) -> None:
+    """onnxruntime's GroupQueryAttention with its growing cache (total_sequence_length = past + new), against
+    onnxruntime: output and both presents."""
+    hq, hkv, d = (4, 1, 8) if form == "multi-query" else (4, 2, 16) if form.startswith("rotary") else (4, 2, 8)
+    case = {
+        "prompt": dict(past=0, seqlens=[4, 4], s=5), "prompt-right-padded": dict(past=0, seqlens=[4, 2], s=5),
+        "prompt-no-past-inputs": dict(past=None, seqlens=[5, 5], s=6),
+        "decode": dict(past=3, seqlens=[3, 3], s=1), "decode-uneven-lengths": dict(past=4, seqlens=[4, 1], s=1),
+        "chunk-after-past": dict(past=3, seqlens=[6], s=4), "packed-qkv": dict(past=2, seqlens=[2, 2], s=1,
+                                                                                  packed=True),
+        "multi-query": dict(past=0, seqlens=[3, 3], s=4), "rotary-prompt": dict(past=0, seqlens=[4, 3], s=5,
+                                                                                rotary=True),
+        "rotary-decode-interleaved": dict(past=5, seqlens=[5, 2], s=1, rotary=True, interleaved=True),
+    }[form]
+    _same(*_gqa(hq, hkv, d, **case), atol=1e-5)
+
+
+def test_group_query_attention_local_window_is_refused_by_name() -> None:
+    model, feeds = _gqa(4, 2, 8, past=0, seqlens=[3, 3], s=4)
+    model.graph.node[0].attribute.append(helper.make_attribute("local_window_size", 2))
+    with pytest.raises(UnsupportedError, match="local_window_size"):
+        kiln.run_reference(model, feeds)
+
+
+def test_group_query_attention_static_cache_same_output_longer_present() -> None:
+    """onnxruntime's static ("shared buffer") cache - total_sequence_length <= past length: the same output; its
+    present keeps the past's length, kiln's has one position more per new token (zeros): what the docstring says."""
+    model, feeds = _gqa(4, 2, 8, past=8, seqlens=[3, 1], s=1)
+    feeds["total_sequence_length"] = np.array(4, np.int32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = kiln.run_reference(model, feeds)
+    np.testing.assert_allclose(np.asarray(got["out"]), want[0], rtol=0, atol=1e-5)
+    pk = np.asarray(got["present_key"])
+    assert want[1].shape == (2, 2, 8, 8) and pk.shape == (2, 2, 9, 8)
+    np.testing.assert_array_equal(pk[:, :, :8], want[1])
+    assert not pk[:, :, 8:].any()

@@ -28,11 +28,22 @@ the reference):
   2**(bits - 1) unless given (packed like q, or in A's dtype). The weight is dequantized when the model is imported
   (B, scales and zero points constants): the engine runs it as a float MatMul - the model runs, without the
   memory saving of 4-bit weights. g_idx (act-order) is refused.
+- GroupQueryAttention(query, key?, value?, past_key?, past_value?, seqlens_k, total_sequence_length, cos_cache?,
+  sin_cache?; num_heads, kv_num_heads, scale, do_rotary, rotary_interleaved): causal grouped-query attention with
+  onnxruntime's growing key/value cache (total_sequence_length = past + new). Sequence b's new tokens sit at
+  positions p_b = seqlens_k[b] + 1 - S on (0 for a first prompt: no past tokens; a prompt may be right-padded, its
+  keys past seqlens_k[b] hidden); query i sees keys j <= p_b + i; present = the past's first p_b positions, the new
+  keys at p_b.., zeros after, BNSH [B, kv_num_heads, past + S, D]; with do_rotary, Q and K rotated at those
+  positions first. Packed QKV (key and value omitted) is split. Refused by name: local windows, softcap, smooth
+  softmax, extra inputs (position ids, attention bias, head sinks) and the QK output. onnxruntime's static
+  ("shared buffer") cache, total_sequence_length <= past, is the same attention but keeps present at the past's
+  length: kiln's present always has past + S positions (the first past ones equal onnxruntime's).
 - RotaryEmbedding(input, position_ids, cos_cache, sin_cache; interleaved, num_heads, rotary_embedding_dim): the
   ONNX RotaryEmbedding with its inputs reordered; position_ids [B, S], or [1] - the first position, the rest
   following it; a 3-D input without num_heads has heads of twice the cache's width (or rotary_embedding_dim).
 
-Refused with the reason (`UnsupportedError` naming the node): key/value caches (past/present inputs and outputs),
+Refused with the reason (`UnsupportedError` naming the node): Attention's and MultiHeadAttention's key/value caches
+(past/present inputs and outputs),
 rotary attention (`do_rotary`), 2*B and 4-D mask_index forms, MultiHeadAttention's packed forms, RotaryEmbedding's
 packed batching and a scale other than 1.
 """
@@ -400,3 +411,99 @@ def matmul_nbits(n: NodeCtx) -> list[Value]:
     y = _one(n, "MatMul", [a, n.const(weight.to(a.dtype.torch), a.dtype, hint="weight")])
     bias = n.input(5)
     return [y if bias is None else _one(n, "Add", [y, bias])]
+
+
+# --- grouped-query attention with onnxruntime's key/value cache -------------------------------------------------
+
+
+def _gqa_refusals(n: NodeCtx) -> None:
+    for name, default in (("local_window_size", -1), ("softcap", 0.0), ("smooth_softmax", 0)):
+        if n.attr(name, default) not in (default, float(default)):
+            raise n.fail(f"{name}={n.attr(name)} is not supported")
+    for i, what in ((9, "position_ids"), (10, "attention_bias"), (11, "head_sink")):
+        if n.input(i) is not None:
+            raise n.fail(f"input {i} ({what}) is not supported")
+    if _out(n, 3):
+        raise n.fail("output 3 (output_qk) is not supported")
+
+
+def _bnsh(n: NodeCtx, x: Value, heads: int, d: int) -> Value:
+    """[B, S, heads * d] -> [B, heads, S, d]."""
+    split = _one(n, "Reshape", [x, n.const([0, 0, heads, d], DType.INT64, hint="heads")])
+    return _one(n, "Transpose", [split], {"perm": [0, 2, 1, 3]})
+
+
+def _cache(n: NodeCtx, past: Value | None, new: Value, start: Value, pos: Value) -> Value:
+    """present [B, H, P + S, d]: past[:, :, :start_b] (zeros after), the new [B, H, S, d] written at pos."""
+    if past is None:
+        return new
+    zeros = _one(n, "ConstantOfShape", [_one(n, "Shape", [new])], {"value": torch.zeros(1, dtype=new.dtype.torch)})
+    ext = _one(n, "Concat", [past, zeros], {"axis": 2})
+    j = _positions(n, ext, 2)  # [T]
+    keep = _one(n, "Less", [j, _one(n, "Unsqueeze", [start, n.const([1], DType.INT64, hint="axes")])])  # [B, T]
+    keep = _one(n, "Unsqueeze", [keep, n.const([1, 3], DType.INT64, hint="axes")])  # [B, 1, T, 1]
+    kept = _one(n, "Where", [keep, ext, _zero(n, ext)])
+    idx = _one(n, "Unsqueeze", [pos, n.const([1, 3], DType.INT64, hint="axes")])  # [B, 1, S, 1]
+    idx = _one(n, "Expand", [idx, _one(n, "Shape", [new])])
+    return _one(n, "ScatterElements", [kept, idx, new], {"axis": 2})
+
+
+def _zero(n: NodeCtx, x: Value) -> Value:
+    return _float_const(n, x, 0.0, "zero")
+
+
+@onnx_op("GroupQueryAttention", domain=MS)
+def group_query_attention(n: NodeCtx) -> list[Value | None]:
+    _gqa_refusals(n)
+    hq, hkv = _heads(n), int(n.attr("kv_num_heads", 0) or 0)
+    if hkv <= 0 or hq % hkv:
+        raise n.fail(f"kv_num_heads={hkv} must be positive and divide num_heads={hq}")
+    q, k, v = _need(n, 0, "query"), n.input(1), n.input(2)
+    width = q.shape[2] if q.shape is not None and q.rank == 3 else None
+    if not isinstance(width, int):
+        raise n.fail(f"query must be [batch, sequence, hidden] with a static hidden size, got {q.type}")
+    if k is None and v is None:  # packed QKV
+        if width % (hq + 2 * hkv):
+            raise n.fail(f"a packed QKV of width {width} does not split into {hq} + 2 * {hkv} heads")
+        d = width // (hq + 2 * hkv)
+        q, k, v = n.emit("Split", [q, n.const([hq * d, hkv * d, hkv * d], DType.INT64, hint="sizes")],
+                         {"axis": 2}, outputs=3)
+    elif k is None or v is None:
+        raise n.fail("key and value are given together, or both omitted (packed QKV)")
+    else:
+        if width % hq:
+            raise n.fail(f"query width {width} is not a multiple of num_heads {hq}")
+        d = width // hq
+    past_k, past_v = n.input(3), n.input(4)
+    if (past_k is None) != (past_v is None):
+        raise n.fail("past_key and past_value are given together")
+    seq = _one(n, "Cast", [_need(n, 5, "seqlens_k")], {"to": DType.INT64})  # [B]
+    s_len = _seq_len(n, q, 1)
+    # the first new token's position: seqlens_k + 1 - S after a past, 0 for a first prompt (no past tokens)
+    start = _one(n, "Sub", [_one(n, "Add", [seq, n.const(1, DType.INT64, hint="one")]), s_len])
+    if past_k is not None:
+        first = _one(n, "Equal", [_seq_len(n, past_k, 2), n.const(0, DType.INT64, hint="zero")])
+        start = _one(n, "Where", [first, n.const(0, DType.INT64, hint="zero"), start])
+    else:
+        start = _one(n, "Mul", [start, n.const(0, DType.INT64, hint="zero")])
+    pos = _one(n, "Add", [_one(n, "Unsqueeze", [start, n.const([1], DType.INT64, hint="axes")]),
+                          _one(n, "Unsqueeze", [_positions(n, q, 1), n.const([0], DType.INT64, hint="axes")])])
+    if n.attr("do_rotary", 0):
+        cos, sin = _need(n, 7, "cos_cache"), _need(n, 8, "sin_cache")
+        inter = int(n.attr("rotary_interleaved", 0))
+        q = _one(n, "RotaryEmbedding", [q, cos, sin, pos], {"num_heads": hq, "interleaved": inter})
+        k = _one(n, "RotaryEmbedding", [k, cos, sin, pos], {"num_heads": hkv, "interleaved": inter})
+    present_k = _cache(n, past_k, _bnsh(n, k, hkv, d), start, pos)
+    present_v = _cache(n, past_v, _bnsh(n, v, hkv, d), start, pos)
+    j = _positions(n, present_k, 2)  # [T]
+    sees = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [pos, n.const([2], DType.INT64, hint="axes")])])
+    valid = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [seq, n.const([1, 2], DType.INT64, hint="axes")])])
+    mask = _one(n, "Unsqueeze", [_one(n, "And", [sees, valid]), n.const([1], DType.INT64, hint="axes")])
+    attrs: dict[str, Any] = {"q_num_heads": hq, "kv_num_heads": hkv}
+    scale = float(n.attr("scale", 0.0) or 0.0)
+    if scale:
+        attrs["scale"] = scale
+    y = _one(n, "Attention", [_bnsh(n, q, hq, d), present_k, present_v, mask], attrs)  # [B, Hq, S, d]
+    y = _one(n, "Reshape", [_one(n, "Transpose", [y], {"perm": [0, 2, 1, 3]}),
+                            n.const([0, 0, hq * d], DType.INT64, hint="merge")])
+    return [y, present_k, present_v]
