@@ -293,10 +293,18 @@ def test_group_query_attention(form: str) -> None:
     _same(*_gqa(hq, hkv, d, **case), atol=1e-5)
 
 
-def test_group_query_attention_local_window_is_refused_by_name() -> None:
+@pytest.mark.parametrize("case", [dict(past=0, seqlens=[6, 4], s=7), dict(past=6, seqlens=[6, 3], s=1)])
+def test_group_query_attention_sliding_window(case: dict) -> None:
+    """local_window_size (Mistral's, Phi-3's sliding window): the query's own position and the W - 1 before it."""
+    model, feeds = _gqa(4, 2, 8, **case)
+    model.graph.node[0].attribute.append(helper.make_attribute("local_window_size", 3))
+    _same(model, feeds, atol=1e-5)
+
+
+def test_group_query_attention_softcap_is_refused_by_name() -> None:
     model, feeds = _gqa(4, 2, 8, past=0, seqlens=[3, 3], s=4)
-    model.graph.node[0].attribute.append(helper.make_attribute("local_window_size", 2))
-    with pytest.raises(UnsupportedError, match="local_window_size"):
+    model.graph.node[0].attribute.append(helper.make_attribute("softcap", 30.0))
+    with pytest.raises(UnsupportedError, match="softcap"):
         kiln.run_reference(model, feeds)
 
 

@@ -34,8 +34,9 @@ the reference):
   positions p_b = seqlens_k[b] + 1 - S on (0 for a first prompt: no past tokens; a prompt may be right-padded, its
   keys past seqlens_k[b] hidden); query i sees keys j <= p_b + i; present = the past's first p_b positions, the new
   keys at p_b.., zeros after, BNSH [B, kv_num_heads, past + S, D]; with do_rotary, Q and K rotated at those
-  positions first. Packed QKV (key and value omitted) is split. Refused by name: local windows, softcap, smooth
-  softmax, extra inputs (position ids, attention bias, head sinks) and the QK output. onnxruntime's static
+  positions first; local_window_size W > 0 hides keys before p_b + i - W + 1. Packed QKV (key and value omitted)
+  is split. Refused by name: softcap, smooth softmax, extra inputs (position ids, attention bias, head sinks) and
+  the QK output. onnxruntime's static
   ("shared buffer") cache, total_sequence_length <= past, is the same attention but keeps present at the past's
   length: kiln's present always has past + S positions (the first past ones equal onnxruntime's).
 - RotaryEmbedding(input, position_ids, cos_cache, sin_cache; interleaved, num_heads, rotary_embedding_dim): the
@@ -417,7 +418,7 @@ def matmul_nbits(n: NodeCtx) -> list[Value]:
 
 
 def _gqa_refusals(n: NodeCtx) -> None:
-    for name, default in (("local_window_size", -1), ("softcap", 0.0), ("smooth_softmax", 0)):
+    for name, default in (("softcap", 0.0), ("smooth_softmax", 0)):
         if n.attr(name, default) not in (default, float(default)):
             raise n.fail(f"{name}={n.attr(name)} is not supported")
     for i, what in ((9, "position_ids"), (10, "attention_bias"), (11, "head_sink")):
@@ -498,7 +499,13 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
     j = _positions(n, present_k, 2)  # [T]
     sees = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [pos, n.const([2], DType.INT64, hint="axes")])])
     valid = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [seq, n.const([1, 2], DType.INT64, hint="axes")])])
-    mask = _one(n, "Unsqueeze", [_one(n, "And", [sees, valid]), n.const([1], DType.INT64, hint="axes")])
+    allowed = _one(n, "And", [sees, valid])
+    window = int(n.attr("local_window_size", -1))
+    if window > 0:  # the last `window` positions up to the query's own (onnxruntime's sliding window)
+        lo = _one(n, "Sub", [pos, n.const(window - 1, DType.INT64, hint="window")])
+        near = _one(n, "GreaterOrEqual", [j, _one(n, "Unsqueeze", [lo, n.const([2], DType.INT64, hint="axes")])])
+        allowed = _one(n, "And", [allowed, near])
+    mask = _one(n, "Unsqueeze", [allowed, n.const([1], DType.INT64, hint="axes")])
     attrs: dict[str, Any] = {"q_num_heads": hq, "kv_num_heads": hkv}
     scale = float(n.attr("scale", 0.0) or 0.0)
     if scale:
