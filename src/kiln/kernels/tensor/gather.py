@@ -30,6 +30,20 @@ def gatherable(node: Node) -> bool:
             and ti.rank is not None and tx.dtype is not DType.STRING and ti.dtype in (DType.INT64, DType.INT32))
 
 
+def checked_indices(idx: torch.Tensor, n: int, check: DeferredCheck, empty: str) -> torch.Tensor:
+    """`idx` as int64 positions on an axis of `n`: negative ones wrapped, any still out of range recorded in
+    `check` and clamped (an out-of-range access would be a device-side fault); IndexError(`empty`) when there are
+    indices but the axis is empty."""
+    i = idx.to(torch.int64)
+    i = torch.where(i < 0, i + n, i)
+    if i.numel() and n == 0:
+        raise IndexError(empty)
+    if i.numel():
+        check.record((i < 0) | (i >= n))
+        i = i.clamp(0, n - 1)
+    return i
+
+
 class CudaGather(Tactic):
     name = "cuda.gather"
     ops = frozenset({"Gather"})
@@ -74,13 +88,7 @@ class CudaGather(Tactic):
                 if start is not None:
                     return [x.narrow(a, start, i.numel()).reshape(x.shape[:a] + i.shape + x.shape[a + 1:])]
             else:
-                i = idx.to(torch.int64)
-                i = torch.where(i < 0, i + n, i)
-                if i.numel() and n == 0:
-                    raise IndexError(f"{where}: the gathered axis is empty")
-                if i.numel():
-                    check.record((i < 0) | (i >= n))
-                    i = i.clamp(0, max(n - 1, 0))  # why: an out-of-range lookup would be a device-side fault
+                i = checked_indices(idx, n, check, f"{where}: the gathered axis is empty")
             out = x.index_select(a, i.reshape(-1))
             return [out.reshape(x.shape[:a] + i.shape + x.shape[a + 1:])]
 

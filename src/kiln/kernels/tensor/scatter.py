@@ -17,6 +17,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, TensorType
 from kiln.kernels.base import DeferredCheck, Kernel, SubgraphRunner, Tactic
 from kiln.kernels.registry import register
+from kiln.kernels.tensor.gather import checked_indices
 
 _REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
@@ -43,11 +44,7 @@ class CudaScatterElements(Tactic):
             x, idx, upd = xs
             a = axis % x.dim()
             n = x.shape[a]
-            i = idx.to(torch.int64)
-            i = torch.where(i < 0, i + n, i)
-            if i.numel():
-                check.record((i < 0) | (i >= n))
-                i = i.clamp(0, max(n - 1, 0))  # why: an out-of-range write would be a device-side fault
+            i = checked_indices(idx, n, check, f"node '{node.name}' (ScatterElements): the scattered axis is empty")
             if reduction == "none":
                 return [x.scatter(a, i, upd)]
             return [x.scatter_reduce(a, i, upd, _REDUCE[reduction], include_self=True)]
