@@ -81,9 +81,10 @@ def _fold(graph: Graph, sm: Node, uses: Uses) -> str | None:
     if bias is not None and bias_target is None:
         return None
 
-    def to4(x: Value, shape: tuple, what: str) -> Value:
-        target = add_const(graph, f"{mm1.name}.{what}4", torch.tensor([-1, *shape[2:]], dtype=torch.int64))
-        return add_node(graph, mm1, "Reshape", [x, target], name=f"{mm1.name}/{what}4")[0]
+    def to4(x: Value, shape: tuple, what: str, at: Node = mm1) -> Value:
+        """x [B, G, ...] as [B * G, ...], computed just before `at`."""
+        target = add_const(graph, f"{at.name}.{what}4", torch.tensor([-1, *shape[2:]], dtype=torch.int64))
+        return add_node(graph, at, "Reshape", [x, target], name=f"{at.name}/{what}4")[0]
 
     q4 = to4(q, qs, "q")  # type: ignore[arg-type]
     t = producer(kt, "Transpose")
@@ -99,9 +100,7 @@ def _fold(graph: Graph, sm: Node, uses: Uses) -> str | None:
         (b4,) = add_node(graph, mm2, "Reshape", [bias, target], name=f"{add.name}/bias4")
         (s4,) = add_node(graph, mm2, "Add", [s4, b4] if first else [b4, s4], name=f"{add.name}/4d")
     (p4,) = add_node(graph, mm2, "Softmax", [s4], {"axis": -1}, name=f"{sm.name}/4d")
-    target = add_const(graph, f"{mm2.name}.v4", torch.tensor([-1, *vs[2:]], dtype=torch.int64))
-    (v4,) = add_node(graph, mm2, "Reshape", [v, target], name=f"{mm2.name}/v4")
-    (y4,) = add_node(graph, mm2, "MatMul", [p4, v4], name=f"{mm2.name}/4d")
+    (y4,) = add_node(graph, mm2, "MatMul", [p4, to4(v, vs, "v", mm2)], name=f"{mm2.name}/4d")  # type: ignore[arg-type]
     out = mm2.outputs[0].shape
     assert out is not None
     back = add_const(graph, f"{mm2.name}.y5", torch.tensor([-1, *out[1:]], dtype=torch.int64))
