@@ -446,14 +446,10 @@ def _cache(n: NodeCtx, past: Value | None, new: Value, start: Value, pos: Value)
     j = _positions(n, ext, 2)  # [T]
     keep = _one(n, "Less", [j, _one(n, "Unsqueeze", [start, n.const([1], DType.INT64, hint="axes")])])  # [B, T]
     keep = _one(n, "Unsqueeze", [keep, n.const([1, 3], DType.INT64, hint="axes")])  # [B, 1, T, 1]
-    kept = _one(n, "Where", [keep, ext, _zero(n, ext)])
+    kept = _one(n, "Where", [keep, ext, _float_const(n, ext, 0.0, "zero")])
     idx = _one(n, "Unsqueeze", [pos, n.const([1, 3], DType.INT64, hint="axes")])  # [B, 1, S, 1]
     idx = _one(n, "Expand", [idx, _one(n, "Shape", [new])])
     return _one(n, "ScatterElements", [kept, idx, new], {"axis": 2})
-
-
-def _zero(n: NodeCtx, x: Value) -> Value:
-    return _float_const(n, x, 0.0, "zero")
 
 
 @onnx_op("GroupQueryAttention", domain=MS)
@@ -482,14 +478,13 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
     if (past_k is None) != (past_v is None):
         raise n.fail("past_key and past_value are given together")
     seq = _one(n, "Cast", [_need(n, 5, "seqlens_k")], {"to": DType.INT64})  # [B]
-    s_len = _seq_len(n, q, 1)
     # the first new token's position: seqlens_k + 1 - S after a past, 0 for a first prompt (no past tokens)
-    start = _one(n, "Sub", [_one(n, "Add", [seq, n.const(1, DType.INT64, hint="one")]), s_len])
     if past_k is not None:
+        start = _one(n, "Sub", [_one(n, "Add", [seq, n.const(1, DType.INT64, hint="one")]), _seq_len(n, q, 1)])
         first = _one(n, "Equal", [_seq_len(n, past_k, 2), n.const(0, DType.INT64, hint="zero")])
         start = _one(n, "Where", [first, n.const(0, DType.INT64, hint="zero"), start])
-    else:
-        start = _one(n, "Mul", [start, n.const(0, DType.INT64, hint="zero")])
+    else:  # every sequence starts at 0: one row of positions serves the batch
+        start = n.const([0], DType.INT64, hint="start")
     pos = _one(n, "Add", [_one(n, "Unsqueeze", [start, n.const([1], DType.INT64, hint="axes")]),
                           _one(n, "Unsqueeze", [_positions(n, q, 1), n.const([0], DType.INT64, hint="axes")])])
     if n.attr("do_rotary", 0):
