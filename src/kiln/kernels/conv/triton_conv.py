@@ -446,7 +446,7 @@ class ConvKernel(SpecKernel):
         self.stages = _stages(tile, s.dtype.torch.itemsize, device)
         if tile.tma:
             _check_tma(s, device)
-        self.source = source(s, tile.tma, tile.subtile)
+        self.source = self.render(s, tile)
         self.fn = load_function(self.source, "kiln_conv", "kiln_conv")
         # why: Hopper's 8-bit tensor-core MMA (wgmma) takes both operands K-major only; with an N-major weight
         # Triton falls back to the older MMA. The TMA form reads both K-major too.
@@ -458,6 +458,10 @@ class ConvKernel(SpecKernel):
             self.weight = prepared(node, s.w_at, ("triton.conv", "khkwc"),
                                    lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous())
         self.dequant = None if s.dq is None else dequant_vector(node, s.dq, s.n)
+
+    def render(self, s: Spec, tile: Tile) -> str:
+        """The kernel source (subclasses render another form with the same arguments)."""
+        return source(s, tile.tma, tile.subtile)
 
     def __call__(self, xs: list[Any]) -> list[Any]:
         s = self.s

@@ -25,7 +25,6 @@ from kiln.kernels.base import Kernel
 from kiln.kernels.conv.triton_conv import _TAIL, PROLOGUE, ConvKernel, Spec, epilogue, spec
 from kiln.kernels.gemm.triton_gemm import Tile
 from kiln.kernels.pointwise.rules import storage
-from kiln.kernels.pointwise.tile import load_function
 from kiln.kernels.registry import register
 from kiln.kernels.templates import TemplateTactic, dot_options
 
@@ -76,7 +75,7 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C: tl.constexpr, H, W, OH, 
 {tail}'''
 
 
-def render(s: Spec, tf32: bool) -> str:
+def stem_source(s: Spec, tf32: bool) -> str:
     """The kernel source for `s` (`tf32`: float32 products in TF32)."""
     e = epilogue(s, "tl.load(b_ptr + (offs_n % N) * stride_b)")
     tail = _TAIL.format(epilogue=e.lines, result=e.result, out=storage(s.out), also="")
@@ -89,10 +88,8 @@ class StemKernel(ConvKernel):
 
     tactic = "triton.stem_conv"
 
-    def __init__(self, node: Node, s: Spec, tile: Tile, device: torch.device) -> None:
-        super().__init__(node, s, tile, device)
-        self.source = render(s, bool(torch.backends.cudnn.allow_tf32))
-        self.fn = load_function(self.source, "kiln_conv", "kiln_conv")
+    def render(self, s: Spec, tile: Tile) -> str:
+        return stem_source(s, bool(torch.backends.cudnn.allow_tf32))
 
 
 def stem_spec(node: Node) -> Spec | None:
