@@ -144,7 +144,7 @@ def test_convnext_block_runs_channels_last_with_view_transposes() -> None:
                           [init("dw", 16, 1, 7, 7), init("dwb", 16), init("g", 16, scale=1.0), init("b", 16),
                            init("w1", 16, 64), init("w2", 64, 16), init("pw", 8, 16, 1, 1)])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
-    engine = kiln.build(model, kiln.BuilderConfig(device="cuda", tf32=False))
+    engine = kiln.build(model, kiln.BuilderConfig(device="cuda", tf32=False, opt_level=1))  # the plan, not speed
     plan = engine.plan
     tactics = {n.name: c.tactic for n, c in zip(plan.graph.nodes, plan.choices[0])}
     assert [t for name, t in tactics.items() if "to_n" in name] == ["cuda.transpose"] * 2, tactics
@@ -336,3 +336,30 @@ def test_a_patch_embedding_runs_as_patch_rows_and_a_gemm(precision: str) -> None
         ref = kiln.run_reference(_vit_stem(), {"x": x})["y"]
         tol = 1e-4 if precision == "fp32" else 2e-2
         np.testing.assert_allclose(ctx.run({"x": x})["y"], ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("form", ["prompt", "decode-uneven", "decode-rotary-packed"])
+def test_group_query_attention_runs_in_a_cuda_graph(precision: str, form: str) -> None:
+    """onnxruntime's GroupQueryAttention (the attention of onnxruntime-genai's LLM exports) on the GPU: the cache
+    writes are device-side scatters, so the whole step is captured; two steps of new data replay the graph, each
+    equal to the CPU reference (output and both presents)."""
+    from tests.frontend.test_contrib_ops import _gqa
+
+    case = {"prompt": dict(past=0, seqlens=[5, 3], s=6),
+            "decode-uneven": dict(past=7, seqlens=[7, 2], s=1),
+            "decode-rotary-packed": dict(past=6, seqlens=[6, 4], s=1, rotary=True, packed=True)}[form]
+    engine = None
+    tol = 1e-5 if precision == "fp32" else 1e-2
+    for seed in (0, 1):
+        model, feeds = _gqa(8, 2, 64, seed=seed, **case)
+        if engine is None:
+            engine = kiln.build(model, kiln.BuilderConfig(device="cuda", precision=precision, tf32=False))
+            ctx = engine.create_context()
+        ref = kiln.run_reference(model, feeds)
+        out = ctx.run(feeds)
+        for name in ("out", "present_key", "present_value"):
+            want = np.asarray(ref[name])
+            np.testing.assert_allclose(out[name], want, rtol=0, atol=tol * max(1.0, float(np.abs(want).max())),
+                                       err_msg=f"{form} {name} seed {seed}")
+    assert ctx.graphs is not None and ctx.graphs.graphs and not ctx.graphs.eager_keys

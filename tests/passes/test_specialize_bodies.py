@@ -35,7 +35,7 @@ def test_a_body_reading_a_model_input_gets_the_static_dims_and_becomes_generatab
     (fused,) = [n for n in g.nodes if n.op == "Fused"]
     body = fused.attrs["body"]
     assert body.inputs[0].shape == ("batch", "seq")
-    assert "does not broadcast" in (check(body) or "")  # before: the generator gives up on the group
+    assert check(body) is None  # the generator takes a named dim under a known size (its kernel checks at run time)
     result = specialize_bodies(PassContext(static_dims={"batch": 1, "seq": 6}))(g)
     assert result.changed and result.counts["specialized"] >= 1
     assert body.inputs[0].shape == (1, 6) and check(body) is None

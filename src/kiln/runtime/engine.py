@@ -279,7 +279,7 @@ class ExecutionContext:
             return x
         if x.dtype.kind not in "biuf" or x.dtype.itemsize > 8 or DType.from_numpy(x.dtype) is not v.type.dtype:
             return x  # bind_input explains what is wrong, or converts what torch cannot hold
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = torch.from_numpy(x if x.flags.c_contiguous else np.ascontiguousarray(x))  # why: that makes 0-d 1-d
         buf = self._pinned.get(v.name)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = self._pinned[v.name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

@@ -152,7 +152,7 @@ STEMS: dict[str, ShapeMaker] = {  # RGB stems at real sizes, channels-last as th
 
 
 @pytest.mark.parametrize("name", list(stem.CASES))
-def test_stem_case_on_cuda(name: str) -> None:
+def test_stem_case_on_cuda(name: str, exact_reference: None) -> None:
     problems = stem.run_case(name, "cuda")
     assert all(p is None for p in problems.values()), problems
 
@@ -160,7 +160,7 @@ def test_stem_case_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("batch", [128, 1])
 @pytest.mark.parametrize("dt", [F16, BF16], ids=str)
 @pytest.mark.parametrize("name", list(STEMS))
-def test_stem_real_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
+def test_stem_real_shapes_every_tile(name: str, dt: DType, batch: int, exact_reference: None) -> None:
     problems = run(STEMS[name](dt, batch), "cuda", tactic_name="triton.stem_conv")
     assert all(p is None for p in problems.values()), problems
 

@@ -354,6 +354,18 @@ case("Cast-from-bool")(_cast_all(D.BOOL, lambda r: r.bools(*SHAPE), (*_CAST_TARG
 case("Cast-float32-nchw-to-float16-channels-last")(lambda r: replace(
     op_case("Cast", [r.randn(2, 3, 5, 7)], to=F16), channels_last=True))
 case("Relu-Neg-nchw-input-two-channels-last-outputs")(lambda r: replace(_two_outputs(r), channels_last=True))
+
+
+@case("Cast-of-a-named-batch-input-to-channels-last")
+def _cast_named_batch(r: Inputs) -> Case:
+    """An engine's input Cast: the graph input keeps its named batch, the profile fixed the output's (2)."""
+    g, (x,) = graph((F32, ("batch", 3, 5, 7)))
+    (y,) = g.add("Cast", [x], {"to": F16})
+    y.type = TensorType(F16, (2, 3, 5, 7))
+    g.outputs = [y]
+    return Case(g, [r.randn(2, 3, 5, 7)], channels_last=True)
+
+
 case("Cast-float32-to-uint8")(_cast_all(F32, lambda r: r.uniform(0, 255.9, *SHAPE), (D.UINT8,)))
 case("Cast-specials-to-bool")(_cast_all(F32, lambda r: torch.tensor([NAN, INF, -0.0, 0.0, 1e-30]), (D.BOOL, F16)))
 

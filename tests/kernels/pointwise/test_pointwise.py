@@ -295,6 +295,21 @@ def test_tactic_takes_a_lone_elementwise_node() -> None:
         assert not t.applicable(n, torch.device("cuda")), n.op  # an omitted input; a shape-dependent Expand
 
 
+def test_tactic_takes_the_input_cast_of_a_named_batch() -> None:
+    """A graph input keeps its named batch where the profile fixed every computed value's (the engine's input Cast
+    [batch, 3, 224, 224] -> [128, 3, 224, 224]): generated; an output still named under a known input is not."""
+    t = TACTICS["triton.pointwise"]
+    g, (x,) = graph((F32, ("batch", 3, 8, 8)))
+    (y,) = g.add("Cast", [x], {"to": F16}, name="x_to_float16")
+    y.type = TensorType(F16, (4, 3, 8, 8))
+    g.outputs = [y]
+    assert t.applicable(g.nodes[0], torch.device("cuda")), check(g)
+    g2, (a, b) = graph((F32, (4, 3)), (F32, ("n", 3)))
+    g2.outputs = list(g2.add("Add", [a, b]))
+    g2.outputs[0].type = TensorType(F32, ("n", 3))
+    assert "does not broadcast" in str(check(g2))
+
+
 def test_quantize_divides_by_the_corrected_reciprocal_where_it_is_finite() -> None:
     """A constant scale: km.quotient with its float32 reciprocal baked in; a scale whose reciprocal overflows
     (subnormal) or a computed one: IEEE division per value (`tl.div_rn`); never Triton's approximate `/`."""

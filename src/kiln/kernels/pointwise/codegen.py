@@ -147,9 +147,14 @@ def _shape(v: Value) -> Shape:
     return v.type.shape
 
 
-def _fits(small: Shape, big: Shape) -> bool:
-    """Whether `small` broadcasts to `big` without growing it."""
-    return len(small) <= len(big) and all(d == 1 or d == b for d, b in zip(small, big[len(big) - len(small):]))
+def _fits(small: Shape, big: Shape, named: bool = False) -> bool:
+    """Whether `small` broadcasts to `big` without growing it. With `named`, a named dim under a known size fits:
+    a graph input keeps its symbolic batch where the profile fixed the size every value computed from it has
+    (MobileNet's input Cast [batch, 3, 224, 224] -> [128, 3, 224, 224]); a generated kernel checks at run time that
+    its inputs' real shapes broadcast to the domain (`PointwiseKernel._domain`). Epilogue tiles, which choose
+    their loads from static shapes, leave `named` off."""
+    return len(small) <= len(big) and all(d == 1 or d == b or (named and isinstance(d, str) and isinstance(b, int))
+                                          for d, b in zip(small, big[len(big) - len(small):]))
 
 
 def build_program(graph: Graph) -> Program:
@@ -173,7 +178,7 @@ def _build(graph: Graph) -> Program:
         if _shape(v) != prog.domain:
             raise _Refused(f"outputs have different shapes ({_shape(v)} and {prog.domain})")
     for v in body.data:
-        if not _fits(_shape(v), prog.domain):
+        if not _fits(_shape(v), prog.domain, named=True):
             raise _Refused(f"value '{v.name}' of shape {_shape(v)} does not broadcast into the domain {prog.domain}")
     return prog
 
