@@ -301,10 +301,51 @@ def test_group_query_attention_sliding_window(case: dict) -> None:
     _same(model, feeds, atol=1e-5)
 
 
-def test_group_query_attention_softcap_is_refused_by_name() -> None:
+def _extra_input(model: onnx.ModelProto, feeds: dict, at: int, name: str, value: np.ndarray) -> None:
+    """Gives the one node input `at` (feeding `value` as a graph input)."""
+    node = model.graph.node[0]
+    while len(node.input) < at:
+        node.input.append("")
+    node.input.append(name)
+    elem = {np.dtype(np.float32): F32, np.dtype(np.int64): I64, np.dtype(np.int32): I32}[value.dtype]
+    model.graph.input.append(helper.make_tensor_value_info(name, elem, list(value.shape)))
+    feeds[name] = value
+
+
+@pytest.mark.parametrize("case", [dict(past=0, seqlens=[5, 3], s=6), dict(past=4, seqlens=[4, 2], s=1),
+                                  dict(past=None, seqlens=[4, 4], s=5)], ids=["prompt", "decode", "no-past-inputs"])
+@pytest.mark.parametrize("form", ["softcap", "smooth-softmax", "head-sink", "head-sink-smooth", "bias-full",
+                                  "bias-one", "bias-per-batch", "softcap-bias-sink", "position-ids"])
+def test_group_query_attention_extras(form: str, case: dict) -> None:
+    """Gemma-2's softcap, gpt-oss's head sinks (smooth softmax: a zero logit in each row's denominator; head_sink
+    gives that logit per head), an additive attention_bias in its broadcast shapes, and position_ids for the
+    rotary angles (the cache slots still follow seqlens_k), against onnxruntime."""
+    hq, hkv, d = 4, 2, 16
+    model, feeds = _gqa(hq, hkv, d, rotary=form == "position-ids", seed=3, **case)
+    node = model.graph.node[0]
+    b, s, t = len(case["seqlens"]), case["s"], (case["past"] or 0) + case["s"]
+    if "softcap" in form:
+        node.attribute.append(helper.make_attribute("softcap", 1.5))
+    if "smooth" in form:
+        node.attribute.append(helper.make_attribute("smooth_softmax", 1))
+    bias = {"bias-full": (b, hq, s, t), "bias-one": (1, 1, s, t), "bias-per-batch": (b, 1, s, t),
+            "softcap-bias-sink": (1, hq, s, t)}.get(form)
+    if bias is not None:
+        _extra_input(model, feeds, 10, "attention_bias", _rand(*bias, seed=5))
+    if "sink" in form:
+        _extra_input(model, feeds, 11, "head_sink", np.array([0.5, -1.0, 2.0, 0.0], np.float32))
+    if form == "position-ids":
+        shift = np.array([3, 7])[:b, None]  # not the cache positions: the rotary follows these
+        start = np.zeros(b, np.int64) if not case["past"] else np.array(case["seqlens"]) + 1 - s
+        _extra_input(model, feeds, 9, "position_ids", (start[:, None] + shift + np.arange(s)).astype(np.int64))
+    _same(model, feeds, atol=1e-5)
+
+
+def test_group_query_attention_output_qk_is_refused_by_name() -> None:
     model, feeds = _gqa(4, 2, 8, past=0, seqlens=[3, 3], s=4)
-    model.graph.node[0].attribute.append(helper.make_attribute("softcap", 30.0))
-    with pytest.raises(UnsupportedError, match="softcap"):
+    model.graph.node[0].output.append("qk")
+    model.graph.output.append(helper.make_tensor_value_info("qk", F32, None))
+    with pytest.raises(UnsupportedError, match="output_qk"):
         kiln.run_reference(model, feeds)
 
 

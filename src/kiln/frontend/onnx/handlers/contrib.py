@@ -38,8 +38,13 @@ the reference):
   keys past seqlens_k[b] hidden); query i sees keys j <= p_b + i; present = the past's first p_b positions, the new
   keys at p_b.., zeros after, BNSH [B, kv_num_heads, past + S, D]; with do_rotary, Q and K rotated at those
   positions first; local_window_size W > 0 hides keys before p_b + i - W + 1. Packed QKV (key and value omitted)
-  is split. Refused by name: softcap, smooth softmax, extra inputs (position ids, attention bias, head sinks) and
-  the QK output. onnxruntime's static
+  is split. softcap (Gemma-2) caps the scaled scores before the mask; attention_bias [B | 1, N | 1, S, T] is
+  added after it; smooth_softmax puts a zero logit into every row's denominator and head_sink [N] (gpt-oss) that
+  logit per head (with or without smooth_softmax: onnxruntime treats them alike) - built as one more key/value
+  position of zeros whose mask entry is the sink, so on the GPU such a step copies the cache once more;
+  position_ids [B, S] set the rotary angles' positions (the cache slots still follow seqlens_k), but in a first
+  prompt onnxruntime starts every row at position_ids[0, 0] and counts on, and so does kiln. Refused by name: the
+  QK output. onnxruntime's static
   ("shared buffer") cache, total_sequence_length <= past, is the same attention but keeps present at the past's
   length: kiln's present always has past + S positions (the first past ones equal onnxruntime's).
 - RotaryEmbedding(input, position_ids, cos_cache, sin_cache; interleaved, num_heads, rotary_embedding_dim): the
@@ -421,14 +426,45 @@ def matmul_nbits(n: NodeCtx) -> list[Value]:
 
 
 def _gqa_refusals(n: NodeCtx) -> None:
-    for name, default in (("softcap", 0.0), ("smooth_softmax", 0)):
-        if n.attr(name, default) not in (default, float(default)):
-            raise n.fail(f"{name}={n.attr(name)} is not supported")
-    for i, what in ((9, "position_ids"), (10, "attention_bias"), (11, "head_sink")):
-        if n.input(i) is not None:
-            raise n.fail(f"input {i} ({what}) is not supported")
+    if float(n.attr("softcap", 0.0) or 0.0) < 0:
+        raise n.fail(f"softcap={n.attr('softcap')} must be >= 0")
     if _out(n, 3):
         raise n.fail("output 3 (output_qk) is not supported")
+
+
+def _with_sink(n: NodeCtx, k: Value, v: Value, mask: Value, hq: int) -> tuple[Value, Value, Value]:
+    """Smooth softmax (a zero logit in every row's denominator) or head sinks (that logit per head): K and V
+    get one more position of zeros, its score q.0 = 0, and the float mask gives it the sink (0 without
+    head_sink); its value adds nothing to the output. `mask` [B, 1 | Hq, S, T] additive -> [B, Hq, S, T + 1]."""
+    sink = n.input(11)
+    col = _one(n, "Shape", [k])
+    col = _one(n, "Concat", [_one(n, "Slice", [col, n.const([0], DType.INT64, hint="at"),
+                                               n.const([2], DType.INT64, hint="to")]),
+                             n.const([1], DType.INT64, hint="one"),
+                             _one(n, "Slice", [col, n.const([3], DType.INT64, hint="at"),
+                                               n.const([4], DType.INT64, hint="to")])], {"axis": 0})
+    zero = _one(n, "ConstantOfShape", [col], {"value": torch.zeros(1, dtype=k.dtype.torch)})  # [B, Hkv, 1, d]
+    k = _one(n, "Concat", [k, zero], {"axis": 2})
+    v = _one(n, "Concat", [v, zero], {"axis": 2})
+    mask = _one(n, "Add", [mask, n.const(torch.zeros(1, hq, 1, 1), mask.dtype, hint="heads")])  # [B, Hq, S, T]
+    last = _one(n, "Slice", [mask, n.const([-1], DType.INT64, hint="at"), n.const([2**62], DType.INT64, hint="to"),
+                             n.const([3], DType.INT64, hint="axis")])
+    col = _one(n, "ConstantOfShape", [_one(n, "Shape", [last])], {"value": torch.zeros(1, dtype=mask.dtype.torch)})
+    if sink is not None:  # [B, Hq, S, 1] of each head's sink
+        col = _one(n, "Add", [col, _one(n, "Cast", [_one(n, "Reshape", [
+            sink, n.const([1, hq, 1, 1], DType.INT64, hint="heads")])], {"to": mask.dtype})])
+    return k, v, _one(n, "Concat", [mask, col], {"axis": 3})
+
+
+def _rotary_positions(n: NodeCtx, q: Value, first: Value | None) -> Value:
+    """The rotary angles' positions [B | 1, S] from position_ids (the cache slots still follow seqlens_k): row b's
+    own ids, except in a first prompt (no past: `first` None, or an empty one), where onnxruntime starts every row
+    at position_ids[0, 0] and counts on (probed on onnxruntime 1.32: the other ids are not read)."""
+    ids = _one(n, "Cast", [_need(n, 9, "position_ids")], {"to": DType.INT64})
+    corner = _one(n, "Slice", [ids, n.const([0, 0], DType.INT64, hint="at"), n.const([1, 1], DType.INT64, hint="to")])
+    counted = _one(n, "Add", [corner, _one(n, "Unsqueeze", [_positions(n, q, 1), n.const([0], DType.INT64,
+                                                                                           hint="axes")])])
+    return counted if first is None else _one(n, "Where", [first, counted, ids])
 
 
 def _bnsh(n: NodeCtx, x: Value, heads: int, d: int) -> Value:
@@ -484,14 +520,15 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
         first = _one(n, "Equal", [_seq_len(n, past_k, 2), n.const(0, DType.INT64, hint="zero")])
         start = _one(n, "Where", [first, n.const(0, DType.INT64, hint="zero"), start])
     else:  # every sequence starts at 0: one row of positions serves the batch
-        start = n.const([0], DType.INT64, hint="start")
+        first, start = None, n.const([0], DType.INT64, hint="start")
     pos = _one(n, "Add", [_one(n, "Unsqueeze", [start, n.const([1], DType.INT64, hint="axes")]),
                           _one(n, "Unsqueeze", [_positions(n, q, 1), n.const([0], DType.INT64, hint="axes")])])
     if n.attr("do_rotary", 0):
         cos, sin = _need(n, 7, "cos_cache"), _need(n, 8, "sin_cache")
         inter = int(n.attr("rotary_interleaved", 0))
-        q = _one(n, "RotaryEmbedding", [q, cos, sin, pos], {"num_heads": hq, "interleaved": inter})
-        k = _one(n, "RotaryEmbedding", [k, cos, sin, pos], {"num_heads": hkv, "interleaved": inter})
+        turn = pos if n.input(9) is None else _rotary_positions(n, q, first)
+        q = _one(n, "RotaryEmbedding", [q, cos, sin, turn], {"num_heads": hq, "interleaved": inter})
+        k = _one(n, "RotaryEmbedding", [k, cos, sin, turn], {"num_heads": hkv, "interleaved": inter})
     present_k = _cache(n, past_k, _bnsh(n, k, hkv, d), start, pos)
     present_v = _cache(n, past_v, _bnsh(n, v, hkv, d), start, pos)
     j = _positions(n, present_k, 2)  # [T]
@@ -503,12 +540,23 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
         lo = _one(n, "Sub", [pos, n.const(window - 1, DType.INT64, hint="window")])
         near = _one(n, "GreaterOrEqual", [j, _one(n, "Unsqueeze", [lo, n.const([2], DType.INT64, hint="axes")])])
         allowed = _one(n, "And", [allowed, near])
-    mask = _one(n, "Unsqueeze", [allowed, n.const([1], DType.INT64, hint="axes")])
+    mask = _one(n, "Unsqueeze", [allowed, n.const([1], DType.INT64, hint="axes")])  # [B, 1, S, T]
+    bias, sinks = n.input(10), n.input(11) is not None or bool(n.attr("smooth_softmax", 0))
+    keys, values = present_k, present_v
+    if bias is not None or sinks:  # an additive float mask: -inf where hidden, plus attention_bias
+        dt = q.dtype if q.dtype.is_float else DType.FLOAT32
+        mask = _one(n, "Where", [mask, n.const(0.0, dt, hint="zero"), n.const(float("-inf"), dt, hint="hidden")])
+        if bias is not None:  # [B | 1, Hq | 1, S, T]
+            mask = _one(n, "Add", [mask, bias if bias.dtype is dt else _one(n, "Cast", [bias], {"to": dt})])
+        if sinks:
+            keys, values, mask = _with_sink(n, keys, values, mask, hq)
     attrs: dict[str, Any] = {"q_num_heads": hq, "kv_num_heads": hkv}
-    scale = float(n.attr("scale", 0.0) or 0.0)
+    scale, softcap = float(n.attr("scale", 0.0) or 0.0), float(n.attr("softcap", 0.0) or 0.0)
     if scale:
         attrs["scale"] = scale
-    y = _one(n, "Attention", [_bnsh(n, q, hq, d), present_k, present_v, mask], attrs)  # [B, Hq, S, d]
+    if softcap:
+        attrs["softcap"] = softcap
+    y = _one(n, "Attention", [_bnsh(n, q, hq, d), keys, values, mask], attrs)  # [B, Hq, S, d]
     y = _one(n, "Reshape", [_one(n, "Transpose", [y], {"perm": [0, 2, 1, 3]}),
                             n.const([0, 0, hq * d], DType.INT64, hint="merge")])
     return [y, present_k, present_v]
