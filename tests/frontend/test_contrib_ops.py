@@ -144,11 +144,57 @@ def test_multi_head_attention(mask: str) -> None:
     _same(*_model("MultiHeadAttention", ins, ["y"], num_heads=HEADS))
 
 
-def test_key_value_caches_are_refused_by_name() -> None:
+PAST = 3
+
+
+@pytest.mark.parametrize("mask", ["none", "raw", "end"])
+@pytest.mark.parametrize("causal", [0, 1])
+def test_attention_with_its_key_value_cache(mask: str, causal: int) -> None:
+    """GPT-2 as onnxruntime's optimizer writes it: past [2, B, N, P, H] in, present [2, B, N, P + S, H] out,
+    the queries at positions P.. (unidirectional), masks over all P + S keys."""
+    ins = _attention_inputs("none")
+    ins["mask_index"] = {"none": None, "raw": np.array([[1] * (PAST + S), [0] + [1] * (PAST + S - 3) + [0, 0]],
+                                                        np.int32),
+                         "end": np.array([PAST + S - 1, PAST + 2], np.int32)}[mask]
+    ins["past"] = _rand(2, B, HEADS, PAST, H // HEADS, seed=7)
+    _same(*_model("Attention", ins, ["y", "present"], inits={"weights": ins["weights"], "bias": ins["bias"]},
+                  num_heads=HEADS, unidirectional=causal))
+
+
+def test_attention_present_without_a_past() -> None:
+    """A first step: present holds the new keys and values alone."""
+    ins = _attention_inputs("raw")
+    _same(*_model("Attention", ins, ["y", "present"], inits={"weights": ins["weights"], "bias": ins["bias"]},
+                  num_heads=HEADS, unidirectional=1))
+
+
+@pytest.mark.parametrize("form", ["decode", "prompt-causal", "padding-mask", "attention-bias", "first-step"])
+def test_multi_head_attention_with_its_key_value_cache(form: str) -> None:
+    """past_key / past_value [B, N, P, H] -> present_key / present_value [B, N, P + L, H]."""
+    s = 1 if form == "decode" else S
+    d = H // HEADS
+    ins: dict[str, np.ndarray | None] = {
+        "query": _rand(B, s, H), "key": _rand(B, s, H, seed=1), "value": _rand(B, s, H, seed=2),
+        "bias": _rand(3 * H, seed=3), "key_padding_mask": None, "attention_bias": None,
+        "past_key": None if form == "first-step" else _rand(B, HEADS, PAST, d, seed=4),
+        "past_value": None if form == "first-step" else _rand(B, HEADS, PAST, d, seed=5)}
+    total = s + (0 if form == "first-step" else PAST)
+    if form == "padding-mask":
+        ins["key_padding_mask"] = np.array([[1] * total, [0, 0] + [1] * (total - 2)], np.int32)
+    if form == "attention-bias":
+        ins["attention_bias"] = _rand(1, HEADS, s, total, seed=6)
+    causal = int(form in ("prompt-causal", "first-step"))
+    _same(*_model("MultiHeadAttention", ins, ["y", "present_key", "present_value"], num_heads=HEADS,
+                  unidirectional=causal))
+
+
+def test_shared_buffer_caches_are_refused_by_name() -> None:
     ins = _attention_inputs("none")
     ins["past"] = _rand(2, B, HEADS, 3, H // HEADS)
+    ins["attention_bias"] = None
+    ins["past_sequence_length"] = np.array(3, np.int32)
     model, _ = _model("Attention", ins, ["y", "present"], num_heads=HEADS)
-    with pytest.raises(UnsupportedError, match=r"input 4 \(past\): key/value caches are not supported"):
+    with pytest.raises(UnsupportedError, match=r"input 6 \(past_sequence_length\): key/value caches"):
         kiln.run_reference(model, {})
 
 

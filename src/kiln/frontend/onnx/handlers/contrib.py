@@ -22,7 +22,11 @@ the reference):
   (`qkv_hidden_sizes`, else thirds), scaled dot-product attention over `num_heads` heads, `scale` (else
   1/sqrt(head size)), causal when `unidirectional`; the mask adds `mask_filter_value` (-10000) where a key is
   hidden: mask_index [B] (keys at and past that end hidden), [B, T] or [B, S, T] (0 hides), plus attention_bias.
-- MultiHeadAttention(query, key, value, bias?, key_padding_mask?, attention_bias?): the same on separate 3-D Q, K, V.
+  With a key/value cache (GPT-2 as onnxruntime's optimizer writes it): past [2, B, N, P, H] (keys, values) ->
+  present [2, B, N, P + S, H], the queries at positions P.. (so `unidirectional` hides keys after P + i), masks
+  over all P + S keys; past with attention_bias is refused, as onnxruntime refuses it.
+- MultiHeadAttention(query, key, value, bias?, key_padding_mask?, attention_bias?, past_key?, past_value?): the
+  same on separate 3-D Q, K, V; its cache past_key / past_value [B, N, P, H] -> present_key / present_value.
 - MatMulNBits(A, B, scales, zero_points?, g_idx?, bias?; K, N, bits, block_size): A @ W^T (+ bias), W [N, K] the
   weight quantized to `bits` (2-8) in blocks of `block_size` along K: (q - zero point) * scale, the zero point
   2**(bits - 1) unless given (packed like q, or in A's dtype). The weight is dequantized when the model is imported
@@ -51,10 +55,9 @@ the reference):
   ONNX RotaryEmbedding with its inputs reordered; position_ids [B, S], or [1] - the first position, the rest
   following it; a 3-D input without num_heads has heads of twice the cache's width (or rotary_embedding_dim).
 
-Refused with the reason (`UnsupportedError` naming the node): Attention's and MultiHeadAttention's key/value caches
-(past/present inputs and outputs),
-rotary attention (`do_rotary`), 2*B and 4-D mask_index forms, MultiHeadAttention's packed forms, RotaryEmbedding's
-packed batching and a scale other than 1.
+Refused with the reason (`UnsupportedError` naming the node): the shared-buffer caches (past_sequence_length),
+beam search's cache_indirection, MultiHeadAttention's QK output, rotary attention (`do_rotary`), 2*B and 4-D
+mask_index forms, MultiHeadAttention's packed forms, RotaryEmbedding's packed batching and a scale other than 1.
 """
 
 from __future__ import annotations
@@ -256,18 +259,20 @@ def _hidden_bias(n: NodeCtx, hide: Value, like: Value) -> Value:
     return _one(n, "Where", [hide, _float_const(n, like, fill, "mask_filter"), _float_const(n, like, 0.0, "zero")])
 
 
-def _key_mask(n: NodeCtx, mask: Value | None, bias: Value | None, q: Value, k: Value) -> Value | None:
-    """The additive mask [B, 1, 1 or S, T] of a mask_index / key_padding_mask, plus attention_bias."""
+def _key_mask(n: NodeCtx, mask: Value | None, bias: Value | None, q: Value, k: Value,
+              axis: int = 1) -> Value | None:
+    """The additive mask [B, 1, 1 or S, T] of a mask_index / key_padding_mask, plus attention_bias; the keys
+    are k's axis `axis` (1 of [B, T, D], 2 of a present [B, N, T, H])."""
     out = None
     if mask is not None:
-        b, t = q.shape[0] if q.shape else None, k.shape[1] if k.shape else None
+        b, t = q.shape[0] if q.shape else None, k.shape[axis] if k.shape else None
         if mask.rank == 1:
             if mask.shape is None or b is None or sym.equal(mask.shape[0], b) is not True:
                 raise n.fail(f"a 1-D mask of shape {mask.shape} is taken as the keys' end per sequence [batch]; "
                              f"the [2 * batch] form (ends and starts) is not supported")
             end = _one(n, "Unsqueeze", [_one(n, "Cast", [mask], {"to": DType.INT64}),
                                         n.const([1], DType.INT64, hint="axes")])
-            hide = _one(n, "GreaterOrEqual", [_positions(n, k, 1), end])  # [B, T]
+            hide = _one(n, "GreaterOrEqual", [_positions(n, k, axis), end])  # [B, T]
             out = _hidden_bias(n, hide, q)
             axes = [1, 2]
         elif mask.rank in (2, 3):
@@ -294,6 +299,43 @@ def _attend(n: NodeCtx, q: Value, k: Value, v: Value, heads: int, mask: Value | 
     return [_one(n, "Attention", [q, k, v, mask], attrs)]
 
 
+def _attend_cached(n: NodeCtx, q: Value, k: Value, v: Value, heads: int, past: tuple[Value, Value] | None,
+                   mask: Value | None, bias: Value | None) -> list[Value]:
+    """Attention with a key/value cache: present = past ++ the new keys/values ([B, N, P + S, H]); query i sits at
+    position P + i, so `unidirectional` hides keys after it (a mask_filter_value bias, as onnxruntime adds).
+    Returns [y [B, S, N * H], present_key, present_value]."""
+    d = _head_size(n, q, heads)
+    present_k, present_v = _bnsh(n, k, heads, d), _bnsh(n, v, heads, d)
+    if past is not None:
+        present_k = _one(n, "Concat", [past[0], present_k], {"axis": 2})
+        present_v = _one(n, "Concat", [past[1], present_v], {"axis": 2})
+    add = _key_mask(n, mask, bias, q, present_k, axis=2)
+    if n.attr("unidirectional", 0):
+        at = _positions(n, q, 1)
+        if past is not None:
+            at = _one(n, "Add", [at, _seq_len(n, past[0], 2)])
+        later = _one(n, "Greater", [_one(n, "Unsqueeze", [_positions(n, present_k, 2),
+                                                          n.const([0], DType.INT64, hint="axes")]),
+                                    _one(n, "Unsqueeze", [at, n.const([1], DType.INT64, hint="axes")])])  # [S, T]
+        causal = _hidden_bias(n, later, q)
+        add = causal if add is None else _one(n, "Add", [add, causal])
+    attrs: dict[str, Any] = {}
+    scale = float(n.attr("scale", 0.0) or 0.0)
+    if scale:
+        attrs["scale"] = scale
+    y = _one(n, "Attention", [_bnsh(n, q, heads, d), present_k, present_v, add], attrs)  # [B, N, S, H]
+    y = _one(n, "Reshape", [_one(n, "Transpose", [y], {"perm": [0, 2, 1, 3]}),
+                            n.const([0, 0, heads * d], DType.INT64, hint="merge")])
+    return [y, present_k, present_v]
+
+
+def _head_size(n: NodeCtx, x: Value, heads: int) -> int:
+    width = x.shape[2] if x.shape is not None and x.rank == 3 else None
+    if not isinstance(width, int) or width % heads:
+        raise n.fail(f"a key/value cache needs a static hidden size that num_heads {heads} divides, got {x.type}")
+    return width // heads
+
+
 def _heads(n: NodeCtx) -> int:
     heads = n.attr("num_heads")
     if not heads or int(heads) <= 0:
@@ -303,7 +345,7 @@ def _heads(n: NodeCtx) -> int:
 
 @onnx_op("Attention", domain=MS)
 def attention(n: NodeCtx) -> list[Value]:
-    _no_cache(n, {4: "past", 6: "past_sequence_length"}, {1: "present"})
+    _no_cache(n, {6: "past_sequence_length"}, {})
     if n.attr("do_rotary", 0):
         raise n.fail("rotary attention (do_rotary) is not supported")
     heads = _heads(n)
@@ -320,14 +362,27 @@ def attention(n: NodeCtx) -> list[Value]:
     if n.input(2) is not None:
         qkv = _one(n, "Add", [qkv, n.input(2)])
     q, k, v = n.emit("Split", [qkv, n.const(sizes, DType.INT64, hint="sizes")], {"axis": -1}, outputs=3)
+    past = n.input(4)
+    if past is not None or _out(n, 1):  # the cache: past [2, B, N, P, H] -> present [2, B, N, P + S, H]
+        if past is not None and n.input(5) is not None:
+            raise n.fail("past and attention_bias together (onnxruntime refuses them too)")
+        halves = None
+        if past is not None:
+            pk, pv = n.emit("Split", [past, n.const([1, 1], DType.INT64, hint="halves")], {"axis": 0}, outputs=2)
+            first = n.const([0], DType.INT64, hint="axes")
+            halves = (_one(n, "Squeeze", [pk, first]), _one(n, "Squeeze", [pv, first]))
+        y, pk, pv = _attend_cached(n, q, k, v, heads, halves, n.input(3), n.input(5))
+        first = n.const([0], DType.INT64, hint="axes")
+        present = _one(n, "Concat", [_one(n, "Unsqueeze", [pk, first]), _one(n, "Unsqueeze", [pv, first])],
+                       {"axis": 0})
+        return [y, present]
     mask = _key_mask(n, n.input(3), n.input(5), q, k)
     return _attend(n, q, k, v, heads, mask)
 
 
 @onnx_op("MultiHeadAttention", domain=MS)
 def multi_head_attention(n: NodeCtx) -> list[Value]:
-    _no_cache(n, {6: "past_key", 7: "past_value", 8: "past_sequence_length", 9: "cache_indirection"},
-              {1: "present_key", 2: "present_value", 3: "qk"})
+    _no_cache(n, {8: "past_sequence_length", 9: "cache_indirection"}, {3: "qk"})
     heads = _heads(n)
     q, k, v = _need(n, 0, "query"), n.input(1), n.input(2)
     if k is None or v is None or q.rank != 3 or k.rank != 3 or v.rank != 3:
@@ -341,6 +396,12 @@ def multi_head_attention(n: NodeCtx) -> list[Value]:
         bq, bk, bv = n.emit("Split", [bias, n.const([d, d, dv], DType.INT64, hint="sizes")], {"axis": 0},
                             outputs=3)
         q, k, v = _one(n, "Add", [q, bq]), _one(n, "Add", [k, bk]), _one(n, "Add", [v, bv])
+    past_k, past_v = n.input(6), n.input(7)
+    if (past_k is None) != (past_v is None):
+        raise n.fail("past_key and past_value are given together")
+    if past_k is not None or _out(n, 1) or _out(n, 2):  # the cache: past [B, N, P, H] -> present [B, N, P + S, H]
+        return _attend_cached(n, q, k, v, heads, None if past_k is None or past_v is None else (past_k, past_v),
+                              n.input(4), n.input(5))
     mask = _key_mask(n, n.input(4), n.input(5), q, k)
     return _attend(n, q, k, v, heads, mask)
 
