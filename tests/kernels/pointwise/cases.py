@@ -366,6 +366,16 @@ def _cast_named_batch(r: Inputs) -> Case:
     return Case(g, [r.randn(2, 3, 5, 7)], channels_last=True)
 
 
+@case("Cast-to-a-named-batch-output")
+def _cast_to_named_output(r: Inputs) -> Case:
+    """An engine's output Cast: computed at the profile's static size, the model's output declared (batch, 6)."""
+    g, (x,) = graph((F16, (4, 6)))
+    (y,) = g.add("Cast", [x], {"to": F32})
+    y.type = TensorType(F32, ("batch", 6))
+    g.outputs = [y]
+    return Case(g, [r.randn(4, 6, dtype=F16)])
+
+
 case("Cast-float32-to-uint8")(_cast_all(F32, lambda r: r.uniform(0, 255.9, *SHAPE), (D.UINT8,)))
 case("Cast-specials-to-bool")(_cast_all(F32, lambda r: torch.tensor([NAN, INF, -0.0, 0.0, 1e-30]), (D.BOOL, F16)))
 

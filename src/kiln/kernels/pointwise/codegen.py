@@ -148,12 +148,13 @@ def _shape(v: Value) -> Shape:
 
 
 def _fits(small: Shape, big: Shape, named: bool = False) -> bool:
-    """Whether `small` broadcasts to `big` without growing it. With `named`, a named dim under a known size fits:
-    a graph input keeps its symbolic batch where the profile fixed the size every value computed from it has
-    (MobileNet's input Cast [batch, 3, 224, 224] -> [128, 3, 224, 224]); a generated kernel checks at run time that
-    its inputs' real shapes broadcast to the domain (`PointwiseKernel._domain`). Epilogue tiles, which choose
-    their loads from static shapes, leave `named` off."""
-    return len(small) <= len(big) and all(d == 1 or d == b or (named and isinstance(d, str) and isinstance(b, int))
+    """Whether `small` broadcasts to `big` without growing it. With `named`, a named dim against a known size
+    fits, either way round: the model's inputs and outputs keep their symbolic batch where the profile fixed the
+    size every computed value has (MobileNet's input Cast [batch, 3, 224, 224] -> [128, 3, 224, 224], BERT's
+    output Cast [128, 128, 768] -> [batch, seq, 768]); a generated kernel checks at run time that its inputs' real
+    shapes broadcast to the domain (`PointwiseKernel._domain`). Epilogue tiles, which choose their loads from
+    static shapes, leave `named` off."""
+    return len(small) <= len(big) and all(d == 1 or d == b or (named and isinstance(d, int) != isinstance(b, int))
                                           for d, b in zip(small, big[len(big) - len(small):]))
 
 
