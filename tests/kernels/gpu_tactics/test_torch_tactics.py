@@ -174,11 +174,34 @@ def test_sdpa_matches_the_reference(packed: bool, kv_heads: int, mask: bool, cau
     _check(node, feeds, "cuda.sdpa", [{"backend": "math"}])
 
 
-def test_sdpa_leaves_boolean_masks_and_caches_to_the_reference() -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_sdpa_takes_boolean_masks_with_rows_that_see_nothing(packed: bool) -> None:
+    """GroupQueryAttention's mask (onnxruntime's LLM exports): boolean [B, 1, S, T]; a row with no key to see
+    gives zeros, as the reference says (on the CPU torch's math backend does too; the GPU backends are not
+    promised to, hence the kernel's own zeroing)."""
+    g = Graph()
+    b, h, kvh, s, t, d = 2, 4, 2, 3, 5, 8
+    shapes = ((b, s, h * d), (b, t, kvh * d)) if packed else ((b, h, s, d), (b, kvh, t, d))
+    q, k, v = (g.add_input(n, TensorType(F32, shape)) for n, shape in zip("qkv", (shapes[0], shapes[1], shapes[1])))
+    m = g.add_input("m", TensorType(DType.BOOL, (b, 1, s, t)))
+    attrs = {"q_num_heads": h, "kv_num_heads": kvh} if packed else {}
+    g.outputs.append(g.add("Attention", [q, k, v, m], attrs, name="attn", outputs=1)[0])
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand((b, 1, s, t), generator=gen) < 0.6
+    mask[1, 0, 2] = False  # sequence 1's last query sees nothing
+    feeds = {"q": torch.randn(shapes[0], generator=gen), "k": torch.randn(shapes[1], generator=gen),
+             "v": torch.randn(shapes[1], generator=gen), "m": mask}
+    _check(g.nodes[0], feeds, "cuda.sdpa", [{"backend": "math"}])
+    got = registry.get("cuda.sdpa").build(g.nodes[0], {"backend": "math"}, CUDA)(list(feeds.values()))[0]
+    row = got[1, 2] if packed else got[1, :, 2]
+    assert not row.any() and got.isfinite().all()
+
+
+def test_sdpa_leaves_caches_to_the_reference() -> None:
     g = Graph()
     q = g.add_input("q", TensorType(F32, (1, 2, 3, 4)))
-    m = g.add_input("m", TensorType(DType.BOOL, (1, 1, 3, 3)))
-    g.outputs.append(g.add("Attention", [q, q, q, m], name="attn", outputs=1)[0])
+    past = g.add_input("past", TensorType(F32, (1, 2, 2, 4)))
+    g.outputs.append(g.add("Attention", [q, q, q, None, past, past], name="attn", outputs=1)[0])
     assert not registry.get("cuda.sdpa").applicable(g.nodes[0], CUDA)
 
 

@@ -2,9 +2,13 @@
 (FlashAttention-2, memory-efficient, cuDNN, math): the tuner keeps the fastest that runs and matches.
 
 Takes 4-D [batch, heads, seq, head] or packed 3-D [batch, seq, heads*head] Q/K/V (heads from the attributes),
-grouped-query K/V, a float additive mask (broadcast over heads), `is_causal` without a mask, any scale.
-Left to the reference: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, softcap, boolean masks
-(a row with no allowed key must give zeros, as the reference defines), extra outputs.
+grouped-query K/V, a float additive or a boolean mask (broadcast over heads; a boolean one becomes 0 / -inf),
+`is_causal` without a mask, any scale. A boolean mask's query row with no key to see gives zeros, as the
+reference defines: the kernel zeroes those rows after SDPA (torch 2.13's CPU backends give zeros there too; no
+backend promises it). (A float mask's
+all -inf row is not checked - that would cost every BERT layer two more kernels; the tuner's comparison with the
+reference drops a backend that differs on its sample, and ONNX exports hide keys with finite fills.)
+Left to the reference: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, softcap, extra outputs.
 
 `cuda.sdpa_quantize` takes a "quantizing" node (an Attention and the per-tensor QuantizeLinear of its output, as
 INT8/FP8 builds fuse them): the attention on a torch backend, then the QuantizeLinear's own kernel - beside
@@ -59,7 +63,9 @@ class Sdpa(Tactic):
             return False
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         if mask is not None:
-            if a["is_causal"] or not isinstance(mask.type, TensorType) or not mask.type.dtype.is_float:
+            if a["is_causal"] or not isinstance(mask.type, TensorType):
+                return False
+            if not mask.type.dtype.is_float and mask.type.dtype is not DType.BOOL:
                 return False
             if mask.type.rank is None or mask.type.rank > 4:
                 return False
@@ -83,16 +89,24 @@ class Sdpa(Tactic):
                 v = v.view(v.shape[0], v.shape[1], kvh, -1).transpose(1, 2)
             if causal and q.shape[2] != k.shape[2]:
                 raise ValueError("is_causal with different query and key lengths is left to the reference")
+            dead = None
             if mask is not None:
-                mask = mask.to(q.dtype)
                 while mask.dim() < 4:
                     mask = mask.unsqueeze(0)
+                if mask.dtype == torch.bool:
+                    dead = ~mask.any(-1, keepdim=True)
+                    mask = torch.where(mask, torch.zeros((), dtype=q.dtype, device=q.device),
+                                       torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+                else:
+                    mask = mask.to(q.dtype)
             gqa = k.shape[1] != q.shape[1]
             from torch.nn.attention import sdpa_kernel
 
             with sdpa_kernel([backend]):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                                    enable_gqa=gqa)
+            if dead is not None:  # rows with no key to see: zeros whatever the backend did (no host sync)
+                y = y.masked_fill(dead, 0.0)
             if packed:
                 y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
             return [y]
