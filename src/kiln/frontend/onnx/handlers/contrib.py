@@ -290,10 +290,7 @@ def _key_mask(n: NodeCtx, mask: Value | None, bias: Value | None, q: Value, k: V
 
 
 def _attend(n: NodeCtx, q: Value, k: Value, v: Value, heads: int, mask: Value | None) -> list[Value]:
-    attrs: dict[str, Any] = {"q_num_heads": heads, "kv_num_heads": heads}
-    scale = float(n.attr("scale", 0.0) or 0.0)
-    if scale:
-        attrs["scale"] = scale
+    attrs = _scale(n, {"q_num_heads": heads, "kv_num_heads": heads})
     if n.attr("unidirectional", 0):
         attrs["is_causal"] = 1
     return [_one(n, "Attention", [q, k, v, mask], attrs)]
@@ -319,14 +316,20 @@ def _attend_cached(n: NodeCtx, q: Value, k: Value, v: Value, heads: int, past: t
                                     _one(n, "Unsqueeze", [at, n.const([1], DType.INT64, hint="axes")])])  # [S, T]
         causal = _hidden_bias(n, later, q)
         add = causal if add is None else _one(n, "Add", [add, causal])
-    attrs: dict[str, Any] = {}
+    y = _one(n, "Attention", [_bnsh(n, q, heads, d), present_k, present_v, add], _scale(n, {}))  # [B, N, S, H]
+    return [_merge_heads(n, y, heads * d), present_k, present_v]
+
+
+def _scale(n: NodeCtx, attrs: dict[str, Any]) -> dict[str, Any]:
+    """`attrs` with the node's `scale`, when it sets one (else Attention's 1/sqrt(head size))."""
     scale = float(n.attr("scale", 0.0) or 0.0)
-    if scale:
-        attrs["scale"] = scale
-    y = _one(n, "Attention", [_bnsh(n, q, heads, d), present_k, present_v, add], attrs)  # [B, N, S, H]
-    y = _one(n, "Reshape", [_one(n, "Transpose", [y], {"perm": [0, 2, 1, 3]}),
-                            n.const([0, 0, heads * d], DType.INT64, hint="merge")])
-    return [y, present_k, present_v]
+    return {**attrs, "scale": scale} if scale else attrs
+
+
+def _merge_heads(n: NodeCtx, y: Value, width: int) -> Value:
+    """[B, N, S, H] -> [B, S, N * H = width]."""
+    return _one(n, "Reshape", [_one(n, "Transpose", [y], {"perm": [0, 2, 1, 3]}),
+                               n.const([0, 0, width], DType.INT64, hint="merge")])
 
 
 def _head_size(n: NodeCtx, x: Value, heads: int) -> int:
@@ -611,13 +614,9 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
             mask = _one(n, "Add", [mask, bias if bias.dtype is dt else _one(n, "Cast", [bias], {"to": dt})])
         if sinks:
             keys, values, mask = _with_sink(n, keys, values, mask, hq)
-    attrs: dict[str, Any] = {"q_num_heads": hq, "kv_num_heads": hkv}
-    scale, softcap = float(n.attr("scale", 0.0) or 0.0), float(n.attr("softcap", 0.0) or 0.0)
-    if scale:
-        attrs["scale"] = scale
+    attrs = _scale(n, {"q_num_heads": hq, "kv_num_heads": hkv})
+    softcap = float(n.attr("softcap", 0.0) or 0.0)
     if softcap:
         attrs["softcap"] = softcap
     y = _one(n, "Attention", [_bnsh(n, q, hq, d), keys, values, mask], attrs)  # [B, Hq, S, d]
-    y = _one(n, "Reshape", [_one(n, "Transpose", [y], {"perm": [0, 2, 1, 3]}),
-                            n.const([0, 0, hq * d], DType.INT64, hint="merge")])
-    return [y, present_k, present_v]
+    return [_merge_heads(n, y, hq * d), present_k, present_v]
