@@ -86,11 +86,16 @@ def test_cuda_graph_replay_matches_step_by_step_and_follows_new_inputs() -> None
     engine = kiln.build(_cnn(), cfg)
     graphed, eager = engine.create_context(), engine.create_context(cuda_graphs=False)
     rng = np.random.default_rng(5)
-    for n in (4, 4, 2, 4):  # a new shape captures a new graph; a known one replays with the new data
+    # a shape's first run is step by step, its second captures a graph, later ones replay it with the new data
+    for n, graphs in ((4, 0), (4, 1), (2, 1), (4, 1), (2, 2), (2, 2), (1, 2)):
         x = torch.from_numpy(rng.standard_normal((n, 3, 32, 32)).astype(np.float32)).cuda()
         a, b = graphed.run({"x": x})["y"], eager.run({"x": x})["y"]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert graphed.graphs is not None and len(graphed.graphs.graphs) == 2 and not graphed.graphs.eager_keys
+        assert graphed.graphs is not None and len(graphed.graphs.graphs) == graphs, (n, graphs)
+    assert not graphed.graphs.eager_keys
+    first = engine.create_context(capture_after=1)
+    first.run({"x": x})
+    assert first.graphs is not None and len(first.graphs.graphs) == 1
 
 
 def test_an_engine_that_cannot_be_captured_says_so_and_runs_eagerly() -> None:

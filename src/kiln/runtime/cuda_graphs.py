@@ -1,5 +1,10 @@
 """CUDA graphs: capture a function of device tensors once per key (an input shape), replay it after.
 
+A key is captured on its `capture_after`-th run (default 2); the runs before run eagerly. A capture costs a
+warm-up run, the capture and a replay, so a shape seen once - every decode step of a growing key/value cache,
+a one-off query - would pay three times for nothing; a shape that comes back is captured the second time and
+replayed from the third.
+
 Reusable beyond ONNX plans (the LLM runner will capture its decode steps with it). A captured function must only
 touch device memory: anything that reads device data on the host (`.item()`, a data-dependent shape) cannot be
 captured - CUDA refuses it, the capture fails, and that key runs eagerly from then on (`eager_keys` says why).
@@ -44,23 +49,40 @@ def copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         d.copy_(s)
 
 
-class GraphCache:
-    """At most `max_graphs` captured graphs, least recently used dropped first."""
+MAX_SEEN = 256
+"""How many not yet captured keys a cache remembers (their run counts; the oldest forgotten first)."""
 
-    def __init__(self, device: torch.device, max_graphs: int = 8) -> None:
+
+class GraphCache:
+    """At most `max_graphs` captured graphs, least recently used dropped first; a key is captured on its
+    `capture_after`-th run (1: on first use)."""
+
+    def __init__(self, device: torch.device, max_graphs: int = 8, capture_after: int = 2) -> None:
+        if capture_after < 1:
+            raise ValueError(f"capture_after must be >= 1, got {capture_after}")
         self.device = device
         self.max_graphs = max_graphs
+        self.capture_after = capture_after
         self.graphs: OrderedDict[Hashable, Captured] = OrderedDict()
         self.eager_keys: dict[Hashable, str] = {}
+        self.seen: OrderedDict[Hashable, int] = OrderedDict()
+        """Keys run (eagerly) fewer than `capture_after` times so far, with their counts."""
         self._pool: Any = None
 
     def run(self, key: Hashable, inputs: Mapping[str, torch.Tensor], fn: Fn) -> dict[str, Any] | None:
-        """fn(inputs) through the graph captured for `key` (capturing it on first use); None when `key` cannot
-        be captured (the caller runs fn eagerly). The returned tensors are the graph's own: copy them out."""
+        """fn(inputs) through the graph captured for `key` (capturing it on its `capture_after`-th run); None
+        when the caller is to run fn eagerly - before then, or when `key` cannot be captured. The returned
+        tensors are the graph's own: copy them out."""
         if key in self.eager_keys:
             return None
         cap = self.graphs.get(key)
         if cap is None:
+            runs = self.seen.pop(key, 0) + 1
+            if runs < self.capture_after:
+                self.seen[key] = runs
+                while len(self.seen) > MAX_SEEN:
+                    self.seen.popitem(last=False)
+                return None
             cap = self._capture(key, inputs, fn)
             if cap is None:
                 return None

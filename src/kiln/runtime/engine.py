@@ -110,10 +110,11 @@ class Engine:
     def device_info(self) -> DeviceInfo:
         return DeviceInfo.from_json(self.metadata["device"])
 
-    def create_context(self, *, cuda_graphs: bool = True) -> ExecutionContext:
+    def create_context(self, *, cuda_graphs: bool = True, capture_after: int = 2) -> ExecutionContext:
         """A context to run the engine with. On a GPU, `cuda_graphs` captures the whole plan once per input shape
-        and replays it (no per-step launch overhead); shapes that cannot be captured run step by step."""
-        return ExecutionContext(self, cuda_graphs=cuda_graphs)
+        and replays it (no per-step launch overhead): on the shape's `capture_after`-th run (the runs before, and
+        shapes that cannot be captured, run step by step - a shape seen once never pays for a capture)."""
+        return ExecutionContext(self, cuda_graphs=cuda_graphs, capture_after=capture_after)
 
     def header(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {**self.metadata, "plan": self.plan.to_json(weights)}
@@ -179,10 +180,11 @@ class ExecutionContext:
     they come from the CUDA caching allocator - inside CUDA graphs, from the graphs' private pool, where
     liveness gives the same reuse - so that kernels write their results once, where they stay."""
 
-    def __init__(self, engine: Engine, cuda_graphs: bool = True) -> None:
+    def __init__(self, engine: Engine, cuda_graphs: bool = True, capture_after: int = 2) -> None:
         self.engine = engine
         self.device = engine.device
-        self.graphs = GraphCache(self.device) if self.device.type == "cuda" and cuda_graphs else None
+        self.graphs = (GraphCache(self.device, capture_after=capture_after)
+                       if self.device.type == "cuda" and cuda_graphs else None)
         self._pinned: dict[str, torch.Tensor] = {}
         self._kernels: dict[int, list[Kernel]] = {}
         self._checks: list[Any] = []

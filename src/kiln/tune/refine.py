@@ -160,7 +160,7 @@ class GraphBench:
         self.first_s = statistics.median(self._once(self.base, self.reps) for _ in range(5))
 
     def _capture(self, choices: list[Choice]) -> tuple[Any, torch.cuda.CUDAGraph, dict[str, Any]]:
-        ctx = self.make(choices).create_context()
+        ctx = self.make(choices).create_context(capture_after=1)
         out = ctx.run(self.feeds)
         caps = list(ctx.graphs.graphs.values()) if ctx.graphs is not None else []
         if len(caps) != 1:
