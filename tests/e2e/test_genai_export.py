@@ -1,6 +1,7 @@
 """An LLM as onnxruntime-genai's model builder exports it (the format its users download): a random 2-layer LLaMA with
-a tiny tokenizer, built in FP32 and in INT4, then run by kiln's CPU engine and by onnxruntime over a prompt and two
-decode steps, each step's present key/values fed back as the next step's past.
+a tiny tokenizer, built in FP32 and in INT4, and a random Gemma-2 (softcaps, sliding-window caches) in FP32, then run
+by kiln's CPU engine and by onnxruntime over a prompt and two decode steps, each step's present key/values fed back as
+the next step's past.
 
 The export holds GroupQueryAttention (packed QKV, rotary inside, the growing key/value cache), SkipSimplified- and
 SimplifiedLayerNormalization, and in INT4 MatMulNBits. onnxruntime's INT4 CPU kernel quantizes activations to int8
@@ -28,27 +29,33 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (a test depen
 LAYERS, KV_HEADS, HEAD = 2, 2, 32
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random LLaMA saved as transformers saves it, with a WordLevel tokenizer of its 512 tokens."""
+def _save(model: torch.nn.Module, folder: Path, norm_weight: float) -> Path:
+    """`model`'s weights redrawn (norm weights around `norm_weight`), saved as transformers saves it, with a
+    WordLevel tokenizer of its 512 tokens."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KV_HEADS,
-                                      max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.05)
+            p.normal_(norm_weight if p.dim() == 1 else 0.0, 0.05)
     model.save_pretrained(folder)
     tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(512)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
                                          eos_token="t2").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer LLaMA."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KV_HEADS,
+                                      max_position_embeddings=256)
+    return _save(transformers.LlamaForCausalLM(config), tmp_path_factory.mktemp("tiny_llama"), 1.0)
 
 
 def _build(source: Path, out: Path, precision: str) -> Path:
@@ -71,15 +78,27 @@ def _float_accuracy(path: Path) -> Path:
     return out
 
 
+def _capacities(path: Path) -> dict[str, int]:
+    """The past inputs of the layers with a sliding-window cache, and its capacity (their window)."""
+    found = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "GroupQueryAttention" and attrs.get("sliding_window_cache"):
+            found.update({node.input[3]: attrs["local_window_size"], node.input[4]: attrs["local_window_size"]})
+    return found
+
+
 def _steps(path: Path) -> list[float]:
-    """Per step (a prompt of 6, two decode steps), the largest difference of any output relative to its scale."""
+    """Per step (a prompt of 6, two decode steps), the largest difference of any output relative to its scale.
+    A sliding-window cache starts at its capacity (empty), the others at length 0."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 500, (2, 6)).astype(np.int64)
     mask = np.ones((2, 6), np.int64)
-    past = {f"past_key_values.{i}.{w}": np.zeros((2, KV_HEADS, 0, HEAD), np.float32)
-            for i in range(LAYERS) for w in ("key", "value")}
+    capacity = _capacities(path)
+    past = {name: np.zeros((2, KV_HEADS, capacity.get(name, 0), HEAD), np.float32)
+            for name in (f"past_key_values.{i}.{w}" for i in range(LAYERS) for w in ("key", "value"))}
     errors = []
     for _ in range(3):
         feeds = {"input_ids": ids, "attention_mask": mask, **past}
@@ -102,5 +121,24 @@ def test_genai_export_runs_as_onnxruntime_runs_it(source: Path, tmp_path: Path, 
     if precision == "int4":
         assert "MatMulNBits" in ops, ops
         path = _float_accuracy(path)
+    errors = _steps(path)
+    assert max(errors) < 1e-5, errors
+
+
+def test_a_gemma2_export_with_sliding_window_caches_and_softcaps(tmp_path: Path) -> None:
+    """Gemma-2 as the builder writes it: GroupQueryAttention with softcap, a sliding window whose layers keep a
+    key/value cache of fixed capacity (sliding_window_cache), the final logits softcapped; prompt and decode steps
+    against onnxruntime."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KV_HEADS,
+                                       head_dim=HEAD, max_position_embeddings=256, sliding_window=4,
+                                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                       query_pre_attn_scalar=HEAD)
+    folder = _save(transformers.Gemma2ForCausalLM(config), tmp_path / "gemma2", 0.5)
+    path = _build(folder, tmp_path / "fp32", "fp32")
+    assert _capacities(path), "the builder no longer writes a sliding-window cache: see what it writes now"
     errors = _steps(path)
     assert max(errors) < 1e-5, errors

@@ -58,3 +58,33 @@ def test_applicable_on_cuda_before_the_reference() -> None:
     assert t.applicable(node, CUDA) and not t.applicable(node, torch.device("cpu"))
     names = [c.name for c in registry.candidates(node, CUDA)]
     assert names.index("cuda.scatter_elements") < names.index("reference")
+
+
+def _gather_node(axis: int, shape: tuple[int, ...], idx_shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    g = Graph()
+    x = g.add_input("x", TensorType(DType.FLOAT32, shape))
+    i = g.add_input("i", TensorType(DType.INT32, idx_shape))
+    g.outputs.append(g.add("GatherElements", [x, i], {"axis": axis}, name="take")[0])
+    return g.nodes[0]
+
+
+@pytest.mark.parametrize("axis", [0, 2, -2])
+def test_gather_elements_matches_the_reference(axis: int) -> None:
+    """`cuda.gather_elements` (a sliding-window cache's shift): indices smaller than the data on other axes, some
+    negative, int32."""
+    gen = torch.Generator().manual_seed(1)
+    shape, idx_shape = (3, 5, 4), (2, 4, 3)
+    n = shape[axis]
+    idx = torch.randint(-n, n, idx_shape, generator=gen).to(torch.int32)
+    xs = [torch.randn(shape, generator=gen), idx]
+    node = _gather_node(axis, shape, idx_shape)
+    t = registry.get("cuda.gather_elements")
+    assert t.applicable(node, CUDA) and not t.applicable(node, torch.device("cpu"))
+    kernel = t.build(node, {}, CUDA)
+    (got,) = kernel(xs)
+    (want,) = OPS["GatherElements"].ref(RefCtx(node), xs)
+    torch.testing.assert_close(got, want)
+    assert kernel.checks[0].raised() is None  # type: ignore[attr-defined]
+    kernel([xs[0], torch.full(idx_shape, n, dtype=torch.int32)])
+    message = kernel.checks[0].raised()  # type: ignore[attr-defined]
+    assert message is not None and "node 'take'" in message and "out of range" in message

@@ -47,8 +47,11 @@ the reference):
   logit per head (with or without smooth_softmax: onnxruntime treats them alike) - built as one more key/value
   position of zeros whose mask entry is the sink, so on the GPU such a step copies the cache once more;
   position_ids [B, S] set the rotary angles' positions (the cache slots still follow seqlens_k), but in a first
-  prompt onnxruntime starts every row at position_ids[0, 0] and counts on, and so does kiln. Refused by name: the
-  QK output. onnxruntime's static
+  prompt onnxruntime starts every row at position_ids[0, 0] and counts on, and so does kiln.
+  sliding_window_cache (Gemma-2's sliding layers): past is a cache of fixed capacity C holding each sequence's last
+  min(history, C) tokens left-aligned, present the last C of those and the new tokens (see `_sliding_cache`;
+  onnxruntime wants C >= local_window_size, and returns uninitialized presents where C > the window: kiln keeps
+  the last C there). Refused by name: the QK output and attributes kiln does not know. onnxruntime's static
   ("shared buffer") cache, total_sequence_length <= past, is the same attention but keeps present at the past's
   length: kiln's present always has past + S positions (the first past ones equal onnxruntime's).
 - RotaryEmbedding(input, position_ids, cos_cache, sin_cache; interleaved, num_heads, rotary_embedding_dim): the
@@ -489,7 +492,18 @@ def matmul_nbits(n: NodeCtx) -> list[Value]:
 # --- grouped-query attention with onnxruntime's key/value cache -------------------------------------------------
 
 
+GQA_ATTRS = frozenset({"num_heads", "kv_num_heads", "scale", "softcap", "smooth_softmax", "local_window_size",
+                       "do_rotary", "rotary_interleaved", "sliding_window_cache", "qk_output"})
+"""GroupQueryAttention's attributes as kiln reads them (onnxruntime 1.32); any other is refused by name, not
+ignored: a new one may change what the node computes."""
+
+
 def _gqa_refusals(n: NodeCtx) -> None:
+    unknown = sorted(set(n.attrs) - GQA_ATTRS)
+    if unknown:
+        raise n.fail(f"attribute(s) {', '.join(unknown)} not known to kiln (it reads {', '.join(sorted(GQA_ATTRS))})")
+    if int(n.attr("qk_output", 0) or 0):
+        raise n.fail(f"qk_output={n.attr('qk_output')} (the QK output) is not supported")
     if float(n.attr("softcap", 0.0) or 0.0) < 0:
         raise n.fail(f"softcap={n.attr('softcap')} must be >= 0")
     if _out(n, 3):
@@ -518,6 +532,43 @@ def _with_sink(n: NodeCtx, k: Value, v: Value, mask: Value, hq: int) -> tuple[Va
         col = _one(n, "Add", [col, _one(n, "Cast", [_one(n, "Reshape", [
             sink, n.const([1, hq, 1, 1], DType.INT64, hint="heads")])], {"to": mask.dtype})])
     return k, v, _one(n, "Concat", [mask, col], {"axis": 3})
+
+
+def _sliding_cache(n: NodeCtx, past_k: Value, past_v: Value, new_k: Value, new_v: Value, h: Value,
+                   seq: Value) -> tuple[Value, Value, Value, Value, Value]:
+    """onnxruntime's sliding_window_cache: past [B, H, C, d] of fixed capacity C holds sequence b's last
+    v_b = min(h_b, C) tokens left-aligned (h_b tokens came before the new ones: positions h_b - v_b ..), and
+    present keeps the last C of those and the new tokens (zeros after, while fewer than C). Probed on onnxruntime
+    1.32. Returns the keys and values the step attends over - past ++ new, [B, H, C + S, d] - the presents and
+    each of those keys' position [B, C + S] (hidden by the caller when past the sequence's end)."""
+    axes0, axes1 = n.const([0], DType.INT64, hint="axes"), n.const([1], DType.INT64, hint="axes")
+    keys = _one(n, "Concat", [past_k, new_k], {"axis": 2})
+    values = _one(n, "Concat", [past_v, new_v], {"axis": 2})
+    cap, s = _seq_len(n, past_k, 2), _seq_len(n, new_k, 2)
+    kept = _one(n, "Min", [h, cap])  # [B]: valid past slots
+    e = _positions(n, keys, 2)  # [C + S]
+    in_past = _one(n, "Less", [e, cap])
+    h1, kept1 = _one(n, "Unsqueeze", [h, axes1]), _one(n, "Unsqueeze", [kept, axes1])  # [B, 1]
+    e0 = _one(n, "Unsqueeze", [e, axes0])  # [1, C + S]
+    at = _one(n, "Where", [in_past, _one(n, "Add", [_one(n, "Sub", [h1, kept1]), e0]),
+                           _one(n, "Add", [h1, _one(n, "Sub", [e0, cap])])])  # [B, C + S] positions
+    big = n.const(2**62, DType.INT64, hint="unseen")  # an empty past slot: past every query's position
+    at = _one(n, "Where", [_one(n, "And", [in_past, _one(n, "GreaterOrEqual", [e0, kept1])]), big, at])
+    # present: slot t takes valid token u = t + drop (drop = how many of the valid ones C cannot hold)
+    new = _one(n, "Min", [s, _one(n, "Sub", [_one(n, "Add", [seq, n.const(1, DType.INT64, hint="one")]), h])])
+    total = _one(n, "Add", [kept, new])  # [B]
+    drop = _one(n, "Max", [_one(n, "Sub", [total, cap]), n.const(0, DType.INT64, hint="zero")])
+    u = _one(n, "Add", [_one(n, "Unsqueeze", [_positions(n, past_k, 2), axes0]),
+                        _one(n, "Unsqueeze", [drop, axes1])])  # [B, C]
+    src = _one(n, "Where", [_one(n, "Less", [u, kept1]), u, _one(n, "Add", [cap, _one(n, "Sub", [u, kept1])])])
+    keep = _one(n, "Less", [u, _one(n, "Unsqueeze", [total, axes1])])  # [B, C]
+    src = _one(n, "Where", [keep, src, n.const(0, DType.INT64, hint="zero")])
+    both = n.const([1, 3], DType.INT64, hint="axes")
+    idx = _one(n, "Expand", [_one(n, "Unsqueeze", [src, both]), _one(n, "Shape", [past_k])])  # [B, H, C, d]
+    keep = _one(n, "Unsqueeze", [keep, both])
+    presents = [_one(n, "Where", [keep, _one(n, "GatherElements", [x, idx], {"axis": 2}),
+                                  _float_const(n, x, 0.0, "zero")]) for x in (keys, values)]
+    return keys, values, presents[0], presents[1], at
 
 
 def _rotary_positions(n: NodeCtx, q: Value, first: Value | None) -> Value:
@@ -593,20 +644,30 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
         turn = pos if n.input(9) is None else _rotary_positions(n, q, first)
         q = _one(n, "RotaryEmbedding", [q, cos, sin, turn], {"num_heads": hq, "interleaved": inter})
         k = _one(n, "RotaryEmbedding", [k, cos, sin, turn], {"num_heads": hkv, "interleaved": inter})
-    present_k = _cache(n, past_k, _bnsh(n, k, hkv, d), start, pos)
-    present_v = _cache(n, past_v, _bnsh(n, v, hkv, d), start, pos)
-    j = _positions(n, present_k, 2)  # [T]
-    sees = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [pos, n.const([2], DType.INT64, hint="axes")])])
-    valid = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [seq, n.const([1, 2], DType.INT64, hint="axes")])])
-    allowed = _one(n, "And", [sees, valid])
     window = int(n.attr("local_window_size", -1))
+    if n.attr("sliding_window_cache", 0):
+        if past_k is None or past_v is None or window <= 0:
+            raise n.fail("sliding_window_cache needs past_key/past_value (the cache, of fixed capacity) and a "
+                         "local_window_size")
+        keys, values, present_k, present_v, j = _sliding_cache(n, past_k, past_v, _bnsh(n, k, hkv, d),
+                                                                _bnsh(n, v, hkv, d), start, seq)
+        valid = _one(n, "Unsqueeze", [_one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [seq, n.const(
+            [1], DType.INT64, hint="axes")])]), n.const([1], DType.INT64, hint="axes")])  # [B, 1, T]
+        j = _one(n, "Unsqueeze", [j, n.const([1], DType.INT64, hint="axes")])  # [B, 1, T]: each key's position
+    else:
+        present_k = _cache(n, past_k, _bnsh(n, k, hkv, d), start, pos)
+        present_v = _cache(n, past_v, _bnsh(n, v, hkv, d), start, pos)
+        keys, values = present_k, present_v
+        j = _positions(n, present_k, 2)  # [T]
+        valid = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [seq, n.const([1, 2], DType.INT64, hint="axes")])])
+    sees = _one(n, "LessOrEqual", [j, _one(n, "Unsqueeze", [pos, n.const([2], DType.INT64, hint="axes")])])
+    allowed = _one(n, "And", [sees, valid])
     if window > 0:  # the last `window` positions up to the query's own (onnxruntime's sliding window)
         lo = _one(n, "Sub", [pos, n.const(window - 1, DType.INT64, hint="window")])
         near = _one(n, "GreaterOrEqual", [j, _one(n, "Unsqueeze", [lo, n.const([2], DType.INT64, hint="axes")])])
         allowed = _one(n, "And", [allowed, near])
     mask = _one(n, "Unsqueeze", [allowed, n.const([1], DType.INT64, hint="axes")])  # [B, 1, S, T]
     bias, sinks = n.input(10), n.input(11) is not None or bool(n.attr("smooth_softmax", 0))
-    keys, values = present_k, present_v
     if bias is not None or sinks:  # an additive float mask: -inf where hidden, plus attention_bias
         dt = q.dtype if q.dtype.is_float else DType.FLOAT32
         mask = _one(n, "Where", [mask, n.const(0.0, dt, hint="zero"), n.const(float("-inf"), dt, hint="hidden")])
