@@ -1,7 +1,7 @@
 """An LLM as onnxruntime-genai's model builder exports it (the format its users download): a random 2-layer LLaMA with
-a tiny tokenizer, built in FP32 and in INT4, and a random Gemma-2 (softcaps, sliding-window caches) in FP32, then run
-by kiln's CPU engine and by onnxruntime over a prompt and two decode steps, each step's present key/values fed back as
-the next step's past.
+a tiny tokenizer, built in FP32 and in INT4, and a random Gemma-2 (softcaps, sliding-window caches) and gpt-oss (head
+sinks, mixture of experts) in FP32, then run by kiln's CPU engine and by onnxruntime over a prompt and two decode
+steps, each step's present key/values fed back as the next step's past.
 
 The export holds GroupQueryAttention (packed QKV, rotary inside, the growing key/value cache), SkipSimplified- and
 SimplifiedLayerNormalization, and in INT4 MatMulNBits. onnxruntime's INT4 CPU kernel quantizes activations to int8
@@ -140,5 +140,25 @@ def test_a_gemma2_export_with_sliding_window_caches_and_softcaps(tmp_path: Path)
     folder = _save(transformers.Gemma2ForCausalLM(config), tmp_path / "gemma2", 0.5)
     path = _build(folder, tmp_path / "fp32", "fp32")
     assert _capacities(path), "the builder no longer writes a sliding-window cache: see what it writes now"
+    errors = _steps(path)
+    assert max(errors) < 1e-5, errors
+
+
+def test_a_gpt_oss_export_with_head_sinks_and_experts(tmp_path: Path) -> None:
+    """gpt-oss as the builder writes it: GroupQueryAttention with head sinks (and a sliding-window cache on
+    alternate layers), MoE with gpt-oss's clamped SwiGLU over top-2 of 4 experts; prompt and decode steps against
+    onnxruntime."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=512, hidden_size=128, intermediate_size=128,
+                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KV_HEADS,
+                                       head_dim=HEAD, max_position_embeddings=256, sliding_window=4,
+                                       num_local_experts=4, num_experts_per_tok=2)
+    folder = _save(transformers.GptOssForCausalLM(config), tmp_path / "gpt_oss", 0.5)
+    path = _build(folder, tmp_path / "fp32", "fp32")
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    assert any(n.op_type == "MoE" for n in nodes)
+    assert any(n.op_type == "GroupQueryAttention" and len(n.input) > 11 and n.input[11] for n in nodes)
     errors = _steps(path)
     assert max(errors) < 1e-5, errors

@@ -297,6 +297,58 @@ def test_matmul_nbits_with_a_bias_input() -> None:
     _same(model, {"x": _rand(2, 5, 80, seed=4)}, atol=1e-5)
 
 
+def _moe(act: str, *, rows: tuple[int, ...] = (5,), bias: bool = True, scale: float = 1.0, ties: bool = False,
+         **attrs: Any) -> tuple[onnx.ModelProto, dict]:
+    """A MoE node of 4 experts (hidden 8, inner 6), top 2, over tokens [*rows, 8]."""
+    e, h, i = 4, 8, 6
+    f = 2 * i if act == "swiglu" else i
+    router = _rand(int(np.prod(rows)), e, seed=2)
+    if ties:
+        router[:, :] = 0.0
+        router[:, [1, 3]] = 1.0
+    ins = {"input": _rand(*rows, h, seed=1, scale=scale), "router_probs": router,
+           "fc1_experts_weights": _rand(e, f, h, seed=3, scale=0.5),
+           "fc1_experts_bias": _rand(e, f, seed=4, scale=0.5) if bias else None,
+           "fc2_experts_weights": _rand(e, h, i, seed=5, scale=0.5),
+           "fc2_experts_bias": _rand(e, h, seed=6, scale=0.5) if bias else None}
+    inits = {k: v for k, v in ins.items() if k.startswith("fc") and v is not None}
+    if act == "swiglu":
+        attrs.setdefault("swiglu_fusion", 1)
+    return _model("MoE", ins, ["y"], inits=inits, k=2, activation_type=act, **attrs)
+
+
+@pytest.mark.parametrize("form", ["relu", "gelu-unnormalized", "silu", "identity-no-bias", "swiglu-gpt-oss",
+                                  "swiglu-defaults", "tokens-3d", "router-ties"])
+def test_mixture_of_experts(form: str) -> None:
+    """com.microsoft MoE (gpt-oss as onnxruntime-genai exports it) against onnxruntime: top-k routing (softmax over
+    the k, or over all experts), the activations (gelu is the tanh form there), SwiGLU with gpt-oss's limit,
+    alpha and beta (interleaved gate/linear), [B, S, H] tokens, tied router logits (the lower expert first)."""
+    model, feeds = {
+        "relu": lambda: _moe("relu", normalize_routing_weights=1),
+        "gelu-unnormalized": lambda: _moe("gelu", normalize_routing_weights=0),
+        "silu": lambda: _moe("silu", normalize_routing_weights=1),
+        "identity-no-bias": lambda: _moe("identity", bias=False, normalize_routing_weights=1),
+        "swiglu-gpt-oss": lambda: _moe("swiglu", scale=6.0, normalize_routing_weights=1, activation_alpha=1.702,
+                                       activation_beta=1.0, swiglu_limit=7.0),
+        "swiglu-defaults": lambda: _moe("swiglu", scale=6.0, normalize_routing_weights=1),
+        "tokens-3d": lambda: _moe("silu", rows=(2, 3), normalize_routing_weights=1),
+        "router-ties": lambda: _moe("relu", ties=True, normalize_routing_weights=1),
+    }[form]()
+    _same(model, feeds, atol=1e-5)
+
+
+@pytest.mark.parametrize("attr,value,match", [("use_sparse_mixer", 1, "sparse mixer"),
+                                              ("swiglu_fusion", 2, "swiglu_fusion"), ("expert_mode", 1, "expert_mode")])
+def test_mixture_of_experts_refusals_name_what(attr: str, value: int, match: str) -> None:
+    model, feeds = _moe("swiglu", normalize_routing_weights=1)
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != attr]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute(attr, value)])
+    with pytest.raises(UnsupportedError, match=match):
+        kiln.run_reference(model, feeds)
+
+
 def _gqa(hq: int, hkv: int, d: int, *, past: int | None, seqlens: list[int], s: int, packed: bool = False,
          rotary: bool = False, interleaved: bool = False, seed: int = 0) -> tuple[onnx.ModelProto, dict]:
     """A GroupQueryAttention node and feeds: past of `past` positions (None: no past inputs), S = `s` new tokens."""
