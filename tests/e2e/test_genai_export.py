@@ -1,6 +1,7 @@
 """An LLM as onnxruntime-genai's model builder exports it (the format its users download): a random 2-layer LLaMA with
-a tiny tokenizer, built in FP32 and in INT4, and a random Gemma-2 (softcaps, sliding-window caches) and gpt-oss (head
-sinks, mixture of experts) in FP32, then run by kiln's CPU engine and by onnxruntime over a prompt and two decode
+a tiny tokenizer, built in FP32 and in INT4, and random Gemma-2 (softcaps, sliding-window caches), gpt-oss (head
+sinks, mixture of experts), Phi and Nemotron (partial rotary), Qwen3, OLMo, Granite and ERNIE 4.5 in FP32, then run
+by kiln's CPU engine and by onnxruntime over a prompt and two decode
 steps, each step's present key/values fed back as the next step's past.
 
 The export holds GroupQueryAttention (packed QKV, rotary inside, the growing key/value cache), SkipSimplified- and
@@ -161,4 +162,29 @@ def test_a_gpt_oss_export_with_head_sinks_and_experts(tmp_path: Path) -> None:
     assert any(n.op_type == "MoE" for n in nodes)
     assert any(n.op_type == "GroupQueryAttention" and len(n.input) > 11 and n.input[11] for n in nodes)
     errors = _steps(path)
+    assert max(errors) < 1e-5, errors
+
+
+ARCHITECTURES = {  # the builder's other decoder families, each with what sets it apart
+    "phi": ("PhiConfig", "PhiForCausalLM", {"partial_rotary_factor": 0.5}),  # rotary on half of each head
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", {"head_dim": HEAD, "partial_rotary_factor": 0.5}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": HEAD}),  # q/k norms
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),  # LayerNorm without weights
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                                         "attention_multiplier": 0.1, "logits_scaling": 4.0}),
+    "ernie": ("Ernie4_5Config", "Ernie4_5ForCausalLM", {"head_dim": HEAD}),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_other_builder_architectures(tmp_path: Path, arch: str) -> None:
+    import transformers
+
+    config_name, model_name, extra = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                                num_hidden_layers=LAYERS, num_attention_heads=4,
+                                                num_key_value_heads=KV_HEADS, max_position_embeddings=256, **extra)
+    folder = _save(getattr(transformers, model_name)(config), tmp_path / arch, 0.5)
+    errors = _steps(_build(folder, tmp_path / "fp32", "fp32"))
     assert max(errors) < 1e-5, errors

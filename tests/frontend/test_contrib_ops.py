@@ -350,7 +350,8 @@ def test_mixture_of_experts_refusals_name_what(attr: str, value: int, match: str
 
 
 def _gqa(hq: int, hkv: int, d: int, *, past: int | None, seqlens: list[int], s: int, packed: bool = False,
-         rotary: bool = False, interleaved: bool = False, seed: int = 0) -> tuple[onnx.ModelProto, dict]:
+         rotary: bool = False, interleaved: bool = False, seed: int = 0,
+         rotary_width: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """A GroupQueryAttention node and feeds: past of `past` positions (None: no past inputs), S = `s` new tokens."""
     rng = np.random.default_rng(seed)
     b = len(seqlens)
@@ -364,7 +365,8 @@ def _gqa(hq: int, hkv: int, d: int, *, past: int | None, seqlens: list[int], s: 
     f["seqlens_k"] = np.array(seqlens, np.int32)
     f["total_sequence_length"] = np.array((past or 0) + s, np.int32)
     if rotary:
-        angles = np.arange(32)[:, None] / 10000 ** (np.arange(d // 2) / (d // 2))
+        w = rotary_width or d // 2  # the cache's columns: half the rotated dims (fewer than d / 2: partial)
+        angles = np.arange(32)[:, None] / 10000 ** (np.arange(w) / w)
         f["cos_cache"], f["sin_cache"] = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     order = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
              "sin_cache"]
@@ -375,11 +377,13 @@ def _gqa(hq: int, hkv: int, d: int, *, past: int | None, seqlens: list[int], s: 
 
 @pytest.mark.parametrize("form", ["prompt", "prompt-right-padded", "prompt-no-past-inputs", "decode",
                                   "decode-uneven-lengths", "chunk-after-past", "packed-qkv", "multi-query",
-                                  "rotary-prompt", "rotary-decode-interleaved"])
+                                  "rotary-prompt", "rotary-decode-interleaved", "rotary-partial-prompt",
+                                  "rotary-partial-decode-interleaved"])
 def test_group_query_attention(form: str) -> None:
     """onnxruntime's GroupQueryAttention with its growing cache (total_sequence_length = past + new), against
     onnxruntime: output and both presents."""
-    hq, hkv, d = (4, 1, 8) if form == "multi-query" else (4, 2, 16) if form.startswith("rotary") else (4, 2, 8)
+    hq, hkv, d = ((4, 1, 8) if form == "multi-query" else (4, 2, 32) if "partial" in form
+                  else (4, 2, 16) if form.startswith("rotary") else (4, 2, 8))
     case = {
         "prompt": dict(past=0, seqlens=[4, 4], s=5), "prompt-right-padded": dict(past=0, seqlens=[4, 2], s=5),
         "prompt-no-past-inputs": dict(past=None, seqlens=[5, 5], s=6),
@@ -389,6 +393,9 @@ def test_group_query_attention(form: str) -> None:
         "multi-query": dict(past=0, seqlens=[3, 3], s=4), "rotary-prompt": dict(past=0, seqlens=[4, 3], s=5,
                                                                                 rotary=True),
         "rotary-decode-interleaved": dict(past=5, seqlens=[5, 2], s=1, rotary=True, interleaved=True),
+        "rotary-partial-prompt": dict(past=0, seqlens=[4, 3], s=5, rotary=True, rotary_width=8),
+        "rotary-partial-decode-interleaved": dict(past=5, seqlens=[5, 2], s=1, rotary=True, interleaved=True,
+                                                  rotary_width=8),
     }[form]
     _same(*_gqa(hq, hkv, d, **case), atol=1e-5)
 

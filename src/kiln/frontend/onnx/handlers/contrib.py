@@ -41,19 +41,20 @@ the reference):
   positions p_b = seqlens_k[b] + 1 - S on (0 for a first prompt: no past tokens; a prompt may be right-padded, its
   keys past seqlens_k[b] hidden); query i sees keys j <= p_b + i; present = the past's first p_b positions, the new
   keys at p_b.., zeros after, BNSH [B, kv_num_heads, past + S, D]; with do_rotary, Q and K rotated at those
-  positions first; local_window_size W > 0 hides keys before p_b + i - W + 1. Packed QKV (key and value omitted)
-  is split. softcap (Gemma-2) caps the scaled scores before the mask; attention_bias [B | 1, N | 1, S, T] is
-  added after it; smooth_softmax puts a zero logit into every row's denominator and head_sink [N] (gpt-oss) that
-  logit per head (with or without smooth_softmax: onnxruntime treats them alike) - built as one more key/value
-  position of zeros whose mask entry is the sink, so on the GPU such a step copies the cache once more;
-  position_ids [B, S] set the rotary angles' positions (the cache slots still follow seqlens_k), but in a first
-  prompt onnxruntime starts every row at position_ids[0, 0] and counts on, and so does kiln.
-  sliding_window_cache (Gemma-2's sliding layers): past is a cache of fixed capacity C holding each sequence's last
-  min(history, C) tokens left-aligned, present the last C of those and the new tokens (see `_sliding_cache`;
-  onnxruntime wants C >= local_window_size, and returns uninitialized presents where C > the window: kiln keeps
-  the last C there). Refused by name: the QK output and attributes kiln does not know. onnxruntime's static
-  ("shared buffer") cache, total_sequence_length <= past, is the same attention but keeps present at the past's
-  length: kiln's present always has past + S positions (the first past ones equal onnxruntime's).
+  positions first (the first 2 * cache-width dims of each head: partial rotary, as Phi's exports have);
+  local_window_size W > 0 hides keys before p_b + i - W + 1. Packed QKV (key and value omitted) is split. softcap
+  (Gemma-2) caps the scaled scores before the mask; attention_bias [B | 1, N | 1, S, T] is added after it;
+  smooth_softmax puts a zero logit into every row's denominator and head_sink [N] (gpt-oss) that logit per head
+  (with or without smooth_softmax: onnxruntime treats them alike) - built as one more key/value position of zeros
+  whose mask entry is the sink, so on the GPU such a step copies the cache once more; position_ids [B, S] set the
+  rotary angles' positions (the cache slots still follow seqlens_k), but in a first prompt onnxruntime starts every
+  row at position_ids[0, 0] and counts on, and so does kiln. sliding_window_cache (Gemma-2's sliding layers): past
+  is a cache of fixed capacity C holding each sequence's last min(history, C) tokens left-aligned, present the last
+  C of those and the new tokens (see `_sliding_cache`; onnxruntime wants C >= local_window_size, and returns
+  uninitialized presents where C > the window: kiln keeps the last C there). Refused by name: the QK output and
+  attributes kiln does not know. onnxruntime's static ("shared buffer") cache, total_sequence_length <= past, is the
+  same attention but keeps present at the past's length: kiln's present always has past + S positions (the first
+  past ones equal onnxruntime's).
 - MoE(input, router_probs, fc1_experts_weights, fc1_experts_bias?, fc2_experts_weights, fc2_experts_bias?; k,
   activation_type, normalize_routing_weights, swiglu_fusion, activation_alpha/beta, swiglu_limit): a mixture of
   experts (gpt-oss): each token's top k router logits pick its experts, their weights the softmax over those k
@@ -722,8 +723,12 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
         cos, sin = _need(n, 7, "cos_cache"), _need(n, 8, "sin_cache")
         inter = int(n.attr("rotary_interleaved", 0))
         turn = pos if n.input(9) is None else _rotary_positions(n, q, first)
-        q = _one(n, "RotaryEmbedding", [q, cos, sin, turn], {"num_heads": hq, "interleaved": inter})
-        k = _one(n, "RotaryEmbedding", [k, cos, sin, turn], {"num_heads": hkv, "interleaved": inter})
+        rot: dict[str, Any] = {"interleaved": inter}
+        cols = cos.shape[-1] if cos.shape else None
+        if isinstance(cols, int) and 2 * cols < d:  # partial rotary (Phi, Nemotron): the first 2 * cols dims
+            rot["rotary_embedding_dim"] = 2 * cols
+        q = _one(n, "RotaryEmbedding", [q, cos, sin, turn], {"num_heads": hq, **rot})
+        k = _one(n, "RotaryEmbedding", [k, cos, sin, turn], {"num_heads": hkv, **rot})
     window = int(n.attr("local_window_size", -1))
     if n.attr("sliding_window_cache", 0):
         if past_k is None or past_v is None or window <= 0:
