@@ -1,8 +1,8 @@
 """An LLM as onnxruntime-genai's model builder exports it (the format its users download): a random 2-layer LLaMA with
 a tiny tokenizer, built in FP32 and in INT4, and random Gemma-2 (softcaps, sliding-window caches), gpt-oss (head
 sinks, mixture of experts), Phi and Nemotron (partial rotary), Qwen3, OLMo, Granite and ERNIE 4.5 in FP32, then run
-by kiln's CPU engine and by onnxruntime over a prompt and two decode
-steps, each step's present key/values fed back as the next step's past.
+by kiln's CPU engine and by onnxruntime over a prompt and two decode steps, each step's present key/values fed back
+as the next step's past.
 
 The export holds GroupQueryAttention (packed QKV, rotary inside, the growing key/value cache), SkipSimplified- and
 SimplifiedLayerNormalization, and in INT4 MatMulNBits. onnxruntime's INT4 CPU kernel quantizes activations to int8
