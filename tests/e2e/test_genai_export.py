@@ -1,8 +1,8 @@
 """An LLM as onnxruntime-genai's model builder exports it (the format its users download): a random 2-layer LLaMA with
 a tiny tokenizer, built in FP32 and in INT4, and random Gemma-2 (softcaps, sliding-window caches), gpt-oss (head
-sinks, mixture of experts), Phi and Nemotron (partial rotary), Qwen3, OLMo, Granite and ERNIE 4.5 in FP32, then run
-by kiln's CPU engine and by onnxruntime over a prompt and two decode steps, each step's present key/values fed back
-as the next step's past.
+sinks, mixture of experts), Phi and Nemotron (partial rotary), Qwen3, OLMo, Granite, ERNIE 4.5 and LFM2 (a carried
+convolution state) in FP32, then run by kiln's CPU engine and by onnxruntime over a prompt and two decode steps, each
+step's present key/values (and states) fed back as the next step's past.
 
 The export holds GroupQueryAttention (packed QKV, rotary inside, the growing key/value cache), SkipSimplified- and
 SimplifiedLayerNormalization, and in INT4 MatMulNBits. onnxruntime's INT4 CPU kernel quantizes activations to int8
@@ -91,15 +91,24 @@ def _capacities(path: Path) -> dict[str, int]:
 
 def _steps(path: Path) -> list[float]:
     """Per step (a prompt of 6, two decode steps), the largest difference of any output relative to its scale.
-    A sliding-window cache starts at its capacity (empty), the others at length 0."""
+    Every state input starts empty: a key/value cache at length 0 (a sliding-window one at its capacity, zeros),
+    other states (LFM2's convolution state) zeros of their declared size; each present.* output feeds the input
+    of the same name after 'past_key_values.' or 'past.'."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 500, (2, 6)).astype(np.int64)
     mask = np.ones((2, 6), np.int64)
     capacity = _capacities(path)
-    past = {name: np.zeros((2, KV_HEADS, capacity.get(name, 0), HEAD), np.float32)
-            for name in (f"past_key_values.{i}.{w}" for i in range(LAYERS) for w in ("key", "value"))}
+    past = {}
+    for i in sess.get_inputs():
+        if i.name in ("input_ids", "attention_mask"):
+            continue
+        sizes = {"batch_size": 2, "kv_cache_dim": HEAD}  # a *_length axis: the cache's (0, or its capacity)
+        dims = [d if isinstance(d, int) else sizes.get(d, capacity.get(i.name, 0) if d.endswith("length") else -1)
+                for d in i.shape]
+        assert min(dims) >= 0, (i.name, i.shape)
+        past[i.name] = np.zeros(dims, np.float32)
     errors = []
     for _ in range(3):
         feeds = {"input_ids": ids, "attention_mask": mask, **past}
@@ -110,7 +119,9 @@ def _steps(path: Path) -> list[float]:
                           for k, w in want.items()))
         ids = want["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.ones((2, mask.shape[1] + 1), np.int64)
-        past = {k.replace("present", "past_key_values"): v for k, v in want.items() if k.startswith("present")}
+        fed = {k.split("present", 1)[1]: v for k, v in want.items() if k.startswith("present")}
+        past = {name: fed[name.split("past_key_values", 1)[-1] if name.startswith("past_key_values")
+                          else name.split("past", 1)[1]] for name in past}
     return errors
 
 
@@ -173,6 +184,9 @@ ARCHITECTURES = {  # the builder's other decoder families, each with what sets i
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                                                          "attention_multiplier": 0.1, "logits_scaling": 4.0}),
     "ernie": ("Ernie4_5Config", "Ernie4_5ForCausalLM", {"head_dim": HEAD}),
+    # a convolution layer (CausalConvWithState, its state carried like a cache) and an attention layer
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"], "block_ff_dim": 256,
+                                                "conv_L_cache": 3}),
 }
 
 

@@ -297,6 +297,31 @@ def test_matmul_nbits_with_a_bias_input() -> None:
     _same(model, {"x": _rand(2, 5, 80, seed=4)}, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["prompt", "decode-silu", "no-bias-dilation-2", "no-state"])
+def test_causal_conv_with_state(form: str) -> None:
+    """LFM2's short convolution against onnxruntime: output and the carried state."""
+    s = 1 if form.startswith("decode") else 5
+    dilation = 2 if "dilation" in form else 1
+    ins = {"input": _rand(2, 4, s), "weight": _rand(4, 1, 3, seed=1),
+           "bias": None if "no-bias" in form else _rand(4, seed=2),
+           "past_state": None if form == "no-state" else _rand(2, 4, 2 * dilation, seed=3)}
+    attrs = {"ndim": 1, "activation": "silu" if "silu" in form else "none"}
+    if dilation > 1:
+        attrs["dilation"] = dilation
+    inits = {k: v for k, v in ins.items() if k in ("weight", "bias") and v is not None}
+    model, feeds = _model("CausalConvWithState", ins, ["y", "present_state"], inits=inits, **attrs)
+    if form == "no-state":  # onnxruntime wants the state: compare with an explicit zero one
+        want_model, want_feeds = _model("CausalConvWithState", {**ins, "past_state": np.zeros((2, 4, 2), np.float32)},
+                                        ["y", "present_state"], inits=inits, **attrs)
+        want = ort.InferenceSession(want_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, want_feeds)
+        got = kiln.run_reference(model, feeds)
+        for name, w in zip(("y", "present_state"), want):
+            np.testing.assert_allclose(np.asarray(got[name]), w, rtol=0, atol=1e-6)
+        return
+    _same(model, feeds, atol=1e-6)
+
+
 def _moe(act: str, *, rows: tuple[int, ...] = (5,), bias: bool = True, scale: float = 1.0, ties: bool = False,
          **attrs: Any) -> tuple[onnx.ModelProto, dict]:
     """A MoE node of 4 experts (hidden 8, inner 6), top 2, over tokens [*rows, 8]."""

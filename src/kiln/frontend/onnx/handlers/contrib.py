@@ -55,6 +55,8 @@ the reference):
   attributes kiln does not know. onnxruntime's static ("shared buffer") cache, total_sequence_length <= past, is the
   same attention but keeps present at the past's length: kiln's present always has past + S positions (the first
   past ones equal onnxruntime's).
+- CausalConvWithState(input, weight, bias?, past_state?; ndim, activation, dilation): LFM2's short convolution, a
+  depthwise causal conv1d over [B, C, S] carrying its last (K - 1) * dilation input columns between steps.
 - MoE(input, router_probs, fc1_experts_weights, fc1_experts_bias?, fc2_experts_weights, fc2_experts_bias?; k,
   activation_type, normalize_routing_weights, swiglu_fusion, activation_alpha/beta, swiglu_limit): a mixture of
   experts (gpt-oss): each token's top k router logits pick its experts, their weights the softmax over those k
@@ -465,6 +467,49 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     groups = stream[..., :usable].reshape(*stream.shape[:-1], -1, bits)
     values = (groups << torch.arange(bits, dtype=torch.int32)).sum(-1)
     return values[..., :count]
+
+
+CONV_STATE_ATTRS = frozenset({"ndim", "activation", "state_window", "dilation"})
+
+
+@onnx_op("CausalConvWithState", domain=MS)
+def causal_conv_with_state(n: NodeCtx) -> list[Value]:
+    """LFM2's short convolution: a depthwise causal conv1d over [B, C, S] that carries its last (K - 1) * dilation
+    input columns from step to step: y = conv(past_state ++ x) (+ bias, then SiLU with activation 'silu'), the new
+    state the last (K - 1) * dilation columns of past_state ++ x (probed on onnxruntime 1.32)."""
+    unknown = sorted(set(n.attrs) - CONV_STATE_ATTRS)
+    if unknown:
+        raise n.fail(f"attribute(s) {', '.join(unknown)} not known to kiln (it reads "
+                     f"{', '.join(sorted(CONV_STATE_ATTRS))})")
+    if int(n.attr("ndim", 1)) != 1 or int(n.attr("state_window", 0) or 0):
+        raise n.fail(f"ndim={n.attr('ndim', 1)}, state_window={n.attr('state_window', 0)}: only the 1-D form with "
+                     "a [batch, channels, (kernel - 1) * dilation] state is supported")
+    act = n.attr("activation", "none")
+    act = act.decode() if isinstance(act, bytes) else str(act)
+    if act not in ("none", "silu"):
+        raise n.fail(f"activation '{act}' is not supported (none, silu)")
+    x, w = _need(n, 0, "input"), _need(n, 1, "weight")
+    kernel = w.shape[2] if w.shape is not None and len(w.shape) == 3 else None
+    channels = x.shape[1] if x.shape is not None and len(x.shape) == 3 else None
+    if not isinstance(kernel, int) or not isinstance(channels, int):
+        raise n.fail(f"input [batch, channels, sequence] with static channels and a [channels, 1, kernel] weight "
+                     f"expected, got {x.type}, {w.type}")
+    dilation = int(n.attr("dilation", 1) or 1)
+    keep = (kernel - 1) * dilation
+    state = n.input(3)
+    if state is None:  # a first step: zeros before the sequence
+        shape = _one(n, "Concat", [_one(n, "Slice", [_one(n, "Shape", [x]), n.const([0], DType.INT64, hint="at"),
+                                                     n.const([2], DType.INT64, hint="to")]),
+                                   n.const([keep], DType.INT64, hint="keep")], {"axis": 0})
+        state = _one(n, "ConstantOfShape", [shape], {"value": torch.zeros(1, dtype=x.dtype.torch)})
+    full = _one(n, "Concat", [state, x], {"axis": 2})
+    y = _one(n, "Conv", [full, w, n.input(2)], {"group": channels, "dilations": [dilation], "kernel_shape": [kernel]})
+    if act == "silu":
+        y = _one(n, "Mul", [y, _one(n, "Sigmoid", [y])])
+    at = -keep if keep else 2**62  # the last `keep` columns (none for a 1-wide kernel)
+    present = _one(n, "Slice", [full, n.const([at], DType.INT64, hint="at"), n.const([2**62], DType.INT64, hint="to"),
+                                n.const([2], DType.INT64, hint="axis")])
+    return [y, present]
 
 
 MOE_ATTRS = frozenset({"k", "activation_type", "normalize_routing_weights", "use_sparse_mixer", "swiglu_fusion",
