@@ -23,68 +23,61 @@ from kiln.kernels.tensor.gather import checked_indices
 _REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
 
-def _indexed(node: Node) -> bool:
-    """Data of a torch dtype indexed by int32/int64 indices."""
-    x, i = node.inputs[0], node.inputs[1]
-    return (x is not None and i is not None and isinstance(x.type, TensorType) and isinstance(i.type, TensorType)
-            and x.type.dtype is not DType.STRING and i.type.dtype in (DType.INT64, DType.INT32))
+class _IndexedElements(Tactic):
+    """ScatterElements / GatherElements: data of a torch dtype indexed along `axis` by int32/int64 indices, the
+    range checked on the device."""
 
-
-class CudaScatterElements(Tactic):
-    name = "cuda.scatter_elements"
-    ops = frozenset({"ScatterElements"})
     devices = frozenset({"cuda"})
     priority = 45
+    verb = ""
+    """'scattered' or 'gathered', for the messages."""
 
     def applicable(self, node: Node, device: torch.device) -> bool:
-        return device.type in self.devices and _indexed(node)
-
-    def build(self, node: Node, config: dict[str, Any], device: torch.device,
-              run_subgraph: SubgraphRunner | None = None) -> Kernel:
-        axis, reduction = int(node.attrs["axis"]), str(node.attrs["reduction"])
-        check = DeferredCheck(f"node '{node.name}' (ScatterElements): an index is out of range "
-                              "(indices must lie in [-size, size) of the scattered axis)")
-
-        def run(xs: list[Any]) -> list[Any]:
-            x, idx, upd = xs
-            a = axis % x.dim()
-            n = x.shape[a]
-            i = checked_indices(idx, n, check, f"node '{node.name}' (ScatterElements): the scattered axis is empty")
-            if reduction == "none":
-                return [x.scatter(a, i, upd)]
-            return [x.scatter_reduce(a, i, upd, _REDUCE[reduction], include_self=True)]
-
-        run.checks = [check]  # type: ignore[attr-defined]
-        return run
-
-
-register(CudaScatterElements())
-
-
-class CudaGatherElements(Tactic):
-    name = "cuda.gather_elements"
-    ops = frozenset({"GatherElements"})
-    devices = frozenset({"cuda"})
-    priority = 45
-
-    def applicable(self, node: Node, device: torch.device) -> bool:
-        return device.type in self.devices and _indexed(node)
+        x, i = node.inputs[0], node.inputs[1]
+        return (device.type in self.devices and x is not None and i is not None and isinstance(x.type, TensorType)
+                and isinstance(i.type, TensorType) and x.type.dtype is not DType.STRING
+                and i.type.dtype in (DType.INT64, DType.INT32))
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
         axis = int(node.attrs["axis"])
-        check = DeferredCheck(f"node '{node.name}' (GatherElements): an index is out of range "
-                              "(indices must lie in [-size, size) of the gathered axis)")
+        what = f"node '{node.name}' ({node.op})"
+        check = DeferredCheck(f"{what}: an index is out of range (indices must lie in [-size, size) of the "
+                              f"{self.verb} axis)")
 
         def run(xs: list[Any]) -> list[Any]:
-            x, idx = xs
+            x, idx, *rest = xs
             a = axis % x.dim()
-            i = checked_indices(idx, x.shape[a], check,
-                                f"node '{node.name}' (GatherElements): the gathered axis is empty")
-            return [torch.gather(x, a, i)]
+            i = checked_indices(idx, x.shape[a], check, f"{what}: the {self.verb} axis is empty")
+            return [self.compute(node, x, a, i, rest)]
 
         run.checks = [check]  # type: ignore[attr-defined]
         return run
 
+    def compute(self, node: Node, x: torch.Tensor, axis: int, idx: torch.Tensor, rest: list[Any]) -> torch.Tensor:
+        raise NotImplementedError
 
+
+class CudaScatterElements(_IndexedElements):
+    name = "cuda.scatter_elements"
+    ops = frozenset({"ScatterElements"})
+    verb = "scattered"
+
+    def compute(self, node: Node, x: torch.Tensor, axis: int, idx: torch.Tensor, rest: list[Any]) -> torch.Tensor:
+        reduction = str(node.attrs["reduction"])
+        if reduction == "none":
+            return x.scatter(axis, idx, rest[0])
+        return x.scatter_reduce(axis, idx, rest[0], _REDUCE[reduction], include_self=True)
+
+
+class CudaGatherElements(_IndexedElements):
+    name = "cuda.gather_elements"
+    ops = frozenset({"GatherElements"})
+    verb = "gathered"
+
+    def compute(self, node: Node, x: torch.Tensor, axis: int, idx: torch.Tensor, rest: list[Any]) -> torch.Tensor:
+        return torch.gather(x, axis, idx)
+
+
+register(CudaScatterElements())
 register(CudaGatherElements())
