@@ -5,9 +5,9 @@ Takes 4-D [batch, heads, seq, head] or packed 3-D [batch, seq, heads*head] Q/K/V
 grouped-query K/V, a float additive or a boolean mask (broadcast over heads; a boolean one becomes 0 / -inf),
 `is_causal` without a mask, any scale. A boolean mask's query row with no key to see gives zeros, as the
 reference defines: the kernel zeroes those rows after SDPA (torch 2.13's CPU backends give zeros there too; no
-backend promises it). (A float mask's
-all -inf row is not checked - that would cost every BERT layer two more kernels; the tuner's comparison with the
-reference drops a backend that differs on its sample, and ONNX exports hide keys with finite fills.)
+backend promises it). A float mask's all -inf row is not checked - that would cost every BERT layer two more
+kernels; the tuner's comparison with the reference drops a backend that differs on its sample, and ONNX exports
+hide keys with finite fills.
 Left to the reference: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, softcap, extra outputs.
 
 `cuda.sdpa_quantize` takes a "quantizing" node (an Attention and the per-tensor QuantizeLinear of its output, as
