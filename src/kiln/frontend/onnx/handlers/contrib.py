@@ -469,121 +469,6 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return values[..., :count]
 
 
-CONV_STATE_ATTRS = frozenset({"ndim", "activation", "state_window", "dilation"})
-
-
-@onnx_op("CausalConvWithState", domain=MS)
-def causal_conv_with_state(n: NodeCtx) -> list[Value]:
-    """LFM2's short convolution: a depthwise causal conv1d over [B, C, S] that carries its last (K - 1) * dilation
-    input columns from step to step: y = conv(past_state ++ x) (+ bias, then SiLU with activation 'silu'), the new
-    state the last (K - 1) * dilation columns of past_state ++ x (probed on onnxruntime 1.32)."""
-    unknown = sorted(set(n.attrs) - CONV_STATE_ATTRS)
-    if unknown:
-        raise n.fail(f"attribute(s) {', '.join(unknown)} not known to kiln (it reads "
-                     f"{', '.join(sorted(CONV_STATE_ATTRS))})")
-    if int(n.attr("ndim", 1)) != 1 or int(n.attr("state_window", 0) or 0):
-        raise n.fail(f"ndim={n.attr('ndim', 1)}, state_window={n.attr('state_window', 0)}: only the 1-D form with "
-                     "a [batch, channels, (kernel - 1) * dilation] state is supported")
-    act = n.attr("activation", "none")
-    act = act.decode() if isinstance(act, bytes) else str(act)
-    if act not in ("none", "silu"):
-        raise n.fail(f"activation '{act}' is not supported (none, silu)")
-    x, w = _need(n, 0, "input"), _need(n, 1, "weight")
-    kernel = w.shape[2] if w.shape is not None and len(w.shape) == 3 else None
-    channels = x.shape[1] if x.shape is not None and len(x.shape) == 3 else None
-    if not isinstance(kernel, int) or not isinstance(channels, int):
-        raise n.fail(f"input [batch, channels, sequence] with static channels and a [channels, 1, kernel] weight "
-                     f"expected, got {x.type}, {w.type}")
-    dilation = int(n.attr("dilation", 1) or 1)
-    keep = (kernel - 1) * dilation
-    state = n.input(3)
-    if state is None:  # a first step: zeros before the sequence
-        shape = _one(n, "Concat", [_one(n, "Slice", [_one(n, "Shape", [x]), n.const([0], DType.INT64, hint="at"),
-                                                     n.const([2], DType.INT64, hint="to")]),
-                                   n.const([keep], DType.INT64, hint="keep")], {"axis": 0})
-        state = _one(n, "ConstantOfShape", [shape], {"value": torch.zeros(1, dtype=x.dtype.torch)})
-    full = _one(n, "Concat", [state, x], {"axis": 2})
-    y = _one(n, "Conv", [full, w, n.input(2)], {"group": channels, "dilations": [dilation], "kernel_shape": [kernel]})
-    if act == "silu":
-        y = _one(n, "Mul", [y, _one(n, "Sigmoid", [y])])
-    at = -keep if keep else 2**62  # the last `keep` columns (none for a 1-wide kernel)
-    present = _one(n, "Slice", [full, n.const([at], DType.INT64, hint="at"), n.const([2**62], DType.INT64, hint="to"),
-                                n.const([2], DType.INT64, hint="axis")])
-    return [y, present]
-
-
-MOE_ATTRS = frozenset({"k", "activation_type", "normalize_routing_weights", "use_sparse_mixer", "swiglu_fusion",
-                       "activation_alpha", "activation_beta", "swiglu_limit"})
-
-
-@onnx_op("MoE", domain=MS)
-def mixture_of_experts(n: NodeCtx) -> list[Value]:
-    """Every expert run on every token and weighted by its routing weight (0 for the experts a token's top k did
-    not pick): exact, and E / k times the work of running the picked experts alone."""
-    unknown = sorted(set(n.attrs) - MOE_ATTRS)
-    if unknown:
-        raise n.fail(f"attribute(s) {', '.join(unknown)} not known to kiln (it reads {', '.join(sorted(MOE_ATTRS))})")
-    if int(n.attr("use_sparse_mixer", 0) or 0):
-        raise n.fail("use_sparse_mixer=1 (Phi-3.5-MoE's sparse mixer routing) is not supported")
-    act = n.attr("activation_type", "relu")
-    act = act.decode() if isinstance(act, bytes) else str(act)
-    if act not in ("relu", "gelu", "silu", "identity", "swiglu"):
-        raise n.fail(f"activation_type '{act}' is not supported (relu, gelu, silu, identity, swiglu)")
-    if act == "swiglu" and int(n.attr("swiglu_fusion", 0) or 0) != 1:
-        raise n.fail(f"swiglu_fusion={n.attr('swiglu_fusion', 0)}: only 1 (gate and linear interleaved in fc1) is "
-                     "supported, as onnxruntime's CPU kernel supports")
-    if any(n.input(i) is not None for i in (6, 7)):
-        raise n.fail("fc3 (a separate gate projection) is not supported")
-    x, router = _need(n, 0, "input"), _need(n, 1, "router_probs")
-    w1, w2 = _need(n, 2, "fc1_experts_weights"), _need(n, 4, "fc2_experts_weights")
-    width = x.shape[-1] if x.shape else None
-    if not isinstance(width, int) or w1.rank != 3 or w2.rank != 3:
-        raise n.fail(f"input [..., hidden] with a static hidden size and 3-D expert weights expected, got "
-                     f"{x.type}, {w1.type}, {w2.type}")
-    k = int(n.attr("k", 1))
-    axes = {i: n.const([i], DType.INT64, hint="axes") for i in (0, 1, 2)}
-    rows = _one(n, "Reshape", [x, n.const([-1, width], DType.INT64, hint="rows")])  # [N, H]
-    top, picked = n.emit("TopK", [router, n.const([k], DType.INT64, hint="k")], {"axis": -1}, outputs=2)
-    if int(n.attr("normalize_routing_weights", 0) or 0):
-        weights = _one(n, "Softmax", [top], {"axis": -1})
-    else:
-        weights = _one(n, "GatherElements", [_one(n, "Softmax", [router], {"axis": -1}), picked], {"axis": 1})
-    zeros = _one(n, "ConstantOfShape", [_one(n, "Shape", [router])],
-                 {"value": torch.zeros(1, dtype=router.dtype.torch)})
-    dense = _one(n, "ScatterElements", [zeros, picked, weights], {"axis": 1})  # [N, E]
-    h = _one(n, "MatMul", [rows, _one(n, "Transpose", [w1], {"perm": [0, 2, 1]})])  # [E, N, F]
-    if n.input(3) is not None:
-        h = _one(n, "Add", [h, _one(n, "Unsqueeze", [n.input(3), axes[1]])])
-    if act == "relu":
-        h = _one(n, "Relu", [h])
-    elif act == "gelu":  # onnxruntime's MoE uses the tanh approximation (probed on 1.32)
-        h = _one(n, "Gelu", [h], {"approximate": "tanh"})
-    elif act == "silu":
-        h = _one(n, "Mul", [h, _one(n, "Sigmoid", [h])])
-    elif act == "swiglu":  # gpt-oss: gate, linear interleaved; gate <= limit, |linear| <= limit
-        big = n.const([2**62], DType.INT64, hint="end")
-        two = n.const([2], DType.INT64, hint="step")
-        gate = _one(n, "Slice", [h, n.const([0], DType.INT64, hint="at"), big, axes[2], two])
-        lin = _one(n, "Slice", [h, n.const([1], DType.INT64, hint="at"), big, axes[2], two])
-        limit = n.attr("swiglu_limit")
-        if limit is not None and math.isfinite(float(limit)):
-            gate = _one(n, "Min", [gate, _float_const(n, gate, float(limit), "limit")])
-            lin = _one(n, "Clip", [lin, _float_const(n, lin, -float(limit), "low"),
-                                   _float_const(n, lin, float(limit), "high")])
-        alpha, beta = float(n.attr("activation_alpha", 1.0)), float(n.attr("activation_beta", 0.0))
-        glu = _one(n, "Mul", [gate, _one(n, "Sigmoid", [_one(n, "Mul", [gate, _float_const(n, gate, alpha,
-                                                                                             "alpha")])])])
-        h = _one(n, "Mul", [glu, _one(n, "Add", [lin, _float_const(n, lin, beta, "beta")])])
-    y = _one(n, "MatMul", [h, _one(n, "Transpose", [w2], {"perm": [0, 2, 1]})])  # [E, N, H]
-    if n.input(5) is not None:
-        y = _one(n, "Add", [y, _one(n, "Unsqueeze", [n.input(5), axes[1]])])
-    if dense.dtype is not y.dtype:
-        dense = _one(n, "Cast", [dense], {"to": y.dtype})
-    share = _one(n, "Unsqueeze", [_one(n, "Transpose", [dense], {"perm": [1, 0]}), axes[2]])  # [E, N, 1]
-    out = _one(n, "ReduceSum", [_one(n, "Mul", [y, share]), axes[0]], {"keepdims": 0})
-    return [_one(n, "Reshape", [out, _one(n, "Shape", [x])])]
-
-
 @onnx_op("MatMulNBits", domain=MS)
 def matmul_nbits(n: NodeCtx) -> list[Value]:
     a = _need(n, 0, "A")
@@ -811,3 +696,121 @@ def group_query_attention(n: NodeCtx) -> list[Value | None]:
         attrs["softcap"] = softcap
     y = _one(n, "Attention", [_bnsh(n, q, hq, d), keys, values, mask], attrs)  # [B, Hq, S, d]
     return [_merge_heads(n, y, hq * d), present_k, present_v]
+
+
+# --- other LLM blocks: short convolutions, mixtures of experts ----------------------------------------------------
+
+
+CONV_STATE_ATTRS = frozenset({"ndim", "activation", "state_window", "dilation"})
+
+
+@onnx_op("CausalConvWithState", domain=MS)
+def causal_conv_with_state(n: NodeCtx) -> list[Value]:
+    """LFM2's short convolution: a depthwise causal conv1d over [B, C, S] that carries its last (K - 1) * dilation
+    input columns from step to step: y = conv(past_state ++ x) (+ bias, then SiLU with activation 'silu'), the new
+    state the last (K - 1) * dilation columns of past_state ++ x (probed on onnxruntime 1.32)."""
+    unknown = sorted(set(n.attrs) - CONV_STATE_ATTRS)
+    if unknown:
+        raise n.fail(f"attribute(s) {', '.join(unknown)} not known to kiln (it reads "
+                     f"{', '.join(sorted(CONV_STATE_ATTRS))})")
+    if int(n.attr("ndim", 1)) != 1 or int(n.attr("state_window", 0) or 0):
+        raise n.fail(f"ndim={n.attr('ndim', 1)}, state_window={n.attr('state_window', 0)}: only the 1-D form with "
+                     "a [batch, channels, (kernel - 1) * dilation] state is supported")
+    act = n.attr("activation", "none")
+    act = act.decode() if isinstance(act, bytes) else str(act)
+    if act not in ("none", "silu"):
+        raise n.fail(f"activation '{act}' is not supported (none, silu)")
+    x, w = _need(n, 0, "input"), _need(n, 1, "weight")
+    kernel = w.shape[2] if w.shape is not None and len(w.shape) == 3 else None
+    channels = x.shape[1] if x.shape is not None and len(x.shape) == 3 else None
+    if not isinstance(kernel, int) or not isinstance(channels, int):
+        raise n.fail(f"input [batch, channels, sequence] with static channels and a [channels, 1, kernel] weight "
+                     f"expected, got {x.type}, {w.type}")
+    dilation = int(n.attr("dilation", 1) or 1)
+    keep = (kernel - 1) * dilation
+    state = n.input(3)
+    if state is None:  # a first step: zeros before the sequence
+        shape = _one(n, "Concat", [_one(n, "Slice", [_one(n, "Shape", [x]), n.const([0], DType.INT64, hint="at"),
+                                                     n.const([2], DType.INT64, hint="to")]),
+                                   n.const([keep], DType.INT64, hint="keep")], {"axis": 0})
+        state = _one(n, "ConstantOfShape", [shape], {"value": torch.zeros(1, dtype=x.dtype.torch)})
+    full = _one(n, "Concat", [state, x], {"axis": 2})
+    y = _one(n, "Conv", [full, w, n.input(2)], {"group": channels, "dilations": [dilation], "kernel_shape": [kernel]})
+    if act == "silu":
+        y = _one(n, "Mul", [y, _one(n, "Sigmoid", [y])])
+    at = -keep if keep else 2**62  # the last `keep` columns (none for a 1-wide kernel)
+    present = _one(n, "Slice", [full, n.const([at], DType.INT64, hint="at"), n.const([2**62], DType.INT64, hint="to"),
+                                n.const([2], DType.INT64, hint="axis")])
+    return [y, present]
+
+
+MOE_ATTRS = frozenset({"k", "activation_type", "normalize_routing_weights", "use_sparse_mixer", "swiglu_fusion",
+                       "activation_alpha", "activation_beta", "swiglu_limit"})
+
+
+@onnx_op("MoE", domain=MS)
+def mixture_of_experts(n: NodeCtx) -> list[Value]:
+    """Every expert run on every token and weighted by its routing weight (0 for the experts a token's top k did
+    not pick): exact, and E / k times the work of running the picked experts alone."""
+    unknown = sorted(set(n.attrs) - MOE_ATTRS)
+    if unknown:
+        raise n.fail(f"attribute(s) {', '.join(unknown)} not known to kiln (it reads {', '.join(sorted(MOE_ATTRS))})")
+    if int(n.attr("use_sparse_mixer", 0) or 0):
+        raise n.fail("use_sparse_mixer=1 (Phi-3.5-MoE's sparse mixer routing) is not supported")
+    act = n.attr("activation_type", "relu")
+    act = act.decode() if isinstance(act, bytes) else str(act)
+    if act not in ("relu", "gelu", "silu", "identity", "swiglu"):
+        raise n.fail(f"activation_type '{act}' is not supported (relu, gelu, silu, identity, swiglu)")
+    if act == "swiglu" and int(n.attr("swiglu_fusion", 0) or 0) != 1:
+        raise n.fail(f"swiglu_fusion={n.attr('swiglu_fusion', 0)}: only 1 (gate and linear interleaved in fc1) is "
+                     "supported, as onnxruntime's CPU kernel supports")
+    if any(n.input(i) is not None for i in (6, 7)):
+        raise n.fail("fc3 (a separate gate projection) is not supported")
+    x, router = _need(n, 0, "input"), _need(n, 1, "router_probs")
+    w1, w2 = _need(n, 2, "fc1_experts_weights"), _need(n, 4, "fc2_experts_weights")
+    width = x.shape[-1] if x.shape else None
+    if not isinstance(width, int) or w1.rank != 3 or w2.rank != 3:
+        raise n.fail(f"input [..., hidden] with a static hidden size and 3-D expert weights expected, got "
+                     f"{x.type}, {w1.type}, {w2.type}")
+    k = int(n.attr("k", 1))
+    axes = {i: n.const([i], DType.INT64, hint="axes") for i in (0, 1, 2)}
+    rows = _one(n, "Reshape", [x, n.const([-1, width], DType.INT64, hint="rows")])  # [N, H]
+    top, picked = n.emit("TopK", [router, n.const([k], DType.INT64, hint="k")], {"axis": -1}, outputs=2)
+    if int(n.attr("normalize_routing_weights", 0) or 0):
+        weights = _one(n, "Softmax", [top], {"axis": -1})
+    else:
+        weights = _one(n, "GatherElements", [_one(n, "Softmax", [router], {"axis": -1}), picked], {"axis": 1})
+    zeros = _one(n, "ConstantOfShape", [_one(n, "Shape", [router])],
+                 {"value": torch.zeros(1, dtype=router.dtype.torch)})
+    dense = _one(n, "ScatterElements", [zeros, picked, weights], {"axis": 1})  # [N, E]
+    h = _one(n, "MatMul", [rows, _one(n, "Transpose", [w1], {"perm": [0, 2, 1]})])  # [E, N, F]
+    if n.input(3) is not None:
+        h = _one(n, "Add", [h, _one(n, "Unsqueeze", [n.input(3), axes[1]])])
+    if act == "relu":
+        h = _one(n, "Relu", [h])
+    elif act == "gelu":  # onnxruntime's MoE uses the tanh approximation (probed on 1.32)
+        h = _one(n, "Gelu", [h], {"approximate": "tanh"})
+    elif act == "silu":
+        h = _one(n, "Mul", [h, _one(n, "Sigmoid", [h])])
+    elif act == "swiglu":  # gpt-oss: gate, linear interleaved; gate <= limit, |linear| <= limit
+        big = n.const([2**62], DType.INT64, hint="end")
+        two = n.const([2], DType.INT64, hint="step")
+        gate = _one(n, "Slice", [h, n.const([0], DType.INT64, hint="at"), big, axes[2], two])
+        lin = _one(n, "Slice", [h, n.const([1], DType.INT64, hint="at"), big, axes[2], two])
+        limit = n.attr("swiglu_limit")
+        if limit is not None and math.isfinite(float(limit)):
+            gate = _one(n, "Min", [gate, _float_const(n, gate, float(limit), "limit")])
+            lin = _one(n, "Clip", [lin, _float_const(n, lin, -float(limit), "low"),
+                                   _float_const(n, lin, float(limit), "high")])
+        alpha, beta = float(n.attr("activation_alpha", 1.0)), float(n.attr("activation_beta", 0.0))
+        glu = _one(n, "Mul", [gate, _one(n, "Sigmoid", [_one(n, "Mul", [gate, _float_const(n, gate, alpha,
+                                                                                             "alpha")])])])
+        h = _one(n, "Mul", [glu, _one(n, "Add", [lin, _float_const(n, lin, beta, "beta")])])
+    y = _one(n, "MatMul", [h, _one(n, "Transpose", [w2], {"perm": [0, 2, 1]})])  # [E, N, H]
+    if n.input(5) is not None:
+        y = _one(n, "Add", [y, _one(n, "Unsqueeze", [n.input(5), axes[1]])])
+    if dense.dtype is not y.dtype:
+        dense = _one(n, "Cast", [dense], {"to": y.dtype})
+    share = _one(n, "Unsqueeze", [_one(n, "Transpose", [dense], {"perm": [1, 0]}), axes[2]])  # [E, N, 1]
+    out = _one(n, "ReduceSum", [_one(n, "Mul", [y, share]), axes[0]], {"keepdims": 0})
+    return [_one(n, "Reshape", [out, _one(n, "Shape", [x])])]
