@@ -362,6 +362,42 @@ def test_mixture_of_experts(form: str) -> None:
     _same(model, feeds, atol=1e-5)
 
 
+def _qmoe(bits: int, block: int, act: str) -> tuple[onnx.ModelProto, dict]:
+    """A QMoE node of 4 experts (hidden 32, inner 16), top 2: random 4/8-bit weights packed as onnxruntime packs
+    them (two 4-bit values a byte, low nibble first), scales per row or per block."""
+    rng = np.random.default_rng(bits + block)
+    e, h, i = 4, 32, 16
+    f = 2 * i if act == "swiglu" else i
+
+    def packed(rows: int, cols: int) -> np.ndarray:
+        q = rng.integers(0, 2 ** bits, (e, rows, cols))
+        return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q.astype(np.uint8)
+
+    def scales(rows: int, cols: int) -> np.ndarray:
+        shape = (e, rows) if not block else (e, rows, cols // block)
+        return (rng.random(shape) * 0.05 + 0.01).astype(np.float32)
+
+    ins = {"input": _rand(5, h, seed=1), "router_probs": _rand(5, e, seed=2), "fc1_experts_weights": packed(f, h),
+           "fc1_scales": scales(f, h), "fc1_experts_bias": _rand(e, f, seed=3, scale=0.1),
+           "fc2_experts_weights": packed(h, i), "fc2_scales": scales(h, i),
+           "fc2_experts_bias": _rand(e, h, seed=4, scale=0.1)}
+    attrs: dict[str, Any] = {"k": 2, "activation_type": act, "normalize_routing_weights": 1,
+                             "expert_weight_bits": bits}
+    if block:
+        attrs["block_size"] = block
+    if act == "swiglu":
+        attrs.update(swiglu_fusion=1, activation_alpha=1.702, activation_beta=1.0, swiglu_limit=7.0)
+    return _model("QMoE", ins, ["y"], inits={k: v for k, v in ins.items() if k.startswith("fc")}, **attrs)
+
+
+@pytest.mark.parametrize("bits,block,act", [(4, 0, "swiglu"), (4, 16, "swiglu"), (8, 0, "swiglu"), (4, 0, "relu")],
+                         ids=["int4-rows-swiglu", "int4-blocks-swiglu", "int8-rows-swiglu", "int4-rows-relu"])
+def test_quantized_mixture_of_experts(bits: int, block: int, act: str) -> None:
+    """QMoE (onnxruntime-genai's INT4 gpt-oss) against onnxruntime: weights dequantized at import."""
+    model, feeds = _qmoe(bits, block, act)
+    _same(model, feeds, atol=1e-5)
+
+
 @pytest.mark.parametrize("attr,value,match", [("use_sparse_mixer", 1, "sparse mixer"),
                                               ("swiglu_fusion", 2, "swiglu_fusion"), ("expert_mode", 1, "expert_mode")])
 def test_mixture_of_experts_refusals_name_what(attr: str, value: int, match: str) -> None:
