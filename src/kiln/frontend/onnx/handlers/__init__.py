@@ -85,4 +85,5 @@ from kiln.frontend.onnx.handlers import (  # noqa: E402, F401  isort: skip
     misc,
     rnn,
     contrib,
+    qoperator,
 )
