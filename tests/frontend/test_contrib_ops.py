@@ -29,7 +29,8 @@ def _model(op: str, inputs: dict[str, np.ndarray | None], outputs: list[str], do
     inits = inits or {}
     names = [("" if a is None else k) for k, a in inputs.items()]
     node = helper.make_node(op, names, outputs, domain=domain, **attrs)
-    elem = {np.dtype(np.float32): F32, np.dtype(np.int32): I32, np.dtype(np.int64): I64}
+    elem = {np.dtype(np.float32): F32, np.dtype(np.int32): I32, np.dtype(np.int64): I64,
+            np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8}
     ins = [helper.make_tensor_value_info(k, elem[a.dtype], list(a.shape))
            for k, a in inputs.items() if a is not None and k not in inits]
     outs = [helper.make_tensor_value_info(o, I32 if o == "mask_index" else F32, None) for o in outputs if o]
@@ -224,6 +225,53 @@ def test_the_ort_transformer_optimizer_output_runs_as_onnxruntime_runs_it(tmp_pa
     got = engine.create_context().run(feeds)
     for name, w in zip(("last_hidden_state", "pooler_output"), want):
         np.testing.assert_allclose(np.asarray(got[name]), w, rtol=0, atol=2e-5 * float(np.abs(w).max()))
+
+
+@pytest.mark.slow
+def test_a_dynamically_quantized_ort_optimized_bert_runs_as_onnxruntime_runs_it(tmp_path) -> None:
+    """onnxruntime's BERT recipe - its optimizer, then quantize_dynamic - writes QEmbedLayerNormalization and
+    QAttention (int8 QKV projections) beside DynamicQuantizeLinear + MatMulInteger: kiln's engine gives its
+    outputs."""
+    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from tests.e2e import models as M
+
+    fused, out = str(tmp_path / "bert-ort.onnx"), str(tmp_path / "bert-ort-int8.onnx")
+    optimize_model(M.bert_small(), model_type="bert", num_heads=4, hidden_size=64).save_model_to_file(fused)
+    quantize_dynamic(fused, out, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    contrib = {n.op_type for n in onnx.load(out).graph.node if n.domain == MS}
+    assert {"QEmbedLayerNormalization", "QAttention"} <= contrib, contrib
+    rng = np.random.default_rng(0)
+    mask = np.ones((2, 16), np.int64)
+    mask[0, 11:] = 0
+    feeds = {"input_ids": rng.integers(0, 1000, (2, 16)), "attention_mask": mask,
+             "token_type_ids": np.zeros((2, 16), np.int64)}
+    want = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, feeds)
+    engine = kiln.build(out, kiln.BuilderConfig(device="cpu", profiles=[{k: (2, 16) for k in feeds}]))
+    got = engine.create_context().run(feeds)
+    for name, w in zip(("last_hidden_state", "pooler_output"), want):
+        np.testing.assert_allclose(np.asarray(got[name]), w, rtol=0, atol=2e-5 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("form", ["uint8-mask-end", "weight-zero-point-causal", "uint8-cache"])
+def test_quantized_attention(form: str) -> None:
+    """QAttention against onnxruntime: uint8 input (onnxruntime's CPU kernel takes no int8 input) with zero
+    points, a mask, unidirectional, the cache (past -> present)."""
+    rng = np.random.default_rng(5)
+    ins: dict[str, np.ndarray | None] = {
+        "input": rng.integers(0, 256, (B, S, H)).astype(np.uint8),
+        "weight": rng.integers(-128, 128, (H, 3 * H)).astype(np.int8), "bias": _rand(3 * H, seed=2),
+        "input_scale": np.array(0.02, np.float32), "weight_scale": np.array(0.01, np.float32),
+        "mask_index": np.array([3, 5], np.int32) if form == "uint8-mask-end" else None,
+        "input_zero_point": np.array(128, np.uint8),
+        "weight_zero_point": np.array(2 if form.startswith("weight") else 0, np.int8),
+        "past": _rand(2, B, HEADS, 3, H // HEADS, seed=7) if form == "uint8-cache" else None}
+    inits = {k: v for k, v in ins.items() if k in ("weight", "bias", "input_scale", "weight_scale",
+                                                   "input_zero_point", "weight_zero_point") and v is not None}
+    outs = ["y", "present"] if form == "uint8-cache" else ["y"]
+    _same(*_model("QAttention", ins, outs, inits=inits, num_heads=HEADS, unidirectional=int(form != "uint8-mask-end")),
+          atol=1e-5)
 
 
 @pytest.mark.parametrize("form", ["3d-ids", "3d-offset", "4d-ids", "3d-interleaved-partial", "4d-partial-offset",

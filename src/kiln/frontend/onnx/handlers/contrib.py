@@ -25,6 +25,9 @@ the reference):
   With a key/value cache (GPT-2 as onnxruntime's optimizer writes it): past [2, B, N, P, H] (keys, values) ->
   present [2, B, N, P + S, H], the queries at positions P.. (so `unidirectional` hides keys after P + i), masks
   over all P + S keys; past with attention_bias is refused, as onnxruntime refuses it.
+- QAttention / QEmbedLayerNormalization: what onnxruntime's dynamic quantization makes of an optimized BERT's
+  Attention (the QKV projection an int8 MatMulInteger, scaled) and EmbedLayerNormalization (quantized tables,
+  dequantized at import).
 - MultiHeadAttention(query, key, value, bias?, key_padding_mask?, attention_bias?, past_key?, past_value?): the
   same on separate 3-D Q, K, V; its cache past_key / past_value [B, N, P, H] -> present_key / present_value.
 - MatMulNBits(A, B, scales, zero_points?, g_idx?, bias?; K, N, bits, block_size): A @ W^T (+ bias), W [N, K] the
@@ -231,18 +234,45 @@ def _positions(n: NodeCtx, x: Value, axis: int) -> Value:
 
 @onnx_op("EmbedLayerNormalization", domain=MS)
 def embed_layer_normalization(n: NodeCtx) -> list[Value | None]:
+    tables = [_need(n, 2, "word_embedding"), _need(n, 3, "position_embedding"), n.input(4), _need(n, 5, "gamma"),
+              _need(n, 6, "beta")]
+    return _embed(n, tables, n.input(7), n.input(8))
+
+
+@onnx_op("QEmbedLayerNormalization", domain=MS)
+def quantized_embed_layer_normalization(n: NodeCtx) -> list[Value | None]:
+    """EmbedLayerNormalization with its tables, gamma and beta quantized (onnxruntime's dynamic quantization of an
+    optimized BERT): inputs 2-6 the quantized tensors, 8-12 their scales, 13-17 their zero points; dequantized at
+    import."""
+    names = ("word_embedding", "position_embedding", "segment_embedding", "gamma", "beta")
+    tables: list[Value | None] = []
+    for i, what in enumerate(names):
+        q = n.input(2 + i)
+        if q is None:
+            tables.append(None)
+            continue
+        zp = n.input(13 + i)
+        tables.append(_one(n, "DequantizeLinear", [q, _need(n, 8 + i, f"{what}_scale")] + ([zp] if zp else [])))
+    if tables[0] is None or tables[1] is None or tables[3] is None or tables[4] is None:
+        raise n.fail("word and position embeddings, gamma and beta are required")
+    return _embed(n, tables, n.input(7), None)
+
+
+def _embed(n: NodeCtx, tables: list[Value | None], mask: Value | None,
+           positions: Value | None) -> list[Value | None]:
+    """The lookups (word, position, segment) summed and normalized (gamma, beta), and the mask's index."""
+    word, position, segment, gamma, beta = tables
+    assert word is not None and position is not None and gamma is not None and beta is not None
     ids = _need(n, 0, "input_ids")
-    total = _one(n, "Gather", [_need(n, 2, "word_embedding"), ids], {"axis": 0})
-    pos = n.input(8) if n.input(8) is not None else _positions(n, ids, 1)
-    total = _one(n, "Add", [total, _one(n, "Gather", [_need(n, 3, "position_embedding"), pos], {"axis": 0})])
-    if n.input(1) is not None and n.input(4) is not None:
-        total = _one(n, "Add", [total, _one(n, "Gather", [n.input(4), n.input(1)], {"axis": 0})])
+    total = _one(n, "Gather", [word, ids], {"axis": 0})
+    pos = positions if positions is not None else _positions(n, ids, 1)
+    total = _one(n, "Add", [total, _one(n, "Gather", [position, pos], {"axis": 0})])
+    if n.input(1) is not None and segment is not None:
+        total = _one(n, "Add", [total, _one(n, "Gather", [segment, n.input(1)], {"axis": 0})])
     eps = float(n.attr("epsilon", 1e-12))
-    y = _one(n, "LayerNormalization", [total, _need(n, 5, "gamma"), _need(n, 6, "beta")],
-             {"axis": -1, "epsilon": eps})
+    y = _one(n, "LayerNormalization", [total, gamma, beta], {"axis": -1, "epsilon": eps})
     mask_index = None
     if _out(n, 1):
-        mask = n.input(7)
         if mask is None:  # no mask: every sequence counts as empty, as onnxruntime writes it
             zero = n.const(0, DType.INT32, hint="zero")
             rows = _one(n, "Unsqueeze", [_seq_len(n, ids, 0), n.const([0], DType.INT64, hint="axes")])
@@ -370,32 +400,64 @@ def attention(n: NodeCtx) -> list[Value]:
     x, w = _need(n, 0, "input"), _need(n, 1, "weights")
     if x.rank is not None and x.rank != 3:
         raise n.fail(f"input must be [batch, sequence, hidden], got {x.type}")
+    sizes = _qkv_sizes(n, w, heads)
+    qkv = _one(n, "MatMul", [x, w])
+    if n.input(2) is not None:
+        qkv = _one(n, "Add", [qkv, n.input(2)])
+    return _attention_of(n, qkv, sizes, heads, n.input(3), n.input(4), n.input(5))
+
+
+def _qkv_sizes(n: NodeCtx, w: Value, heads: int) -> list[int]:
+    """The Q, K, V widths of a packed projection weight [hidden, qkv] (`qkv_hidden_sizes`, else thirds)."""
     if w.shape is None or len(w.shape) != 2 or not isinstance(w.shape[1], int):
         raise n.fail(f"weights must be [input_hidden, qkv_hidden] with a static width, got {w.type}")
     sizes = [int(s) for s in (n.attr("qkv_hidden_sizes") or [])] or [w.shape[1] // 3] * 3
     if len(sizes) != 3 or sum(sizes) != w.shape[1] or sizes[0] != sizes[1] or any(s % heads for s in sizes):
         raise n.fail(f"qkv_hidden_sizes {sizes} must be 3 sizes with Q = K, summing to the weights' width "
                      f"{w.shape[1]}, each a multiple of num_heads {heads}")
-    qkv = _one(n, "MatMul", [x, w])
+    return sizes
+
+
+@onnx_op("QAttention", domain=MS)
+def quantized_attention(n: NodeCtx) -> list[Value]:
+    """Attention whose QKV projection is an 8-bit integer product (onnxruntime's dynamic quantization of an
+    optimized BERT): input (uint8/int8, from DynamicQuantizeLinear), weight, bias, input_scale, weight_scale,
+    mask_index?, input_zero_point?, weight_zero_point?, past?. The projection as that quantization writes a plain
+    MatMul - MatMulInteger, Cast, times input_scale * weight_scale - then + bias and Attention's steps."""
+    if n.attr("do_rotary", 0):
+        raise n.fail("rotary attention (do_rotary) is not supported")
+    heads = _heads(n)
+    x, w = _need(n, 0, "input"), _need(n, 1, "weight")
+    if x.rank is not None and x.rank != 3:
+        raise n.fail(f"input must be [batch, sequence, hidden], got {x.type}")
+    sizes = _qkv_sizes(n, w, heads)
+    acc = _one(n, "MatMulInteger", [x, w, n.input(6), n.input(7)])  # int32, exact
+    scale = _one(n, "Mul", [_need(n, 3, "input_scale"), _need(n, 4, "weight_scale")])
+    qkv = _one(n, "Mul", [_one(n, "Cast", [acc], {"to": DType.FLOAT32}), scale])
     if n.input(2) is not None:
         qkv = _one(n, "Add", [qkv, n.input(2)])
+    return _attention_of(n, qkv, sizes, heads, n.input(5), n.input(8), None)
+
+
+def _attention_of(n: NodeCtx, qkv: Value, sizes: list[int], heads: int, mask: Value | None, past: Value | None,
+                  bias: Value | None) -> list[Value]:
+    """Attention's steps after its QKV projection: the split, the cache (past [2, B, N, P, H] -> present), the
+    masks."""
     q, k, v = n.emit("Split", [qkv, n.const(sizes, DType.INT64, hint="sizes")], {"axis": -1}, outputs=3)
-    past = n.input(4)
     if past is not None or _out(n, 1):  # the cache: past [2, B, N, P, H] -> present [2, B, N, P + S, H]
-        if past is not None and n.input(5) is not None:
+        if past is not None and bias is not None:
             raise n.fail("past and attention_bias together (onnxruntime refuses them too)")
         halves = None
         if past is not None:
             pk, pv = n.emit("Split", [past, n.const([1, 1], DType.INT64, hint="halves")], {"axis": 0}, outputs=2)
             first = n.const([0], DType.INT64, hint="axes")
             halves = (_one(n, "Squeeze", [pk, first]), _one(n, "Squeeze", [pv, first]))
-        y, pk, pv = _attend_cached(n, q, k, v, heads, halves, n.input(3), n.input(5))
+        y, pk, pv = _attend_cached(n, q, k, v, heads, halves, mask, bias)
         first = n.const([0], DType.INT64, hint="axes")
         present = _one(n, "Concat", [_one(n, "Unsqueeze", [pk, first]), _one(n, "Unsqueeze", [pv, first])],
                        {"axis": 0})
         return [y, present]
-    mask = _key_mask(n, n.input(3), n.input(5), q, k)
-    return _attend(n, q, k, v, heads, mask)
+    return _attend(n, q, k, v, heads, _key_mask(n, mask, bias, q, k))
 
 
 @onnx_op("MultiHeadAttention", domain=MS)
