@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import kiln
+from kiln.runtime.engine import Engine
 from kiln.utils.errors import UnsupportedError
 
 B, S, H, HEADS = 2, 5, 8, 2
@@ -214,17 +215,23 @@ def test_the_ort_transformer_optimizer_output_runs_as_onnxruntime_runs_it(tmp_pa
     optimize_model(M.bert_small(), model_type="bert", num_heads=4, hidden_size=64).save_model_to_file(out)
     contrib = {n.op_type for n in onnx.load(out).graph.node if n.domain == MS}
     assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization"} <= contrib, contrib
+    engine = _bert_as_onnxruntime(out)
+    assert sum(n.op == "Attention" for n in engine.plan.graph.nodes) == 2
+
+
+def _bert_as_onnxruntime(path: str) -> Engine:
+    """The e2e BERT file at `path` on a padded batch of 2: kiln's CPU engine against onnxruntime; the engine."""
     rng = np.random.default_rng(0)
     mask = np.ones((2, 16), np.int64)
     mask[0, 11:] = 0
     feeds = {"input_ids": rng.integers(0, 1000, (2, 16)), "attention_mask": mask,
              "token_type_ids": np.zeros((2, 16), np.int64)}
-    want = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, feeds)
-    engine = kiln.build(out, kiln.BuilderConfig(device="cpu", profiles=[{k: (2, 16) for k in feeds}]))
-    assert sum(n.op == "Attention" for n in engine.plan.graph.nodes) == 2
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+    engine = kiln.build(path, kiln.BuilderConfig(device="cpu", profiles=[{k: (2, 16) for k in feeds}]))
     got = engine.create_context().run(feeds)
     for name, w in zip(("last_hidden_state", "pooler_output"), want):
         np.testing.assert_allclose(np.asarray(got[name]), w, rtol=0, atol=2e-5 * float(np.abs(w).max()))
+    return engine
 
 
 @pytest.mark.slow
@@ -242,16 +249,7 @@ def test_a_dynamically_quantized_ort_optimized_bert_runs_as_onnxruntime_runs_it(
     quantize_dynamic(fused, out, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     contrib = {n.op_type for n in onnx.load(out).graph.node if n.domain == MS}
     assert {"QEmbedLayerNormalization", "QAttention"} <= contrib, contrib
-    rng = np.random.default_rng(0)
-    mask = np.ones((2, 16), np.int64)
-    mask[0, 11:] = 0
-    feeds = {"input_ids": rng.integers(0, 1000, (2, 16)), "attention_mask": mask,
-             "token_type_ids": np.zeros((2, 16), np.int64)}
-    want = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, feeds)
-    engine = kiln.build(out, kiln.BuilderConfig(device="cpu", profiles=[{k: (2, 16) for k in feeds}]))
-    got = engine.create_context().run(feeds)
-    for name, w in zip(("last_hidden_state", "pooler_output"), want):
-        np.testing.assert_allclose(np.asarray(got[name]), w, rtol=0, atol=2e-5 * float(np.abs(w).max()))
+    _bert_as_onnxruntime(out)
 
 
 @pytest.mark.parametrize("form", ["uint8-mask-end", "weight-zero-point-causal", "uint8-cache"])

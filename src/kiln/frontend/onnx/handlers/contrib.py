@@ -394,17 +394,22 @@ def _heads(n: NodeCtx) -> int:
 @onnx_op("Attention", domain=MS)
 def attention(n: NodeCtx) -> list[Value]:
     _no_cache(n, {6: "past_sequence_length"}, {})
+    heads, x, w, sizes = _projection(n)
+    qkv = _one(n, "MatMul", [x, w])
+    if n.input(2) is not None:
+        qkv = _one(n, "Add", [qkv, n.input(2)])
+    return _attention_of(n, qkv, sizes, heads, n.input(3), n.input(4), n.input(5))
+
+
+def _projection(n: NodeCtx) -> tuple[int, Value, Value, list[int]]:
+    """Attention's and QAttention's heads, input [B, S, hidden], packed QKV weight and the Q, K, V widths."""
     if n.attr("do_rotary", 0):
         raise n.fail("rotary attention (do_rotary) is not supported")
     heads = _heads(n)
     x, w = _need(n, 0, "input"), _need(n, 1, "weights")
     if x.rank is not None and x.rank != 3:
         raise n.fail(f"input must be [batch, sequence, hidden], got {x.type}")
-    sizes = _qkv_sizes(n, w, heads)
-    qkv = _one(n, "MatMul", [x, w])
-    if n.input(2) is not None:
-        qkv = _one(n, "Add", [qkv, n.input(2)])
-    return _attention_of(n, qkv, sizes, heads, n.input(3), n.input(4), n.input(5))
+    return heads, x, w, _qkv_sizes(n, w, heads)
 
 
 def _qkv_sizes(n: NodeCtx, w: Value, heads: int) -> list[int]:
@@ -424,13 +429,7 @@ def quantized_attention(n: NodeCtx) -> list[Value]:
     optimized BERT): input (uint8/int8, from DynamicQuantizeLinear), weight, bias, input_scale, weight_scale,
     mask_index?, input_zero_point?, weight_zero_point?, past?. The projection as that quantization writes a plain
     MatMul - MatMulInteger, Cast, times input_scale * weight_scale - then + bias and Attention's steps."""
-    if n.attr("do_rotary", 0):
-        raise n.fail("rotary attention (do_rotary) is not supported")
-    heads = _heads(n)
-    x, w = _need(n, 0, "input"), _need(n, 1, "weight")
-    if x.rank is not None and x.rank != 3:
-        raise n.fail(f"input must be [batch, sequence, hidden], got {x.type}")
-    sizes = _qkv_sizes(n, w, heads)
+    heads, x, w, sizes = _projection(n)
     acc = _one(n, "MatMulInteger", [x, w, n.input(6), n.input(7)])  # int32, exact
     scale = _one(n, "Mul", [_need(n, 3, "input_scale"), _need(n, 4, "weight_scale")])
     qkv = _one(n, "Mul", [_one(n, "Cast", [acc], {"to": DType.FLOAT32}), scale])
