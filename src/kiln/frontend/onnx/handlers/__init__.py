@@ -85,5 +85,6 @@ from kiln.frontend.onnx.handlers import (  # noqa: E402, F401  isort: skip
     misc,
     rnn,
     contrib,
+    llm,
     qoperator,
 )
