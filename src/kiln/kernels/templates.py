@@ -152,3 +152,20 @@ def subtiles(tail: str, parts: int) -> str:
                  f"    offs_n = pid_n * BLOCK_N + {j} * ({width}) + tl.arange(0, {width})\n"
                  "    if WIDE:\n        offs_n = offs_n.to(tl.int64)\n" + sliced)
     return text
+
+
+GROUPED_TILE = """    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows
+    pid_n = (pid % group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+"""
+"""Program `pid`'s output tile: GROUP_M rows of tiles per column sweep; its rows `offs_m` and columns `offs_n`
+(int64 when the constexpr WIDE is set). The GEMM templates' and the implicit-GEMM conv templates' first lines."""

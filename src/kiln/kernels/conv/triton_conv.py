@@ -42,6 +42,7 @@ from kiln.kernels.pointwise.tile import TileProgram, load_function
 from kiln.kernels.registry import register
 from kiln.kernels.templates import (
     DEQUANTIZE,
+    GROUPED_TILE,
     TemplateTactic,
     dequant_vector,
     dot_options,
@@ -214,21 +215,9 @@ def kiln_conv(x_ptr, w_ptr, out_ptr, {pointers}M, N, C, H, W, OH, OW, stride_xb,
         acc = tl.dot(x, w, acc{precision})
 {dequant}{tail}'''
 
-PROLOGUE = """\
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % rows
-    pid_n = (pid % group) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+PROLOGUE = "    pid = tl.program_id(0)\n" + GROUPED_TILE + """\
     offs_k = tl.arange(0, BLOCK_K)
     if WIDE:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
     # why: wrapped rows and columns are real pixels and channels, so the loads need no M/N masks; the store drops them
     pix = offs_m % M
