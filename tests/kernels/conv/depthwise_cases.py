@@ -35,13 +35,14 @@ def dw_scaled(dt: DType, tiles: tuple[str, ...]) -> Case:
 
 CASES: dict[str, Callable[[], Case]] = {
     "3x3-pad1-relu-f16-cl-every-tile": lambda: dw(F16, (3, 20, 7, 7), (3, 3), ALL, cl=True, pad=(1, 1)),
-    "3x3-s2-pad1-hardswish-f16-cl": lambda: dw(F16, (2, 16, 11, 11), (3, 3), ("256x16-w4", "64x64-w4"),
+    "3x3-s2-pad1-hardswish-f16-cl": lambda: dw(F16, (2, 16, 11, 11), (3, 3), ("16x64-w2", "64x64-w4", "flat64-w2"),
                                                act="HardSwish", cl=True, stride=(2, 2), pad=(1, 1)),
     "5x5-pad2-relu-f32-cl": lambda: dw(F32, (2, 72, 8, 8), (5, 5), ALL, cl=True, pad=(2, 2)),
-    "3x3-dil2-bare-f32-cl": lambda: dw(F32, (1, 5, 9, 9), (3, 3), ("64x64-w4",), act="", cl=True, pad=(2, 2),
-                                       dil=(2, 2), bias=False),
-    "3x1-s12-f16-cl": lambda: dw(F16, (2, 6, 7, 9), (3, 1), ("256x16-w4",), cl=True, stride=(1, 2), pad=(1, 0)),
-    "scale-hardswish-5x5-f16-cl": lambda: dw_scaled(F16, ("64x64-w4",)),
+    "3x3-dil2-bare-f32-cl": lambda: dw(F32, (1, 5, 9, 9), (3, 3), ("64x64-w4", "flat64-w2"), act="", cl=True,
+                                       pad=(2, 2), dil=(2, 2), bias=False),
+    "3x1-s12-f16-cl": lambda: dw(F16, (2, 6, 7, 9), (3, 1), ("32x32-w2", "flat256-w4"), cl=True,
+                                 stride=(1, 2), pad=(1, 0)),
+    "scale-hardswish-5x5-f16-cl": lambda: dw_scaled(F16, ("64x64-w4", "flat512-w4")),
 }
 
 

@@ -16,6 +16,7 @@ from tests.kernels.conv import cases as c
 from tests.kernels.conv import depthwise_cases as d
 from tests.kernels.conv import int8_cases as q8
 from tests.kernels.conv import stem_cases as stem
+from tests.kernels.conv import thin_cases as thin
 from tests.kernels.conv.cases import ALL, CASES, CUDA, F16, F32, Case, bare, conv_add_relu, conv_relu, inputs, run
 
 pytestmark = [pytest.mark.gpu,
@@ -138,6 +139,32 @@ def test_depthwise_case_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("name", list(MOBILENET_V3))
 def test_depthwise_mobilenet_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
     problems = run(MOBILENET_V3[name](dt, batch), "cuda", tactic_name="triton.depthwise")
+    assert all(p is None for p in problems.values()), problems
+
+
+# --- triton.thin_conv ------------------------------------------------------------------------------------------
+
+MOBILENET_V3_1X1: dict[str, ShapeMaker] = {  # its 1x1 layers with <= 128 input channels, channels-last
+    "16-16-add": lambda dt, b: thin.add((b, 16, 112, 112), 16, thin.ALL, dt),
+    "24-72-relu": lambda dt, b: conv_relu(dt, (b, 24, 56, 56), 72, (1, 1), thin.ALL, cl=True),
+    "40-240-hardswish": lambda dt, b: c.conv_hardswish(dt, (b, 40, 28, 28), 240, (1, 1), thin.ALL, cl=True),
+    "120-40-add": lambda dt, b: thin.add((b, 120, 28, 28), 40, thin.ALL, dt),
+    "80-184-hardswish": lambda dt, b: c.conv_hardswish(dt, (b, 80, 14, 14), 184, (1, 1), thin.ALL, cl=True),
+    "112-672-hardswish": lambda dt, b: c.conv_hardswish(dt, (b, 112, 14, 14), 672, (1, 1), thin.ALL, cl=True),
+}
+
+
+@pytest.mark.parametrize("name", list(thin.CASES))
+def test_thin_case_on_cuda(name: str) -> None:
+    problems = thin.run_case(name, "cuda")
+    assert all(p is None for p in problems.values()), problems
+
+
+@pytest.mark.parametrize("batch", [128, 1])
+@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
+@pytest.mark.parametrize("name", list(MOBILENET_V3_1X1))
+def test_thin_mobilenet_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
+    problems = run(MOBILENET_V3_1X1[name](dt, batch), "cuda", tactic_name="triton.thin_conv")
     assert all(p is None for p in problems.values()), problems
 
 

@@ -251,8 +251,8 @@ INF = tl.constexpr(float("inf"))
 def kiln_conv(x_desc, w_desc, out_ptr, {pointers}N, C, OH, OW, tiles_w, tiles_hw, stride_ob, stride_oc, stride_oh,
               stride_ow, {strides}KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
               BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              WIDE: tl.constexpr):
-    pid = tl.program_id(0)
+              WIDE: tl.constexpr, OVEC: tl.constexpr):
+{scale}    pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BLOCK_N)
     pid_n = pid % grid_n
     pid_m = pid // grid_n
@@ -309,9 +309,19 @@ def render(s: Spec, tf32: bool, tma: bool = False, subtile: int = 1) -> str:
     tail = (_TMA_TAIL if tma else _TAIL).format(epilogue=e.lines, result=e.result, out=storage(s.out), also=also)
     if subtile > 1:
         tail = subtiles(tail, subtile)
+    scale = "".join(f"    {st} = {st} * OVEC\n" for st in ["N", *_pixel_strides(s)]) if tma else ""
     return (_TMA_SOURCE if tma else _SOURCE).format(what=e.what, pointers=pointers, strides=e.strides,
                           prologue=PROLOGUE, precision=precision, acc_type="tl.int32" if int8 else "tl.float32",
-                          zero="0" if int8 else "0.0", dequant=dequant, tail=tail)
+                          zero="0" if int8 else "0.0", dequant=dequant, tail=tail, scale=scale)
+
+
+def _pixel_strides(s: Spec) -> list[str]:
+    """The TMA form's pixel-stride parameters (output and epilogue operands: image, row, column), passed divided
+    by OVEC and multiplied back in the kernel so that Triton sees them as multiples of OVEC (see
+    `triton_depthwise.WINDOW`); the output channel count N too, which bounds the store mask `rn < N`: without
+    both a 24-, 72- or 120-channel output is stored one element at a time."""
+    ops = s.program.operands if s.program is not None else ()
+    return ["stride_ob", "stride_oh", "stride_ow", *(f"s{j}_{a}" for j in range(len(ops)) for a in "bhw")]
 
 
 @dataclass(frozen=True)
@@ -326,16 +336,16 @@ class Epilogue:
     what: str
 
 
-def epilogue(s: Spec, bias_load: str, cols_ok: str = "rn < N") -> Epilogue:
-    """`s`'s bias (loaded by `bias_load`, a row of the tile's channels) and steps, rendered for a kernel that
-    names its tile's rows' coordinates `ob`, `oh`, `ow`, its columns `rn`, its store mask `mask` and its valid
-    columns `cols_ok` ([1, BLOCK_N])."""
+def epilogue(s: Spec, bias_load: str, cols_ok: str = "rn < N", row: str = "[None, :]") -> Epilogue:
+    """`s`'s bias (loaded by `bias_load`, the tile's channels, broadcast over its rows by the index `row`) and
+    steps, rendered for a kernel that names its tile's rows' coordinates `ob`, `oh`, `ow`, its columns' channels
+    `rn`, its store mask `mask` and its valid columns `cols_ok` (either broadcast to the tile)."""
     lines: list[str] = []
     pointers, strides = [], []
     if s.b_at is not None:
         pointers.append("b_ptr")
         strides.append("stride_b")
-        lines.append(f"acc = acc + {bias_load}.to(tl.float32)[None, :]")
+        lines.append(f"acc = acc + {bias_load}.to(tl.float32){row}")
     result, what = "acc", str(s.dtype)
     if s.program is not None:
         for j in range(len(s.program.operands)):
@@ -372,6 +382,18 @@ def patch_shape(block_m: int, oh: int, ow: int) -> tuple[int, int]:
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------
+
+
+def pixel_vec(c: int, *ts: torch.Tensor) -> int:
+    """The largest of 16, 8, 4, 2, 1 dividing the channel count `c` and the image, row and column strides of every
+    4-D tensor in `ts` (16 int8 elements or 8 float16 ones are one 16-byte vector)."""
+    sizes = [c, *(st for t in ts for st in (t.stride(0), t.stride(2), t.stride(3)))]
+    return next(v for v in (16, 8, 4, 2, 1) if all(st % v == 0 for st in sizes))
+
+
+def pixel_strides(t: torch.Tensor, vec: int) -> tuple[int, int, int]:
+    """`t`'s image, row and column strides divided by `vec` (see `triton_depthwise.WINDOW`)."""
+    return t.stride(0) // vec, t.stride(2) // vec, t.stride(3) // vec
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -504,10 +526,19 @@ class ConvKernel(SpecKernel):
         grid = (x.shape[0] * tiles_hw * math.ceil(s.n / t.block_n),)
         bias_views = extra[1 if self.dequant is not None else 0:]
         out = outs[0]
-        self.fn[grid](xd, wd, out, *outs[1:], *extra, s.n, s.c, oh, ow, tiles_w, tiles_hw, *out.stride(),
-                      *(st for v in bias_views for st in v.stride()), KH=s.kernel[0], KW=s.kernel[1], PH=s.pad[0],
+        views = [v for v in bias_views if v.dim() == 4]
+        vec = pixel_vec(s.n, *outs, *views)
+
+        def strides(v: torch.Tensor) -> tuple[int, ...]:
+            if v.dim() != 4:
+                return v.stride()
+            b, h, w = pixel_strides(v, vec)
+            return b, v.stride(1), h, w
+
+        self.fn[grid](xd, wd, out, *outs[1:], *extra, s.n // vec, s.c, oh, ow, tiles_w, tiles_hw, *strides(out),
+                      *(st for v in bias_views for st in strides(v)), KH=s.kernel[0], KW=s.kernel[1], PH=s.pad[0],
                       PW=s.pad[1], BH=bh, BW=bw, BLOCK_M=bh * bw, BLOCK_N=t.block_n, BLOCK_K=t.block_k, WIDE=wide,
-                      num_warps=t.num_warps, num_stages=self.stages)
+                      OVEC=vec, num_warps=t.num_warps, num_stages=self.stages)
 
 
 def _check_tma(s: Spec, device: torch.device) -> None:
@@ -615,6 +646,70 @@ class TritonFp8Conv(TritonInt8Conv):
         return quantized_spec(node, DType.FLOAT8_E4M3FN)
 
 
+THIN_TILES: dict[str, Tile] = {
+    "tma-128x16x32-w4s4": Tile(128, 16, 32, 8, 4, 4, tma=True),
+    "tma-128x32x64-w4s4": Tile(128, 32, 64, 8, 4, 4, tma=True),
+    "tma-128x64x32-w4s4": Tile(128, 64, 32, 8, 4, 4, tma=True),
+    "tma-128x128x64-w4s3": Tile(128, 128, 64, 8, 4, 3, tma=True),
+}
+"""`triton.thin_conv`'s space; each layer is timed on the tiles `thin_tiles` names for it. From MobileNetV3-Large's
+1x1 layers at batch 128 float16 on an H100 (2026-11-28, `.scratch/thin_bench.py`, us; the fastest other tactic
+after the slash): 40 -> 240 + HardSwish at 28x28 37.5 (128x128x64) / 50.5, 112 -> 672 + HardSwish at 14x14 33.9
+(128x128x64) / 38.9, 80 -> 480 + HardSwish 21.9 (128x64x32) / 27.2 - cuBLAS (`cuda.patch_conv`) took 71.1, 46.7
+and 32.3, its HardSwish another pass over the output. A tile narrower than the layer reads its input once per
+column block (128x16x32 took 363.7 us on 24 -> 72, 128x128x64 78.2), so a layer of up to 128 output channels
+gets the narrowest tile that covers it. Those layers were measured before the output channel count was passed
+divided by its vector width (the store mask `rn < N` of a 72- or 120-channel layer kept every store one element
+wide): 24 -> 72 + ReLU 78.2 / cuDNN 55.0, 40 -> 120 + ReLU 67.1 / 27.8, 120 -> 40 + residual 38.3 / cuBLAS 22.9;
+not timed since."""
+
+THIN_MAX_C = 128
+"""The most input channels a `triton.thin_conv` layer has: a K of at most two steps, where the layer's time is its
+memory traffic."""
+
+THIN_MIN_PIXELS = 49
+"""The fewest output pixels per image (7 x 7) a `triton.thin_conv` layer has: its programs are patches of one
+image, so on a squeeze-excitation conv over 1 x 1 pixels all but one of a tile's 128 rows would be padding."""
+
+
+def thin_tiles(n: int) -> list[str]:
+    """The `THIN_TILES` a layer with `n` output channels is timed on: up to 128 channels the narrowest tile that
+    covers them (the input read once), else the 64- and the 128-wide tile."""
+    if n > 128:
+        return ["tma-128x64x32-w4s4", "tma-128x128x64-w4s3"]
+    return [next(name for name, t in THIN_TILES.items() if t.block_n >= n)]
+
+
+class TritonThinConv(TritonConv):
+    """A 1x1, stride-1 conv with few input channels on 16-bit channels-last input (MobileNets' expansions and
+    projections: 16 to 128 channels in, 16 to 960 out) as the TMA form with its epilogue. Such a layer moves its
+    input and output once and does little arithmetic; cuBLAS (`cuda.patch_conv`) runs it as a GEMM and then an
+    epilogue that cuDNN cannot fuse (HardSwish, a residual) as more passes over the output, and `triton.conv`'s
+    tiles (K steps of 64 or more, element-wise stores on rows of 72 or 200 channels) waste much of each step."""
+
+    name = "triton.thin_conv"
+    min_opt_level = 1
+    tiles = THIN_TILES
+    space = {"tile": tuple(THIN_TILES)}
+    priority = 61
+
+    def view(self, node: Node) -> Spec | None:
+        s = spec(node)
+        if s is None or s.kernel != (1, 1) or s.stride != (1, 1) or s.pad != (0, 0) or s.c > THIN_MAX_C:
+            return None
+        if s.dtype not in (DType.FLOAT16, DType.BFLOAT16) or (s.c * s.dtype.torch.itemsize) % 16:
+            return None  # why: the TMA form reads rows of C channels as 16-byte multiples
+        x = node.inputs[s.x_at]
+        hw = [d for d in (x.shape[2:] if x is not None and x.shape is not None else ()) if isinstance(d, int)]
+        if len(hw) != 2 or hw[0] * hw[1] < THIN_MIN_PIXELS:
+            return None
+        return s
+
+    def node_configs(self, node: Node) -> list[dict[str, Any]]:
+        s = self.view(node)
+        return [{"tile": t} for t in thin_tiles(s.n)] if s is not None else self.configs()
+
+
 INT8_NEXT_TILES: dict[str, Tile] = {
     "tma-128x128x64-w4s4-e4": Tile(128, 128, 64, 8, 4, 4, tma=True, subtile=4),
     "tma-128x256x64-w8s3-e4": Tile(128, 256, 64, 8, 8, 3, tma=True, subtile=4),
@@ -639,6 +734,7 @@ class TritonInt8ConvNext(TritonInt8Conv):
 
 
 register(TritonConv())
+register(TritonThinConv())
 register(TritonInt8Conv())
 register(TritonFp8Conv())
 register(TritonInt8ConvNext())

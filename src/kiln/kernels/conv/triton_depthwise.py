@@ -9,12 +9,13 @@ channels of BLOCK_M input pixels (contiguous for a channels-last input) and one 
 then adds the bias and renders the Fused body's steps in registers with the pointwise generator's rules (as
 `triton.conv` does), and stores once. Padding is a load mask; strides and dilation are index arithmetic. The input
 must be channels-last (the layout pass makes it so on GPUs); an NCHW input is refused when called. The output is
-channels-last.
+channels-last. A flat tile (FLAT_WINDOW) instead takes BLOCK_M (pixel, group of VEC channels) pairs in memory
+order, so no lane idles on a channel count that is not a power of two.
 
 The weight is laid out once at build time as [KH * KW, C] row-major. The window (kernel, stride, padding,
 dilation) is passed at run time, not compiled in: one compile per epilogue and tile serves every layer (with the
 window as compile-time constants, MobileNetV3's depthwise layers took 50 s of compiles on an H100 machine). The
-space is four tiles (`TILES`).
+space is `TILES`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ import torch
 
 from kiln.ir.graph import Node
 from kiln.kernels.base import Kernel
-from kiln.kernels.conv.triton_conv import WIDE_LIMIT, Spec, SpecKernel, _extent, epilogue, spec
+from kiln.kernels.conv.triton_conv import (
+    WIDE_LIMIT,
+    Spec,
+    SpecKernel,
+    _extent,
+    epilogue,
+    pixel_strides,
+    pixel_vec,
+    spec,
+)
 from kiln.kernels.cpu.common import prepared
 from kiln.kernels.pointwise.rules import storage
 from kiln.kernels.pointwise.tile import load_function
@@ -37,25 +47,29 @@ from kiln.utils.errors import InputError, UnsupportedError
 
 class Tile(NamedTuple):
     block_m: int
-    """Output pixels per program."""
+    """Output pixels per program (flat: (pixel, channel group) pairs)."""
     block_n: int
-    """Channels per program."""
+    """Channels per program; 0 for a flat tile (FLAT_WINDOW), whose rows are each one pixel's group of VEC
+    channels."""
     num_warps: int
 
 
 TILES: dict[str, Tile] = {
     "64x64-w4": Tile(64, 64, 4),
-    "256x16-w4": Tile(256, 16, 4),
     "16x64-w2": Tile(16, 64, 2),
     "32x32-w2": Tile(32, 32, 2),
+    "flat512-w4": Tile(512, 0, 4),
+    "flat256-w4": Tile(256, 0, 4),
+    "flat64-w2": Tile(64, 0, 2),
 }
-"""64 channels of float16 are one 128-byte line per pixel; the 16-wide tile is for the 16-channel layers at the
-start of MobileNets, where a wider tile would leave most lanes masked. (32x128 and 128x32 tiles were in the space
-too; on an H100 they never won a MobileNetV3 layer, and every tile is a compile per layer shape.) The two small
+"""64 channels of float16 are one 128-byte line per pixel. (32x128, 128x32 and 256x16 tiles were in the space too;
+on an H100 they never won a MobileNetV3 layer once the flat tiles came, and every tile is a compile per layer
+shape.) The two small
 tiles are for batch 1, where a layer is too small to fill the GPU with large tiles: MobileNetV3's 5x5 layer at
-7x7 x 672 channels is 11 programs of 64x64 on 132 SMs, 44 of 16x64."""
+7x7 x 672 channels is 11 programs of 64x64 on 132 SMs, 44 of 16x64. The flat tiles hold BLOCK_M groups of VEC
+channels (8 for float16 channel counts that are multiples of 8: 4096 elements for flat512)."""
 
-WINDOW = """\
+_SCALE = """\
     C = C * VEC
     stride_xb = stride_xb * VEC
     stride_xh = stride_xh * VEC
@@ -63,13 +77,8 @@ WINDOW = """\
     stride_ob = stride_ob * VEC
     stride_oh = stride_oh * VEC
     stride_ow = stride_ow * VEC
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-    m_ok = offs_m < M
-    n_ok = offs_n < C
+"""
+_PIXELS = """\
     ob = offs_m // (OH * OW)
     oh = (offs_m // OW) % OH
     ow = offs_m % OW
@@ -77,6 +86,15 @@ WINDOW = """\
     iw0 = ow * SW - PW
     x_rows = x_ptr + ob * stride_xb
 """
+WINDOW = _SCALE + """\
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < C
+""" + _PIXELS
 """The start of a sliding-window kernel over a channels-last input (`triton.depthwise`, `triton.maxpool`): a tile
 of BLOCK_M output pixels (`offs_m`, at image `ob`, row `oh`, column `ow`) x BLOCK_N channels (`offs_n`), the
 window's top-left input pixel (`ih0`, `iw0`) and the row pointers of each pixel's image (`x_rows`). The kernel
@@ -87,17 +105,23 @@ itself, and without it every load and store (masked by `offs_n < C`) is one elem
 (2026-11-28) MobileNetV3's 3x3 depthwise layer on 72 x 56 x 56 took 290.8 us so, 123.7 with the hint (cuDNN 186.7);
 its 120-channel 5x5 layer 197.9 -> 70.1 (cuDNN 83.0)."""
 
+FLAT_WINDOW = """\
+    CG = C
+""" + _SCALE + """\
+    offs_g = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        offs_g = offs_g.to(tl.int64)
+    offs_m = offs_g // CG
+    m_ok = offs_m < M
+    offs_n = (offs_g % CG)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    n_ok = offs_n < C
+""" + _PIXELS
+"""WINDOW for a flat tile: BLOCK_M (pixel, group of VEC channels) pairs in channels-last order (`offs_m` the
+pixel of each row, `offs_n` [BLOCK_M, VEC] the channels), so that every lane holds a real channel whatever the
+channel count and a warp's loads cover one contiguous span of a channels-last row of pixels (the 2-D tile of
+WINDOW leaves 56 of 128 lanes idle on a 72-channel layer with 64-channel columns, and each of its loads is a
+16-byte piece of every pixel's row)."""
 
-def pixel_vec(c: int, *ts: torch.Tensor) -> int:
-    """The largest of 16, 8, 4, 2, 1 dividing the channel count `c` and the image, row and column strides of every
-    4-D tensor in `ts` (16 int8 elements or 8 float16 ones are one 16-byte vector)."""
-    sizes = [c, *(st for t in ts for st in (t.stride(0), t.stride(2), t.stride(3)))]
-    return next(v for v in (16, 8, 4, 2, 1) if all(st % v == 0 for st in sizes))
-
-
-def pixel_strides(t: torch.Tensor, vec: int) -> tuple[int, int, int]:
-    """`t`'s image, row and column strides divided by `vec` (see WINDOW)."""
-    return t.stride(0) // vec, t.stride(2) // vec, t.stride(3) // vec
 
 _SOURCE = '''"""Generated by kiln.kernels.conv.triton_depthwise ({what})."""
 import triton
@@ -112,30 +136,41 @@ INF = tl.constexpr(float("inf"))
 def kiln_depthwise(x_ptr, w_ptr, out_ptr, {pointers}M, C, H, W, OH, OW, stride_xb, stride_xc, stride_xh, stride_xw,
                    stride_ob, stride_oc, stride_oh, stride_ow, {strides}KH, KW, SH, SW, PH, PW, DH, DW,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr, VEC: tl.constexpr):
-{window}    x_cols = offs_n[None, :] * stride_xc
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+{window}    x_cols = {cols} * stride_xc
+    acc = tl.zeros((BLOCK_M, {width}), dtype=tl.float32)
     for kh in range(KH):
         ih = ih0 + kh * DH
         row_ok = m_ok & (ih >= 0) & (ih < H)
         for kw in range(KW):
             iw = iw0 + kw * DW
             inside = row_ok & (iw >= 0) & (iw < W)
-            x = tl.load((x_rows + ih * stride_xh + iw * stride_xw)[:, None] + x_cols,
-                        mask=inside[:, None] & n_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + (kh * KW + kw) * C + offs_n, mask=n_ok, other=0.0)
-            acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
-    rn = offs_n[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
+            x = tl.load((x_rows + ih * stride_xh + iw * stride_xw)[:, None] + x_cols, mask={x_mask}, other=0.0)
+            w = {w_load}
+            acc += x.to(tl.float32) * w.to(tl.float32)
+    rn = {cols}
+    mask = m_ok[:, None] & {cols_ok}
 {epilogue}    out_rows = (ob * stride_ob + oh * stride_oh + ow * stride_ow)[:, None]
     tl.store(out_ptr + out_rows + rn * stride_oc, {result}.to({out}), mask=mask)
 '''
 
 
-def render(s: Spec) -> str:
-    """The kernel source for `s`."""
-    e = epilogue(s, "tl.load(b_ptr + offs_n * stride_b, mask=n_ok, other=0.0)", "n_ok[None, :]")
+_FORMS = {
+    False: {"window": WINDOW, "cols": "offs_n[None, :]", "width": "BLOCK_N", "cols_ok": "n_ok[None, :]",
+            "x_mask": "inside[:, None] & n_ok[None, :]", "row": "[None, :]",
+            "w_load": "tl.load(w_ptr + (kh * KW + kw) * C + offs_n, mask=n_ok, other=0.0)[None, :]"},
+    True: {"window": FLAT_WINDOW, "cols": "offs_n", "width": "VEC", "cols_ok": "n_ok", "x_mask": "inside[:, None]",
+           "row": "", "w_load": "tl.load(w_ptr + (kh * KW + kw) * C + offs_n)"},
+}
+"""The 2-D tile's and the flat tile's spellings of the kernel's channel index, accumulator width and masks (the flat
+tile's channels are always in range: only its pixels can run past the end)."""
+
+
+def render(s: Spec, flat: bool = False) -> str:
+    """The kernel source for `s`, with a 2-D or a flat tile."""
+    form = _FORMS[flat]
+    e = epilogue(s, "tl.load(b_ptr + offs_n * stride_b, mask=n_ok, other=0.0)", form["cols_ok"], form["row"])
     return _SOURCE.format(what=e.what, pointers=e.pointers, strides=e.strides, epilogue=e.lines, result=e.result,
-                          out=storage(s.out), window=WINDOW)
+                          out=storage(s.out), **{k: v for k, v in form.items() if k != "row"})
 
 
 class DepthwiseKernel(SpecKernel):
@@ -146,7 +181,7 @@ class DepthwiseKernel(SpecKernel):
     def __init__(self, node: Node, s: Spec, tile: Tile) -> None:
         super().__init__(s)
         self.tile = tile
-        self.source = render(s)
+        self.source = render(s, tile.block_n == 0)
         self.fn = load_function(self.source, "kiln_depthwise", "kiln_depthwise")
         self.weight = prepared(node, s.w_at, ("triton.depthwise", "taps_c"),
                                lambda w: w.reshape(w.shape[0], -1).t().contiguous())
@@ -172,14 +207,17 @@ class DepthwiseKernel(SpecKernel):
         views = self._operands(xs, shape)
         wide = max([_extent(x), _extent(out), *(_extent(v) for v in views)]) >= WIDE_LIMIT
         t = self.tile
-        grid = (math.ceil(m / t.block_m), math.ceil(s.c / t.block_n))
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.pad, s.dilation
         vec = pixel_vec(s.c, x, out)
+        if t.block_n == 0:  # flat: rows are (pixel, group of vec channels) pairs
+            grid: tuple[int, ...] = (math.ceil(m * (s.c // vec) / t.block_m),)
+        else:
+            grid = (math.ceil(m / t.block_m), math.ceil(s.c / t.block_n))
         (xb, xh, xw), (ob, oh_, ow_) = pixel_strides(x, vec), pixel_strides(out, vec)
         self.fn[grid](x, w, out, *bias, *views, m, s.c // vec, h, wd, oh, ow, xb, x.stride(1), xh, xw, ob,
                       out.stride(1), oh_, ow_, *(st for v in bias + views for st in v.stride()), kh, kw, sh, sw,
                       ph, pw, dh, dw,
-                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, WIDE=wide, VEC=vec, num_warps=t.num_warps)
+                      BLOCK_M=t.block_m, BLOCK_N=max(t.block_n, 1), WIDE=wide, VEC=vec, num_warps=t.num_warps)
         return [out]
 
 
