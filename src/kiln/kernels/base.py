@@ -98,6 +98,11 @@ class Tactic(ABC):
         keys = sorted(self.space)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.space[k] for k in keys))]
 
+    def node_configs(self, node: Node) -> list[dict[str, Any]]:
+        """`configs()` in the order to try them on `node`: below the default optimization level the tuner times
+        only the first, so a tactic whose first config cannot run some nodes puts another first for those."""
+        return self.configs()
+
     @abstractmethod
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:

@@ -420,8 +420,8 @@ SMALL_SPACE = 16
 """At the default level, spaces up to this many configurations are searched whole (the first one otherwise)."""
 
 
-def _configs(tactic: Tactic, opt_level: int) -> list[dict[str, Any]]:
-    cfgs = tactic.configs()
+def _configs(tactic: Tactic, node: Node, opt_level: int) -> list[dict[str, Any]]:
+    cfgs = tactic.node_configs(node)
     return cfgs if opt_level >= 4 or (opt_level == 3 and len(cfgs) <= SMALL_SPACE) else cfgs[:1]
 
 
@@ -504,7 +504,7 @@ class _ProfileTuner:
         turned_down: list[str] = []  # why each kernel (not the reference) was rejected
         kernels_passed = 0
         for rank, tactic in enumerate(self.cands[i][:limit]):
-            for cfg in _configs(tactic, self.s.opt_level):
+            for cfg in _configs(tactic, node, self.s.opt_level):
                 cand_label = label(tactic.name, cfg)
                 t0 = time.perf_counter()
                 t1 = None

@@ -197,6 +197,20 @@ def test_sdpa_takes_boolean_masks_with_rows_that_see_nothing(packed: bool) -> No
     assert not row.any() and got.isfinite().all()
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_sdpa_tries_a_backend_that_takes_the_mask_first(mask: bool) -> None:
+    """Below the default optimization level the tuner times a tactic's first config only: flash (no masks) first
+    for an unmasked attention, last for a masked one - in both orders every backend is in the space."""
+    from kiln.tune.tuner import _configs
+
+    node, _ = _attention(False, 4, mask, False)
+    tactic = registry.get("cuda.sdpa")
+    order = [c["backend"] for c in tactic.node_configs(node)]
+    assert sorted(order) == sorted(c["backend"] for c in tactic.configs())
+    assert (order[0] == "flash") is not mask and (order[-1] == "flash") is mask
+    assert _configs(tactic, node, 1) == [{"backend": order[0]}] and len(_configs(tactic, node, 3)) == len(order)
+
+
 def test_sdpa_leaves_caches_to_the_reference() -> None:
     g = Graph()
     q = g.add_input("q", TensorType(F32, (1, 2, 3, 4)))

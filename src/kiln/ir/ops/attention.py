@@ -241,7 +241,7 @@ def _attention_ref(c: RefCtx, xs: list[Any]) -> list[Tensor]:
     bias = attention_bias(a, mask, nonpad, 0 if past_k is None else past_k.shape[2], q_len, kv_len, Q.dtype,
                           Q.device)
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(head_size)
-    root = torch.tensor(math.sqrt(scale), dtype=Q.dtype, device=Q.device)
+    root = torch.full((), math.sqrt(scale), dtype=Q.dtype, device=Q.device)  # why: no host copy (capturable)
     keys = expand_kv_heads(present_k, q_heads)
     raw = matmul(Q * root, (keys * root).transpose(-1, -2))
     capped = raw if a["softcap"] <= 0 else a["softcap"] * torch.tanh(raw / a["softcap"])
@@ -499,7 +499,7 @@ def _flex_ref(c: RefCtx, xs: list[Any]) -> list[Tensor]:
     Q, K, V = xs
     cdt = flex_compute_dtype(DType.from_torch(Q.dtype), a["softmax_precision"]).torch
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(Q.shape[-1])
-    root = torch.tensor(math.sqrt(scale), dtype=Q.dtype, device=Q.device)
+    root = torch.full((), math.sqrt(scale), dtype=Q.dtype, device=Q.device)  # why: no host copy (capturable)
     keys, values = expand_kv_heads(K, Q.shape[1]), expand_kv_heads(V, Q.shape[1])
     scores = matmul(Q * root, (keys * root).transpose(-1, -2)).to(cdt)
     scores = _run_modifier(c, a["score_mod"], scores, "score_mod")

@@ -480,7 +480,7 @@ def _greater_than(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k >= info.max:
         return torch.zeros_like(x, dtype=torch.bool)
-    return ordered(x) > ordered(torch.tensor(k, device=x.device).to(x.dtype))
+    return ordered(x) > ordered(torch.full((), k, device=x.device).to(x.dtype))
 
 
 def _less_than(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -491,7 +491,7 @@ def _trunc_add(x: torch.Tensor, c: float) -> torch.Tensor:
     """trunc(x + c) for integer x and real c, exactly (wrapping like integer addition)."""
     whole = math.floor(c)
     add = sign_agnostic(torch.add)
-    out = add(x, torch.tensor(whole, device=x.device).to(x.dtype).expand_as(x))
+    out = add(x, torch.full((), whole, device=x.device).to(x.dtype).expand_as(x))
     if c > whole:  # x + whole < 0 truncates up
         out = torch.where(_less_than(x, -whole), add(out, torch.ones_like(x)), out)
     return out
@@ -514,8 +514,8 @@ def _shrink(x: torch.Tensor, bias: float, lambd: float) -> torch.Tensor:
     ONNX's function body would first cast lambd and bias to X's dtype)."""
     zero = torch.zeros_like(x)
     if x.is_floating_point():
-        lam = torch.tensor(lambd, device=x.device).to(x.dtype)
-        b = torch.tensor(bias, device=x.device).to(x.dtype)
+        lam = torch.full((), lambd, device=x.device).to(x.dtype)
+        b = torch.full((), bias, device=x.device).to(x.dtype)
         return torch.where(x < -lam, x + b, torch.where(x > lam, x - b, zero))
     small, big = _less_than(x, math.ceil(-lambd)), _greater_than(x, math.floor(lambd))
     return select(small, _trunc_add(x, bias), select(big, _trunc_add(x, -bias), zero))

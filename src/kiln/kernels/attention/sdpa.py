@@ -71,6 +71,9 @@ class Sdpa(Tactic):
                 return False
         return True
 
+    def node_configs(self, node: Node) -> list[dict[str, Any]]:
+        return _masked_last(self.configs(), node)
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
         a = node.attrs
@@ -114,6 +117,15 @@ class Sdpa(Tactic):
         return run
 
 
+def _masked_last(cfgs: list[dict[str, Any]], attention: Node) -> list[dict[str, Any]]:
+    """`cfgs` with the flash backend last when `attention` has a mask (FlashAttention takes none: as the first
+    config, the only one timed below the default level, it left every masked attention - BERT's, every LLM
+    export's - to the next tactic)."""
+    if len(attention.inputs) > 3 and attention.inputs[3] is not None:
+        return sorted(cfgs, key=lambda c: c.get("backend") == "flash")
+    return cfgs
+
+
 class SdpaQuantize(Tactic):
     """A "quantizing" Attention node as `cuda.sdpa` (one config per backend but math) followed by the node's
     QuantizeLinear alone; the float output too when the node keeps it."""
@@ -127,6 +139,10 @@ class SdpaQuantize(Tactic):
     def applicable(self, node: Node, device: torch.device) -> bool:
         view = quantizing_view(node, ("Attention",))
         return view is not None and _SDPA.applicable(view.op, device)
+
+    def node_configs(self, node: Node) -> list[dict[str, Any]]:
+        view = quantizing_view(node, ("Attention",))
+        return self.configs() if view is None else _masked_last(self.configs(), view.op)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
