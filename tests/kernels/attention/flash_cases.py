@@ -165,6 +165,11 @@ def all_cases() -> list[Case]:
              zero_rows=("f16",)),
         Case("float-mask-narrow-rank1", with_mask(qkv(2, 2, 2, 4, 20, 64), float_bias((13,)))),
         Case("float-scalar-mask", with_mask(qkv(1, 2, 2, 4, 9, 64), lambda g, dt: torch.tensor(0.5, dtype=dt))),
+        # Gemma-2's softcap: cap * tanh(score / cap) before the mask and the softmax (small caps, so it bites)
+        Case("softcap-causal-gqa", qkv(1, 4, 2, 40, 40, 64), {"is_causal": 1, "softcap": 1.5}, configs=(2, 5)),
+        Case("softcap-bool-mask-decode", with_mask(qkv(2, 4, 2, 1, 30, 32, packed=True), bool_mask((2, 1, 1, 30))),
+             packed(4, 2, softcap=2.0)),
+        Case("softcap-float-mask", with_mask(qkv(1, 2, 2, 5, 18, 64), float_bias((5, 18))), {"softcap": 3.0}),
         Case("strided-fused-qkv", fused_qkv(2, 31, 2, 64), packed(2, 2, is_causal=1), strided=True),
         Case("strided-heads-last", heads_last(2, 27, 2, 64), strided=True),
     ]

@@ -41,7 +41,7 @@ def test_takes_quantizing_attentions_on_cuda_at_every_level() -> None:
         node, _ = make()
         assert t.applicable(node, CUDA) and not t.applicable(node, CPU)
     node, _ = attention_quantize(1, 8, 2, 16, torch.float32, DType.INT8)
-    node.attrs["body"].nodes[0].attrs["softcap"] = 5.0  # what the flash kernel leaves to other tactics
+    node.attrs["body"].nodes[0].attrs["left_window_size"] = 4  # what the flash kernel leaves to other tactics
     assert not t.applicable(node, CUDA)
 
 

@@ -8,9 +8,10 @@ Takes 4-D [batch, heads, seq, head] or packed 3-D [batch, seq, heads*head] Q/K/V
 float32), read through their strides; grouped-query K/V (query head h reads kv head h // (H / Hkv)); `is_causal`
 (query i sees keys j <= i, whole key blocks past the diagonal are skipped); a boolean or float additive attn_mask
 broadcastable to [batch, heads, Sq, Skv] (read through its strides, 0 on broadcast axes; a mask narrower than Skv
-hides the keys past it, as the reference pads it with -inf); any scale; head sizes up to 256 (padded to a power of
-two); any sequence lengths. A query row with no allowed key gives zeros, as in the reference.
-Left to other tactics: a KV cache (past_key/value), nonpad_kv_seqlen, softcap, sliding windows, the extra outputs,
+hides the keys past it, as the reference pads it with -inf); any scale; a softcap (Gemma-2: scores = softcap *
+tanh(scores / softcap), before the mask); head sizes up to 256 (padded to a power of two); any sequence lengths.
+A query row with no allowed key gives zeros, as in the reference.
+Left to other tactics: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, the extra outputs,
 softmax_precision other than float32 (the kernel's softmax is float32; the reference's default, Q's dtype, is
 matched within the tuner's tolerance), integer masks.
 
@@ -72,16 +73,19 @@ keys, and within the register and shared-memory budgets for large heads or float
 
 tl: Any = None
 quantize_tile: Any = None  # `triton_kernels.quantize_tile`, bound by _kernel()
+tanh: Any = None  # `mathlib.tanh`, bound by _kernel()
 pdl_sync: Any = None  # `mathlib.pdl_sync`, bound by _kernel()
 
 
 def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W, skn, skd, svn, svd,
-            smm, smn, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_DV: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-            KEY_MASK: tl.constexpr, ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr):
-    """One key block: scores, mask, online-softmax update of (acc, l_i, m_i). EDGE: the block may hold keys past
-    Skv or (causal) past the diagonal, which are hidden element by element. KEY_MASK: the mask is the same for
-    every query (a padding mask, [B, 1, 1, Skv]): one row of it is read per key block, not a tile."""
+            smm, smn, cap, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr,
+            MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr, ROUND: tl.constexpr, UNITS: tl.constexpr,
+            PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One key block: scores, softcap, mask, online-softmax update of (acc, l_i, m_i). EDGE: the block may hold
+    keys past Skv or (causal) past the diagonal, which are hidden element by element. KEY_MASK: the mask is the
+    same for every query (a padding mask, [B, 1, 1, Skv]): one row of it is read per key block, not a tile.
+    SOFTCAP: the scores (in natural units then) become cap * tanh(scores / cap)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -92,6 +96,8 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
         v_ok = v_ok & (offs_n < SKV)[:, None]
     k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=k_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if SOFTCAP:
+        s = cap * tanh(s / cap)
     if MASK_KIND != 0:
         if KEY_MASK:  # why: a [BLOCK_M, BLOCK_N] float bias tile held beside the scores spills registers
             m_ptrs = mask_base + offs_n[None, :] * smn
@@ -124,12 +130,12 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
 
 
 def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_rscale, q_zero, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn,
-               svd, smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m,
+               svd, smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m, cap,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                KEY_MASK: tl.constexpr, ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr,
                STORE_Y: tl.constexpr, YD: tl.constexpr, QUANT: tl.constexpr, SD: tl.constexpr, QLO: tl.constexpr,
-               QHI: tl.constexpr, PDL: tl.constexpr):
+               QHI: tl.constexpr, PDL: tl.constexpr, SOFTCAP: tl.constexpr):
     pdl_sync(PDL)  # why: with PDL on (kiln.kernels.pdl), this kernel may start before the one before it ends
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -160,12 +166,12 @@ def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_rscale, q_zero, sqb, sqh, sqm, sqd,
         full = SKV // BLOCK_N * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W,
-                                skn, skd, svn, svd, smm, smn, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False,
-                                CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC)
+                                skn, skd, svn, svd, smm, smn, cap, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                False, CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC, SOFTCAP)
     for start_n in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W,
-                                skn, skd, svn, svd, smm, smn, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True,
-                                CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC)
+                                skn, skd, svn, svd, smm, smn, cap, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                True, CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC, SOFTCAP)
     # a row with no allowed key has l = 0 and acc = 0: it gives zeros, as in the reference
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -186,10 +192,12 @@ def _kernel() -> Any:
 
     from kiln.kernels.norm.triton_kernels import quantize_tile
     from kiln.kernels.pointwise.mathlib import pdl_sync
+    from kiln.kernels.pointwise.mathlib import tanh as tanh_fn
 
     g = globals()
     g["tl"] = triton.language
     g["quantize_tile"] = quantize_tile
+    g["tanh"] = tanh_fn
     g["pdl_sync"] = pdl_sync
     # why: the kernel body calls `_attend` by its global name, which must then be a jitted function
     g["_attend"] = triton.jit(_attend)
@@ -260,7 +268,7 @@ def _check_offsets(named: Sequence[tuple[str, torch.Tensor]]) -> None:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                     causal: bool, scale: float | None, heads: tuple[int | None, int | None],
-                    config: dict[str, Any], quant: Any = None) -> list[torch.Tensor]:
+                    config: dict[str, Any], quant: Any = None, softcap: float = 0.0) -> list[torch.Tensor]:
     """Attention of non-empty Q/K/V, 4-D [B, H, S, D] or packed 3-D [B, S, H*D] (`heads` = (H, Hkv) then); the
     output has Q's dtype and the reference's layout: [B, H, Sq, Dv], or [B, Sq, H*Dv] for packed inputs. With
     `quant` (a `triton_kernels.Quantize`), also that output quantized (and the float output only if it keeps Y):
@@ -297,19 +305,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     num_m = -(-sq // p.block_m)
     half = q.dtype in (torch.float16, torch.bfloat16)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    # why: with a float mask the scores stay in natural units (a huge finite bias times log2(e) would overflow);
-    # otherwise log2(e) rides on Q and the softmax is exp2 of the scores as they come
-    units = LOG2E if kind == FLOAT_MASK else 1.0
-    q_mul = scale if kind == FLOAT_MASK else scale * LOG2E
+    # why: with a float mask the scores stay in natural units (a huge finite bias times log2(e) would overflow),
+    # and with a softcap (tanh of the natural score); otherwise log2(e) rides on Q and the softmax is exp2 of the
+    # scores as they come
+    natural = kind == FLOAT_MASK or softcap > 0
+    units = LOG2E if natural else 1.0
+    q_mul = scale if natural else scale * LOG2E
     _kernel()[(num_m * b * h,)](
         q, k, v, m4, o, qo, *((1.0, 1.0, 0.0) if quant is None else (quant.scale, quant.reciprocal, quant.zero)),
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *o.stride(),
-        h, h // hkv, sq, skv, width, q_mul, num_m,
+        h, h // hkv, sq, skv, width, q_mul, num_m, float(softcap) if softcap > 0 else 1.0,
         HEAD_D=d, HEAD_DV=dv, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         CAUSAL=causal, MASK_KIND=kind, KEY_MASK=kind != NO_MASK and m_strides[2] == 0,
         ROUND=half and kind == FLOAT_MASK, UNITS=units,
         PREC="tf32" if half else "tf32x3", STORE_Y=keep_y, **quantize_flags(quant, q.dtype),
-        num_warps=p.num_warps, num_stages=p.num_stages, **pdl.launch_options())
+        num_warps=p.num_warps, num_stages=p.num_stages, SOFTCAP=softcap > 0, **pdl.launch_options())
     return made
 
 
@@ -353,7 +363,7 @@ class TritonFlashAttention(Tactic):
             return False
         if len(node.outputs) != 1 or any(v is not None for v in node.inputs[4:]):
             return False
-        if a["softcap"] or a["left_window_size"] >= 0 or a["right_window_size"] >= 0 or a["qk_matmul_output_mode"]:
+        if a["left_window_size"] >= 0 or a["right_window_size"] >= 0 or a["qk_matmul_output_mode"]:
             return False
         if a["softmax_precision"] not in (None, DType.FLOAT32):
             return False
@@ -376,7 +386,7 @@ class TritonFlashAttention(Tactic):
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
         a = node.attrs
-        causal, scale = bool(a["is_causal"]), a["scale"]
+        causal, scale, cap = bool(a["is_causal"]), a["scale"], float(a["softcap"])
         heads = (a["q_num_heads"], a["kv_num_heads"])
         fallback = reference(node)
 
@@ -385,7 +395,8 @@ class TritonFlashAttention(Tactic):
             mask = xs[3] if len(xs) > 3 else None
             if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
                 return fallback(xs)  # why: an empty grid or an empty softmax; the reference defines both
-            return flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config)
+            return flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config,
+                                   softcap=cap)
 
         return run
 
@@ -418,7 +429,7 @@ class TritonFlashAttentionQuantize(Tactic):
         assert view is not None
         att = view.op
         a = att.attrs
-        causal, scale = bool(a["is_causal"]), a["scale"]
+        causal, scale, cap = bool(a["is_causal"]), a["scale"], float(a["softcap"])
         heads = (a["q_num_heads"], a["kv_num_heads"])
         at = [None if v is None else view.at[v] for v in att.inputs[:4]]
         quant = Quantize.of(view)
@@ -432,8 +443,9 @@ class TritonFlashAttentionQuantize(Tactic):
                 return fallback(xs)
             if separate is None:
                 return flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config,
-                                       quant=quant)
-            (y,) = flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config)
+                                       quant=quant, softcap=cap)
+            (y,) = flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config,
+                                   softcap=cap)
             return ([y] if view.keep_y else []) + separate([y])
 
         return run
