@@ -44,6 +44,8 @@ class Case:
     dtypes: Sequence[str] = ("f32", "f16")
     strided: bool = False
     """Q/K/V are views the kernel must read in place: its Q argument must share Q's memory."""
+    outputs: int = 1
+    """The node's outputs: 3 with a key/value cache (Y, present_key, present_value), each compared."""
 
 
 def rand(g: torch.Generator, *shape: int) -> torch.Tensor:
@@ -63,6 +65,16 @@ def qkv(b: int, h: int, hkv: int, sq: int, skv: int, d: int, dv: int | None = No
 
 def with_mask(base: Maker, mask: Callable[[torch.Generator, torch.dtype], torch.Tensor]) -> Maker:
     return lambda g, dt: [*base(g, dt), mask(g, dt)]
+
+
+def with_cache(base: Maker, b: int, hkv: int, p: int, d: int) -> Maker:
+    """`base`'s inputs (no mask: None in its place, when it has none) and a [B, Hkv, P, D] past key and value."""
+
+    def make(g: torch.Generator, dt: torch.dtype) -> list[torch.Tensor | None]:
+        ins: list[torch.Tensor | None] = list(base(g, dt))
+        return [*ins, *([None] if len(ins) == 3 else []), rand(g, b, hkv, p, d).to(dt), rand(g, b, hkv, p, d).to(dt)]
+
+    return make
 
 
 def key_padding(b: int, skv: int, value: float = -65504.0) -> Callable[[torch.Generator, torch.dtype], torch.Tensor]:
@@ -170,6 +182,13 @@ def all_cases() -> list[Case]:
         Case("softcap-bool-mask-decode", with_mask(qkv(2, 4, 2, 1, 30, 32, packed=True), bool_mask((2, 1, 1, 30))),
              packed(4, 2, softcap=2.0)),
         Case("softcap-float-mask", with_mask(qkv(1, 2, 2, 5, 18, 64), float_bias((5, 18))), {"softcap": 3.0}),
+        # a key/value cache (ONNX Attention's past_key/past_value): concatenated, the causal diagonal shifted
+        Case("cache-causal-prefill", with_cache(qkv(1, 4, 2, 20, 20, 32), 1, 2, 13, 32), {"is_causal": 1},
+             configs=(2, 5), outputs=3),
+        Case("cache-causal-decode-packed", with_cache(qkv(2, 4, 2, 1, 1, 32, packed=True), 2, 2, 70, 32),
+             packed(4, 2, is_causal=1), outputs=3),
+        Case("cache-bool-mask-y-only", with_cache(with_mask(qkv(2, 2, 2, 3, 3, 16), bool_mask((2, 1, 3, 9))), 2, 2,
+                                                  6, 16)),
         Case("strided-fused-qkv", fused_qkv(2, 31, 2, 64), packed(2, 2, is_causal=1), strided=True),
         Case("strided-heads-last", heads_last(2, 27, 2, 64), strided=True),
     ]
@@ -184,12 +203,13 @@ def tolerance(dt: torch.dtype) -> dict[str, float]:
     return {"rtol": 2e-4, "atol": 2e-5} if dt == F32 else {"rtol": 1e-2, "atol": 4e-3}
 
 
-def node_of(inputs: Sequence[torch.Tensor], attrs: dict[str, Any]) -> Node:
+def node_of(inputs: Sequence[torch.Tensor | None], attrs: dict[str, Any], outputs: int = 1) -> Node:
     g = Graph()
     vals: list[Value | None] = []
     for i, x in enumerate(inputs):
-        vals.append(g.add_input(f"in{i}", TensorType(DType.from_torch(x.dtype), tuple(x.shape))))
-    g.outputs.extend(g.add("Attention", vals, attrs, name="attn", outputs=1))
+        vals.append(None if x is None else g.add_input(f"in{i}", TensorType(DType.from_torch(x.dtype),
+                                                                             tuple(x.shape))))
+    g.outputs.extend(g.add("Attention", vals, attrs, name="attn", outputs=outputs))
     return g.nodes[0]
 
 
@@ -225,18 +245,23 @@ def run_case(case: Case, group: str, seed: int, launches: Launches) -> None:
 
     dt = GROUPS[group]
     inputs = case.make(torch.Generator().manual_seed(seed), dt)
-    node = node_of(inputs, case.attrs)
+    node = node_of(inputs, case.attrs, case.outputs)
     tactic = registry.get(TACTIC)
     assert tactic.applicable(node, CUDA), "the tactic should take this node"
     assert not tactic.applicable(node, torch.device("cpu"))
-    want = get_op("Attention").ref(RefCtx(node), list(inputs))[0]
-    before = [x.clone() for x in inputs]
+    wants = get_op("Attention").ref(RefCtx(node), list(inputs))[:case.outputs]
+    want = wants[0]
+    before = [None if x is None else x.clone() for x in inputs]
     dead = (want == 0).all(dim=-1)
     assert bool(dead.any()) == (group in case.zero_rows), f"{int(dead.sum())} all-zero reference rows"
     for i in case.configs:
         cfg = dict(CONFIGS[i])
         n = len(launches.args)
-        got = tactic.build(node, cfg, CUDA)(list(inputs))[0]
+        gots = tactic.build(node, cfg, CUDA)(list(inputs))
+        assert len(gots) == case.outputs, f"{len(gots)} outputs"
+        for j, (g_out, w_out) in enumerate(zip(gots[1:], wants[1:])):
+            assert torch.equal(g_out, w_out), f"present output {j + 1} differs"
+        got = gots[0]
         assert len(launches.args) == n + 1, "the kernel did not run"
         assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous(), (got.dtype, got.shape)
         try:
@@ -249,7 +274,7 @@ def run_case(case: Case, group: str, seed: int, launches: Launches) -> None:
             for name, arg, x in zip("QKV", launches.args[-1][:3], inputs):
                 assert arg.data_ptr() == x.data_ptr() and not arg.is_contiguous(), f"{name} was copied"
     for x, x0 in zip(inputs, before):
-        assert torch.equal(x, x0), "the kernel modified an input"
+        assert x is None or x0 is None or torch.equal(x, x0), "the kernel modified an input"
 
 
 def main(group: str, out_path: str) -> int:

@@ -90,13 +90,18 @@ def test_takes_the_layouts_dtypes_and_masks_it_implements() -> None:
     assert takes(attention((1, 2, 8, 256))) and takes(attention((1, 2, 8, 40)))
     assert takes(attention(softmax_precision=F32))
     assert takes(attention(softcap=30.0))  # Gemma-2
+    assert takes(attention(extra=2)) and takes(attention(extra=2, outputs=3))  # a key/value cache, presents
     for mask in (TensorType(F16, (2, 1, 1, 16)), TensorType(F32, (16, 16)), TensorType(DType.BOOL, (2, 1, 16, 16)),
                  TensorType(F16, ()), TensorType(DType.FLOAT64, (1, 4, 16, 16))):
         assert takes(attention(mask=mask, is_causal=1)), mask
 
 
 def test_refuses_what_it_does_not_implement() -> None:
-    assert not takes(attention(extra=2))  # past_key / past_value
+    assert not takes(attention(extra=2, outputs=4))  # the QK output
+    lone = attention(extra=2)
+    lone.inputs[5] = None  # past_key without past_value
+    assert not takes(lone)
+    assert not takes(attention(outputs=3))  # presents without a cache
     assert not takes(attention(extra=3))  # nonpad_kv_seqlen
     assert not takes(attention(outputs=2))  # present_key
     assert not takes(attention(left_window_size=4)) and not takes(attention(right_window_size=0))

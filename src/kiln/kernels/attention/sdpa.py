@@ -8,7 +8,8 @@ reference defines: the kernel zeroes those rows after SDPA (torch 2.13's CPU bac
 backend promises it). A float mask's all -inf row is not checked - that would cost every BERT layer two more
 kernels; the tuner's comparison with the reference drops a backend that differs on its sample, and ONNX exports
 hide keys with finite fills.
-Left to the reference: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, softcap, extra outputs.
+Left to others: a KV cache (past_key/value) and softcap (`triton.flash_attention` takes both), nonpad_kv_seqlen,
+sliding windows, the QK output (the reference).
 
 `cuda.sdpa_quantize` takes a "quantizing" node (an Attention and the per-tensor QuantizeLinear of its output, as
 INT8/FP8 builds fuse them): the attention on a torch backend, then the QuantizeLinear's own kernel - beside

@@ -11,7 +11,9 @@ broadcastable to [batch, heads, Sq, Skv] (read through its strides, 0 on broadca
 hides the keys past it, as the reference pads it with -inf); any scale; a softcap (Gemma-2: scores = softcap *
 tanh(scores / softcap), before the mask); head sizes up to 256 (padded to a power of two); any sequence lengths.
 A query row with no allowed key gives zeros, as in the reference.
-Left to other tactics: a KV cache (past_key/value), nonpad_kv_seqlen, sliding windows, the extra outputs,
+With a key/value cache (past_key/value) the tactic concatenates it before the new keys (the present_key/value
+outputs) and the kernel shifts the causal diagonal by its length.
+Left to other tactics: nonpad_kv_seqlen, sliding windows, the QK output,
 softmax_precision other than float32 (the kernel's softmax is float32; the reference's default, Q's dtype, is
 matched within the tuner's tolerance), integer masks.
 
@@ -78,12 +80,13 @@ pdl_sync: Any = None  # `mathlib.pdl_sync`, bound by _kernel()
 
 
 def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W, skn, skd, svn, svd,
-            smm, smn, cap, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+            smm, smn, cap, past, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr,
             MASK_KIND: tl.constexpr, KEY_MASK: tl.constexpr, ROUND: tl.constexpr, UNITS: tl.constexpr,
             PREC: tl.constexpr, SOFTCAP: tl.constexpr):
     """One key block: scores, softcap, mask, online-softmax update of (acc, l_i, m_i). EDGE: the block may hold
-    keys past Skv or (causal) past the diagonal, which are hidden element by element. KEY_MASK: the mask is the
+    keys past Skv or (causal) past the diagonal - key j is visible to query i when j <= i + past, `past` the length
+    of the key/value cache the keys start with - which are hidden element by element. KEY_MASK: the mask is the
     same for every query (a padding mask, [B, 1, 1, Skv]): one row of it is read per key block, not a tile.
     SOFTCAP: the scores (in natural units then) become cap * tanh(scores / cap)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -116,7 +119,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
     if EDGE:
         keep = (offs_n < SKV)[None, :]
         if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + past)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # why: a row that has seen no allowed key yet keeps m = -inf; exp2(-inf - -inf) would be NaN
@@ -130,7 +133,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SK
 
 
 def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_rscale, q_zero, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn,
-               svd, smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m, cap,
+               svd, smb, smh, smm, smn, sob, soh, som, sod, H, GROUP, SQ, SKV, MASK_W, q_mul, num_m, cap, past,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                KEY_MASK: tl.constexpr, ROUND: tl.constexpr, UNITS: tl.constexpr, PREC: tl.constexpr,
@@ -159,19 +162,19 @@ def _flash_fwd(Q, K, V, M, O, QO, q_scale, q_rscale, q_zero, sqb, sqh, sqm, sqd,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if CAUSAL:
-        hi = tl.minimum(SKV, start_m + BLOCK_M)
-        full = tl.minimum(start_m, hi) // BLOCK_N * BLOCK_N  # keys below start_m are visible to every row
+        hi = tl.minimum(SKV, start_m + BLOCK_M + past)
+        full = tl.minimum(start_m + past, hi) // BLOCK_N * BLOCK_N  # keys below start_m + past: every row's
     else:
         hi = SKV
         full = SKV // BLOCK_N * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W,
-                                skn, skd, svn, svd, smm, smn, cap, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                False, CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC, SOFTCAP)
+                                skn, skd, svn, svd, smm, smn, cap, past, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
+                                BLOCK_DV, False, CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC, SOFTCAP)
     for start_n in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start_n, SQ, SKV, MASK_W,
-                                skn, skd, svn, svd, smm, smn, cap, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                True, CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC, SOFTCAP)
+                                skn, skd, svn, svd, smm, smn, cap, past, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D,
+                                BLOCK_DV, True, CAUSAL, MASK_KIND, KEY_MASK, ROUND, UNITS, PREC, SOFTCAP)
     # a row with no allowed key has l = 0 and acc = 0: it gives zeros, as in the reference
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -268,9 +271,11 @@ def _check_offsets(named: Sequence[tuple[str, torch.Tensor]]) -> None:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                     causal: bool, scale: float | None, heads: tuple[int | None, int | None],
-                    config: dict[str, Any], quant: Any = None, softcap: float = 0.0) -> list[torch.Tensor]:
+                    config: dict[str, Any], quant: Any = None, softcap: float = 0.0,
+                    past: int = 0) -> list[torch.Tensor]:
     """Attention of non-empty Q/K/V, 4-D [B, H, S, D] or packed 3-D [B, S, H*D] (`heads` = (H, Hkv) then); the
-    output has Q's dtype and the reference's layout: [B, H, Sq, Dv], or [B, Sq, H*Dv] for packed inputs. With
+    output has Q's dtype and the reference's layout: [B, H, Sq, Dv], or [B, Sq, H*Dv] for packed inputs. `past`:
+    the keys' first `past` positions are a cache, so causal query i sees keys j <= i + past. With
     `quant` (a `triton_kernels.Quantize`), also that output quantized (and the float output only if it keeps Y):
     returns [Y] or [Y, Y quantized] or [Y quantized]."""
     packed = q.dim() == 3
@@ -314,7 +319,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     _kernel()[(num_m * b * h,)](
         q, k, v, m4, o, qo, *((1.0, 1.0, 0.0) if quant is None else (quant.scale, quant.reciprocal, quant.zero)),
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *o.stride(),
-        h, h // hkv, sq, skv, width, q_mul, num_m, float(softcap) if softcap > 0 else 1.0,
+        h, h // hkv, sq, skv, width, q_mul, num_m, float(softcap) if softcap > 0 else 1.0, past,
         HEAD_D=d, HEAD_DV=dv, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         CAUSAL=causal, MASK_KIND=kind, KEY_MASK=kind != NO_MASK and m_strides[2] == 0,
         ROUND=half and kind == FLOAT_MASK, UNITS=units,
@@ -328,6 +333,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def _tensor(v: Value | None) -> TensorType | None:
     return v.type if v is not None and isinstance(v.type, TensorType) else None
+
+
+def _cache_ok(node: Node) -> bool:
+    """No nonpad_kv_seqlen and no QK output; past_key and past_value both or neither, 4-D of K's and V's dtypes."""
+    ins, outs = node.inputs, node.outputs
+    if len(outs) > 3 or len(ins) > 7 or (len(ins) > 6 and ins[6] is not None):
+        return False
+    past = [v for v in ins[4:6] if v is not None]
+    if not past:
+        return len(outs) == 1
+    types = [_tensor(v) for v in (*past, ins[1], ins[2])]
+    if len(past) != 2 or any(t is None for t in types):
+        return False
+    pk, pv, k, v = (t for t in types if t is not None)
+    return pk.rank == 4 and pv.rank == 4 and pk.dtype == k.dtype and pv.dtype == v.dtype
 
 
 def _head_sizes(node: Node, types: list[TensorType]) -> tuple[Any, Any]:
@@ -361,7 +381,7 @@ class TritonFlashAttention(Tactic):
         a = node.attrs
         if device.type not in self.devices or node.op not in self.ops or not triton_available():
             return False
-        if len(node.outputs) != 1 or any(v is not None for v in node.inputs[4:]):
+        if not _cache_ok(node):
             return False
         if a["left_window_size"] >= 0 or a["right_window_size"] >= 0 or a["qk_matmul_output_mode"]:
             return False
@@ -389,14 +409,29 @@ class TritonFlashAttention(Tactic):
         causal, scale, cap = bool(a["is_causal"]), a["scale"], float(a["softcap"])
         heads = (a["q_num_heads"], a["kv_num_heads"])
         fallback = reference(node)
+        cached = len(node.inputs) > 4 and node.inputs[4] is not None
+        outputs = len(node.outputs)
 
         def run(xs: list[Any]) -> list[Any]:
             q, k, v = xs[0], xs[1], xs[2]
             mask = xs[3] if len(xs) > 3 else None
-            if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-                return fallback(xs)  # why: an empty grid or an empty softmax; the reference defines both
-            return flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config,
-                                   softcap=cap)
+            if not cached:
+                if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+                    return fallback(xs)  # why: an empty grid or an empty softmax; the reference defines both
+                return flash_attention(q, k, v, mask, causal=causal, scale=scale, heads=heads, config=config,
+                                       softcap=cap)
+            packed = q.dim() == 3
+            if packed:  # why: the cache is [B, Hkv, P, D]; the new keys join it head by head
+                q, k, v = _heads_view(q, heads[0]), _heads_view(k, heads[1]), _heads_view(v, heads[1])
+            past_k, past_v = xs[4], xs[5]
+            present_k, present_v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            if q.numel() == 0 or present_k.numel() == 0 or present_v.numel() == 0:
+                return fallback(xs)[:outputs]
+            (y,) = flash_attention(q, present_k, present_v, mask, causal=causal, scale=scale, heads=(None, None),
+                                   config=config, softcap=cap, past=past_k.shape[2])
+            if packed:
+                y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+            return [y, present_k, present_v][:outputs]
 
         return run
 
@@ -419,7 +454,8 @@ class TritonFlashAttentionQuantize(Tactic):
 
     def applicable(self, node: Node, device: torch.device) -> bool:
         view = quantizing_view(node, ("Attention",))
-        return view is not None and _FLASH.applicable(view.op, device)
+        return (view is not None and len(view.op.inputs) <= 4 and len(view.op.outputs) == 1
+                and _FLASH.applicable(view.op, device))
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device,
               run_subgraph: SubgraphRunner | None = None) -> Kernel:
