@@ -5,6 +5,7 @@ channels-last) in float16 and bfloat16 for every tile, an NCHW input, float32 wi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_capture_in_a_cuda_graph() -> None:
     assert torch.equal(captured, eager)
 
 
-# --- triton.depthwise -------------------------------------------------------------------------------------------
+# --- triton.depthwise and triton.thin_conv (MobileNets) ---------------------------------------------------------
 
 MOBILENET_V3: dict[str, ShapeMaker] = {  # its depthwise layers, channels-last, with their activations
     "dw3x3-c16-relu": lambda dt, b: d.dw(dt, (b, 16, 112, 112), (3, 3), d.ALL, cl=True, pad=(1, 1)),
@@ -128,22 +129,6 @@ MOBILENET_V3: dict[str, ShapeMaker] = {  # its depthwise layers, channels-last, 
 }
 
 
-@pytest.mark.parametrize("name", list(d.CASES))
-def test_depthwise_case_on_cuda(name: str) -> None:
-    problems = d.run_case(name, "cuda")
-    assert all(p is None for p in problems.values()), problems
-
-
-@pytest.mark.parametrize("batch", [128, 1])
-@pytest.mark.parametrize("dt", [F16, BF16], ids=str)
-@pytest.mark.parametrize("name", list(MOBILENET_V3))
-def test_depthwise_mobilenet_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
-    problems = run(MOBILENET_V3[name](dt, batch), "cuda", tactic_name="triton.depthwise")
-    assert all(p is None for p in problems.values()), problems
-
-
-# --- triton.thin_conv ------------------------------------------------------------------------------------------
-
 MOBILENET_V3_1X1: dict[str, ShapeMaker] = {  # its 1x1 layers with <= 128 input channels, channels-last
     "16-16-add": lambda dt, b: thin.add((b, 16, 112, 112), 16, thin.ALL, dt),
     "24-72-relu": lambda dt, b: conv_relu(dt, (b, 24, 56, 56), 72, (1, 1), thin.ALL, cl=True),
@@ -154,17 +139,26 @@ MOBILENET_V3_1X1: dict[str, ShapeMaker] = {  # its 1x1 layers with <= 128 input 
 }
 
 
-@pytest.mark.parametrize("name", list(thin.CASES))
-def test_thin_case_on_cuda(name: str) -> None:
-    problems = thin.run_case(name, "cuda")
+MOBILENET_FAMILIES: dict[str, tuple[Any, str, dict[str, ShapeMaker]]] = {
+    "depthwise": (d, "triton.depthwise", MOBILENET_V3),
+    "thin": (thin, "triton.thin_conv", MOBILENET_V3_1X1),
+}
+"""Per kernel family: its interpreter cases module, its tactic, MobileNetV3's layer shapes."""
+
+
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, (m, _, _) in MOBILENET_FAMILIES.items() for n in m.CASES])
+def test_mobilenet_kernel_case_on_cuda(family: str, name: str) -> None:
+    problems = MOBILENET_FAMILIES[family][0].run_case(name, "cuda")
     assert all(p is None for p in problems.values()), problems
 
 
 @pytest.mark.parametrize("batch", [128, 1])
 @pytest.mark.parametrize("dt", [F16, BF16], ids=str)
-@pytest.mark.parametrize("name", list(MOBILENET_V3_1X1))
-def test_thin_mobilenet_shapes_every_tile(name: str, dt: DType, batch: int) -> None:
-    problems = run(MOBILENET_V3_1X1[name](dt, batch), "cuda", tactic_name="triton.thin_conv")
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, (_, _, shapes) in MOBILENET_FAMILIES.items()
+                                              for n in shapes])
+def test_mobilenet_shapes_every_tile(family: str, name: str, dt: DType, batch: int) -> None:
+    _, tactic, shapes = MOBILENET_FAMILIES[family]
+    problems = run(shapes[name](dt, batch), "cuda", tactic_name=tactic)
     assert all(p is None for p in problems.values()), problems
 
 
