@@ -127,7 +127,7 @@ def test_not_fused_when_another_gemm_input_comes_from_the_rows() -> None:
 
 
 def test_the_late_list_fuses_on_gpu_builds_only() -> None:
-    assert [name for name, _ in LATE] == ["extend_epilogues", "fuse_residual_norm", "fuse_norm_gemm",
+    assert [name for name, _ in LATE] == ["extend_epilogues", "channel_scale", "fuse_residual_norm", "fuse_norm_gemm",
                                           "specialize_bodies"]
     for device, fused in (("cpu", 0), ("cuda", 1)):
         g, x = _graph()

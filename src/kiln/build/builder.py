@@ -128,7 +128,11 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     nodes_in = len(graph.nodes)
     profiles = resolve_profiles(graph, list(config.profiles))  # type: ignore[arg-type]
     say("passes", 0, 1)
-    context = PassContext(static_dims=static_dims(graph, profiles), device=config.torch_device.type)
+    device = config.torch_device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() \
+        else None
+    context = PassContext(static_dims=static_dims(graph, profiles), device=device.type, opt_level=config.opt_level,
+                          capability=capability)
     records = optimize(graph, context)
     lowered = None
     if config.precision in LOW_PRECISION:

@@ -305,9 +305,9 @@ def precision_of(node: Any) -> str:
         return "fp8" if x is not None and str(x.dtype) == "float8_e4m3fn" else "int8"
     if node.op in INT8_OPS:
         return "int8"
-    if node.op == "Fused" and node.attrs.get("kind") in ("epilogue", "normalized"):
+    if node.op == "Fused" and node.attrs.get("kind") in ("epilogue", "normalized", "scaled"):
         body = node.attrs["body"]
-        anchor = body.nodes[1 if node.attrs["kind"] == "normalized" else 0]
+        anchor = body.nodes[0 if node.attrs["kind"] == "epilogue" else 1]
         if anchor.outputs and anchor.outputs[0].is_tensor:
             return str(anchor.outputs[0].dtype)
     for v in node.outputs:

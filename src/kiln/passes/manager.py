@@ -30,11 +30,16 @@ class PassResult:
 
 @dataclass(frozen=True)
 class PassContext:
-    """What some passes need besides the graph: dims that are static in every profile (symbol -> size), and the
-    kind of device the engine is built for ("cpu" or "cuda")."""
+    """What some passes need besides the graph: dims that are static in every profile (symbol -> size), the kind
+    of device the engine is built for ("cpu" or "cuda"), its compute capability and the optimization level."""
 
     static_dims: Mapping[str, int] = field(default_factory=dict)
     device: str = "cpu"
+    opt_level: int = 3
+    """The build's optimization level (`BuilderConfig.opt_level`): opt-in rewrites wait for 4."""
+    capability: tuple[int, int] | None = None
+    """The build GPU's compute capability ((9, 0) for an H100), None off GPUs: rewrites whose only fast kernel
+    needs a feature of some GPUs (Hopper's TMA) ask."""
 
 
 Pass = Callable[[Graph], PassResult]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from kiln.ir.graph import Graph
 from kiln.passes.attention_batch import fold_attention_batch
+from kiln.passes.channel_scale import channel_scale
 from kiln.passes.concat_add import distribute_adds
 from kiln.passes.constant_folding import fold_constants
 from kiln.passes.cse import eliminate_common_subexpressions
@@ -121,6 +122,8 @@ LATE: list[tuple[str, PassFactory]] = [
     # The float32 Casts FP16 lowering puts before model outputs join the epilogue before them (GPU builds: the
     # kernels take a Cast step; one kernel less per output at batch 1).
     ("extend_epilogues", _gpu_only(extend_epilogues)),
+    # A squeeze-and-excitation scale into the 1x1 conv reading the scaled activation (GPU builds, opt-in at level 4).
+    ("channel_scale", channel_scale),
     # The residual Add a norm normalizes, into the norm's kernel (GPU builds); after the epilogues are final (it
     # takes their last Add) and before fuse_norm_gemm, which leaves such norms as they are.
     ("fuse_residual_norm", _gpu_only(fuse_residual_norm)),

@@ -136,6 +136,10 @@ MOBILENET_V3_1X1: dict[str, ShapeMaker] = {  # its 1x1 layers with <= 128 input 
     "120-40-add": lambda dt, b: thin.add((b, 120, 28, 28), 40, thin.ALL, dt),
     "80-184-hardswish": lambda dt, b: c.conv_hardswish(dt, (b, 80, 14, 14), 184, (1, 1), thin.ALL, cl=True),
     "112-672-hardswish": lambda dt, b: c.conv_hardswish(dt, (b, 112, 14, 14), 672, (1, 1), thin.ALL, cl=True),
+    # squeeze-and-excitation scales fused into the projections ("scaled" nodes, opt-in)
+    "se-72-40-add-scaled": lambda dt, b: thin.scaled((b, 72, 28, 28), 40, thin.ALL, residual=True, dt=dt),
+    "se-672-112-add-scaled": lambda dt, b: thin.scaled((b, 672, 14, 14), 112, thin.ALL, residual=True, dt=dt),
+    "se-960-160-scaled": lambda dt, b: thin.scaled((b, 960, 7, 7), 160, thin.ALL, dt=dt),
 }
 
 

@@ -17,6 +17,9 @@ the fused node's inputs. `kind` tells the code generators which template applies
   [result] or [the norm's result, result] (`kiln.passes.fuse_norm_gemm`);
 - "residual_norm": the Add of a residual and the LayerNormalization or RMSNormalization of the sum - one norm kernel
   that reads both addends (`kiln.passes.residual_norm`); outputs [the norm's result];
+- "scaled": a Mul of an activation [N, C, H, W] by a per-(image, channel) scale [N or 1, C, 1, 1], then a 1x1 Conv
+  reading the product and its epilogue steps - a conv that scales its input tiles as it loads them
+  (`kiln.passes.channel_scale`);
 - "embedding": lookups (Gather along axis 0 of constant tables by runtime indices) and other terms summed by Adds,
   then a LayerNormalization of the sum - one kernel, a program per token (`kiln.passes.fuse_embeddings`);
 - "region": anything else grouped for scheduling.
@@ -33,7 +36,8 @@ import torch
 from kiln.ir.graph import ValueType
 from kiln.ir.ops.base import Attr, AttrKind, InferCtx, RefCtx, register, run_nodes, value_of
 
-KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "normalized", "residual_norm", "embedding", "region")
+KINDS = ("epilogue", "pointwise", "quantized", "quantizing", "normalized", "residual_norm", "scaled", "embedding",
+         "region")
 
 
 def _infer(ctx: InferCtx) -> list[ValueType]:

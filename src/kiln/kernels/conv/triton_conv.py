@@ -25,7 +25,7 @@ has no TMA tile yet: the float space stays at four tiles for build time until th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -115,6 +115,9 @@ class Spec:
     """An int8 spec's node input indices of the activation's scale and the weight's per-channel scales."""
     kinds: tuple[str, ...] = ()
     """Per epilogue operand: "scalar", "row" (per output channel) or "full" (`templates.operand_kinds`)."""
+    scale_at: int | None = None
+    """A "scaled" node's (`kiln.passes.channel_scale`) node input index of the per-(image, channel) scale
+    [N or 1, C, 1, 1] the input is multiplied by before the conv (the TMA form applies it to each loaded tile)."""
 
     @property
     def out2(self) -> DType | None:
@@ -126,7 +129,42 @@ def spec(node: Node, depthwise: bool = False) -> Spec | None:
     """The template's view of `node`, or None when it cannot be rendered exactly. `depthwise`: the node must be a
     depthwise conv (groups = input channels = output channels, weight [C, 1, KH, KW]), else an ungrouped one."""
     a = Anchored.of(node, ANCHORS)
-    if a is None or len(node.outputs) != 1 or not a.dtypes_ok():
+    return None if a is None else _spec(a, depthwise)
+
+
+def scaled_spec(node: Node) -> Spec | None:
+    """The template's view of a "scaled" Fused node (body: Mul(x, scale) with scale [N or 1, C, 1, 1] of x's
+    dtype, then an ungrouped Conv of the product and its epilogue steps; `kiln.passes.channel_scale`), or None."""
+    if node.op != "Fused" or node.attrs.get("kind") != "scaled":
+        return None
+    body = node.attrs["body"]
+    if len(body.nodes) < 2 or body.nodes[0].op != "Mul" or body.nodes[1].op not in ANCHORS:
+        return None
+    mul, conv = body.nodes[0], body.nodes[1]
+    m = mul.outputs[0]
+    if conv.inputs[0] is not m or any(m in n.inputs for n in body.nodes[2:]) or m in conv.inputs[1:] \
+            or m in body.outputs:
+        return None
+    if len(mul.inputs) != 2 or any(v is None for v in mul.inputs):
+        return None
+    x, scale = mul.inputs if mul.inputs[0].type == m.type else mul.inputs[::-1]
+    if x is None or scale is None or x not in body.inputs or scale not in body.inputs or x.rank != 4:
+        return None
+    if scale.shape is None or len(scale.shape) != 4 or scale.shape[2:] != (1, 1) or scale.dtype is not x.dtype \
+            or x.shape is None or scale.shape[1] != x.shape[1] or scale.shape[0] not in (1, x.shape[0]):
+        return None
+    arg: list[int | None] = [body.inputs.index(x)]
+    for v in conv.inputs[1:]:
+        if v is not None and v not in body.inputs:
+            return None
+        arg.append(None if v is None else body.inputs.index(v))
+    s = _spec(Anchored(node, conv, arg, body.nodes[2:], body), False)
+    return None if s is None else replace(s, scale_at=body.inputs.index(scale))
+
+
+def _spec(a: Anchored, depthwise: bool) -> Spec | None:
+    node = a.node
+    if len(node.outputs) != 1 or not a.dtypes_ok():
         return None
     geometry = _geometry(a)
     x, w, x_at, w_at = a.input(0), a.constant(1), a.arg[0], a.arg[1]
@@ -272,7 +310,7 @@ def kiln_conv(x_desc, w_desc, out_ptr, {pointers}N, C, OH, OW, tiles_w, tiles_hw
         x = tl.reshape(x, [BH * BW, BLOCK_K])
         # why: past C the input's channels are zeros, so the weight columns of the next tap they meet add nothing
         w = w_desc.load([pid_n * BLOCK_N, r * C + c0])
-        acc = tl.dot(x, w.T, acc{precision})
+{prescale}        acc = tl.dot(x, w.T, acc{precision})
 {dequant}    offs_m = tl.arange(0, BH * BW)
     oh = oh0 + offs_m // BW
     ow = ow0 + offs_m % BW
@@ -305,14 +343,30 @@ def render(s: Spec, tf32: bool, tma: bool = False, subtile: int = 1) -> str:
     precision = dot_options(s.dtype, tf32, "BLOCK_K")
     dequant = DEQUANTIZE if scaled else ""
     also = second_store(s.program, "out_rows + rn * stride_oc")
-    pointers = ("out2_ptr, " if also else "") + ("dq_ptr, " if scaled else "") + e.pointers
+    pointers = ("out2_ptr, " if also else "") + ("sc_ptr, " if s.scale_at is not None else "") + \
+        ("dq_ptr, " if scaled else "") + e.pointers
     tail = (_TMA_TAIL if tma else _TAIL).format(epilogue=e.lines, result=e.result, out=storage(s.out), also=also)
     if subtile > 1:
         tail = subtiles(tail, subtile)
     scale = "".join(f"    {st} = {st} * OVEC\n" for st in ["N", *_pixel_strides(s)]) if tma else ""
-    return (_TMA_SOURCE if tma else _SOURCE).format(what=e.what, pointers=pointers, strides=e.strides,
+    strides = e.strides
+    if s.scale_at is not None:
+        assert tma, "a scaled conv is rendered in the TMA form only"
+        strides = "stride_sb, stride_sc, " + strides
+    return (_TMA_SOURCE if tma else _SOURCE).format(what=e.what, pointers=pointers, strides=strides,
                           prologue=PROLOGUE, precision=precision, acc_type="tl.int32" if int8 else "tl.float32",
-                          zero="0" if int8 else "0.0", dequant=dequant, tail=tail, scale=scale)
+                          zero="0" if int8 else "0.0", dequant=dequant, tail=tail, scale=scale,
+                          prescale=PRESCALE if s.scale_at is not None else "")
+
+
+PRESCALE = """\
+        sc_c = c0 + tl.arange(0, BLOCK_K)
+        sc = tl.load(sc_ptr + ob * stride_sb + sc_c * stride_sc, mask=sc_c < C, other=0.0)
+        x = (x.to(tl.float32) * sc.to(tl.float32)[None, :]).to(x.dtype)
+"""
+"""A scaled conv's prologue in the TMA form's K loop: the loaded [BH * BW, BLOCK_K] input tile times the image's
+scales of those channels, rounded to the input's dtype as the Mul it replaces rounds (a program's patch lies in one
+image, so the scale is one row per K step)."""
 
 
 def _pixel_strides(s: Spec) -> list[str]:
@@ -497,8 +551,11 @@ class ConvKernel(SpecKernel):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.pad, s.dilation
         dq = [] if self.dequant is None else [self._on_device(self.dequant, x.device)]
         if t.tma:
-            self._tma(x, w, outs, [*dq, *bias, *views], oh, ow, wide)
+            sc = None if s.scale_at is None else xs[s.scale_at].expand(batch, s.c, 1, 1)
+            self._tma(x, w, outs, [*dq, *bias, *views], oh, ow, wide, sc)
             return outs
+        if s.scale_at is not None:
+            raise UnsupportedError("triton.conv: a scaled conv runs in the TMA form only")
         grid = (math.ceil(m / t.block_m) * math.ceil(s.n / t.block_n),)
         w_strides = (w.stride(1), w.stride(0)) if self.k_major else w.stride()  # (along K, along N)
         self.fn[grid](x, w, out, *outs[1:], *dq, *bias, *views, m, s.n, s.c, h, wd, oh, ow, *x.stride(), *w_strides,
@@ -509,9 +566,10 @@ class ConvKernel(SpecKernel):
         return outs
 
     def _tma(self, x: torch.Tensor, w: torch.Tensor, outs: list[torch.Tensor], extra: list[torch.Tensor], oh: int,
-             ow: int, wide: bool) -> None:
+             ow: int, wide: bool, sc: torch.Tensor | None = None) -> None:
         """The TMA form: x read as [N, H, W, C] (made channels-last if it is not), `extra` the dequantization
-        vector, bias and epilogue operands in the kernel's pointer order."""
+        vector, bias and epilogue operands in the kernel's pointer order, `sc` a scaled conv's [N, C, 1, 1]
+        input scale."""
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         s, t = self.s, self.tile
@@ -535,7 +593,9 @@ class ConvKernel(SpecKernel):
             b, h, w = pixel_strides(v, vec)
             return b, v.stride(1), h, w
 
-        self.fn[grid](xd, wd, out, *outs[1:], *extra, s.n // vec, s.c, oh, ow, tiles_w, tiles_hw, *strides(out),
+        scaled = [] if sc is None else [sc]
+        self.fn[grid](xd, wd, out, *outs[1:], *scaled, *extra, s.n // vec, s.c, oh, ow, tiles_w, tiles_hw,
+                      *strides(out), *(st for v in scaled for st in v.stride()[:2]),
                       *(st for v in bias_views for st in strides(v)), KH=s.kernel[0], KW=s.kernel[1], PH=s.pad[0],
                       PW=s.pad[1], BH=bh, BW=bw, BLOCK_M=bh * bw, BLOCK_N=t.block_n, BLOCK_K=t.block_k, WIDE=wide,
                       OVEC=vec, num_warps=t.num_warps, num_stages=self.stages)
@@ -685,7 +745,9 @@ class TritonThinConv(TritonConv):
     projections: 16 to 128 channels in, 16 to 960 out) as the TMA form with its epilogue. Such a layer moves its
     input and output once and does little arithmetic; cuBLAS (`cuda.patch_conv`) runs it as a GEMM and then an
     epilogue that cuDNN cannot fuse (HardSwish, a residual) as more passes over the output, and `triton.conv`'s
-    tiles (K steps of 64 or more, element-wise stores on rows of 72 or 200 channels) waste much of each step."""
+    tiles (K steps of 64 or more, element-wise stores on rows of 72 or 200 channels) waste much of each step.
+    Also a "scaled" node (`kiln.passes.channel_scale`: a squeeze-and-excitation block's channel scale fused into
+    its projection, any number of input channels): the scale applied to each loaded input tile."""
 
     name = "triton.thin_conv"
     min_opt_level = 1
@@ -694,8 +756,10 @@ class TritonThinConv(TritonConv):
     priority = 61
 
     def view(self, node: Node) -> Spec | None:
-        s = spec(node)
-        if s is None or s.kernel != (1, 1) or s.stride != (1, 1) or s.pad != (0, 0) or s.c > THIN_MAX_C:
+        s = spec(node) or scaled_spec(node)
+        if s is None or s.kernel != (1, 1) or s.stride != (1, 1) or s.pad != (0, 0) or s.dilation != (1, 1):
+            return None
+        if s.c > THIN_MAX_C and s.scale_at is None:  # why: a scaled conv has no other kernel but the reference
             return None
         if s.dtype not in (DType.FLOAT16, DType.BFLOAT16) or (s.c * s.dtype.torch.itemsize) % 16:
             return None  # why: the TMA form reads rows of C channels as 16-byte multiples
