@@ -7,10 +7,11 @@ Why: MobileNetV3-Large's eight SE blocks each write and read back their scaled a
 profile at batch 128 the Muls were ~0.15 ms of 2.26, 20-30 us each at 14 x 14 x 672 channels). Opt-in until it
 is timed: a scaled node has no kernel but that tactic and the reference.
 
-Conditions, a subset of what `triton.thin_conv` takes (the tactic checks them again; a node it refused would run
-on the reference): m read by that conv alone, as its input X only, and not a graph output; the conv 2-D, 1x1,
-stride 1, no padding, no dilation, one group, its weight a constant; x float16 or bfloat16 with 16-byte rows of
-channels (C a multiple of 8) and a static H x W of at least 7 x 7 pixels; s of x's dtype, [N or 1, C, 1, 1].
+Conditions, a subset of what `triton.thin_conv` takes (the tactic checks them again, with the epilogue steps its
+generator renders; a node it refused would run on the reference): m read by that conv alone, as its input X only,
+and not a graph output; the conv (with its epilogue) of one output, 2-D, 1x1, stride 1, no padding, no dilation,
+one group, its weight a constant; x float16 or bfloat16 with 16-byte rows of channels (C a multiple of 8) and a
+static H x W of at least 7 x 7 pixels; s of x's dtype, [N or 1, C, 1, 1].
 
 Order: in the late list, after the epilogues are final (`extend_epilogues`), on the lowered dtypes.
 """
@@ -91,7 +92,7 @@ def _conv_ok(w: Value | None, a: dict[str, Any]) -> bool:
 
 def _reads_as_input(reader: Node, m: Value) -> bool:
     """`reader` is a 1x1 conv (bare, or anchoring an epilogue) reading m as its input X and nowhere else."""
-    if reader.inputs.count(m) != 1:
+    if reader.inputs.count(m) != 1 or len(reader.outputs) != 1:
         return False
     if reader.op == "Conv":
         return reader.inputs[0] is m and _conv_ok(reader.inputs[1] if len(reader.inputs) > 1 else None,
