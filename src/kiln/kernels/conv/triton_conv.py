@@ -20,6 +20,12 @@ channel before the epilogue; a layer whose float result is read besides its requ
 "tma-" tile is the TMA form (`_TMA_SOURCE`): for stride-1 convs a program's rows are a BH x BW patch of one image
 and each tap's input block is one rectangular load that the hardware zero-fills at the edges. `TILES` (float convs)
 has no TMA tile yet: the float space stays at four tiles for build time until the form is timed.
+
+`triton.thin_conv` runs the TMA form on float16/bfloat16 1x1 convs with few input channels (`THIN_TILES`, each
+layer timed on the tiles that fit its width), and on "scaled" nodes (`kiln.passes.channel_scale`), multiplying
+each loaded input tile by its image's channel scales (`PRESCALE`). The TMA form passes the output channel count and
+the pixel strides divided by their vector width (`_pixel_strides`), so that stores of 24- to 200-channel rows are
+vectors.
 """
 
 from __future__ import annotations
