@@ -13,9 +13,9 @@ import torch
 
 from kiln.ir import DType, Graph, TensorType
 from kiln.kernels import registry
-from kiln.passes.channel_scale import channel_scale, fuse_channel_scale
+from kiln.passes.channel_scale import channel_scale, fuse_channel_scale, unscale
 from kiln.passes.epilogue_fusion import epilogue_fusion
-from kiln.passes.manager import PassContext
+from kiln.passes.manager import PassContext, PassResult
 from tests.passes.same_function import run_checked
 
 F16 = DType.FLOAT16
@@ -96,3 +96,29 @@ def test_only_hopper_builds_at_level_four(device: str, level: int, capability: t
     g = _se()
     ctx = PassContext(device=device, opt_level=level, capability=capability)
     assert channel_scale(ctx)(g).changed is fused
+
+
+@pytest.mark.parametrize("epilogue", ["relu", "residual", ""])
+def test_unscale_gives_back_the_mul_and_the_conv(epilogue: str) -> None:
+    """The builder's net: a scaled node split back computes the same, as a Mul and the conv (bare, or anchoring
+    its epilogue) that the other tactics take."""
+    g = _se(epilogue=epilogue)
+    before = [(n.op, n.attrs.get("kind")) for n in g.nodes]
+    assert fuse_channel_scale(g).changed and len(g.nodes) == 1
+    run_checked(g, [lambda graph: (unscale(graph, graph.nodes[0]), PassResult(True, {}))[1]], _feeds(g), rel=0.0)
+    assert [(n.op, n.attrs.get("kind")) for n in g.nodes] == before and before[0] == ("Mul", None)
+    conv = g.nodes[1]
+    assert "triton.thin_conv" in [t.name for t in registry.candidates(conv, CUDA)]
+    assert any(t.name == "cuda.conv" for t in registry.candidates(conv, CUDA))
+
+
+def test_the_builder_splits_a_scaled_node_no_gpu_kernel_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.build.builder import undo_unrunnable_scales
+    from kiln.kernels.conv import triton_conv
+
+    g = _se(epilogue="residual")
+    assert fuse_channel_scale(g).changed
+    assert undo_unrunnable_scales(g, CUDA) == 0  # the thin conv takes it
+    monkeypatch.setattr(triton_conv, "scaled_spec", lambda node: None)  # say it did not
+    assert undo_unrunnable_scales(g, CUDA) == 1
+    assert [n.op for n in g.nodes] == ["Mul", "Fused"] and g.nodes[1].attrs["kind"] == "epilogue"

@@ -129,3 +129,31 @@ def _prepend(graph: Graph, mul: Node, reader: Node, x: Value, s: Value) -> Node:
     graph.insert_node(node, at)
     graph.use_name(node.name)
     return node
+
+
+def unscale(graph: Graph, node: Node) -> None:
+    """Undo the rewrite for one "scaled" node (the builder's net for one no GPU kernel takes): the Mul becomes a
+    node again, before the conv - bare, or anchoring the epilogue that followed it."""
+    body: Graph = node.attrs["body"]
+    outer = dict(zip(body.inputs, node.inputs))
+    mul, conv = body.nodes[0], body.nodes[1]
+    m_inner = mul.outputs[0]
+    m = Value(graph.fresh_name(m_inner.name), m_inner.type)
+    scale = Node("Mul", [outer.get(v, v) if v is not None else None for v in mul.inputs], [m], dict(mul.attrs),
+                 mul.name)
+    rest = body.nodes[1:]
+    if len(rest) == 1 and body.outputs == conv.outputs:  # the conv alone: a bare node again
+        conv.inputs = [m if v is m_inner else outer.get(v, v) if v is not None else None for v in conv.inputs]
+        conv.outputs = list(node.outputs)
+        after = conv
+    else:
+        used = [v for v in body.inputs if any(v in n.inputs for n in rest)]
+        m_inner.producer = None  # a body input again
+        body.nodes = rest
+        body.inputs = [m_inner, *used]
+        after = Node("Fused", [m, *(outer[v] for v in used)], list(node.outputs), {"body": body, "kind": "epilogue"},
+                     node.name.split(" + ", 1)[-1])
+    at = graph.nodes.index(node)
+    graph.remove_nodes([node])
+    graph.insert_node(scale, at)
+    graph.insert_node(after, at + 1)
