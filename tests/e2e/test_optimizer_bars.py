@@ -154,6 +154,7 @@ def test_the_late_list_on_a_float16_bert() -> None:
     records = optimize_late(g, PassContext(static_dims={"batch": 1, "seq": 16}, device="cuda"))
     counts = {r.name: r.result.counts for r in records}
     assert counts.pop("specialize_bodies")["specialized"] >= 1  # the mask group's body reads attention_mask
+    assert counts.pop("channel_scale") == {}  # opt-in (level 4), and BERT has no channel scales
     assert counts == {"extend_epilogues": {"steps": 1}, "fuse_residual_norm": {"after_epilogue": 4},
                       "fuse_norm_gemm": {"with_norm_output": 1}}
     from kiln.kernels.pointwise.codegen import check
