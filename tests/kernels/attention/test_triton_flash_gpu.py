@@ -57,6 +57,10 @@ WORKLOADS = {
     "decode bf16 d128": (dict(b=8, h=32, hkv=8, sq=1, skv=1000, d=128, dt=BF16, packed=False), False, {}),
     "d256 fp16": (dict(b=2, h=4, hkv=4, sq=300, skv=300, d=256, dt=F16, packed=False), False, {}),
     "d40 fp32": (dict(b=4, h=8, hkv=8, sq=197, skv=197, d=40, dt=F32, packed=False), False, {}),
+    "gemma-2 softcap causal bf16 d256": (dict(b=2, h=8, hkv=4, sq=512, skv=512, d=256, dt=BF16, packed=False),
+                                         False, {"is_causal": 1, "softcap": 50.0}),
+    "softcap decode fp16 mask": (dict(b=8, h=8, hkv=4, sq=1, skv=777, d=128, dt=F16, packed=False), True,
+                                 {"softcap": 30.0}),
 }
 
 
@@ -107,3 +111,30 @@ def test_sdpa_then_quantize_on_cuda(name: str) -> None:
     assert all(p is None or p == "refused" for p in problems.values()), problems
     if "mask" in name and "backend=flash" in problems:
         assert problems["backend=flash"] == "refused", problems
+
+
+@pytest.mark.parametrize(("past", "sq", "causal", "packed"), [(1000, 1, True, False), (64, 200, True, True),
+                                                              (300, 17, False, False)],
+                         ids=["decode", "prefill-packed", "chunk-no-causal"])
+def test_a_key_value_cache_on_cuda(past: int, sq: int, causal: bool, packed: bool) -> None:
+    """ONNX Attention's past_key/past_value: presents equal to the reference's concatenation, the output within
+    the tuner's tolerance for every config (the causal diagonal shifted by the cache length)."""
+    b, h, hkv, d = 2, 16, 4, 128
+    q, k, v = _qkv(b, h, hkv, sq, sq, d, F16, packed)
+    gen = torch.Generator(device=CUDA).manual_seed(2)
+    pk, pv = (torch.randn((b, hkv, past, d), generator=gen, device=CUDA).to(F16) for _ in range(2))
+    g = Graph()
+    vals = [g.add_input(n, TensorType(DType.FLOAT16, tuple(x.shape))) for n, x in zip("qkv", (q, k, v))]
+    caches = [g.add_input(n, TensorType(DType.FLOAT16, tuple(x.shape))) for n, x in (("pk", pk), ("pv", pv))]
+    attrs: dict[str, Any] = {"is_causal": int(causal), **({"q_num_heads": h, "kv_num_heads": hkv} if packed else {})}
+    g.outputs.extend(g.add("Attention", [*vals, None, *caches], attrs, name="attn", outputs=3))
+    node = g.nodes[0]
+    inputs = [q, k, v, None, pk, pv]
+    t = registry.get("triton.flash_attention")
+    assert t.applicable(node, CUDA)
+    want = get_op("Attention").ref(RefCtx(node), list(inputs))
+    wide = get_op("Attention").ref(RefCtx(node), [x if x is None else x.float() for x in inputs])[0]
+    for cfg in CONFIGS:
+        got = t.build(node, dict(cfg), CUDA)(list(inputs))
+        assert len(got) == 3 and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        assert _close(got[0], want[0]) or _as_accurate(got[0], want[0], wide), f"the tuner would reject {cfg}"
