@@ -24,7 +24,7 @@ has no TMA tile yet: the float space stays at four tiles for build time until th
 `triton.thin_conv` runs the TMA form on float16/bfloat16 1x1 convs with few input channels (`THIN_TILES`, each
 layer timed on the tiles that fit its width), and on "scaled" nodes (`kiln.passes.channel_scale`), multiplying
 each loaded input tile by its image's channel scales (`PRESCALE`). The TMA form passes the output channel count and
-the pixel strides divided by their vector width (`_pixel_strides`), so that stores of 24- to 200-channel rows are
+the pixel strides divided by their vector width (`_vector_params`), so that stores of 24- to 200-channel rows are
 vectors.
 """
 
@@ -354,7 +354,7 @@ def render(s: Spec, tf32: bool, tma: bool = False, subtile: int = 1) -> str:
     tail = (_TMA_TAIL if tma else _TAIL).format(epilogue=e.lines, result=e.result, out=storage(s.out), also=also)
     if subtile > 1:
         tail = subtiles(tail, subtile)
-    scale = "".join(f"    {st} = {st} * OVEC\n" for st in ["N", *_pixel_strides(s)]) if tma else ""
+    scale = "".join(f"    {p} = {p} * OVEC\n" for p in _vector_params(s)) if tma else ""
     strides = e.strides
     if s.scale_at is not None:
         assert tma, "a scaled conv is rendered in the TMA form only"
@@ -375,13 +375,21 @@ scales of those channels, rounded to the input's dtype as the Mul it replaces ro
 image, so the scale is one row per K step)."""
 
 
-def _pixel_strides(s: Spec) -> list[str]:
-    """The TMA form's pixel-stride parameters (output and epilogue operands: image, row, column), passed divided
-    by OVEC and multiplied back in the kernel so that Triton sees them as multiples of OVEC (see
-    `triton_depthwise.WINDOW`); the output channel count N too, which bounds the store mask `rn < N`: without
-    both a 24-, 72- or 120-channel output is stored one element at a time."""
+def _vector_params(s: Spec) -> list[str]:
+    """The TMA form's parameters passed divided by OVEC and multiplied back in the kernel, so that Triton sees them
+    as multiples of OVEC (see `triton_depthwise.WINDOW`): the output channel count N, which bounds the store mask
+    `rn < N`, and the pixel strides (image, row, column) of the output and the epilogue operands - without them a
+    24-, 72- or 120-channel output is stored one element at a time (`_divided` divides them on the host)."""
     ops = s.program.operands if s.program is not None else ()
-    return ["stride_ob", "stride_oh", "stride_ow", *(f"s{j}_{a}" for j in range(len(ops)) for a in "bhw")]
+    return ["N", "stride_ob", "stride_oh", "stride_ow", *(f"s{j}_{a}" for j in range(len(ops)) for a in "bhw")]
+
+
+def _divided(v: torch.Tensor, vec: int) -> tuple[int, ...]:
+    """A TMA-form operand's strides as the kernel takes them: a 4-D one's pixel strides divided by `vec`."""
+    if v.dim() != 4:
+        return v.stride()
+    b, h, w = pixel_strides(v, vec)
+    return b, v.stride(1), h, w
 
 
 @dataclass(frozen=True)
@@ -592,17 +600,10 @@ class ConvKernel(SpecKernel):
         out = outs[0]
         views = [v for v in bias_views if v.dim() == 4]
         vec = pixel_vec(s.n, *outs, *views)
-
-        def strides(v: torch.Tensor) -> tuple[int, ...]:
-            if v.dim() != 4:
-                return v.stride()
-            b, h, w = pixel_strides(v, vec)
-            return b, v.stride(1), h, w
-
         scaled = [] if sc is None else [sc]
         self.fn[grid](xd, wd, out, *outs[1:], *scaled, *extra, s.n // vec, s.c, oh, ow, tiles_w, tiles_hw,
-                      *strides(out), *(st for v in scaled for st in v.stride()[:2]),
-                      *(st for v in bias_views for st in strides(v)), KH=s.kernel[0], KW=s.kernel[1], PH=s.pad[0],
+                      *_divided(out, vec), *(st for v in scaled for st in v.stride()[:2]),
+                      *(st for v in bias_views for st in _divided(v, vec)), KH=s.kernel[0], KW=s.kernel[1], PH=s.pad[0],
                       PW=s.pad[1], BH=bh, BW=bw, BLOCK_M=bh * bw, BLOCK_N=t.block_n, BLOCK_K=t.block_k, WIDE=wide,
                       OVEC=vec, num_warps=t.num_warps, num_stages=self.stages)
 
