@@ -112,13 +112,15 @@ def test_unscale_gives_back_the_mul_and_the_conv(epilogue: str) -> None:
     assert any(t.name == "cuda.conv" for t in registry.candidates(conv, CUDA))
 
 
-def test_the_builder_splits_a_scaled_node_no_gpu_kernel_takes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kiln.build.builder import undo_unrunnable_scales
-    from kiln.kernels.conv import triton_conv
-
+def test_a_scaled_node_no_gpu_kernel_takes_is_split_back_at_once() -> None:
+    """With `PassContext.runnable` (the builder asks the kernel registry), a node the thin conv refuses is not
+    kept: the graph is as before the pass, and the pass says so."""
     g = _se(epilogue="residual")
-    assert fuse_channel_scale(g).changed
-    assert undo_unrunnable_scales(g, CUDA) == 0  # the thin conv takes it
-    monkeypatch.setattr(triton_conv, "scaled_spec", lambda node: None)  # say it did not
-    assert undo_unrunnable_scales(g, CUDA) == 1
-    assert [n.op for n in g.nodes] == ["Mul", "Fused"] and g.nodes[1].attrs["kind"] == "epilogue"
+    ctx = PassContext(device="cuda", opt_level=4, capability=(9, 0), runnable=lambda node: False)
+    (result,) = run_checked(g, [channel_scale(ctx)], _feeds(g), rel=0.0)
+    assert not result.changed and result.counts == {"undone": 1}
+    assert [(n.op, n.attrs.get("kind")) for n in g.nodes] == [("Mul", None), ("Fused", "epilogue")]
+    g = _se(epilogue="residual")
+    ctx = PassContext(device="cuda", opt_level=4, capability=(9, 0),
+                      runnable=lambda node: any(t.name != "reference" for t in registry.candidates(node, CUDA)))
+    assert channel_scale(ctx)(g).counts == {"scaled": 1}  # the thin conv takes it

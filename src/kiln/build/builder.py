@@ -17,11 +17,10 @@ from kiln.build.memory import plan_memory
 from kiln.frontend.onnx import import_model
 from kiln.ir import symbolic as sym
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Graph, TensorType
+from kiln.ir.graph import Graph, Node, TensorType
 from kiln.kernels import pdl, registry
-from kiln.passes.channel_scale import unscale
 from kiln.passes.layout import decide_layout
-from kiln.passes.manager import PassContext, PassRecord, PassResult
+from kiln.passes.manager import PassContext
 from kiln.passes.pipeline import optimize, optimize_late
 from kiln.precision.accuracy import Target, gate
 from kiln.precision.calibration import CalibrationCache, activation_scales, collect, load_calibration_data
@@ -133,7 +132,7 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() \
         else None
     context = PassContext(static_dims=static_dims(graph, profiles), device=device.type, opt_level=config.opt_level,
-                          capability=capability)
+                          capability=capability, runnable=lambda node: _runnable(node, device))
     records = optimize(graph, context)
     lowered = None
     if config.precision in LOW_PRECISION:
@@ -154,22 +153,12 @@ def build(model: Model, config: BuilderConfig | None = None, *, progress: Progre
             lowered = {**(lowered or {}), "int8_folded_layers": folded,
                        "int8_outputs": done["fuse_requantize"]["requantized"]}
     records = records + optimize_late(graph, context)
-    undone = undo_unrunnable_scales(graph, config.torch_device)
-    if undone:
-        records.append(PassRecord("channel_scale_undone", PassResult(True, {"undone": undone}), 0.0,
-                                  len(graph.nodes)))
     return _finish(graph, config, nodes_in, records, say, t_start, source=_source(model), lowered=lowered)
 
 
-def undo_unrunnable_scales(graph: Graph, device: torch.device) -> int:
-    """Split every "scaled" node (`kiln.passes.channel_scale`) that no kernel but the reference takes on `device`
-    back into its Mul and its conv (the pass checks only part of the thin conv's conditions); returns how many."""
-    undone = 0
-    for node in [n for n in graph.nodes if n.op == "Fused" and n.attrs.get("kind") == "scaled"]:
-        if not any(t.name != "reference" for t in registry.candidates(node, device)):
-            unscale(graph, node)
-            undone += 1
-    return undone
+def _runnable(node: Node, device: torch.device) -> bool:
+    """`PassContext.runnable`: a kernel other than the reference takes `node` on `device`."""
+    return any(t.name != "reference" for t in registry.candidates(node, device))
 
 
 RANGE_SAMPLES = 64

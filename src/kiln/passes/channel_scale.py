@@ -8,7 +8,8 @@ profile at batch 128 the Muls were ~0.15 ms of 2.26, 20-30 us each at 14 x 14 x 
 is timed: a scaled node has no kernel but that tactic and the reference.
 
 Conditions, a subset of what `triton.thin_conv` takes (the tactic checks them again, with the epilogue steps its
-generator renders; a node it refused would run on the reference): m read by that conv alone, as its input X only,
+generator renders; a scaled node no kernel but the reference takes - `PassContext.runnable`, which the builder
+supplies - is split back at once): m read by that conv alone, as its input X only,
 and not a graph output; the conv (with its epilogue) of one output, 2-D, 1x1, stride 1, no padding, no dilation,
 one group, its weight a constant; x float16 or bfloat16 with 16-byte rows of channels (C a multiple of 8) and a
 static H x W of at least 7 x 7 pixels; s of x's dtype, [N or 1, C, 1, 1].
@@ -18,6 +19,7 @@ Order: in the late list, after the epilogues are final (`extend_epilogues`), on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kiln.ir.dtype import DType
@@ -34,11 +36,13 @@ def channel_scale(ctx: PassContext) -> Pass:
     optimization level 4 or more."""
     if ctx.device != "cuda" or ctx.opt_level < 4 or ctx.capability is None or ctx.capability < (9, 0):
         return lambda graph: PassResult.of()
-    return fuse_channel_scale
+    return lambda graph: fuse_channel_scale(graph, ctx.runnable)
 
 
-def fuse_channel_scale(graph: Graph) -> PassResult:
-    fused = 0
+def fuse_channel_scale(graph: Graph, runnable: Callable[[Node], bool] | None = None) -> PassResult:
+    """The rewrite; with `runnable` (`PassContext.runnable`), a scaled node no GPU kernel takes is split back at
+    once (`unscale`): this pass checks only part of the thin conv's conditions."""
+    fused = undone = 0
     uses = Uses.of(graph)
     for mul in [n for n in graph.nodes if n.op == "Mul"]:
         found = _operands(mul)
@@ -50,13 +54,21 @@ def fuse_channel_scale(graph: Graph) -> PassResult:
             continue
         reader = readers[0]
         if reader.op == "Conv":
-            fuse(graph, [mul, reader], "scaled", uses=uses)
+            node = fuse(graph, [mul, reader], "scaled", uses=uses)
         else:
-            _prepend(graph, mul, reader, *found)
+            node = _prepend(graph, mul, reader, *found)
             uses = Uses.of(graph)
+        if runnable is not None and not runnable(node):
+            unscale(graph, node)
+            uses = Uses.of(graph)
+            undone += 1
+            continue
         graph.layouts.pop(m.name, None)
         fused += 1
-    return PassResult(bool(fused), {"scaled": fused} if fused else {})
+    counts = {"scaled": fused} if fused else {}
+    if undone:
+        counts["undone"] = undone
+    return PassResult(bool(fused), counts)
 
 
 def _operands(mul: Node) -> tuple[Value, Value] | None:
@@ -132,8 +144,8 @@ def _prepend(graph: Graph, mul: Node, reader: Node, x: Value, s: Value) -> Node:
 
 
 def unscale(graph: Graph, node: Node) -> None:
-    """Undo the rewrite for one "scaled" node (the builder's net for one no GPU kernel takes): the Mul becomes a
-    node again, before the conv - bare, or anchoring the epilogue that followed it."""
+    """Undo the rewrite for one "scaled" node (one no GPU kernel takes): the Mul becomes a node again, before the
+    conv - bare, or anchoring the epilogue that followed it."""
     body: Graph = node.attrs["body"]
     outer = dict(zip(body.inputs, node.inputs))
     mul, conv = body.nodes[0], body.nodes[1]

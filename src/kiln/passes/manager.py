@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Node
 from kiln.ir.printer import format_graph
 from kiln.ir.verify import verify
 from kiln.utils.env import env
@@ -40,6 +40,9 @@ class PassContext:
     capability: tuple[int, int] | None = None
     """The build GPU's compute capability ((9, 0) for an H100), None off GPUs: rewrites whose only fast kernel
     needs a feature of some GPUs (Hopper's TMA) ask."""
+    runnable: Callable[[Node], bool] | None = None
+    """Whether a kernel other than the reference takes a node on the build device - supplied by the builder, which
+    may ask the kernel registry (passes may not): a rewrite that makes a node only one kernel takes checks it."""
 
 
 Pass = Callable[[Graph], PassResult]
